@@ -1,0 +1,222 @@
+//! `fazt app ...`
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::Subcommand;
+use rusqlite::Connection;
+
+use super::output;
+use crate::config::{self, NodeConfig, Overrides};
+use crate::hosting::deploy::{self, Limits};
+use crate::hosting::names::AppName;
+use crate::hosting::store;
+
+#[derive(Subcommand)]
+pub enum AppCmd {
+    /// Deploy a directory as a new version of an app
+    Deploy {
+        dir: PathBuf,
+        /// App name [default: manifest.json's name, else the directory name]
+        #[arg(long)]
+        name: Option<String>,
+        /// Serve index.html for paths without an extension (single-page apps)
+        #[arg(long)]
+        spa: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List apps
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one app
+    Info {
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List an app's versions, newest first
+    Versions {
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve an earlier version (default: the one before the current)
+    Rollback {
+        app: String,
+        /// Version number (3 or v3) or id
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an app, its versions and aliases
+    Remove {
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
+    match cmd {
+        AppCmd::Deploy { dir, name, spa, json } => deploy(db, &dir, name.as_deref(), spa, json),
+        AppCmd::List { json } => {
+            let conn = crate::db::open_existing(db)?;
+            let apps = store::list_apps(&conn)?;
+            if json {
+                return output::json(&apps);
+            }
+            if apps.is_empty() {
+                println!("no apps yet: deploy one with `fazt app deploy DIR`");
+                return Ok(());
+            }
+            let rows = apps
+                .iter()
+                .map(|a| {
+                    let v = a.current_version.as_ref();
+                    vec![
+                        a.name.clone(),
+                        v.map(|v| format!("v{}", v.number)).unwrap_or_else(|| "-".into()),
+                        v.map(|v| v.files.to_string()).unwrap_or_default(),
+                        v.map(|v| output::size(v.bytes as u64)).unwrap_or_default(),
+                        a.aliases.join(","),
+                        output::time(a.updated_at),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            output::table(&["NAME", "VERSION", "FILES", "SIZE", "ALIASES", "UPDATED"], &rows);
+            Ok(())
+        }
+        AppCmd::Info { app, json } => {
+            let conn = crate::db::open_existing(db)?;
+            let id = store::find_app(&conn, &app)?;
+            let info = store::app_summary(&conn, &id)?;
+            if json {
+                return output::json(&info);
+            }
+            println!("name       {}", info.name);
+            println!("id         {}", info.id);
+            match &info.current_version {
+                Some(v) => println!(
+                    "version    v{} ({}), {} files, {}{}",
+                    v.number,
+                    v.id,
+                    v.files,
+                    output::size(v.bytes as u64),
+                    if v.spa { ", spa" } else { "" }
+                ),
+                None => println!("version    -"),
+            }
+            println!("versions   {}", info.versions);
+            println!("aliases    {}", if info.aliases.is_empty() { "-".into() } else { info.aliases.join(", ") });
+            for a in &info.aliases {
+                println!("url        {}", url(&conn, a)?);
+            }
+            println!("created    {}", output::time(info.created_at));
+            println!("updated    {}", output::time(info.updated_at));
+            Ok(())
+        }
+        AppCmd::Versions { app, json } => {
+            let conn = crate::db::open_existing(db)?;
+            let id = store::find_app(&conn, &app)?;
+            let versions = store::list_versions(&conn, &id)?;
+            if json {
+                return output::json(&versions);
+            }
+            let rows = versions
+                .iter()
+                .map(|v| {
+                    vec![
+                        if v.current { "*".into() } else { String::new() },
+                        format!("v{}", v.number),
+                        v.id.to_string(),
+                        v.files.to_string(),
+                        output::size(v.bytes as u64),
+                        if v.spa { "spa".into() } else { String::new() },
+                        output::time(v.created_at),
+                    ]
+                })
+                .collect::<Vec<_>>();
+            output::table(&["", "VERSION", "ID", "FILES", "SIZE", "MODE", "DEPLOYED"], &rows);
+            Ok(())
+        }
+        AppCmd::Rollback { app, to, json } => {
+            let name = AppName::parse(&app)?;
+            let mut conn = crate::db::open_existing(db)?;
+            let v = store::rollback(&mut conn, &name, to.as_deref())?;
+            if json {
+                return output::json(&v);
+            }
+            println!("{name} now serves v{} ({})", v.number, v.id);
+            Ok(())
+        }
+        AppCmd::Remove { app, json } => {
+            let name = AppName::parse(&app)?;
+            let mut conn = crate::db::open_existing(db)?;
+            let removed = store::remove_app(&mut conn, &name)?;
+            if json {
+                return output::json(&removed);
+            }
+            println!(
+                "removed {} ({} versions{})",
+                removed.app,
+                removed.versions,
+                if removed.aliases.is_empty() { String::new() } else { format!(", aliases {}", removed.aliases.join(", ")) }
+            );
+            Ok(())
+        }
+    }
+}
+
+fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, json: bool) -> Result<()> {
+    // Everything is read and checked before the database is touched (or created).
+    let max_file_bytes = if db.exists() {
+        config::max_file_bytes(&crate::db::open_existing(db)?)?.value
+    } else {
+        config::DEFAULT_MAX_FILE_BYTES
+    };
+    let staged = deploy::stage(dir, &Limits { max_file_bytes })?;
+    let app = staged.app_name(name, dir)?;
+    let spa = staged.spa(spa);
+    let mut conn = super::open_for_write(db)?;
+    let report = deploy::commit(&mut conn, &app, spa, staged)?;
+    if json {
+        return output::json(&report);
+    }
+    println!(
+        "deployed {} v{} ({}): {} files, {}, {} new",
+        report.app,
+        report.number,
+        report.version,
+        report.files,
+        output::size(report.bytes),
+        report.new_blobs
+    );
+    let aliases = store::app_summary(&conn, &report.app_id)?.aliases;
+    if report.alias_taken {
+        eprintln!(
+            "subdomain {} already points at another app: link one with `fazt alias link SUBDOMAIN {}`",
+            report.app, report.app
+        );
+    }
+    for alias in aliases {
+        println!("{}", url(&conn, &alias)?);
+    }
+    Ok(())
+}
+
+/// The URL an alias is served at, by the running server if there is one.
+pub fn url(conn: &Connection, alias: &str) -> Result<String> {
+    let (domain, port) = match crate::server::running(conn)? {
+        Some((_, port, domain)) => (domain, port),
+        None => {
+            let c = NodeConfig::load(conn, &Overrides::default())?;
+            (c.domain.value.to_string(), c.port.value)
+        }
+    };
+    let host = if alias == "root" { domain } else { format!("{alias}.{domain}") };
+    Ok(if port == 80 { format!("http://{host}/") } else { format!("http://{host}:{port}/") })
+}

@@ -1,0 +1,58 @@
+//! The command line: argument definitions and dispatch.
+
+mod alias;
+mod app;
+mod output;
+mod server;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fazt", version, about = "Sovereign compute in one binary: sites, apps and replicated storage", long_about = None)]
+pub struct Cli {
+    /// The node's database file [default: ~/.fazt/data.db]
+    #[arg(long, global = true, env = "FAZT_DB", value_name = "PATH")]
+    db: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run and configure this node
+    #[command(subcommand)]
+    Server(server::ServerCmd),
+    /// Deploy and manage apps
+    #[command(subcommand)]
+    App(app::AppCmd),
+    /// Point subdomains at apps
+    #[command(subcommand)]
+    Alias(alias::AliasCmd),
+}
+
+impl Cli {
+    pub fn run(self) -> Result<()> {
+        let db = match self.db {
+            Some(path) => path,
+            None => crate::db::default_path()?,
+        };
+        match self.command {
+            Command::Server(cmd) => server::run(cmd, &db),
+            Command::App(cmd) => app::run(cmd, &db),
+            Command::Alias(cmd) => alias::run(cmd, &db),
+        }
+    }
+}
+
+/// Opens the database for a command that writes, creating it when missing (and saying so).
+fn open_for_write(db: &std::path::Path) -> Result<rusqlite::Connection> {
+    let opened = crate::db::open_or_create(db)?;
+    if opened.created {
+        eprintln!("created database {}", db.display());
+    }
+    Ok(opened.conn)
+}

@@ -1,0 +1,194 @@
+//! The node's one SQLite file: locating it, opening it safely, and its schema.
+//!
+//! The file is the instance. Opening refuses anything that is not a fazt database (a corrupt
+//! file, another program's SQLite file) before writing a single byte to it.
+
+mod migrations;
+mod pool;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use rusqlite::{Connection, OpenFlags};
+
+pub use pool::ReadPool;
+
+/// SQLite's `application_id` for fazt databases ("FAZT").
+const APPLICATION_ID: i32 = 0x4641_5A54;
+
+/// How long a statement waits for another process's write lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the database lives: `--db`, else `$FAZT_DB`, else `~/.fazt/data.db`.
+pub fn default_path() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| anyhow!("cannot find a home directory for ~/.fazt/data.db: pass --db PATH or set FAZT_DB"))?;
+    Ok(PathBuf::from(home).join(".fazt").join("data.db"))
+}
+
+/// A database opened for a command, remembering whether this open created it.
+pub struct Opened {
+    pub conn: Connection,
+    pub created: bool,
+}
+
+/// Opens an existing fazt database. A missing file is an error that says how to make one.
+pub fn open_existing(path: &Path) -> Result<Connection> {
+    if !path.exists() {
+        bail!(
+            "no database at {}: create one with `fazt server init` or `fazt server start`",
+            path.display()
+        );
+    }
+    let mut conn = open_checked(path)?;
+    migrations::migrate(&mut conn)?;
+    Ok(conn)
+}
+
+/// Opens the database, creating it (and its parent directory) when missing.
+pub fn open_or_create(path: &Path) -> Result<Opened> {
+    if path.exists() {
+        return Ok(Opened { conn: open_existing(path)?, created: false });
+    }
+    Ok(Opened { conn: create(path)?, created: true })
+}
+
+/// Creates a new database; refuses to touch an existing file.
+pub fn create(path: &Path) -> Result<Connection> {
+    if path.exists() {
+        bail!("a database already exists at {}: refusing to overwrite it", path.display());
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating directory {}", parent.display()))?;
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags)
+        .with_context(|| format!("creating database {}", path.display()))?;
+    let setup = (|| -> Result<()> {
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        configure(&conn)?;
+        migrations::migrate(&mut conn)?;
+        crate::identity::ensure(&conn)?;
+        Ok(())
+    })();
+    if let Err(e) = setup {
+        drop(conn);
+        remove_database_files(path);
+        return Err(e.context(format!("creating database {}", path.display())));
+    }
+    Ok(conn)
+}
+
+/// Opens a connection for the server's readers (no migrations; the server migrated at start).
+pub fn open_reader(path: &Path) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .with_context(|| format!("opening database {}", path.display()))?;
+    configure(&conn)?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
+fn open_checked(path: &Path) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .with_context(|| format!("opening database {}", path.display()))?;
+    let not_fazt = || {
+        anyhow!(
+            "{} is not a fazt database (corrupt, or another program's file): point --db at a fazt database or a new path",
+            path.display()
+        )
+    };
+    let app_id: i32 = conn
+        .query_row("PRAGMA application_id", [], |row| row.get(0))
+        .map_err(|_| not_fazt())?;
+    if app_id != APPLICATION_ID {
+        let empty_file = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(false);
+        if !empty_file {
+            return Err(not_fazt());
+        }
+        // A zero-byte file (say, made by `touch`) holds nothing to protect: make it a database.
+        drop(conn);
+        std::fs::remove_file(path)?;
+        return create(path);
+    }
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(|_| not_fazt())?;
+    configure(&conn)?;
+    Ok(conn)
+}
+
+/// Reads every page once (SQLite's quick_check). The server runs it at start, so that a
+/// damaged file is reported up front rather than as failures of random requests.
+pub fn check_integrity(conn: &Connection, path: &Path) -> Result<()> {
+    let integrity: String = conn.query_row("PRAGMA quick_check(1)", [], |row| row.get(0))?;
+    if integrity != "ok" {
+        bail!("{} is damaged ({integrity}): restore it from a copy or a peer", path.display());
+    }
+    for table in migrations::REPLICATED_TABLES {
+        fazt_sync::check_replicable(conn, table)
+            .with_context(|| format!("{} has a schema fazt cannot replicate", path.display()))?;
+    }
+    Ok(())
+}
+
+fn configure(conn: &Connection) -> Result<()> {
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // FULL: a commit that returned is on disk, even across power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", false)?;
+    Ok(())
+}
+
+fn remove_database_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(p));
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.db");
+        let junk = vec![0x5Au8; 8192];
+        std::fs::write(&path, &junk).unwrap();
+        let err = open_existing(&path).unwrap_err().to_string();
+        assert!(err.contains("not a fazt database"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), junk);
+    }
+
+    #[test]
+    fn another_programs_sqlite_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        Connection::open(&path).unwrap().execute_batch("CREATE TABLE t (x)").unwrap();
+        let err = open_existing(&path).unwrap_err().to_string();
+        assert!(err.contains("not a fazt database"), "{err}");
+    }
+
+    #[test]
+    fn create_refuses_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.db");
+        create(&path).unwrap();
+        assert!(create(&path).unwrap_err().to_string().contains("already exists"));
+        open_existing(&path).unwrap();
+    }
+}

@@ -1,0 +1,8 @@
+//! Static hosting: names, deploys into immutable versions, and serving them over HTTP.
+
+pub mod content;
+pub mod deploy;
+pub mod names;
+pub mod serve;
+pub mod site;
+pub mod store;

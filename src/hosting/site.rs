@@ -1,0 +1,231 @@
+//! What the server knows about the sites it serves, kept in memory and refreshed when the
+//! database changes.
+//!
+//! Versions and content are immutable, so their cached forms never go stale. What changes
+//! is small: which version is current, where aliases point. Before answering a request the
+//! server asks SQLite whether any other connection has committed since it last looked
+//! (`PRAGMA data_version`, a read of shared memory) and reloads the routing table if so, so
+//! a deploy or rollback from the CLI is served by the very next request.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::{Context, Result};
+use axum::http::HeaderValue;
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension};
+
+use super::content;
+use crate::db::ReadPool;
+
+/// Total bytes of file content kept in memory.
+const BLOB_CACHE_BYTES: u64 = 128 << 20;
+/// Larger files are read from the database on each request instead of being cached.
+const BLOB_CACHE_MAX_ITEM: usize = 16 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    Brotli,
+}
+
+impl Encoding {
+    fn column(self) -> &'static str {
+        match self {
+            Encoding::Identity => "data",
+            Encoding::Gzip => "gzip",
+            Encoding::Brotli => "br",
+        }
+    }
+
+    pub fn header(self) -> Option<HeaderValue> {
+        match self {
+            Encoding::Identity => None,
+            Encoding::Gzip => Some(HeaderValue::from_static("gzip")),
+            Encoding::Brotli => Some(HeaderValue::from_static("br")),
+        }
+    }
+}
+
+/// Where a request's host leads.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub version: Arc<str>,
+    pub spa: bool,
+}
+
+/// One file of a version, with its response headers prepared.
+pub struct FileEntry {
+    pub hash: Arc<str>,
+    pub size: u64,
+    pub content_type: HeaderValue,
+    pub cache_control: HeaderValue,
+    pub etag: HeaderValue,
+    pub etag_gzip: Option<HeaderValue>,
+    pub etag_br: Option<HeaderValue>,
+}
+
+impl FileEntry {
+    pub fn has_variants(&self) -> bool {
+        self.etag_gzip.is_some() || self.etag_br.is_some()
+    }
+
+    /// The strong ETag of one representation: each encoding is a different one.
+    pub fn etag_for(&self, enc: Encoding) -> &HeaderValue {
+        match enc {
+            Encoding::Identity => &self.etag,
+            Encoding::Gzip => self.etag_gzip.as_ref().unwrap_or(&self.etag),
+            Encoding::Brotli => self.etag_br.as_ref().unwrap_or(&self.etag),
+        }
+    }
+}
+
+pub type Manifest = HashMap<String, Arc<FileEntry>>;
+
+struct Watch {
+    conn: Connection,
+    data_version: Option<i64>,
+}
+
+pub struct Site {
+    pool: ReadPool,
+    watch: Mutex<Watch>,
+    routes: RwLock<Arc<HashMap<String, Route>>>,
+    manifests: Mutex<HashMap<Arc<str>, Arc<Manifest>>>,
+    blobs: quick_cache::sync::Cache<(Arc<str>, Encoding), Bytes, BlobWeight>,
+}
+
+#[derive(Clone)]
+struct BlobWeight;
+
+impl quick_cache::Weighter<(Arc<str>, Encoding), Bytes> for BlobWeight {
+    fn weight(&self, _key: &(Arc<str>, Encoding), val: &Bytes) -> u64 {
+        val.len() as u64 + 64
+    }
+}
+
+impl Site {
+    pub fn open(path: PathBuf) -> Result<Site> {
+        let conn = crate::db::open_reader(&path)?;
+        Ok(Site {
+            pool: ReadPool::new(path, 4),
+            watch: Mutex::new(Watch { conn, data_version: None }),
+            routes: RwLock::new(Arc::new(HashMap::new())),
+            manifests: Mutex::new(HashMap::new()),
+            blobs: quick_cache::sync::Cache::with_weighter(4096, BLOB_CACHE_BYTES, BlobWeight),
+        })
+    }
+
+    /// The alias table as of the latest commit to the database.
+    pub fn routes(&self) -> Result<Arc<HashMap<String, Route>>> {
+        let mut watch = self.watch.lock().unwrap_or_else(|e| e.into_inner());
+        let version: i64 = watch
+            .conn
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        if watch.data_version != Some(version) {
+            let routes = Arc::new(load_routes(&watch.conn)?);
+            self.manifests
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|v, _| routes.values().any(|r| &r.version == v));
+            *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
+            watch.data_version = Some(version);
+        }
+        drop(watch);
+        Ok(self.routes.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// The files of a version (immutable, so cached until the version stops being served).
+    pub async fn manifest(self: &Arc<Self>, version: &Arc<str>) -> Result<Arc<Manifest>> {
+        if let Some(m) = self.manifests.lock().unwrap_or_else(|e| e.into_inner()).get(version) {
+            return Ok(m.clone());
+        }
+        let site = self.clone();
+        let v = version.clone();
+        let manifest = tokio::task::spawn_blocking(move || site.pool.with(|conn| load_manifest(conn, &v)))
+            .await
+            .context("loading a version's file list")??;
+        let manifest = Arc::new(manifest);
+        self.manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(version.clone(), manifest.clone());
+        Ok(manifest)
+    }
+
+    /// A file's bytes in one encoding.
+    pub async fn content(self: &Arc<Self>, hash: &Arc<str>, enc: Encoding) -> Result<Bytes> {
+        let key = (hash.clone(), enc);
+        if let Some(bytes) = self.blobs.get(&key) {
+            return Ok(bytes);
+        }
+        let site = self.clone();
+        let h = hash.clone();
+        let bytes = tokio::task::spawn_blocking(move || {
+            site.pool.with(|conn| {
+                let sql = format!("SELECT {} FROM blobs WHERE hash = ?1", enc.column());
+                let data: Option<Option<Vec<u8>>> =
+                    conn.prepare_cached(&sql)?.query_row([&*h], |r| r.get(0)).optional()?;
+                data.flatten()
+                    .map(Bytes::from)
+                    .ok_or_else(|| anyhow::anyhow!("content {h} is missing from the database"))
+            })
+        })
+        .await
+        .context("reading file content")??;
+        if bytes.len() <= BLOB_CACHE_MAX_ITEM {
+            self.blobs.insert(key, bytes.clone());
+        }
+        Ok(bytes)
+    }
+}
+
+fn load_routes(conn: &Connection) -> Result<HashMap<String, Route>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT a.subdomain, v.id, v.spa FROM aliases a
+         JOIN apps p ON p.id = a.app_id
+         JOIN versions v ON v.id = p.current_version",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let sub: String = r.get(0)?;
+        let version: String = r.get(1)?;
+        Ok((sub, Route { version: version.into(), spa: r.get(2)? }))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn load_manifest(conn: &Connection, version: &str) -> Result<Manifest> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT f.path, f.hash, f.size, f.mime, b.gzip IS NOT NULL, b.br IS NOT NULL
+         FROM version_files f LEFT JOIN blobs b ON b.hash = f.hash WHERE f.version_id = ?1",
+    )?;
+    let rows = stmt.query_map([version], |r| {
+        let path: String = r.get(0)?;
+        let hash: String = r.get(1)?;
+        let size: i64 = r.get(2)?;
+        let mime: String = r.get(3)?;
+        let gzip: bool = r.get(4)?;
+        let br: bool = r.get(5)?;
+        Ok((path, hash, size, mime, gzip, br))
+    })?;
+    let mut files = HashMap::new();
+    for row in rows {
+        let (path, hash, size, mime, gzip, br) = row?;
+        let etag = |suffix: &str| HeaderValue::from_str(&format!("\"{hash}{suffix}\"")).ok();
+        let entry = FileEntry {
+            etag: etag("").context("stored hash is not a valid header")?,
+            etag_gzip: gzip.then(|| etag("-gz")).flatten(),
+            etag_br: br.then(|| etag("-br")).flatten(),
+            content_type: HeaderValue::from_str(&mime)
+                .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream")),
+            cache_control: HeaderValue::from_static(content::cache_control(&path)),
+            size: size as u64,
+            hash: hash.into(),
+        };
+        files.insert(path, Arc::new(entry));
+    }
+    Ok(files)
+}

@@ -1,0 +1,100 @@
+//! `fazt server start`: the HTTP listener and its lifecycle.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context, Result};
+use rusqlite::Connection;
+
+use crate::config::NodeConfig;
+use crate::hosting::serve::{handle, Hosting};
+use crate::hosting::site::Site;
+
+/// Serves until Ctrl-C or SIGTERM. `conn` is the command's connection, already migrated.
+pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
+    crate::db::check_integrity(&conn, db_path)?;
+    let node_id = crate::identity::ensure(&conn)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fazt-worker")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = bind(config.port.value).await?;
+        let port = listener.local_addr()?.port();
+        conn.execute(
+            "INSERT OR REPLACE INTO node_runtime (id, pid, port, domain, started_at) VALUES (1, ?1, ?2, ?3, ?4)",
+            rusqlite::params![std::process::id(), port, config.domain.value.as_str(), crate::db::now_secs()],
+        )?;
+        let hosting = Arc::new(Hosting {
+            site: Arc::new(Site::open(db_path.to_path_buf())?),
+            domain: config.domain.value.as_str().to_string(),
+        });
+        let app = axum::Router::new().fallback(handle).with_state(hosting);
+        println!(
+            "fazt serving http://{}:{port}/ (domain {}, node {}, db {})",
+            config.domain.value,
+            config.domain.value,
+            node_id,
+            db_path.display()
+        );
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+        conn.execute("DELETE FROM node_runtime WHERE id = 1 AND pid = ?1", [std::process::id()])?;
+        served.context("serving HTTP")?;
+        eprintln!("fazt stopped");
+        Ok(())
+    })
+}
+
+/// Listens on every address, IPv6 and IPv4, for `port`.
+async fn bind(port: u16) -> Result<tokio::net::TcpListener> {
+    let in_use = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow!("port {port} is already in use: stop the other server or choose another port with --port")
+        } else {
+            anyhow!("cannot listen on port {port}: {e}")
+        }
+    };
+    // A dual-stack socket serves both families; fall back to IPv4 where IPv6 is off.
+    match tokio::net::TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(in_use(e)),
+        Err(_) => tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+            .await
+            .map_err(in_use),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// The server running on this database right now, if its process is alive.
+pub fn running(conn: &Connection) -> Result<Option<(u32, u16, String)>> {
+    use rusqlite::OptionalExtension;
+    let row: Option<(u32, u16, String)> = conn
+        .query_row("SELECT pid, port, domain FROM node_runtime WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    Ok(row.filter(|(pid, _, _)| Path::new(&format!("/proc/{pid}")).exists()))
+}
