@@ -82,17 +82,27 @@ pub fn list_versions(conn: &Connection, id: &AppId) -> Result<Vec<VersionSummary
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Finds a version by `v3`, `3`, its id or an unambiguous id prefix.
+/// Finds a version by number (`v3`, `3`) or by id (a prefix of at least 4 characters).
+/// Numbers win over id prefixes, so `9` never means "the version whose id starts with 9".
 fn resolve_version(versions: &[VersionSummary], app: &str, wanted: &str) -> Result<VersionSummary> {
-    let number = wanted.strip_prefix('v').unwrap_or(wanted).parse::<i64>().ok();
-    let by_number: Vec<_> = versions.iter().filter(|v| Some(v.number) == number).collect();
-    if by_number.len() == 1 {
-        return Ok(by_number[0].clone());
+    let unknown = || anyhow!("app {app} has no version {wanted:?} (see `fazt app versions {app}`)");
+    let digits = wanted.strip_prefix('v').unwrap_or(wanted);
+    if let Ok(number) = digits.parse::<i64>() {
+        let by_number: Vec<_> = versions.iter().filter(|v| v.number == number).collect();
+        match by_number.len() {
+            1 => return Ok(by_number[0].clone()),
+            0 if wanted.starts_with('v') || wanted.len() < 4 => return Err(unknown()),
+            0 => {}
+            _ => bail!("several versions of {app} are numbered {number} (deployed on different nodes): give the version id"),
+        }
+    }
+    if wanted.len() < 4 {
+        return Err(unknown());
     }
     let by_id: Vec<_> = versions.iter().filter(|v| v.id.0.starts_with(wanted)).collect();
     match by_id.len() {
+        0 => Err(unknown()),
         1 => Ok(by_id[0].clone()),
-        0 if by_number.is_empty() => bail!("app {app} has no version {wanted:?} (see `fazt app versions {app}`)"),
         _ => bail!("{wanted:?} matches several versions of {app}: give more of the version id"),
     }
 }

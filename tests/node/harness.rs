@@ -1,0 +1,182 @@
+//! Drives the real `fazt` binary: a temporary database, CLI runs, and servers on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+pub const FAZT: &str = env!("CARGO_BIN_EXE_fazt");
+
+/// A node: a temporary directory holding its database (and whatever else a test writes).
+pub struct Node {
+    pub dir: tempfile::TempDir,
+}
+
+pub struct Run {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Node {
+    pub fn new() -> Node {
+        Node { dir: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("data.db")
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(FAZT);
+        cmd.env("FAZT_DB", self.db()).env_remove("FAZT_LOG").stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out: Output = self.command().args(args).output().expect("run fazt");
+        Run {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(r.status.success(), "fazt {args:?} failed:\n{}{}", r.stdout, r.stderr);
+        r.stdout
+    }
+
+    /// Runs a command that must fail with a one-line error; returns that line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert!(!r.status.success(), "fazt {args:?} should fail but printed:\n{}", r.stdout);
+        let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.starts_with("created database")).collect();
+        assert_eq!(lines.len(), 1, "want a one-line error from {args:?}, got:\n{}", r.stderr);
+        assert!(lines[0].starts_with("error: "), "{}", lines[0]);
+        lines[0].to_string()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ok(args);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed invalid JSON ({e}):\n{out}"))
+    }
+
+    /// Writes a site directory from (path, content) pairs; returns its path.
+    pub fn site(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.path(name);
+        for (rel, content) in files {
+            write(&dir.join(rel), content.as_bytes());
+        }
+        dir
+    }
+
+    /// Deploys and returns the `--json` report.
+    pub fn deploy(&self, dir: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["app", "deploy", dir.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        self.json(&args)
+    }
+
+    pub fn start(&self, extra: &[&str]) -> Server {
+        let mut args = vec!["server", "start", "--port", "0"];
+        args.extend_from_slice(extra);
+        Server::spawn(self.command().args(&args))
+    }
+}
+
+pub fn write(path: &Path, bytes: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A running `fazt server start`, stopped with SIGKILL when dropped.
+pub struct Server {
+    pub child: Option<Child>,
+    pub port: u16,
+    pub banner: String,
+    client: reqwest::blocking::Client,
+}
+
+impl Server {
+    pub fn spawn(cmd: &mut Command) -> Server {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn server");
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        reader.read_line(&mut banner).unwrap();
+        if banner.is_empty() {
+            let out = child.wait_with_output().unwrap();
+            panic!("server did not start: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = banner
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|hostport| hostport.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in banner {banner:?}"));
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in reader.lines() {});
+        let client = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .unwrap();
+        Server { child: Some(child), port, banner, client }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// A request to this server with the given Host header.
+    pub fn request(&self, method: reqwest::Method, host: &str, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.client
+            .request(method, format!("http://127.0.0.1:{}{path}", self.port))
+            .header("Host", host)
+    }
+
+    pub fn get(&self, host: &str, path: &str) -> reqwest::blocking::Response {
+        self.request(reqwest::Method::GET, host, path).send().expect("GET")
+    }
+
+    /// Body text of a GET that must answer 200.
+    pub fn text(&self, host: &str, path: &str) -> String {
+        let r = self.get(host, path);
+        assert_eq!(r.status(), 200, "GET {host}{path}");
+        r.text().unwrap()
+    }
+
+    /// Sends a signal and waits for the process to exit.
+    pub fn stop_with(&mut self, signal: &str) -> Run {
+        let child = self.child.take().unwrap();
+        let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().unwrap();
+        Run {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

@@ -1,0 +1,9 @@
+//! Black-box tests of the node: the built binary, a real SQLite file, real HTTP on loopback.
+
+mod harness;
+
+mod aliases;
+mod bad_input;
+mod database;
+mod serving;
+mod versions;
