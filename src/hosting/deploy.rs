@@ -149,7 +149,7 @@ impl Staged {
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| anyhow!("cannot take an app name from {}: pass --name", dir.display()))?;
-        AppName::parse(dir_name).with_context(|| format!("the directory name (pass --name to choose another)"))
+        AppName::parse(dir_name).context("the directory name (pass --name to choose another)")
     }
 
     pub fn spa(&self, flag: bool) -> bool {
