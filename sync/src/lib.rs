@@ -1,10 +1,40 @@
 //! fazt-sync: the replication engine. SQLite tables become conflict-free replicated tables
-//! (CRRs) following cr-sqlite's model; see docs/architecture.md.
+//! (CRRs) following cr-sqlite's model, natively in Rust; see docs/architecture.md.
 //!
-//! This first layer decides which tables *can* replicate: [`schema::check_replicable`]
-//! enforces the rules every replicated table must follow, so that the node's schema is
-//! replication-ready before the engine that captures and merges changes lands.
+//! - [`schema`]: the rules a table must follow to replicate.
+//! - [`Replica`]: a connection with the engine's bookkeeping; [`Replica::write`] captures
+//!   local writes as origin transactions.
+//! - [`Replica::replicate`]: registers a table (clock and key tables, triggers, backfill).
+//! - [`Replica::changes_since`] / [`Replica::apply`]: exporting and merging [`Change`]s,
+//!   with per-origin [`Coverage`] saying what a replica holds.
 
+mod changes;
+mod coverage;
+mod crr;
+mod merge;
+pub mod pack;
+mod replica;
 pub mod schema;
+mod value;
 
+pub use changes::{Batch, Change, ROW_CID};
+pub use coverage::{Coverage, RangeSet, SiteId};
+pub use merge::ApplyReport;
+pub use replica::Replica;
 pub use schema::{check_replicable, CrrRuleViolation};
+pub use value::Value;
+
+/// Everything the engine can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Rule(#[from] CrrRuleViolation),
+    #[error("{0}")]
+    Schema(String),
+    #[error("malformed change: {0}")]
+    Malformed(String),
+    #[error("replication bookkeeping is damaged: {0}")]
+    Corrupt(String),
+}

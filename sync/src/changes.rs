@@ -1,0 +1,137 @@
+//! Change rows and exporting them.
+//!
+//! A change is shaped like a row of cr-sqlite's `crsql_changes`: the table, the packed
+//! primary key, the column name (`-1` for the row's existence), the column's current value,
+//! its column version, the db_version and site of the write that produced it (its origin),
+//! the row's causal length, and the write's position in its origin transaction.
+
+use crate::coverage::{Coverage, SiteId};
+use crate::crr::quote;
+use crate::replica::Replica;
+use crate::value::Value;
+use crate::Error;
+
+/// The column id of a row's existence (its causal length), as in cr-sqlite.
+pub const ROW_CID: &str = "-1";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub table: String,
+    pub pk: Vec<u8>,
+    pub cid: String,
+    pub val: Value,
+    pub col_version: i64,
+    pub db_version: i64,
+    pub site_id: SiteId,
+    pub cl: i64,
+    pub seq: i64,
+}
+
+/// Changes plus the coverage they complete: applying them gives the receiver everything the
+/// sender held for those (origin, version) ranges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    pub changes: Vec<Change>,
+    pub covers: Coverage,
+}
+
+impl Replica {
+    /// Streams every change the holder of `have` lacks, origin by origin and, within an
+    /// origin, in (db_version, seq) order, so each origin transaction arrives whole and in
+    /// order. Returns the coverage the streamed changes complete.
+    ///
+    /// Reads happen in one read transaction: the changes and the coverage are consistent
+    /// even while other connections write.
+    pub fn changes_since(
+        &self,
+        have: &Coverage,
+        mut sink: impl FnMut(Change) -> Result<(), Error>,
+    ) -> Result<Coverage, Error> {
+        let tx = self.conn.unchecked_transaction()?;
+        let need = self.coverage()?.minus(have);
+        if self.tables.is_empty() {
+            tx.commit()?;
+            return Ok(need);
+        }
+        let sql = self.export_sql();
+        let mut stmt = tx.prepare_cached(&sql)?;
+        for (site, ranges) in &need.0 {
+            let Some(&ord) = self.site_ords.get(site) else { continue };
+            for &(lo, hi) in ranges.ranges() {
+                let mut rows = stmt.query(rusqlite::params![ord, lo, hi])?;
+                while let Some(row) = rows.next()? {
+                    sink(Change {
+                        table: row.get(0)?,
+                        pk: row.get(1)?,
+                        cid: row.get(2)?,
+                        val: row.get(3)?,
+                        col_version: row.get(4)?,
+                        db_version: row.get(5)?,
+                        site_id: *site,
+                        cl: row.get(6)?,
+                        seq: row.get(7)?,
+                    })?;
+                }
+            }
+        }
+        drop(stmt);
+        tx.commit()?;
+        Ok(need)
+    }
+
+    /// Collects [`Replica::changes_since`] into a batch.
+    pub fn batch_since(&self, have: &Coverage) -> Result<Batch, Error> {
+        let mut changes = Vec::new();
+        let covers = self.changes_since(have, |c| {
+            changes.push(c);
+            Ok(())
+        })?;
+        Ok(Batch { changes, covers })
+    }
+
+    /// One query over every replicated table: clock rows of one origin within a version
+    /// range, with the packed key, the column's name and current value, and the causal length.
+    fn export_sql(&self) -> String {
+        let mut names: Vec<&String> = self.tables.keys().collect();
+        names.sort();
+        let parts: Vec<String> = names
+            .into_iter()
+            .map(|name| {
+                let t = &self.tables[name];
+                let cid_name = t
+                    .columns
+                    .iter()
+                    .map(|(cid, n)| format!("WHEN {cid} THEN '{}'", n.replace('\'', "''")))
+                    .collect::<String>();
+                let val = t
+                    .columns
+                    .iter()
+                    .map(|(cid, n)| format!("WHEN {cid} THEN b.{}", quote(n)))
+                    .collect::<String>();
+                let (cid_expr, val_expr) = if t.columns.is_empty() {
+                    ("'-1'".to_string(), "NULL".to_string())
+                } else {
+                    (
+                        format!("CASE c.cid WHEN -1 THEN '-1' {cid_name} END"),
+                        format!("CASE c.cid {val} ELSE NULL END"),
+                    )
+                };
+                format!(
+                    "SELECT '{tname}' AS tbl, fazt_sync_pack({pk}) AS pk, {cid_expr} AS cid, {val_expr} AS val,
+                            c.col_version, c.db_version, coalesce(s.col_version, 1) AS cl, c.seq
+                     FROM {clock} c JOIN {pks} p ON p.key = c.key
+                     LEFT JOIN {clock} s ON s.key = c.key AND s.cid = -1
+                     LEFT JOIN {base} b ON {m}
+                     WHERE c.site_ord = ?1 AND c.db_version BETWEEN ?2 AND ?3",
+                    tname = name.replace('\'', "''"),
+                    pk = t.pk_list("p."),
+                    clock = t.clock_table(),
+                    pks = t.pks_table(),
+                    base = quote(name),
+                    m = t.pk_match("b.", "p."),
+                )
+            })
+            .collect();
+        format!("{} ORDER BY 6, 8", parts.join(" UNION ALL "))
+    }
+}

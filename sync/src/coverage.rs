@@ -1,0 +1,199 @@
+//! Which versions of each origin a replica holds: per origin, a set of inclusive ranges of
+//! origin db_versions. A replica that covers origin O's versions 1..=10 holds the effect of
+//! every write O made in those transactions (or something that supersedes it).
+//!
+//! Peers exchange coverage instead of pairwise watermarks: "send me what I do not cover" works
+//! through relays, and a range learned out of order (a bundle that skips ahead) leaves a gap
+//! that a later exchange fills.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// A replica's 16-byte site id (a random UUIDv4-shaped value, as cr-sqlite's).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SiteId(pub [u8; 16]);
+
+impl fmt::Display for SiteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for SiteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SiteId({})", &hex::encode(self.0)[..8])
+    }
+}
+
+/// Sorted, disjoint, non-adjacent inclusive ranges of positive versions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RangeSet(Vec<(i64, i64)>);
+
+impl RangeSet {
+    pub fn new() -> Self {
+        RangeSet(Vec::new())
+    }
+
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (i64, i64)>) -> Self {
+        let mut set = RangeSet::new();
+        for (a, b) in ranges {
+            set.insert(a, b);
+        }
+        set
+    }
+
+    pub fn ranges(&self) -> &[(i64, i64)] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Adds `start..=end`, merging with overlapping or adjacent ranges.
+    pub fn insert(&mut self, start: i64, end: i64) {
+        if start > end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        let mut out = Vec::with_capacity(self.0.len() + 1);
+        let mut placed = false;
+        for &(a, b) in &self.0 {
+            if b.saturating_add(1) < s {
+                out.push((a, b));
+            } else if e.saturating_add(1) < a {
+                if !placed {
+                    out.push((s, e));
+                    placed = true;
+                }
+                out.push((a, b));
+            } else {
+                s = s.min(a);
+                e = e.max(b);
+            }
+        }
+        if !placed {
+            out.push((s, e));
+        }
+        self.0 = out;
+    }
+
+    pub fn union(&mut self, other: &RangeSet) {
+        for &(a, b) in &other.0 {
+            self.insert(a, b);
+        }
+    }
+
+    pub fn contains(&self, v: i64) -> bool {
+        let idx = self.0.partition_point(|&(_, b)| b < v);
+        self.0.get(idx).is_some_and(|&(a, _)| a <= v)
+    }
+
+    /// The parts of `self` that `other` lacks.
+    pub fn minus(&self, other: &RangeSet) -> RangeSet {
+        let mut out = Vec::new();
+        for &(a, b) in &self.0 {
+            let mut cur = a;
+            for &(c, d) in &other.0 {
+                if d < cur || c > b {
+                    continue;
+                }
+                if c > cur {
+                    out.push((cur, c - 1));
+                }
+                cur = d.saturating_add(1);
+                if cur > b {
+                    break;
+                }
+            }
+            if cur <= b {
+                out.push((cur, b));
+            }
+        }
+        RangeSet(out)
+    }
+
+    /// The end of the range that starts at 1 (0 if there is none): everything up to it is held.
+    pub fn head(&self) -> i64 {
+        match self.0.first() {
+            Some(&(1, b)) => b,
+            _ => 0,
+        }
+    }
+}
+
+/// Per-origin coverage of a replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Coverage(pub BTreeMap<SiteId, RangeSet>);
+
+impl Coverage {
+    pub fn get(&self, site: &SiteId) -> Option<&RangeSet> {
+        self.0.get(site)
+    }
+
+    pub fn insert(&mut self, site: SiteId, start: i64, end: i64) {
+        self.0.entry(site).or_default().insert(start, end);
+    }
+
+    pub fn union(&mut self, other: &Coverage) {
+        for (site, set) in &other.0 {
+            self.0.entry(*site).or_default().union(set);
+        }
+    }
+
+    pub fn contains(&self, site: &SiteId, version: i64) -> bool {
+        self.0.get(site).is_some_and(|s| s.contains(version))
+    }
+
+    /// What `self` covers and `other` does not, per origin.
+    pub fn minus(&self, other: &Coverage) -> Coverage {
+        let empty = RangeSet::new();
+        let mut out = BTreeMap::new();
+        for (site, set) in &self.0 {
+            let rest = set.minus(other.0.get(site).unwrap_or(&empty));
+            if !rest.is_empty() {
+                out.insert(*site, rest);
+            }
+        }
+        Coverage(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ranges_merge_and_subtract() {
+        let mut s = RangeSet::new();
+        s.insert(5, 7);
+        s.insert(1, 2);
+        s.insert(3, 4);
+        assert_eq!(s.ranges(), &[(1, 7)]);
+        s.insert(10, 12);
+        assert_eq!(s.head(), 7);
+        assert!(s.contains(11) && !s.contains(8));
+        let other = RangeSet::from_ranges([(2, 3), (11, 20)]);
+        assert_eq!(s.minus(&other).ranges(), &[(1, 1), (4, 7), (10, 10)]);
+    }
+
+    proptest! {
+        #[test]
+        fn a_set_holds_exactly_what_was_inserted(ranges in proptest::collection::vec((1i64..60, 0i64..6), 0..12), probe in 0i64..70) {
+            let set = RangeSet::from_ranges(ranges.iter().map(|&(a, len)| (a, a + len)));
+            let expected = ranges.iter().any(|&(a, len)| probe >= a && probe <= a + len);
+            prop_assert_eq!(set.contains(probe), expected);
+            for w in set.ranges().windows(2) {
+                prop_assert!(w[0].1 + 1 < w[1].0, "ranges stay sorted, disjoint and apart");
+            }
+        }
+
+        #[test]
+        fn minus_removes_exactly_the_other_set(a in proptest::collection::vec((1i64..60, 0i64..6), 0..8), b in proptest::collection::vec((1i64..60, 0i64..6), 0..8), probe in 0i64..70) {
+            let sa = RangeSet::from_ranges(a.iter().map(|&(x, l)| (x, x + l)));
+            let sb = RangeSet::from_ranges(b.iter().map(|&(x, l)| (x, x + l)));
+            prop_assert_eq!(sa.minus(&sb).contains(probe), sa.contains(probe) && !sb.contains(probe));
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Turning a table into a conflict-free replicated table (CRR).
+//!
+//! Next to table `t` the engine keeps:
+//! - `t__fazt_pks (key INTEGER PRIMARY KEY, <pk columns>)`: a small integer per primary key
+//!   ever seen, deleted rows included (their tombstones must outlive them);
+//! - `t__fazt_clock (key, cid, col_version, db_version, site_ord, seq)`: one row per live
+//!   (row, column) with the version of its last write and that write's origin, plus a
+//!   sentinel row (`cid = -1`) whose `col_version` is the row's causal length: odd while the
+//!   row exists, even once deleted. Column ids are small integers mapped to names in
+//!   `fazt_sync_columns`; the names are what travel.
+//! - AFTER INSERT/UPDATE/DELETE triggers that record local writes. They stamp changes with
+//!   `fazt_sync_db_version()` and `fazt_sync_seq()`, which refuse to answer outside
+//!   `Replica::write`; during merges `fazt_sync_capturing()` turns them off.
+
+use std::collections::HashMap;
+
+use rusqlite::Connection;
+
+use crate::replica::Replica;
+use crate::Error;
+
+/// The catalog entry of one replicated table.
+#[derive(Debug, Clone)]
+pub struct TableInfo {
+    pub name: String,
+    /// Primary-key column names, in primary-key order.
+    pub pk: Vec<String>,
+    /// Non-key columns: (cid, name).
+    pub columns: Vec<(i64, String)>,
+}
+
+impl TableInfo {
+    pub fn cid_of(&self, name: &str) -> Option<i64> {
+        self.columns.iter().find(|(_, n)| n == name).map(|(cid, _)| *cid)
+    }
+
+    pub(crate) fn pks_table(&self) -> String {
+        quote(&format!("{}__fazt_pks", self.name))
+    }
+
+    pub(crate) fn clock_table(&self) -> String {
+        quote(&format!("{}__fazt_clock", self.name))
+    }
+
+    /// `"a" = <prefix>"a" AND "b" = <prefix>"b"` over the primary key.
+    pub(crate) fn pk_match(&self, left: &str, right: &str) -> String {
+        self.pk
+            .iter()
+            .map(|c| format!("{left}{q} = {right}{q}", q = quote(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    /// `"a" = ?1 AND "b" = ?2` (parameters numbered from `first`).
+    pub(crate) fn pk_params(&self, prefix: &str, first: usize) -> String {
+        self.pk
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{prefix}{} = ?{}", quote(c), first + i))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+
+    pub(crate) fn pk_list(&self, prefix: &str) -> String {
+        self.pk.iter().map(|c| format!("{prefix}{}", quote(c))).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub(crate) fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+pub(crate) fn load_catalog(conn: &Connection) -> Result<HashMap<String, TableInfo>, Error> {
+    let mut stmt = conn.prepare("SELECT tbl, cid, name, pk FROM fazt_sync_columns ORDER BY tbl, pk, cid")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+    })?;
+    let mut tables: HashMap<String, TableInfo> = HashMap::new();
+    let mut pks: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+    for row in rows {
+        let (tbl, cid, name, pk) = row?;
+        let info = tables
+            .entry(tbl.clone())
+            .or_insert_with(|| TableInfo { name: tbl.clone(), pk: Vec::new(), columns: Vec::new() });
+        if pk > 0 {
+            pks.entry(tbl).or_default().push((pk, name));
+        } else {
+            info.columns.push((cid, name));
+        }
+    }
+    for (tbl, mut cols) in pks {
+        cols.sort();
+        if let Some(info) = tables.get_mut(&tbl) {
+            info.pk = cols.into_iter().map(|(_, n)| n).collect();
+        }
+    }
+    Ok(tables)
+}
+
+impl Replica {
+    /// Registers `table` as a replicated table (or refreshes it after `ALTER TABLE ... ADD
+    /// COLUMN`): checks the replication rules, creates its clock and key tables and its
+    /// triggers, records existing rows as changes of this replica, and applies pending
+    /// changes that were waiting for this table or its new columns.
+    pub fn replicate(&mut self, table: &str) -> Result<(), Error> {
+        crate::schema::check_replicable(&self.conn, table)?;
+        let columns: Vec<(String, i64)> = self
+            .conn
+            .prepare("SELECT name, pk FROM pragma_table_info(?1) ORDER BY cid")?
+            .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut pk: Vec<(i64, String)> =
+            columns.iter().filter(|(_, p)| *p > 0).map(|(n, p)| (*p, n.clone())).collect();
+        pk.sort();
+        let pk: Vec<String> = pk.into_iter().map(|(_, n)| n).collect();
+
+        let previous = self.tables.get(table).cloned();
+        if let Some(prev) = &previous {
+            if prev.pk != pk {
+                return Err(Error::Schema(format!(
+                    "the primary key of {table} changed ({} -> {}): a replicated table's primary key cannot change",
+                    prev.pk.join(", "),
+                    pk.join(", ")
+                )));
+            }
+        }
+        let mut info = previous.unwrap_or(TableInfo { name: table.to_string(), pk: pk.clone(), columns: Vec::new() });
+        let mut next_cid = info.columns.iter().map(|(c, _)| c + 1).max().unwrap_or(0);
+        for (name, p) in &columns {
+            if *p == 0 && info.cid_of(name).is_none() {
+                info.columns.push((next_cid, name.clone()));
+                next_cid += 1;
+            }
+        }
+
+        let info_for_tx = info.clone();
+        self.write(|tx| -> Result<(), Error> {
+            tx.execute("DELETE FROM fazt_sync_columns WHERE tbl = ?1", [table])?;
+            for (i, name) in info_for_tx.pk.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO fazt_sync_columns (tbl, cid, name, pk) VALUES (?1, ?2, ?3, ?4)",
+                    rusqlite::params![table, -2 - i as i64, name, i as i64 + 1],
+                )?;
+            }
+            for (cid, name) in &info_for_tx.columns {
+                tx.execute(
+                    "INSERT INTO fazt_sync_columns (tbl, cid, name, pk) VALUES (?1, ?2, ?3, 0)",
+                    rusqlite::params![table, cid, name],
+                )?;
+            }
+            tx.execute_batch(&create_sql(tx, &info_for_tx)?)?;
+            tx.execute_batch(&backfill_sql(&info_for_tx))?;
+            Ok(())
+        })?;
+        self.tables.insert(table.to_string(), info);
+        self.catalog_version += 1;
+        self.apply_pending()?;
+        Ok(())
+    }
+}
+
+/// The clock and key tables, their indexes, and the triggers.
+fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
+    let name = quote(&t.name);
+    let pks = t.pks_table();
+    let clock = t.clock_table();
+    let pk_defs = t
+        .pk
+        .iter()
+        .map(|c| {
+            let ty: String = conn
+                .query_row("SELECT type FROM pragma_table_info(?1) WHERE name = ?2", [&t.name, c], |r| r.get(0))
+                .unwrap_or_default();
+            format!("{} {} NOT NULL", quote(c), ty)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let pk_cols = t.pk_list("");
+    let idx = |suffix: &str| quote(&format!("{}__fazt_{suffix}", t.name));
+    let trig = |suffix: &str| quote(&format!("{}__fazt_{suffix}", t.name));
+
+    let mut sql = format!(
+        "CREATE TABLE IF NOT EXISTS {pks} (key INTEGER PRIMARY KEY NOT NULL, {pk_defs});
+         CREATE UNIQUE INDEX IF NOT EXISTS {pks_idx} ON {pks} ({pk_cols});
+         CREATE TABLE IF NOT EXISTS {clock} (
+             key INTEGER NOT NULL, cid INTEGER NOT NULL, col_version INTEGER NOT NULL,
+             db_version INTEGER NOT NULL, site_ord INTEGER NOT NULL, seq INTEGER NOT NULL,
+             PRIMARY KEY (key, cid)) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS {clock_idx} ON {clock} (site_ord, db_version);
+         DROP TRIGGER IF EXISTS {ins}; DROP TRIGGER IF EXISTS {upd};
+         DROP TRIGGER IF EXISTS {updpk}; DROP TRIGGER IF EXISTS {del};
+        ",
+        pks_idx = idx("pks_pk"),
+        clock_idx = idx("clock_origin"),
+        ins = trig("ins"),
+        upd = trig("upd"),
+        updpk = trig("updpk"),
+        del = trig("del"),
+    );
+
+    let same_pk = t
+        .pk
+        .iter()
+        .map(|c| format!("NEW.{q} IS OLD.{q}", q = quote(c)))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let insert_body = capture_insert(t, "NEW.");
+    let delete_body = capture_delete(t, "OLD.");
+    let update_body: String = t
+        .columns
+        .iter()
+        .map(|(cid, col)| {
+            format!(
+                "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
+                   SELECT key, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks}
+                   WHERE {m} AND NEW.{q} IS NOT OLD.{q}
+                   ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
+                     db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n",
+                m = t.pk_match("", "NEW."),
+                q = quote(col)
+            )
+        })
+        .collect();
+    sql += &format!(
+        "CREATE TRIGGER {ins} AFTER INSERT ON {name} WHEN fazt_sync_capturing() BEGIN {insert_body} END;
+         CREATE TRIGGER {del} AFTER DELETE ON {name} WHEN fazt_sync_capturing() BEGIN {delete_body} END;
+         CREATE TRIGGER {updpk} AFTER UPDATE ON {name} WHEN fazt_sync_capturing() AND NOT ({same_pk})
+           BEGIN {delete_body} {insert_body} END;\n",
+        ins = trig("ins"),
+        del = trig("del"),
+        updpk = trig("updpk"),
+    );
+    if !update_body.is_empty() {
+        sql += &format!(
+            "CREATE TRIGGER {upd} AFTER UPDATE ON {name} WHEN fazt_sync_capturing() AND {same_pk}
+               BEGIN {update_body} END;\n",
+            upd = trig("upd"),
+        );
+    }
+    Ok(sql)
+}
+
+/// A row `row` (NEW. or OLD.) came into existence: a new incarnation if it was deleted
+/// (even causal length -> next odd), and a fresh version of every column.
+fn capture_insert(t: &TableInfo, row: &str) -> String {
+    let pks = t.pks_table();
+    let clock = t.clock_table();
+    let pk_values = t.pk.iter().map(|c| format!("{row}{}", quote(c))).collect::<Vec<_>>().join(", ");
+    let m = t.pk_match("", row);
+    let mut sql = format!(
+        "INSERT INTO {pks} ({cols}) VALUES ({pk_values}) ON CONFLICT DO NOTHING;
+         INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
+           SELECT key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+           ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
+             db_version = excluded.db_version, site_ord = 0, seq = excluded.seq
+           WHERE col_version % 2 = 0;\n",
+        cols = t.pk_list(""),
+    );
+    for (cid, _) in &t.columns {
+        sql += &format!(
+            "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
+               SELECT key, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+               ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
+                 db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n"
+        );
+    }
+    sql
+}
+
+/// A row went away: its causal length becomes even and its column clocks are dropped.
+fn capture_delete(t: &TableInfo, row: &str) -> String {
+    let pks = t.pks_table();
+    let clock = t.clock_table();
+    let m = t.pk_match("", row);
+    format!(
+        "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
+           SELECT key, -1, 2, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+           ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1 + (col_version % 2 = 0),
+             db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;
+         DELETE FROM {clock} WHERE cid >= 0 AND key = (SELECT key FROM {pks} WHERE {m});\n"
+    )
+}
+
+/// Rows that existed before registration become changes of this replica.
+fn backfill_sql(t: &TableInfo) -> String {
+    let name = quote(&t.name);
+    let pks = t.pks_table();
+    let clock = t.clock_table();
+    let cols = t.pk_list("");
+    let src_cols = t.pk_list("src.");
+    let m = t.pk_match("p.", "src.");
+    let mut sql = format!(
+        "INSERT INTO {pks} ({cols}) SELECT {src_cols} FROM {name} AS src
+           WHERE NOT EXISTS (SELECT 1 FROM {pks} AS p WHERE {m});
+         INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
+           SELECT p.key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} AS p
+           WHERE NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = p.key AND c.cid = -1)
+             AND EXISTS (SELECT 1 FROM {name} AS src WHERE {m});\n"
+    );
+    for (cid, _) in &t.columns {
+        sql += &format!(
+            "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
+               SELECT s.key, {cid}, 1, s.db_version, 0, fazt_sync_seq() FROM {clock} AS s
+               WHERE s.cid = -1 AND s.site_ord = 0 AND s.db_version = fazt_sync_db_version()
+                 AND NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = s.key AND c.cid = {cid});\n"
+        );
+    }
+    sql
+}

@@ -1,0 +1,373 @@
+//! Merging remote changes.
+//!
+//! Per (row, column) the state is a last-writer-wins register ordered by (col_version,
+//! value, site id); per row, the causal length decides existence (odd alive, even deleted)
+//! and a larger causal length starts a new incarnation that wipes the old one. Every
+//! comparison ends in a total order, and metadata ties are broken the same way, so replicas
+//! that receive the same changes in any order, any number of times, end byte-identical —
+//! clocks included.
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use rusqlite::{params_from_iter, OptionalExtension};
+
+use crate::changes::{Batch, Change, ROW_CID};
+use crate::coverage::{RangeSet, SiteId};
+use crate::crr::{quote, TableInfo};
+use crate::pack;
+use crate::replica::{set_db_version, Replica};
+use crate::value::Value;
+use crate::Error;
+
+/// What an `apply` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Origin transactions merged.
+    pub transactions: usize,
+    /// Changes that changed this replica (data or clocks).
+    pub applied: usize,
+    /// Changes that lost to what this replica already had.
+    pub unchanged: usize,
+    /// Changes skipped because their origin transaction was already held.
+    pub already_seen: usize,
+    /// Changes kept for later: their table or column does not exist here yet.
+    pub pending: usize,
+}
+
+/// A clock row's origin for tie-breaks: (site id, db_version, seq); a placeholder (a row
+/// brought into existence by a column change before its creation arrived) sorts first.
+type Origin = (Option<SiteId>, i64, i64);
+
+impl Replica {
+    /// Applies a batch in one SQLite transaction: all of it, or (on error) none of it.
+    /// Idempotent: origin transactions already held are skipped.
+    pub fn apply(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
+        let result = self.apply_in_transaction(batch);
+        if result.is_err() {
+            self.reload_sites()?;
+        }
+        result
+    }
+
+    fn apply_in_transaction(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let capture = self.capture.clone();
+        let merging = capture.merging();
+        let result = self.merge_batch(batch);
+        drop(merging);
+        match result {
+            Ok(report) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(report)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    fn merge_batch(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
+        let held = self.coverage()?;
+        let mut report = ApplyReport::default();
+        let mut pending: HashMap<SiteId, RangeSet> = HashMap::new();
+        let mut max_version = 0;
+
+        let mut start = 0;
+        while start < batch.changes.len() {
+            let (site, version) = (batch.changes[start].site_id, batch.changes[start].db_version);
+            let end = start
+                + batch.changes[start..]
+                    .iter()
+                    .take_while(|c| c.site_id == site && c.db_version == version)
+                    .count();
+            let group = &batch.changes[start..end];
+            start = end;
+            max_version = max_version.max(version);
+            if held.contains(&site, version) {
+                report.already_seen += group.len();
+                continue;
+            }
+            if group.iter().any(|c| !self.resolvable(c)) {
+                self.keep_pending(group)?;
+                pending.entry(site).or_default().insert(version, version);
+                report.pending += group.len();
+                continue;
+            }
+            for change in group {
+                if self.merge_one(change)? {
+                    report.applied += 1;
+                } else {
+                    report.unchanged += 1;
+                }
+            }
+            report.transactions += 1;
+        }
+
+        for (site, set) in &batch.covers.0 {
+            if *site == self.site_id {
+                continue;
+            }
+            let set = match pending.get(site) {
+                Some(p) => set.minus(p),
+                None => set.clone(),
+            };
+            let mut merged = held.get(site).cloned().unwrap_or_default();
+            merged.union(&set);
+            if Some(&merged) != held.get(site) {
+                let ord = self.ord_of(*site)?;
+                Replica::save_coverage(&self.conn, ord, &merged)?;
+            }
+        }
+        // Lamport: the next local write is numbered after everything seen.
+        set_db_version(&self.conn, max_version)?;
+        Ok(report)
+    }
+
+    fn resolvable(&self, c: &Change) -> bool {
+        self.tables
+            .get(&c.table)
+            .is_some_and(|t| c.cid == ROW_CID || t.cid_of(&c.cid).is_some())
+    }
+
+    fn keep_pending(&mut self, group: &[Change]) -> Result<(), Error> {
+        for c in group {
+            let ord = self.ord_of(c.site_id)?;
+            self.conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO fazt_sync_pending
+                     (site_ord, db_version, seq, tbl, pk, cid, val, col_version, cl)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?
+                .execute(rusqlite::params![ord, c.db_version, c.seq, c.table, c.pk, c.cid, c.val, c.col_version, c.cl])?;
+        }
+        Ok(())
+    }
+
+    /// Merges one change; returns whether anything changed.
+    fn merge_one(&mut self, c: &Change) -> Result<bool, Error> {
+        let ord = self.ord_of(c.site_id)?;
+        let t = self.tables.get(&c.table).expect("checked resolvable").clone();
+        let pk = pack::unpack(&c.pk).map_err(|e| Error::Malformed(format!("{}: {e}", c.table)))?;
+        if pk.len() != t.pk.len() {
+            return Err(Error::Malformed(format!(
+                "{}: primary key has {} values, the table has {} key columns",
+                c.table,
+                pk.len(),
+                t.pk.len()
+            )));
+        }
+        let conn = &self.conn;
+        let key = row_key(conn, &t, &pk)?;
+        let clock = t.clock_table();
+        let sentinel: Option<(i64, i64, i64, i64)> = conn
+            .prepare_cached(&format!(
+                "SELECT col_version, db_version, site_ord, seq FROM {clock} WHERE key = ?1 AND cid = -1"
+            ))?
+            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .optional()?;
+        let local_cl = sentinel.map_or(0, |s| s.0);
+        if c.cl < local_cl {
+            return Ok(false);
+        }
+        let incoming: Origin = (Some(c.site_id), c.db_version, c.seq);
+
+        if c.cid == ROW_CID {
+            if c.cl == local_cl {
+                let s = sentinel.expect("local_cl > 0 means a sentinel exists");
+                let local: Origin = (self.site_of_ord(s.2), s.1, s.3);
+                if incoming <= local {
+                    return Ok(false);
+                }
+                set_sentinel(conn, &clock, key, c.cl, c.db_version, ord, c.seq)?;
+                return Ok(true);
+            }
+            if c.cl % 2 == 0 {
+                delete_row(conn, &t, &pk, key)?;
+            } else {
+                reset_row(conn, &t, &pk, key)?;
+            }
+            set_sentinel(conn, &clock, key, c.cl, c.db_version, ord, c.seq)?;
+            return Ok(true);
+        }
+
+        if c.cl % 2 == 0 {
+            // A column value cannot belong to a deleted incarnation; nothing to merge.
+            return Ok(false);
+        }
+        let cid = t.cid_of(&c.cid).expect("checked resolvable");
+        let mut changed = false;
+        if c.cl > local_cl {
+            reset_row(conn, &t, &pk, key)?;
+            set_sentinel(conn, &clock, key, c.cl, 0, -1, 0)?;
+            changed = true;
+        }
+        let local: Option<(i64, i64)> = conn
+            .prepare_cached(&format!("SELECT col_version, site_ord FROM {clock} WHERE key = ?1 AND cid = ?2"))?
+            .query_row([key, cid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let wins = match local {
+            None => true,
+            Some((version, _)) if version != c.col_version => c.col_version > version,
+            Some((_, local_ord)) => {
+                let current = column_value(conn, &t, &c.cid, &pk)?;
+                match c.val.merge_cmp(&current) {
+                    Ordering::Greater => true,
+                    Ordering::Less => false,
+                    Ordering::Equal => Some(c.site_id) > self.site_of_ord(local_ord),
+                }
+            }
+        };
+        if !wins {
+            return Ok(changed);
+        }
+        write_column(conn, &t, &c.cid, &pk, &c.val)?;
+        conn.prepare_cached(&format!(
+            "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (key, cid) DO UPDATE SET col_version = excluded.col_version,
+               db_version = excluded.db_version, site_ord = excluded.site_ord, seq = excluded.seq"
+        ))?
+        .execute([key, cid, c.col_version, c.db_version, ord, c.seq])?;
+        Ok(true)
+    }
+
+    fn site_of_ord(&self, ord: i64) -> Option<SiteId> {
+        if ord < 0 {
+            None
+        } else {
+            self.site_of(ord)
+        }
+    }
+
+    /// Applies pending changes whose tables and columns now exist.
+    pub(crate) fn apply_pending(&mut self) -> Result<ApplyReport, Error> {
+        let rows: Vec<(i64, Change)> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT site_ord, db_version, seq, tbl, pk, cid, val, col_version, cl
+                 FROM fazt_sync_pending ORDER BY site_ord, db_version, seq",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Vec<u8>>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, Value>(6)?,
+                    r.get::<_, i64>(7)?,
+                    r.get::<_, i64>(8)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (ord, db_version, seq, table, pk, cid, val, col_version, cl) = row?;
+                let site_id = self.site_of(ord).ok_or_else(|| Error::Corrupt(format!("unknown site ordinal {ord}")))?;
+                out.push((ord, Change { table, pk, cid, val, col_version, db_version, site_id, cl, seq }));
+            }
+            out
+        };
+        let mut groups: Vec<(i64, i64, Vec<Change>)> = Vec::new();
+        for (ord, change) in rows {
+            match groups.last_mut() {
+                Some((o, v, g)) if *o == ord && *v == change.db_version => g.push(change),
+                _ => groups.push((ord, change.db_version, vec![change])),
+            }
+        }
+        let mut batch = Batch::default();
+        let mut ready = Vec::new();
+        for (ord, version, group) in groups {
+            if group.iter().all(|c| self.resolvable(c)) {
+                batch.covers.insert(group[0].site_id, version, version);
+                batch.changes.extend(group);
+                ready.push((ord, version));
+            }
+        }
+        if ready.is_empty() {
+            return Ok(ApplyReport::default());
+        }
+        let report = self.apply(&batch)?;
+        let mut delete = self
+            .conn
+            .prepare_cached("DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2")?;
+        for (ord, version) in ready {
+            delete.execute([ord, version])?;
+        }
+        Ok(report)
+    }
+}
+
+/// The small integer key of a primary key, created on first sight.
+fn row_key(conn: &rusqlite::Connection, t: &TableInfo, pk: &[Value]) -> Result<i64, Error> {
+    let pks = t.pks_table();
+    let found: Option<i64> = conn
+        .prepare_cached(&format!("SELECT key FROM {pks} WHERE {}", t.pk_params("", 1)))?
+        .query_row(params_from_iter(pk.iter()), |r| r.get(0))
+        .optional()?;
+    if let Some(key) = found {
+        return Ok(key);
+    }
+    let placeholders = (1..=pk.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    conn.prepare_cached(&format!("INSERT INTO {pks} ({}) VALUES ({placeholders})", t.pk_list("")))?
+        .execute(params_from_iter(pk.iter()))?;
+    Ok(conn.last_insert_rowid())
+}
+
+fn set_sentinel(
+    conn: &rusqlite::Connection,
+    clock: &str,
+    key: i64,
+    cl: i64,
+    db_version: i64,
+    ord: i64,
+    seq: i64,
+) -> Result<(), Error> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq) VALUES (?1, -1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (key, cid) DO UPDATE SET col_version = excluded.col_version,
+           db_version = excluded.db_version, site_ord = excluded.site_ord, seq = excluded.seq"
+    ))?
+    .execute([key, cl, db_version, ord, seq])?;
+    Ok(())
+}
+
+fn delete_row(conn: &rusqlite::Connection, t: &TableInfo, pk: &[Value], key: i64) -> Result<(), Error> {
+    conn.prepare_cached(&format!("DELETE FROM {} WHERE {}", quote(&t.name), t.pk_params("", 1)))?
+        .execute(params_from_iter(pk.iter()))?;
+    conn.prepare_cached(&format!("DELETE FROM {} WHERE key = ?1 AND cid >= 0", t.clock_table()))?
+        .execute([key])?;
+    Ok(())
+}
+
+/// Starts a new incarnation of a row: defaults everywhere, no column clocks.
+fn reset_row(conn: &rusqlite::Connection, t: &TableInfo, pk: &[Value], key: i64) -> Result<(), Error> {
+    delete_row(conn, t, pk, key)?;
+    let placeholders = (1..=pk.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    conn.prepare_cached(&format!("INSERT INTO {} ({}) VALUES ({placeholders})", quote(&t.name), t.pk_list("")))?
+        .execute(params_from_iter(pk.iter()))?;
+    Ok(())
+}
+
+fn column_value(conn: &rusqlite::Connection, t: &TableInfo, col: &str, pk: &[Value]) -> Result<Value, Error> {
+    Ok(conn
+        .prepare_cached(&format!("SELECT {} FROM {} WHERE {}", quote(col), quote(&t.name), t.pk_params("", 1)))?
+        .query_row(params_from_iter(pk.iter()), |r| r.get(0))
+        .optional()?
+        .unwrap_or(Value::Null))
+}
+
+fn write_column(conn: &rusqlite::Connection, t: &TableInfo, col: &str, pk: &[Value], val: &Value) -> Result<(), Error> {
+    let n = pk.len();
+    let placeholders = (1..=n + 1).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let sql = format!(
+        "INSERT INTO {table} ({pk}, {c}) VALUES ({placeholders})
+         ON CONFLICT ({pk}) DO UPDATE SET {c} = excluded.{c}",
+        table = quote(&t.name),
+        pk = t.pk_list(""),
+        c = quote(col),
+    );
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(pk.iter().chain(std::iter::once(val))))?;
+    Ok(())
+}

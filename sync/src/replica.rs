@@ -1,0 +1,315 @@
+//! A replica: one SQLite connection with the engine's functions and bookkeeping.
+//!
+//! Every write to a replicated table happens inside [`Replica::write`], which takes SQLite's
+//! write lock, allocates the transaction's db_version (a Lamport clock: one more than the
+//! highest version this replica has made or merged) and numbers each captured change with
+//! `seq`. The triggers on replicated tables ask the connection for those numbers; outside a
+//! `write` they refuse, so no write can slip past the engine. Merges run with capture off.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use rusqlite::functions::FunctionFlags;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+
+use crate::coverage::{Coverage, RangeSet, SiteId};
+use crate::crr::TableInfo;
+use crate::value::Value;
+use crate::Error;
+
+const IDLE: u8 = 0;
+const LOCAL: u8 = 1;
+const MERGING: u8 = 2;
+
+/// What the triggers read: whether to capture, and the numbers to stamp changes with.
+#[derive(Default)]
+pub(crate) struct Capture {
+    mode: AtomicU8,
+    db_version: AtomicI64,
+    seq: AtomicI64,
+}
+
+/// Puts capture back to idle however the transaction ends (error or panic included).
+pub(crate) struct ModeGuard<'a>(&'a Capture);
+
+impl Capture {
+    pub(crate) fn enter(&self, mode: u8, db_version: i64) -> ModeGuard<'_> {
+        self.db_version.store(db_version, Ordering::Relaxed);
+        self.seq.store(0, Ordering::Relaxed);
+        self.mode.store(mode, Ordering::Relaxed);
+        ModeGuard(self)
+    }
+
+    pub(crate) fn merging(&self) -> ModeGuard<'_> {
+        self.enter(MERGING, 0)
+    }
+
+    fn captured(&self) -> i64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ModeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.mode.store(IDLE, Ordering::Relaxed);
+    }
+}
+
+const BOOKKEEPING: &str = "
+CREATE TABLE IF NOT EXISTS fazt_sync_sites (
+    ord     INTEGER PRIMARY KEY NOT NULL,
+    site_id BLOB NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS fazt_sync_state (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fazt_sync_columns (
+    tbl  TEXT NOT NULL,
+    cid  INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    pk   INTEGER NOT NULL,
+    PRIMARY KEY (tbl, cid)
+);
+CREATE TABLE IF NOT EXISTS fazt_sync_coverage (
+    site_ord INTEGER NOT NULL,
+    start    INTEGER NOT NULL,
+    end      INTEGER NOT NULL,
+    PRIMARY KEY (site_ord, start)
+);
+CREATE TABLE IF NOT EXISTS fazt_sync_pending (
+    site_ord    INTEGER NOT NULL,
+    db_version  INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    tbl         TEXT NOT NULL,
+    pk          BLOB NOT NULL,
+    cid         TEXT NOT NULL,
+    val         ANY,
+    col_version INTEGER NOT NULL,
+    cl          INTEGER NOT NULL,
+    PRIMARY KEY (site_ord, db_version, seq)
+);
+";
+
+pub struct Replica {
+    pub(crate) conn: Connection,
+    pub(crate) capture: Arc<Capture>,
+    pub(crate) site_id: SiteId,
+    /// Site ordinal -> site id; ordinal 0 is this replica.
+    pub(crate) sites: Vec<Option<SiteId>>,
+    pub(crate) site_ords: HashMap<SiteId, i64>,
+    pub(crate) tables: HashMap<String, TableInfo>,
+    /// Bumped whenever `tables` changes, so cached SQL is rebuilt.
+    pub(crate) catalog_version: u64,
+}
+
+impl Replica {
+    /// Makes `conn` a replica: creates the bookkeeping tables and the site id on first use,
+    /// registers the engine's SQL functions, and loads the replicated-table catalog.
+    pub fn open(conn: Connection) -> Result<Replica, Error> {
+        conn.execute_batch(BOOKKEEPING)?;
+        let site_id = match conn
+            .query_row("SELECT site_id FROM fazt_sync_sites WHERE ord = 0", [], |r| r.get::<_, Vec<u8>>(0))
+            .optional()?
+        {
+            Some(bytes) => SiteId(bytes.try_into().map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?),
+            None => {
+                let mut id = [0u8; 16];
+                getrandom::fill(&mut id).map_err(|e| Error::Corrupt(format!("no randomness for a site id: {e}")))?;
+                // Shaped as a UUIDv4, like cr-sqlite's.
+                id[6] = (id[6] & 0x0f) | 0x40;
+                id[8] = (id[8] & 0x3f) | 0x80;
+                conn.execute("INSERT INTO fazt_sync_sites (ord, site_id) VALUES (0, ?1)", [&id[..]])?;
+                SiteId(id)
+            }
+        };
+        let capture = Arc::new(Capture::default());
+        register_functions(&conn, &capture)?;
+        let mut replica = Replica {
+            conn,
+            capture,
+            site_id,
+            sites: Vec::new(),
+            site_ords: HashMap::new(),
+            tables: HashMap::new(),
+            catalog_version: 0,
+        };
+        replica.load_sites()?;
+        replica.tables = crate::crr::load_catalog(&replica.conn)?;
+        Ok(replica)
+    }
+
+    /// The underlying connection, for reads. Writes to replicated tables through it fail;
+    /// use [`Replica::write`].
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Hands the connection back (the engine's functions stay registered on it).
+    pub fn into_inner(self) -> Connection {
+        self.conn
+    }
+
+    pub fn site_id(&self) -> SiteId {
+        self.site_id
+    }
+
+    /// Names of the replicated tables.
+    pub fn tables(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tables.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The highest db_version this replica has made or merged.
+    pub fn db_version(&self) -> Result<i64, Error> {
+        db_version(&self.conn)
+    }
+
+    /// Runs `f` in one SQLite transaction whose writes to replicated tables are captured as
+    /// one origin transaction. Commits when `f` returns Ok; rolls back otherwise.
+    pub fn write<T, E>(&mut self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<rusqlite::Error>,
+    {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version = read_db_version(&tx)? + 1;
+        let guard = self.capture.enter(LOCAL, version);
+        let result = f(&tx);
+        let captured = self.capture.captured();
+        drop(guard);
+        let value = result?;
+        if captured > 0 {
+            set_db_version(&tx, version)?;
+        }
+        tx.commit()?;
+        Ok(value)
+    }
+
+    /// What this replica holds, per origin (itself included).
+    pub fn coverage(&self) -> Result<Coverage, Error> {
+        let mut cov = Coverage::default();
+        let mut stmt = self.conn.prepare_cached("SELECT site_ord, start, end FROM fazt_sync_coverage")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+        for row in rows {
+            let (ord, start, end) = row?;
+            if let Some(site) = self.site_of(ord) {
+                cov.insert(site, start, end);
+            }
+        }
+        let own = self.db_version()?;
+        if own > 0 {
+            cov.insert(self.site_id, 1, own);
+        }
+        Ok(cov)
+    }
+
+    pub(crate) fn save_coverage(tx: &Connection, ord: i64, set: &RangeSet) -> Result<(), Error> {
+        tx.execute("DELETE FROM fazt_sync_coverage WHERE site_ord = ?1", [ord])?;
+        let mut insert =
+            tx.prepare_cached("INSERT INTO fazt_sync_coverage (site_ord, start, end) VALUES (?1, ?2, ?3)")?;
+        for &(start, end) in set.ranges() {
+            insert.execute([ord, start, end])?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn site_of(&self, ord: i64) -> Option<SiteId> {
+        self.sites.get(usize::try_from(ord).ok()?).copied().flatten()
+    }
+
+    fn load_sites(&mut self) -> Result<(), Error> {
+        let mut stmt = self.conn.prepare("SELECT ord, site_id FROM fazt_sync_sites")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut sites = Vec::new();
+        let mut ords = HashMap::new();
+        for row in rows {
+            let (ord, bytes) = row?;
+            let id = SiteId(bytes.try_into().map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?);
+            let idx = ord as usize;
+            if sites.len() <= idx {
+                sites.resize(idx + 1, None);
+            }
+            sites[idx] = Some(id);
+            ords.insert(id, ord);
+        }
+        drop(stmt);
+        self.sites = sites;
+        self.site_ords = ords;
+        Ok(())
+    }
+
+    /// The ordinal of `site`, registering it if new (inside the caller's transaction).
+    pub(crate) fn ord_of(&mut self, site: SiteId) -> Result<i64, Error> {
+        if let Some(&ord) = self.site_ords.get(&site) {
+            return Ok(ord);
+        }
+        let ord = self.sites.len().max(1) as i64;
+        self.conn
+            .execute("INSERT INTO fazt_sync_sites (ord, site_id) VALUES (?1, ?2)", rusqlite::params![ord, &site.0[..]])?;
+        if self.sites.len() <= ord as usize {
+            self.sites.resize(ord as usize + 1, None);
+        }
+        self.sites[ord as usize] = Some(site);
+        self.site_ords.insert(site, ord);
+        Ok(ord)
+    }
+
+    /// Forgets in-memory site registrations made by a transaction that rolled back.
+    pub(crate) fn reload_sites(&mut self) -> Result<(), Error> {
+        self.load_sites()
+    }
+}
+
+pub(crate) fn db_version(conn: &Connection) -> Result<i64, Error> {
+    Ok(read_db_version(conn)?)
+}
+
+fn read_db_version(conn: &Connection) -> rusqlite::Result<i64> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM fazt_sync_state WHERE key = 'db_version'")?
+        .query_row([], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+pub(crate) fn set_db_version(conn: &Connection, version: i64) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO fazt_sync_state (key, value) VALUES ('db_version', ?1)
+         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+    )?
+    .execute([version])?;
+    Ok(())
+}
+
+fn register_functions(conn: &Connection, capture: &Arc<Capture>) -> Result<(), Error> {
+    let flags = FunctionFlags::SQLITE_UTF8;
+    let c = capture.clone();
+    conn.create_scalar_function("fazt_sync_capturing", 0, flags, move |_| {
+        Ok(c.mode.load(Ordering::Relaxed) != MERGING)
+    })?;
+    let c = capture.clone();
+    conn.create_scalar_function("fazt_sync_db_version", 0, flags, move |_| {
+        if c.mode.load(Ordering::Relaxed) != LOCAL {
+            return Err(rusqlite::Error::UserFunctionError(
+                "writes to replicated tables must go through the replication engine (Replica::write or `fazt sql`)".into(),
+            ));
+        }
+        Ok(c.db_version.load(Ordering::Relaxed))
+    })?;
+    let c = capture.clone();
+    conn.create_scalar_function("fazt_sync_seq", 0, flags, move |_| {
+        if c.mode.load(Ordering::Relaxed) != LOCAL {
+            return Err(rusqlite::Error::UserFunctionError(
+                "writes to replicated tables must go through the replication engine".into(),
+            ));
+        }
+        Ok(c.seq.fetch_add(1, Ordering::Relaxed))
+    })?;
+    conn.create_scalar_function("fazt_sync_pack", -1, flags | FunctionFlags::SQLITE_DETERMINISTIC, |ctx| {
+        let values: Vec<Value> = (0..ctx.len()).map(|i| Value::from_ref(ctx.get_raw(i))).collect();
+        Ok(crate::pack::pack(&values))
+    })?;
+    Ok(())
+}

@@ -1,0 +1,224 @@
+//! The engine's behaviour on small, named scenarios.
+
+mod common;
+
+use common::{clocks, data, exec, replica, sync};
+use fazt_sync::{Batch, Coverage, Replica};
+use rusqlite::Connection;
+
+#[test]
+fn a_local_insert_reaches_another_replica() {
+    let mut a = replica();
+    let mut b = replica();
+    exec(&mut a, "INSERT INTO items (id, a, b) VALUES (1, 'hello', 7)", []);
+    let batch = sync(&a, &mut b);
+    assert_eq!(batch.changes.len(), 4, "row existence plus three columns");
+    assert_eq!(data(&a), data(&b));
+    assert_eq!(clocks(&a), clocks(&b));
+}
+
+#[test]
+fn change_rows_have_cr_sqlites_shape() {
+    let mut a = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+    let c = &batch.changes[1];
+    assert_eq!(c.table, "items");
+    assert_eq!(c.pk, vec![0x01, 0x09, 0x01]);
+    assert_eq!(c.cid, "a");
+    assert_eq!(c.val, fazt_sync::Value::Text("x".into()));
+    assert_eq!((c.col_version, c.db_version, c.cl, c.seq), (1, 1, 1, 1));
+    assert_eq!(c.site_id, a.site_id());
+    assert_eq!(batch.changes[0].cid, "-1");
+}
+
+#[test]
+fn applying_twice_changes_nothing() {
+    let mut a = replica();
+    let mut b = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+    let first = b.apply(&batch).unwrap();
+    assert!(first.applied > 0);
+    let before = (data(&b), clocks(&b));
+    let second = b.apply(&batch).unwrap();
+    assert_eq!(second.applied, 0);
+    assert_eq!(second.already_seen, batch.changes.len());
+    assert_eq!((data(&b), clocks(&b)), before);
+}
+
+#[test]
+fn col_version_rises_only_when_the_value_changes() {
+    let mut a = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
+    exec(&mut a, "UPDATE items SET a = 'x', b = 5 WHERE id = 1", []);
+    let versions: Vec<(i64, i64)> = a
+        .conn()
+        .prepare("SELECT cid, col_version FROM items__fazt_clock ORDER BY cid")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(versions, [(-1, 1), (0, 1), (1, 2), (2, 1)]);
+}
+
+#[test]
+fn concurrent_writes_converge_by_version_then_value_then_site() {
+    let mut a = replica();
+    let mut b = replica();
+    exec(&mut a, "INSERT INTO items (id, a, b) VALUES (1, 'from a', 5)", []);
+    exec(&mut b, "INSERT INTO items (id, a, b) VALUES (1, 'from b', 5)", []);
+    sync(&a, &mut b);
+    sync(&b, &mut a);
+    assert_eq!(data(&a), data(&b));
+    assert_eq!(clocks(&a), clocks(&b));
+    let a_value: String = a.conn().query_row("SELECT a FROM items", [], |r| r.get(0)).unwrap();
+    assert_eq!(a_value, "from b", "equal versions: the larger value wins");
+}
+
+#[test]
+fn delete_then_reinsert_converges_in_any_order() {
+    let mut a = replica();
+    let mut b = replica();
+    let mut c = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'one')", []);
+    let created = a.batch_since(&Coverage::default()).unwrap();
+    exec(&mut a, "DELETE FROM items WHERE id = 1", []);
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'again')", []);
+    let all = a.batch_since(&Coverage::default()).unwrap();
+    // b gets the creation first, then everything; c gets everything in reverse group order.
+    b.apply(&created).unwrap();
+    b.apply(&all).unwrap();
+    let mut reversed = all.changes.clone();
+    reversed.reverse();
+    reversed.sort_by_key(|ch| std::cmp::Reverse(ch.db_version));
+    c.apply(&Batch { changes: reversed, covers: all.covers.clone() }).unwrap();
+    for r in [&b, &c] {
+        assert_eq!(data(r), data(&a));
+        assert_eq!(clocks(r), clocks(&a));
+    }
+    let cl: i64 = a
+        .conn()
+        .query_row("SELECT col_version FROM items__fazt_clock WHERE cid = -1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(cl, 3, "created, deleted, created again");
+}
+
+#[test]
+fn primary_key_updates_converge() {
+    let mut a = replica();
+    let mut b = replica();
+    exec(&mut a, "INSERT INTO items (id, a, b) VALUES (1, 'moving', 3)", []);
+    sync(&a, &mut b);
+    exec(&mut a, "UPDATE items SET id = 2 WHERE id = 1", []);
+    exec(&mut b, "UPDATE items SET b = 4 WHERE id = 1", []);
+    sync(&a, &mut b);
+    sync(&b, &mut a);
+    assert_eq!(data(&a), data(&b));
+    assert_eq!(clocks(&a), clocks(&b));
+    let ids: Vec<i64> =
+        a.conn().prepare("SELECT id FROM items").unwrap().query_map([], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
+    assert_eq!(ids, [2], "the move deleted row 1; b's concurrent update of row 1 lost to the delete");
+}
+
+#[test]
+fn changes_relay_through_a_third_replica() {
+    let mut a = replica();
+    let mut b = replica();
+    let mut c = replica();
+    exec(&mut a, "INSERT INTO pairs (x, y, v) VALUES ('k', 1, x'00ff')", []);
+    sync(&a, &mut b);
+    sync(&b, &mut c);
+    assert_eq!(data(&c), data(&a));
+    assert_eq!(clocks(&c), clocks(&a));
+    // c now covers a's versions, so a has nothing more to send it.
+    let batch = a.batch_since(&c.coverage().unwrap()).unwrap();
+    assert!(batch.changes.is_empty());
+}
+
+#[test]
+fn writes_outside_the_engine_are_refused() {
+    let a = replica();
+    let err = a.conn().execute("INSERT INTO items (id) VALUES (1)", []).unwrap_err();
+    assert!(err.to_string().contains("replication engine"), "{err}");
+    let count: i64 = a.conn().query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap();
+    assert_eq!(count, 0);
+}
+
+#[test]
+fn registering_records_rows_that_already_exist() {
+    let conn = Connection::open_in_memory().unwrap();
+    conn.execute_batch(common::SCHEMA).unwrap();
+    conn.execute_batch("INSERT INTO items (id, a) VALUES (1, 'old'), (2, 'older')").unwrap();
+    let mut a = Replica::open(conn).unwrap();
+    a.replicate("items").unwrap();
+    a.replicate("pairs").unwrap();
+    let mut b = replica();
+    sync(&a, &mut b);
+    assert_eq!(data(&b), data(&a));
+    assert_eq!(clocks(&b), clocks(&a));
+}
+
+#[test]
+fn tables_that_break_the_rules_are_refused() {
+    let conn = Connection::open_in_memory().unwrap();
+    conn.execute_batch("CREATE TABLE bad (id TEXT PRIMARY KEY NOT NULL, email TEXT UNIQUE)").unwrap();
+    let mut a = Replica::open(conn).unwrap();
+    let err = a.replicate("bad").unwrap_err().to_string();
+    assert!(err.contains("unique index"), "{err}");
+    assert!(a.tables().is_empty());
+}
+
+#[test]
+fn changes_for_a_missing_table_wait_until_it_exists() {
+    let mut a = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'early')", []);
+    let conn = Connection::open_in_memory().unwrap();
+    let mut b = Replica::open(conn).unwrap();
+    let batch = a.batch_since(&b.coverage().unwrap()).unwrap();
+    let report = b.apply(&batch).unwrap();
+    assert_eq!(report.pending, batch.changes.len());
+    assert!(!b.coverage().unwrap().contains(&a.site_id(), 1), "pending versions are not covered");
+    // The same changes again are kept once.
+    b.apply(&batch).unwrap();
+    b.conn().execute_batch(common::SCHEMA).unwrap();
+    b.replicate("pairs").unwrap();
+    b.replicate("items").unwrap();
+    assert_eq!(data(&b), data(&a));
+    assert_eq!(clocks(&b), clocks(&a));
+    assert!(b.coverage().unwrap().contains(&a.site_id(), 1));
+    let left: i64 = b.conn().query_row("SELECT count(*) FROM fazt_sync_pending", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn changes_for_a_missing_column_wait_until_it_exists() {
+    let mut a = replica();
+    a.conn().execute_batch("ALTER TABLE items ADD COLUMN extra TEXT").unwrap();
+    a.replicate("items").unwrap();
+    exec(&mut a, "INSERT INTO items (id, extra) VALUES (1, 'new column')", []);
+    let mut b = replica();
+    let report = b.apply(&a.batch_since(&b.coverage().unwrap()).unwrap()).unwrap();
+    assert!(report.pending > 0);
+    let rows: i64 = b.conn().query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 0, "no half transaction is visible");
+    b.conn().execute_batch("ALTER TABLE items ADD COLUMN extra TEXT").unwrap();
+    b.replicate("items").unwrap();
+    let extra: String = b.conn().query_row("SELECT extra FROM items WHERE id = 1", [], |r| r.get(0)).unwrap();
+    assert_eq!(extra, "new column");
+}
+
+#[test]
+fn a_malformed_batch_changes_nothing() {
+    let mut a = replica();
+    let mut b = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (2, 'y')", []);
+    let mut batch = a.batch_since(&Coverage::default()).unwrap();
+    let last = batch.changes.len() - 1;
+    batch.changes[last].pk = vec![0x01, 0x19];
+    assert!(b.apply(&batch).is_err());
+    assert!(data(&b).is_empty());
+    assert!(b.coverage().unwrap().get(&a.site_id()).is_none());
+}
