@@ -93,10 +93,19 @@ impl NodeConfig {
     /// Resolves each setting from the flags, then the database, then the defaults.
     pub fn load(conn: &Connection, overrides: &Overrides) -> Result<NodeConfig> {
         let domain = match &overrides.domain {
-            Some(d) => Setting { value: d.clone(), source: Source::Flag },
+            Some(d) => Setting {
+                value: d.clone(),
+                source: Source::Flag,
+            },
             None => match get_local(conn, "domain")? {
-                Some(v) => Setting { value: Domain::parse(&v)?, source: Source::Database },
-                None => Setting { value: Domain(DEFAULT_DOMAIN.into()), source: Source::Default },
+                Some(v) => Setting {
+                    value: Domain::parse(&v)?,
+                    source: Source::Database,
+                },
+                None => Setting {
+                    value: Domain(DEFAULT_DOMAIN.into()),
+                    source: Source::Default,
+                },
             },
         };
         let port = match overrides.port {
@@ -115,7 +124,11 @@ impl NodeConfig {
 
 pub fn get_local(conn: &Connection, key: &str) -> Result<Option<String>> {
     Ok(conn
-        .query_row("SELECT value FROM node_config WHERE key = ?1", [key], |row| row.get(0))
+        .query_row(
+            "SELECT value FROM node_config WHERE key = ?1",
+            [key],
+            |row| row.get(0),
+        )
         .optional()?)
 }
 
@@ -131,21 +144,33 @@ pub fn set_local(conn: &Connection, key: &str, value: &str) -> Result<()> {
 /// A cluster-wide setting with its source (database or default).
 pub fn max_file_bytes(conn: &Connection) -> Result<Setting<u64>> {
     let stored: Option<String> = conn
-        .query_row("SELECT value FROM settings WHERE key = 'deploy.max_file_bytes'", [], |row| row.get(0))
+        .query_row(
+            "SELECT value FROM settings WHERE key = 'deploy.max_file_bytes'",
+            [],
+            |row| row.get(0),
+        )
         .optional()?;
     Ok(match stored.and_then(|v| v.parse().ok()) {
-        Some(value) => Setting { value, source: Source::Database },
-        None => Setting { value: DEFAULT_MAX_FILE_BYTES, source: Source::Default },
+        Some(value) => Setting {
+            value,
+            source: Source::Database,
+        },
+        None => Setting {
+            value: DEFAULT_MAX_FILE_BYTES,
+            source: Source::Default,
+        },
     })
 }
 
-pub fn set_max_file_bytes(conn: &Connection, bytes: u64) -> Result<()> {
-    conn.execute(
-        "INSERT INTO settings (key, value) VALUES ('deploy.max_file_bytes', ?1)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        [bytes.to_string()],
-    )?;
-    Ok(())
+pub fn set_max_file_bytes(db: &mut crate::db::Db, bytes: u64) -> Result<()> {
+    db.write(|tx| {
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES ('deploy.max_file_bytes', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [bytes.to_string()],
+        )?;
+        Ok(())
+    })
 }
 
 /// Parses sizes such as `512`, `10K`, `64M`, `1G` (binary multiples).
@@ -153,7 +178,9 @@ pub fn parse_size(input: &str) -> Result<u64> {
     let s = input.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| anyhow::anyhow!("size {input:?} must look like 512, 10K, 64M or 1G"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("size {input:?} must look like 512, 10K, 64M or 1G"))?;
     let mult: u64 = match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
         "" => 1,
         "K" => 1 << 10,
@@ -161,7 +188,9 @@ pub fn parse_size(input: &str) -> Result<u64> {
         "G" => 1 << 30,
         _ => bail!("size {input:?} must look like 512, 10K, 64M or 1G"),
     };
-    n.checked_mul(mult).filter(|&b| b > 0).ok_or_else(|| anyhow::anyhow!("size {input:?} is out of range"))
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| anyhow::anyhow!("size {input:?} is out of range"))
 }
 
 #[cfg(test)]
@@ -170,7 +199,10 @@ mod tests {
 
     #[test]
     fn domains_are_normalised_or_refused() {
-        assert_eq!(Domain::parse("Example.COM.").unwrap().as_str(), "example.com");
+        assert_eq!(
+            Domain::parse("Example.COM.").unwrap().as_str(),
+            "example.com"
+        );
         assert!(Domain::parse("https://example.com").is_err());
         assert!(Domain::parse("example.com:80").is_err());
         assert!(Domain::parse("bad_domain").is_err());

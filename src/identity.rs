@@ -25,7 +25,11 @@ pub fn ensure(conn: &Connection) -> Result<NodeId> {
 /// The node's key pair, if it has been created.
 pub fn load(conn: &Connection) -> Result<Option<SigningKey>> {
     let secret: Option<Vec<u8>> = conn
-        .query_row("SELECT secret_key FROM node_identity WHERE id = 1", [], |row| row.get(0))
+        .query_row(
+            "SELECT secret_key FROM node_identity WHERE id = 1",
+            [],
+            |row| row.get(0),
+        )
         .optional()?;
     secret
         .map(|bytes| {

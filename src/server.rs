@@ -70,13 +70,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -92,9 +93,11 @@ async fn shutdown_signal() {
 pub fn running(conn: &Connection) -> Result<Option<(u32, u16, String)>> {
     use rusqlite::OptionalExtension;
     let row: Option<(u32, u16, String)> = conn
-        .query_row("SELECT pid, port, domain FROM node_runtime WHERE id = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .query_row(
+            "SELECT pid, port, domain FROM node_runtime WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .optional()?;
     Ok(row.filter(|(pid, _, _)| Path::new(&format!("/proc/{pid}")).exists()))
 }

@@ -29,37 +29,48 @@ pub fn run(cmd: AliasCmd, db: &Path) -> Result<()> {
         AliasCmd::Link { subdomain, app } => {
             let sub = Subdomain::parse(&subdomain)?;
             let app = AppName::parse(&app)?;
-            let conn = crate::db::open_existing(db)?;
-            match store::link(&conn, &sub, &app)? {
-                Some(prev) if prev != app.as_str() => println!("{sub} now points at {app} (was {prev})"),
+            let mut database = crate::db::open_existing(db)?;
+            match store::link(&mut database, &sub, &app)? {
+                Some(prev) if prev != app.as_str() => {
+                    println!("{sub} now points at {app} (was {prev})")
+                }
                 _ => println!("{sub} points at {app}"),
             }
-            println!("{}", super::app::url(&conn, sub.as_str())?);
+            println!("{}", super::app::url(database.conn(), sub.as_str())?);
             Ok(())
         }
         AliasCmd::Unlink { subdomain } => {
             let sub = Subdomain::parse(&subdomain)?;
-            let conn = crate::db::open_existing(db)?;
-            store::unlink(&conn, &sub)?;
+            let mut database = crate::db::open_existing(db)?;
+            store::unlink(&mut database, &sub)?;
             println!("removed alias {sub}");
             Ok(())
         }
         AliasCmd::Swap { a, b } => {
             let (a, b) = (Subdomain::parse(&a)?, Subdomain::parse(&b)?);
-            let mut conn = crate::db::open_existing(db)?;
-            store::swap(&mut conn, &a, &b)?;
+            let mut database = crate::db::open_existing(db)?;
+            store::swap(&mut database, &a, &b)?;
             println!("swapped {a} and {b}");
             Ok(())
         }
         AliasCmd::List { json } => {
-            let conn = crate::db::open_existing(db)?;
-            let aliases = store::list_aliases(&conn)?;
+            let database = crate::db::open_existing(db)?;
+            let aliases = store::list_aliases(database.conn())?;
             if json {
                 return output::json(&aliases);
             }
             let rows = aliases
                 .iter()
-                .map(|a| vec![a.subdomain.clone(), if a.app.is_empty() { a.app_id.clone() } else { a.app.clone() }])
+                .map(|a| {
+                    vec![
+                        a.subdomain.clone(),
+                        if a.app.is_empty() {
+                            a.app_id.clone()
+                        } else {
+                            a.app.clone()
+                        },
+                    ]
+                })
                 .collect::<Vec<_>>();
             output::table(&["SUBDOMAIN", "APP"], &rows);
             Ok(())

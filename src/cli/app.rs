@@ -62,10 +62,16 @@ pub enum AppCmd {
 
 pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
     match cmd {
-        AppCmd::Deploy { dir, name, spa, json } => deploy(db, &dir, name.as_deref(), spa, json),
+        AppCmd::Deploy {
+            dir,
+            name,
+            spa,
+            json,
+        } => deploy(db, &dir, name.as_deref(), spa, json),
         AppCmd::List { json } => {
-            let conn = crate::db::open_existing(db)?;
-            let apps = store::list_apps(&conn)?;
+            let database = crate::db::open_existing(db)?;
+            let conn = database.conn();
+            let apps = store::list_apps(conn)?;
             if json {
                 return output::json(&apps);
             }
@@ -79,7 +85,8 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
                     let v = a.current_version.as_ref();
                     vec![
                         a.name.clone(),
-                        v.map(|v| format!("v{}", v.number)).unwrap_or_else(|| "-".into()),
+                        v.map(|v| format!("v{}", v.number))
+                            .unwrap_or_else(|| "-".into()),
                         v.map(|v| v.files.to_string()).unwrap_or_default(),
                         v.map(|v| output::size(v.bytes as u64)).unwrap_or_default(),
                         a.aliases.join(","),
@@ -87,13 +94,17 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
                     ]
                 })
                 .collect::<Vec<_>>();
-            output::table(&["NAME", "VERSION", "FILES", "SIZE", "ALIASES", "UPDATED"], &rows);
+            output::table(
+                &["NAME", "VERSION", "FILES", "SIZE", "ALIASES", "UPDATED"],
+                &rows,
+            );
             Ok(())
         }
         AppCmd::Info { app, json } => {
-            let conn = crate::db::open_existing(db)?;
-            let id = store::find_app(&conn, &app)?;
-            let info = store::app_summary(&conn, &id)?;
+            let database = crate::db::open_existing(db)?;
+            let conn = database.conn();
+            let id = store::find_app(conn, &app)?;
+            let info = store::app_summary(conn, &id)?;
             if json {
                 return output::json(&info);
             }
@@ -111,18 +122,26 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
                 None => println!("version    -"),
             }
             println!("versions   {}", info.versions);
-            println!("aliases    {}", if info.aliases.is_empty() { "-".into() } else { info.aliases.join(", ") });
+            println!(
+                "aliases    {}",
+                if info.aliases.is_empty() {
+                    "-".into()
+                } else {
+                    info.aliases.join(", ")
+                }
+            );
             for a in &info.aliases {
-                println!("url        {}", url(&conn, a)?);
+                println!("url        {}", url(conn, a)?);
             }
             println!("created    {}", output::time(info.created_at));
             println!("updated    {}", output::time(info.updated_at));
             Ok(())
         }
         AppCmd::Versions { app, json } => {
-            let conn = crate::db::open_existing(db)?;
-            let id = store::find_app(&conn, &app)?;
-            let versions = store::list_versions(&conn, &id)?;
+            let database = crate::db::open_existing(db)?;
+            let conn = database.conn();
+            let id = store::find_app(conn, &app)?;
+            let versions = store::list_versions(conn, &id)?;
             if json {
                 return output::json(&versions);
             }
@@ -140,13 +159,16 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
                     ]
                 })
                 .collect::<Vec<_>>();
-            output::table(&["", "VERSION", "ID", "FILES", "SIZE", "MODE", "DEPLOYED"], &rows);
+            output::table(
+                &["", "VERSION", "ID", "FILES", "SIZE", "MODE", "DEPLOYED"],
+                &rows,
+            );
             Ok(())
         }
         AppCmd::Rollback { app, to, json } => {
             let name = AppName::parse(&app)?;
-            let mut conn = crate::db::open_existing(db)?;
-            let v = store::rollback(&mut conn, &name, to.as_deref())?;
+            let mut database = crate::db::open_existing(db)?;
+            let v = store::rollback(&mut database, &name, to.as_deref())?;
             if json {
                 return output::json(&v);
             }
@@ -155,8 +177,8 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
         }
         AppCmd::Remove { app, json } => {
             let name = AppName::parse(&app)?;
-            let mut conn = crate::db::open_existing(db)?;
-            let removed = store::remove_app(&mut conn, &name)?;
+            let mut database = crate::db::open_existing(db)?;
+            let removed = store::remove_app(&mut database, &name)?;
             if json {
                 return output::json(&removed);
             }
@@ -164,7 +186,11 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
                 "removed {} ({} versions{})",
                 removed.app,
                 removed.versions,
-                if removed.aliases.is_empty() { String::new() } else { format!(", aliases {}", removed.aliases.join(", ")) }
+                if removed.aliases.is_empty() {
+                    String::new()
+                } else {
+                    format!(", aliases {}", removed.aliases.join(", "))
+                }
             );
             Ok(())
         }
@@ -174,15 +200,16 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
 fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, json: bool) -> Result<()> {
     // Everything is read and checked before the database is touched (or created).
     let max_file_bytes = if db.exists() {
-        config::max_file_bytes(&crate::db::open_existing(db)?)?.value
+        config::max_file_bytes(crate::db::open_existing(db)?.conn())?.value
     } else {
         config::DEFAULT_MAX_FILE_BYTES
     };
     let staged = deploy::stage(dir, &Limits { max_file_bytes })?;
     let app = staged.app_name(name, dir)?;
     let spa = staged.spa(spa);
-    let mut conn = super::open_for_write(db)?;
-    let report = deploy::commit(&mut conn, &app, spa, staged)?;
+    let mut database = super::open_for_write(db)?;
+    let report = deploy::commit(&mut database, &app, spa, staged)?;
+    let conn = database.conn();
     if json {
         return output::json(&report);
     }
@@ -195,7 +222,7 @@ fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, json: bool) -> R
         output::size(report.bytes),
         report.new_blobs
     );
-    let aliases = store::app_summary(&conn, &report.app_id)?.aliases;
+    let aliases = store::app_summary(conn, &report.app_id)?.aliases;
     if report.alias_taken {
         eprintln!(
             "subdomain {} already points at another app: link one with `fazt alias link SUBDOMAIN {}`",
@@ -203,7 +230,7 @@ fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, json: bool) -> R
         );
     }
     for alias in aliases {
-        println!("{}", url(&conn, &alias)?);
+        println!("{}", url(conn, &alias)?);
     }
     Ok(())
 }
@@ -217,6 +244,14 @@ pub fn url(conn: &Connection, alias: &str) -> Result<String> {
             (c.domain.value.to_string(), c.port.value)
         }
     };
-    let host = if alias == "root" { domain } else { format!("{alias}.{domain}") };
-    Ok(if port == 80 { format!("http://{host}/") } else { format!("http://{host}:{port}/") })
+    let host = if alias == "root" {
+        domain
+    } else {
+        format!("{alias}.{domain}")
+    };
+    Ok(if port == 80 {
+        format!("http://{host}/")
+    } else {
+        format!("http://{host}:{port}/")
+    })
 }

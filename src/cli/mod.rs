@@ -49,10 +49,10 @@ impl Cli {
 }
 
 /// Opens the database for a command that writes, creating it when missing (and saying so).
-fn open_for_write(db: &std::path::Path) -> Result<rusqlite::Connection> {
+fn open_for_write(db: &std::path::Path) -> Result<crate::db::Db> {
     let opened = crate::db::open_or_create(db)?;
     if opened.created {
         eprintln!("created database {}", db.display());
     }
-    Ok(opened.conn)
+    Ok(opened.db)
 }

@@ -47,47 +47,58 @@ pub enum ServerCmd {
 pub fn run(cmd: ServerCmd, db: &Path) -> Result<()> {
     match cmd {
         ServerCmd::Start { port, domain } => {
-            let overrides = Overrides { port, domain: domain.as_deref().map(Domain::parse).transpose()? };
-            let conn = super::open_for_write(db)?;
-            let config = NodeConfig::load(&conn, &overrides)?;
-            crate::server::run(conn, db, config)
+            let overrides = Overrides {
+                port,
+                domain: domain.as_deref().map(Domain::parse).transpose()?,
+            };
+            let database = super::open_for_write(db)?;
+            let config = NodeConfig::load(database.conn(), &overrides)?;
+            crate::server::run(database.into_inner(), db, config)
         }
         ServerCmd::Init { domain, port } => {
             let domain = domain.as_deref().map(Domain::parse).transpose()?;
             check_port(port)?;
-            let conn = crate::db::create(db)?;
+            let database = crate::db::create(db)?;
+            let conn = database.conn();
             if let Some(d) = &domain {
-                config::set_local(&conn, "domain", d.as_str())?;
+                config::set_local(conn, "domain", d.as_str())?;
             }
             if let Some(p) = port {
-                config::set_local(&conn, "port", &p.to_string())?;
+                config::set_local(conn, "port", &p.to_string())?;
             }
-            let node = crate::identity::ensure(&conn)?;
+            let node = crate::identity::ensure(conn)?;
             println!("created database {}", db.display());
             println!("node id {node}");
             Ok(())
         }
-        ServerCmd::SetConfig { domain, port, max_file_size } => {
+        ServerCmd::SetConfig {
+            domain,
+            port,
+            max_file_size,
+        } => {
             if domain.is_none() && port.is_none() && max_file_size.is_none() {
                 bail!("nothing to set: pass --domain, --port or --max-file-size");
             }
             let domain = domain.as_deref().map(Domain::parse).transpose()?;
             check_port(port)?;
-            let max = max_file_size.as_deref().map(config::parse_size).transpose()?;
-            let conn = super::open_for_write(db)?;
+            let max = max_file_size
+                .as_deref()
+                .map(config::parse_size)
+                .transpose()?;
+            let mut database = super::open_for_write(db)?;
             if let Some(d) = &domain {
-                config::set_local(&conn, "domain", d.as_str())?;
+                config::set_local(database.conn(), "domain", d.as_str())?;
                 println!("domain = {d}");
             }
             if let Some(p) = port {
-                config::set_local(&conn, "port", &p.to_string())?;
+                config::set_local(database.conn(), "port", &p.to_string())?;
                 println!("port = {p}");
             }
             if let Some(m) = max {
-                config::set_max_file_bytes(&conn, m)?;
+                config::set_max_file_bytes(&mut database, m)?;
                 println!("max file size = {m} bytes");
             }
-            if (domain.is_some() || port.is_some()) && crate::server::running(&conn)?.is_some() {
+            if (domain.is_some() || port.is_some()) && crate::server::running(database.conn())?.is_some() {
                 eprintln!("the running server keeps its current domain and port until it restarts");
             }
             Ok(())
@@ -123,25 +134,33 @@ struct Running {
 }
 
 fn status(db: &Path, json: bool) -> Result<()> {
-    let conn = crate::db::open_existing(db)?;
-    let config = NodeConfig::load(&conn, &Overrides::default())?;
-    let node_id = crate::identity::ensure(&conn)?;
+    let database = crate::db::open_existing(db)?;
+    let conn = database.conn();
+    let config = NodeConfig::load(conn, &Overrides::default())?;
+    let node_id = crate::identity::ensure(conn)?;
     let status = Status {
         database: db.display().to_string(),
         node_id: node_id.to_string(),
         schema_version: conn.query_row("PRAGMA user_version", [], |r| r.get(0))?,
         domain: config.domain,
         port: config.port,
-        max_file_bytes: config::max_file_bytes(&conn)?,
+        max_file_bytes: config::max_file_bytes(conn)?,
         apps: conn.query_row("SELECT count(*) FROM apps", [], |r| r.get(0))?,
-        running: crate::server::running(&conn)?.map(|(pid, port, domain)| Running { pid, port, domain }),
+        running: crate::server::running(conn)?.map(|(pid, port, domain)| Running {
+            pid,
+            port,
+            domain,
+        }),
     };
     if json {
         return output::json(&status);
     }
     println!("database   {}", status.database);
     println!("node id    {}", status.node_id);
-    println!("domain     {} ({})", status.domain.value, status.domain.source);
+    println!(
+        "domain     {} ({})",
+        status.domain.value, status.domain.source
+    );
     println!("port       {} ({})", status.port.value, status.port.source);
     println!(
         "max file   {} ({})",
@@ -150,7 +169,10 @@ fn status(db: &Path, json: bool) -> Result<()> {
     );
     println!("apps       {}", status.apps);
     match &status.running {
-        Some(r) => println!("server     running, pid {} on port {} for {}", r.pid, r.port, r.domain),
+        Some(r) => println!(
+            "server     running, pid {} on port {} for {}",
+            r.pid, r.port, r.domain
+        ),
         None => println!("server     not running"),
     }
     Ok(())

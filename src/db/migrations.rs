@@ -7,7 +7,14 @@ use rusqlite::Connection;
 const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
 
 /// Tables that replicate between peers. Everything else in the schema is node-local.
-pub const REPLICATED_TABLES: &[&str] = &["settings", "apps", "aliases", "versions", "version_files", "blobs"];
+pub const REPLICATED_TABLES: &[&str] = &[
+    "settings",
+    "apps",
+    "aliases",
+    "versions",
+    "version_files",
+    "blobs",
+];
 
 pub fn latest_version() -> u32 {
     MIGRATIONS.len() as u32
@@ -17,9 +24,9 @@ pub fn schema_version(conn: &Connection) -> Result<u32> {
     Ok(conn.query_row("PRAGMA user_version", [], |row| row.get(0))?)
 }
 
-/// Brings the schema up to date, each migration in its own transaction.
-/// Refuses a database written by a newer fazt rather than guessing.
-pub fn migrate(conn: &mut Connection) -> Result<()> {
+/// Brings the schema up to date, each migration in its own transaction; says whether any
+/// migration ran. Refuses a database written by a newer fazt rather than guessing.
+pub fn migrate(conn: &mut Connection) -> Result<bool> {
     let current = schema_version(conn)?;
     if current > latest_version() {
         bail!(
@@ -30,11 +37,12 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
         let number = index as u32 + 1;
         let tx = conn.transaction()?;
-        tx.execute_batch(sql).with_context(|| format!("applying migration {number}"))?;
+        tx.execute_batch(sql)
+            .with_context(|| format!("applying migration {number}"))?;
         tx.pragma_update(None, "user_version", number)?;
         tx.commit()?;
     }
-    Ok(())
+    Ok(current < latest_version())
 }
 
 #[cfg(test)]
@@ -62,6 +70,9 @@ mod tests {
     fn a_newer_schema_is_refused() {
         let mut conn = Connection::open_in_memory().unwrap();
         conn.pragma_update(None, "user_version", 999).unwrap();
-        assert!(migrate(&mut conn).unwrap_err().to_string().contains("newer"));
+        assert!(migrate(&mut conn)
+            .unwrap_err()
+            .to_string()
+            .contains("newer"));
     }
 }

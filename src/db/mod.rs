@@ -12,7 +12,12 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{Connection, OpenFlags};
 
+pub use migrations::REPLICATED_TABLES;
 pub use pool::ReadPool;
+
+/// The node's database: a connection with the replication engine on it. Reads go through
+/// `conn()`; writes to replicated tables through `write()`, which captures them as changes.
+pub type Db = fazt_sync::Replica;
 
 /// SQLite's `application_id` for fazt databases ("FAZT").
 const APPLICATION_ID: i32 = 0x4641_5A54;
@@ -24,63 +29,92 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn default_path() -> Result<PathBuf> {
     let home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
-        .ok_or_else(|| anyhow!("cannot find a home directory for ~/.fazt/data.db: pass --db PATH or set FAZT_DB"))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "cannot find a home directory for ~/.fazt/data.db: pass --db PATH or set FAZT_DB"
+            )
+        })?;
     Ok(PathBuf::from(home).join(".fazt").join("data.db"))
 }
 
 /// A database opened for a command, remembering whether this open created it.
 pub struct Opened {
-    pub conn: Connection,
+    pub db: Db,
     pub created: bool,
 }
 
 /// Opens an existing fazt database. A missing file is an error that says how to make one.
-pub fn open_existing(path: &Path) -> Result<Connection> {
+pub fn open_existing(path: &Path) -> Result<Db> {
     if !path.exists() {
         bail!(
             "no database at {}: create one with `fazt server init` or `fazt server start`",
             path.display()
         );
     }
-    let mut conn = open_checked(path)?;
-    migrations::migrate(&mut conn)?;
-    Ok(conn)
+    match open_checked(path)? {
+        Checked::Existing(conn) => into_db(conn),
+        Checked::Recreated(db) => Ok(db),
+    }
+}
+
+/// Migrates the schema and puts the replication engine on the connection, registering every
+/// replicated table (again after a migration, which may have changed their columns).
+fn into_db(mut conn: Connection) -> Result<Db> {
+    let migrated = migrations::migrate(&mut conn)?;
+    let mut db = fazt_sync::Replica::open(conn).context("starting the replication engine")?;
+    let registered = db.tables();
+    for table in REPLICATED_TABLES {
+        if migrated || !registered.iter().any(|t| t == table) {
+            db.replicate(table)
+                .with_context(|| format!("registering {table} for replication"))?;
+        }
+    }
+    Ok(db)
 }
 
 /// Opens the database, creating it (and its parent directory) when missing.
 pub fn open_or_create(path: &Path) -> Result<Opened> {
     if path.exists() {
-        return Ok(Opened { conn: open_existing(path)?, created: false });
+        return Ok(Opened {
+            db: open_existing(path)?,
+            created: false,
+        });
     }
-    Ok(Opened { conn: create(path)?, created: true })
+    Ok(Opened {
+        db: create(path)?,
+        created: true,
+    })
 }
 
 /// Creates a new database; refuses to touch an existing file.
-pub fn create(path: &Path) -> Result<Connection> {
+pub fn create(path: &Path) -> Result<Db> {
     if path.exists() {
-        bail!("a database already exists at {}: refusing to overwrite it", path.display());
+        bail!(
+            "a database already exists at {}: refusing to overwrite it",
+            path.display()
+        );
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating directory {}", parent.display()))?;
     }
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn = Connection::open_with_flags(path, flags)
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
         .with_context(|| format!("creating database {}", path.display()))?;
-    let setup = (|| -> Result<()> {
+    let setup = (|| -> Result<Db> {
         conn.pragma_update(None, "application_id", APPLICATION_ID)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         configure(&conn)?;
-        migrations::migrate(&mut conn)?;
-        crate::identity::ensure(&conn)?;
-        Ok(())
+        let db = into_db(conn)?;
+        crate::identity::ensure(db.conn())?;
+        Ok(db)
     })();
-    if let Err(e) = setup {
-        drop(conn);
+    setup.map_err(|e| {
         remove_database_files(path);
-        return Err(e.context(format!("creating database {}", path.display())));
-    }
-    Ok(conn)
+        e.context(format!("creating database {}", path.display()))
+    })
 }
 
 /// Opens a connection for the server's readers (no migrations; the server migrated at start).
@@ -93,7 +127,13 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn open_checked(path: &Path) -> Result<Connection> {
+enum Checked {
+    Existing(Connection),
+    /// The file was empty and has been made a new database.
+    Recreated(Db),
+}
+
+fn open_checked(path: &Path) -> Result<Checked> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
         .with_context(|| format!("opening database {}", path.display()))?;
@@ -107,18 +147,21 @@ fn open_checked(path: &Path) -> Result<Connection> {
         .query_row("PRAGMA application_id", [], |row| row.get(0))
         .map_err(|_| not_fazt())?;
     if app_id != APPLICATION_ID {
-        let empty_file = std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(false);
+        let empty_file = std::fs::metadata(path)
+            .map(|m| m.len() == 0)
+            .unwrap_or(false);
         if !empty_file {
             return Err(not_fazt());
         }
         // A zero-byte file (say, made by `touch`) holds nothing to protect: make it a database.
         drop(conn);
         std::fs::remove_file(path)?;
-        return create(path);
+        return Ok(Checked::Recreated(create(path)?));
     }
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(|_| not_fazt())?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|_| not_fazt())?;
     configure(&conn)?;
-    Ok(conn)
+    Ok(Checked::Existing(conn))
 }
 
 /// Reads every page once (SQLite's quick_check). The server runs it at start, so that a
@@ -126,9 +169,12 @@ fn open_checked(path: &Path) -> Result<Connection> {
 pub fn check_integrity(conn: &Connection, path: &Path) -> Result<()> {
     let integrity: String = conn.query_row("PRAGMA quick_check(1)", [], |row| row.get(0))?;
     if integrity != "ok" {
-        bail!("{} is damaged ({integrity}): restore it from a copy or a peer", path.display());
+        bail!(
+            "{} is damaged ({integrity}): restore it from a copy or a peer",
+            path.display()
+        );
     }
-    for table in migrations::REPLICATED_TABLES {
+    for table in REPLICATED_TABLES {
         fazt_sync::check_replicable(conn, table)
             .with_context(|| format!("{} has a schema fazt cannot replicate", path.display()))?;
     }
@@ -178,7 +224,10 @@ mod tests {
     fn another_programs_sqlite_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("other.db");
-        Connection::open(&path).unwrap().execute_batch("CREATE TABLE t (x)").unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x)")
+            .unwrap();
         let err = open_existing(&path).unwrap_err().to_string();
         assert!(err.contains("not a fazt database"), "{err}");
     }
@@ -188,7 +237,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data.db");
         create(&path).unwrap();
-        assert!(create(&path).unwrap_err().to_string().contains("already exists"));
+        assert!(create(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
         open_existing(&path).unwrap();
     }
 }

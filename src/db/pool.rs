@@ -14,7 +14,11 @@ pub struct ReadPool {
 
 impl ReadPool {
     pub fn new(path: PathBuf, max_idle: usize) -> Self {
-        ReadPool { path, idle: Mutex::new(Vec::new()), max_idle }
+        ReadPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        }
     }
 
     /// Runs `f` with a pooled connection, opening one when none is idle.

@@ -13,7 +13,10 @@ pub fn mime_for(path: &str) -> String {
     let mime = mime_guess::from_path(path).first_or_octet_stream();
     let essence = mime.essence_str();
     if mime.type_() == mime_guess::mime::TEXT
-        || matches!(essence, "application/javascript" | "application/json" | "image/svg+xml")
+        || matches!(
+            essence,
+            "application/javascript" | "application/json" | "image/svg+xml"
+        )
     {
         format!("{essence}; charset=utf-8")
     } else {
@@ -53,13 +56,26 @@ pub fn compress(data: &[u8], mime: &str) -> Variants {
     let worth = |v: Vec<u8>| (v.len() * 10 < data.len() * 9).then_some(v);
     let gzip = {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        enc.write_all(data).and_then(|_| enc.finish()).ok().and_then(worth)
+        enc.write_all(data)
+            .and_then(|_| enc.finish())
+            .ok()
+            .and_then(worth)
     };
     let br = {
-        let quality = if data.len() <= BROTLI_BEST_MAX_BYTES { 11 } else { 6 };
+        let quality = if data.len() <= BROTLI_BEST_MAX_BYTES {
+            11
+        } else {
+            6
+        };
         let mut out = Vec::new();
-        let params = brotli::enc::BrotliEncoderParams { quality, lgwin: 22, ..Default::default() };
-        brotli::BrotliCompress(&mut &data[..], &mut out, &params).ok().and_then(|_| worth(out))
+        let params = brotli::enc::BrotliEncoderParams {
+            quality,
+            lgwin: 22,
+            ..Default::default()
+        };
+        brotli::BrotliCompress(&mut &data[..], &mut out, &params)
+            .ok()
+            .and_then(|_| worth(out))
     };
     Variants { gzip, br }
 }
@@ -80,18 +96,29 @@ pub fn cache_control(path: &str) -> &'static str {
 /// `index.BxY2k9Qa.css`): the last `-` or `.` separated part of the stem is 6-32 characters
 /// of [A-Za-z0-9_] and looks random (hex with a digit, or a mix of letter cases and digits).
 fn has_content_hash(file: &str) -> bool {
-    let Some((stem, _ext)) = file.rsplit_once('.') else { return false };
-    let Some(part) = stem.rsplit(['-', '.']).next().filter(|p| p.len() < stem.len()) else {
+    let Some((stem, _ext)) = file.rsplit_once('.') else {
         return false;
     };
-    if !(6..=32).contains(&part.len()) || !part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+    let Some(part) = stem
+        .rsplit(['-', '.'])
+        .next()
+        .filter(|p| p.len() < stem.len())
+    else {
+        return false;
+    };
+    if !(6..=32).contains(&part.len())
+        || !part.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
         return false;
     }
     let digits = part.bytes().any(|b| b.is_ascii_digit());
     let lower = part.bytes().any(|b| b.is_ascii_lowercase());
     let upper = part.bytes().any(|b| b.is_ascii_uppercase());
     let hex = part.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex && digits) || (part.len() >= 8 && [digits, lower, upper].iter().filter(|&&c| c).count() >= 2 && (digits || upper))
+    (hex && digits)
+        || (part.len() >= 8
+            && [digits, lower, upper].iter().filter(|&&c| c).count() >= 2
+            && (digits || upper))
 }
 
 #[cfg(test)]
@@ -102,9 +129,18 @@ mod tests {
     fn cache_policy_by_kind_of_file() {
         assert_eq!(cache_control("index.html"), "no-cache");
         assert_eq!(cache_control("docs/page.htm"), "no-cache");
-        assert_eq!(cache_control("assets/app-3f9a1c.js"), "public, max-age=31536000, immutable");
-        assert_eq!(cache_control("assets/index.BxY2k9Qa.css"), "public, max-age=31536000, immutable");
-        assert_eq!(cache_control("assets/index-DiwrgTda.js"), "public, max-age=31536000, immutable");
+        assert_eq!(
+            cache_control("assets/app-3f9a1c.js"),
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(
+            cache_control("assets/index.BxY2k9Qa.css"),
+            "public, max-age=31536000, immutable"
+        );
+        assert_eq!(
+            cache_control("assets/index-DiwrgTda.js"),
+            "public, max-age=31536000, immutable"
+        );
         assert_eq!(cache_control("style.css"), "public, max-age=300");
         assert_eq!(cache_control("my-component.js"), "public, max-age=300");
         assert_eq!(cache_control("jquery-3.7.1.min.js"), "public, max-age=300");
@@ -114,7 +150,11 @@ mod tests {
     #[test]
     fn types_carry_a_charset_for_text() {
         assert_eq!(mime_for("a/index.html"), "text/html; charset=utf-8");
-        assert!(mime_for("app.js").ends_with("javascript; charset=utf-8"), "{}", mime_for("app.js"));
+        assert!(
+            mime_for("app.js").ends_with("javascript; charset=utf-8"),
+            "{}",
+            mime_for("app.js")
+        );
         assert_eq!(mime_for("logo.png"), "image/png");
         assert_eq!(mime_for("noext"), "application/octet-stream");
     }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -48,9 +48,14 @@ pub fn stage(dir: &Path, limits: &Limits) -> Result<Staged> {
         _ => anyhow!("cannot read {}: {e}", dir.display()),
     })?;
     if !meta.is_dir() {
-        bail!("{} is not a directory: deploy a directory holding index.html", dir.display());
+        bail!(
+            "{} is not a directory: deploy a directory holding index.html",
+            dir.display()
+        );
     }
-    let root = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
 
     let walker = ignore::WalkBuilder::new(&root)
         .hidden(true)
@@ -67,7 +72,9 @@ pub fn stage(dir: &Path, limits: &Limits) -> Result<Staged> {
     let mut files = BTreeMap::new();
     for entry in walker {
         let entry = entry.map_err(|e| anyhow!("reading {}: {e}", dir.display()))?;
-        let Some(kind) = entry.file_type() else { continue };
+        let Some(kind) = entry.file_type() else {
+            continue;
+        };
         if kind.is_dir() {
             continue;
         }
@@ -99,10 +106,20 @@ pub fn stage(dir: &Path, limits: &Limits) -> Result<Staged> {
             bail!("{rel} grew past the file limit while being read");
         }
         let mime = content::mime_for(&rel);
-        files.insert(rel, StagedFile { hash: ContentHash::of(&data), mime, data });
+        files.insert(
+            rel,
+            StagedFile {
+                hash: ContentHash::of(&data),
+                mime,
+                data,
+            },
+        );
     }
     if files.is_empty() {
-        bail!("{} has no files to deploy (dotfiles, node_modules and .gitignore matches are skipped)", dir.display());
+        bail!(
+            "{} has no files to deploy (dotfiles, node_modules and .gitignore matches are skipped)",
+            dir.display()
+        );
     }
     let manifest = match files.get("manifest.json") {
         Some(f) => serde_json::from_slice::<Manifest>(&f.data)
@@ -145,10 +162,12 @@ impl Staged {
             return AppName::parse(name).context("manifest.json's name");
         }
         let base: PathBuf = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-        let dir_name = base
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| anyhow!("cannot take an app name from {}: pass --name", dir.display()))?;
+        let dir_name = base.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+            anyhow!(
+                "cannot take an app name from {}: pass --name",
+                dir.display()
+            )
+        })?;
         AppName::parse(dir_name).context("the directory name (pass --name to choose another)")
     }
 
@@ -186,18 +205,25 @@ pub struct DeployReport {
 }
 
 /// Writes a staged deploy as a new version and makes it current, atomically.
-pub fn commit(conn: &mut Connection, name: &AppName, spa: bool, staged: Staged) -> Result<DeployReport> {
+pub fn commit(
+    db: &mut crate::db::Db,
+    name: &AppName,
+    spa: bool,
+    staged: Staged,
+) -> Result<DeployReport> {
     let app_id = name.derive_id();
     let now = crate::db::now_secs();
     // Nanoseconds plus the node's randomness keep ids distinct even for identical redeploys.
     let mut salt = [0u8; 8];
     getrandom::fill(&mut salt).map_err(|e| anyhow!("no randomness: {e}"))?;
     let version = VersionId(
-        hex::encode(Sha256::digest(format!("{}:{}:{}", app_id, staged.digest(), hex::encode(salt)).as_bytes()))[..12]
+        hex::encode(Sha256::digest(
+            format!("{}:{}:{}", app_id, staged.digest(), hex::encode(salt)).as_bytes(),
+        ))[..12]
             .to_string(),
     );
 
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    db.write(|tx| {
     let existing: Option<String> =
         tx.query_row("SELECT name FROM apps WHERE id = ?1", [&app_id.0], |r| r.get(0)).optional()?;
     let mut alias = None;
@@ -262,7 +288,6 @@ pub fn commit(conn: &mut Connection, name: &AppName, spa: bool, staged: Staged) 
         "UPDATE apps SET current_version = ?1, updated_at = ?2 WHERE id = ?3",
         params![version.0, now, app_id.0],
     )?;
-    tx.commit()?;
 
     Ok(DeployReport {
         app: name.clone(),
@@ -276,6 +301,7 @@ pub fn commit(conn: &mut Connection, name: &AppName, spa: bool, staged: Staged) 
         alias,
         alias_taken,
     })
+    })
 }
 
 #[cfg(test)]
@@ -283,7 +309,9 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_file_bytes: 1 << 20 }
+        Limits {
+            max_file_bytes: 1 << 20,
+        }
     }
 
     #[test]
@@ -313,7 +341,8 @@ mod tests {
         std::fs::write(outside.path().join("passwd"), "root").unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("index.html"), "hi").unwrap();
-        std::os::unix::fs::symlink(outside.path().join("passwd"), dir.path().join("leak.txt")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("passwd"), dir.path().join("leak.txt"))
+            .unwrap();
         let err = stage(dir.path(), &limits()).err().unwrap().to_string();
         assert!(err.contains("outside"), "{err}");
     }
@@ -322,7 +351,8 @@ mod tests {
     fn follows_symlinks_that_stay_inside() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("index.html"), "hi").unwrap();
-        std::os::unix::fs::symlink(dir.path().join("index.html"), dir.path().join("home.html")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("index.html"), dir.path().join("home.html"))
+            .unwrap();
         let staged = stage(dir.path(), &limits()).unwrap();
         assert_eq!(staged.files.len(), 2);
     }
@@ -330,9 +360,17 @@ mod tests {
     #[test]
     fn refuses_oversized_files_and_empty_directories() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(stage(dir.path(), &limits()).err().unwrap().to_string().contains("no files"));
+        assert!(stage(dir.path(), &limits())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("no files"));
         std::fs::write(dir.path().join("big.bin"), vec![0u8; 2 << 20]).unwrap();
-        assert!(stage(dir.path(), &limits()).err().unwrap().to_string().contains("file limit"));
+        assert!(stage(dir.path(), &limits())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("file limit"));
     }
 
     #[test]
@@ -343,12 +381,26 @@ mod tests {
         std::fs::write(site.join("index.html"), "hi").unwrap();
         let staged = stage(&site, &limits()).unwrap();
         assert_eq!(staged.app_name(None, &site).unwrap().as_str(), "my-site");
-        assert_eq!(staged.app_name(Some("flag"), &site).unwrap().as_str(), "flag");
-        std::fs::write(site.join("manifest.json"), r#"{"name":"from-manifest","spa":true}"#).unwrap();
+        assert_eq!(
+            staged.app_name(Some("flag"), &site).unwrap().as_str(),
+            "flag"
+        );
+        std::fs::write(
+            site.join("manifest.json"),
+            r#"{"name":"from-manifest","spa":true}"#,
+        )
+        .unwrap();
         let staged = stage(&site, &limits()).unwrap();
-        assert_eq!(staged.app_name(None, &site).unwrap().as_str(), "from-manifest");
+        assert_eq!(
+            staged.app_name(None, &site).unwrap().as_str(),
+            "from-manifest"
+        );
         assert!(staged.spa(false));
         std::fs::write(site.join("manifest.json"), "{not json").unwrap();
-        assert!(stage(&site, &limits()).err().unwrap().to_string().contains("manifest.json"));
+        assert!(stage(&site, &limits())
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("manifest.json"));
     }
 }

@@ -12,7 +12,8 @@ pub const RESERVED: &[&str] = &["admin", "api", "localhost"];
 fn check_label(kind: &str, s: &str) -> Result<()> {
     let valid = !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-');
     if !valid {
@@ -127,7 +128,18 @@ mod tests {
         for ok in ["blog", "a", "my-app-2", "404", "root", &"x".repeat(63)] {
             AppName::parse(ok).unwrap();
         }
-        for bad in ["", "Blog", "-a", "a-", "a_b", "a.b", "admin", "api", &"x".repeat(64), "caf\u{e9}"] {
+        for bad in [
+            "",
+            "Blog",
+            "-a",
+            "a-",
+            "a_b",
+            "a.b",
+            "admin",
+            "api",
+            &"x".repeat(64),
+            "caf\u{e9}",
+        ] {
             assert!(AppName::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

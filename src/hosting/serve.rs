@@ -112,7 +112,8 @@ async fn respond(hosting: &Hosting, req: Request) -> anyhow::Result<Response> {
     let method = req.method.clone();
     if method != Method::GET && method != Method::HEAD {
         let mut resp = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
-        resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Ok(resp);
     }
     let host = req
@@ -152,18 +153,36 @@ async fn not_found(
     if let Some(route) = routes.get("404") {
         let manifest = site.manifest(&route.version).await?;
         if let Some(entry) = manifest.get("index.html") {
-            return serve_file(site, &HeaderMap::new(), &req.method, entry, StatusCode::NOT_FOUND).await;
+            return serve_file(
+                site,
+                &HeaderMap::new(),
+                &req.method,
+                entry,
+                StatusCode::NOT_FOUND,
+            )
+            .await;
         }
     }
-    Ok(builtin_page(StatusCode::NOT_FOUND, NOT_FOUND_PAGE, &req.method))
+    Ok(builtin_page(
+        StatusCode::NOT_FOUND,
+        NOT_FOUND_PAGE,
+        &req.method,
+    ))
 }
 
 fn builtin_page(status: StatusCode, page: &'static str, method: &Method) -> Response {
-    let body = if method == Method::HEAD { Body::empty() } else { Body::from(page) };
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from(page)
+    };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(page.len()));
     resp
@@ -171,7 +190,9 @@ fn builtin_page(status: StatusCode, page: &'static str, method: &Method) -> Resp
 
 /// Picks the best encoding the client accepts among those stored for the file.
 pub fn negotiate(accept: Option<&str>, gzip: bool, br: bool) -> Encoding {
-    let Some(accept) = accept else { return Encoding::Identity };
+    let Some(accept) = accept else {
+        return Encoding::Identity;
+    };
     let (mut q_gzip, mut q_br, mut q_star) = (None, None, None);
     for item in accept.split(',') {
         let mut parts = item.split(';');
@@ -179,7 +200,9 @@ pub fn negotiate(accept: Option<&str>, gzip: bool, br: bool) -> Encoding {
         let q = parts
             .find_map(|p| {
                 let p = p.trim();
-                p.strip_prefix("q=").or_else(|| p.strip_prefix("Q=")).map(|v| v.trim().parse::<f32>().unwrap_or(0.0))
+                p.strip_prefix("q=")
+                    .or_else(|| p.strip_prefix("Q="))
+                    .map(|v| v.trim().parse::<f32>().unwrap_or(0.0))
             })
             .unwrap_or(1.0);
         match name.as_str() {
@@ -189,8 +212,16 @@ pub fn negotiate(accept: Option<&str>, gzip: bool, br: bool) -> Encoding {
             _ => {}
         }
     }
-    let q_br = if br { q_br.or(q_star).unwrap_or(0.0) } else { 0.0 };
-    let q_gzip = if gzip { q_gzip.or(q_star).unwrap_or(0.0) } else { 0.0 };
+    let q_br = if br {
+        q_br.or(q_star).unwrap_or(0.0)
+    } else {
+        0.0
+    };
+    let q_gzip = if gzip {
+        q_gzip.or(q_star).unwrap_or(0.0)
+    } else {
+        0.0
+    };
     if q_br > 0.0 && q_br >= q_gzip {
         Encoding::Brotli
     } else if q_gzip > 0.0 {
@@ -202,9 +233,13 @@ pub fn negotiate(accept: Option<&str>, gzip: bool, br: bool) -> Encoding {
 
 /// Whether an If-None-Match header matches `etag` (weak comparison, as RFC 9110 asks).
 fn none_match(header: &HeaderValue, etag: &HeaderValue) -> bool {
-    let Ok(list) = header.to_str() else { return false };
+    let Ok(list) = header.to_str() else {
+        return false;
+    };
     let tag = etag.to_str().unwrap_or("");
-    list.split(',').map(str::trim).any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag)
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.strip_prefix("W/").unwrap_or(t) == tag)
 }
 
 async fn serve_file(
@@ -214,7 +249,11 @@ async fn serve_file(
     entry: &FileEntry,
     status: StatusCode,
 ) -> anyhow::Result<Response> {
-    let range = if status == StatusCode::OK { req_headers.get(header::RANGE) } else { None };
+    let range = if status == StatusCode::OK {
+        req_headers.get(header::RANGE)
+    } else {
+        None
+    };
     let range = range.filter(|_| match req_headers.get(header::IF_RANGE) {
         Some(if_range) => if_range == entry.etag,
         None => true,
@@ -222,7 +261,9 @@ async fn serve_file(
     let enc = if range.is_some() {
         Encoding::Identity
     } else {
-        let accept = req_headers.get(header::ACCEPT_ENCODING).and_then(|v| v.to_str().ok());
+        let accept = req_headers
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok());
         negotiate(accept, entry.etag_gzip.is_some(), entry.etag_br.is_some())
     };
     let etag = entry.etag_for(enc).clone();
@@ -245,7 +286,10 @@ async fn serve_file(
     }
     headers.insert(header::CONTENT_TYPE, entry.content_type.clone());
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     if let Some(ce) = enc.header() {
         headers.insert(header::CONTENT_ENCODING, ce);
     }
@@ -258,16 +302,25 @@ async fn serve_file(
                 let r = ranges[0].clone();
                 headers.insert(
                     header::CONTENT_RANGE,
-                    HeaderValue::from_str(&format!("bytes {}-{}/{}", r.start(), r.end(), entry.size))?,
+                    HeaderValue::from_str(&format!(
+                        "bytes {}-{}/{}",
+                        r.start(),
+                        r.end(),
+                        entry.size
+                    ))?,
                 );
                 status = StatusCode::PARTIAL_CONTENT;
                 slice = Some(*r.start() as usize..*r.end() as usize + 1);
             }
             // Several ranges, or none usable on an empty file: the whole file is a valid answer.
             Ok(Ok(_)) => {}
-            Ok(Err(RangeUnsatisfiableError::Invalid(_))) | Err(RangeUnsatisfiableError::Invalid(_)) => {}
+            Ok(Err(RangeUnsatisfiableError::Invalid(_)))
+            | Err(RangeUnsatisfiableError::Invalid(_)) => {}
             Ok(Err(_)) | Err(_) => {
-                headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{}", entry.size))?);
+                headers.insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{}", entry.size))?,
+                );
                 headers.remove(header::CONTENT_ENCODING);
                 let mut resp = Response::new(Body::empty());
                 *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
@@ -305,13 +358,34 @@ mod tests {
     #[test]
     fn hosts_route_to_aliases() {
         let d = "example.com";
-        assert_eq!(host_target("example.com", d), HostTarget::Alias("root".into()));
-        assert_eq!(host_target("root.example.com", d), HostTarget::Alias("root".into()));
-        assert_eq!(host_target("Blog.Example.com:8080", d), HostTarget::Alias("blog".into()));
-        assert_eq!(host_target("blog.localhost:4698", d), HostTarget::Alias("blog".into()));
-        assert_eq!(host_target("localhost:4698", d), HostTarget::Alias("root".into()));
-        assert_eq!(host_target("127.0.0.1:4698", d), HostTarget::Alias("root".into()));
-        assert_eq!(host_target("[::1]:4698", d), HostTarget::Alias("root".into()));
+        assert_eq!(
+            host_target("example.com", d),
+            HostTarget::Alias("root".into())
+        );
+        assert_eq!(
+            host_target("root.example.com", d),
+            HostTarget::Alias("root".into())
+        );
+        assert_eq!(
+            host_target("Blog.Example.com:8080", d),
+            HostTarget::Alias("blog".into())
+        );
+        assert_eq!(
+            host_target("blog.localhost:4698", d),
+            HostTarget::Alias("blog".into())
+        );
+        assert_eq!(
+            host_target("localhost:4698", d),
+            HostTarget::Alias("root".into())
+        );
+        assert_eq!(
+            host_target("127.0.0.1:4698", d),
+            HostTarget::Alias("root".into())
+        );
+        assert_eq!(
+            host_target("[::1]:4698", d),
+            HostTarget::Alias("root".into())
+        );
         assert_eq!(host_target("admin.example.com", d), HostTarget::Admin);
         assert_eq!(host_target("a.b.example.com", d), HostTarget::Unknown);
         assert_eq!(host_target("other.org", d), HostTarget::Unknown);
@@ -323,12 +397,27 @@ mod tests {
         let c = |v: &[&str]| PathLookup::Candidates(v.iter().map(|s| s.to_string()).collect());
         assert_eq!(lookup_path("/", false), c(&["index.html"]));
         assert_eq!(lookup_path("/docs", false), c(&["docs", "docs/index.html"]));
-        assert_eq!(lookup_path("/docs/", false), c(&["docs", "docs/index.html"]));
-        assert_eq!(lookup_path("/app/route", true), c(&["app/route", "app/route/index.html", "index.html"]));
-        assert_eq!(lookup_path("/x.png", true), c(&["x.png", "x.png/index.html"]));
-        assert_eq!(lookup_path("/a%20b.txt", false), c(&["a b.txt", "a b.txt/index.html"]));
+        assert_eq!(
+            lookup_path("/docs/", false),
+            c(&["docs", "docs/index.html"])
+        );
+        assert_eq!(
+            lookup_path("/app/route", true),
+            c(&["app/route", "app/route/index.html", "index.html"])
+        );
+        assert_eq!(
+            lookup_path("/x.png", true),
+            c(&["x.png", "x.png/index.html"])
+        );
+        assert_eq!(
+            lookup_path("/a%20b.txt", false),
+            c(&["a b.txt", "a b.txt/index.html"])
+        );
         assert_eq!(lookup_path("/../etc/passwd", false), PathLookup::Refused);
-        assert_eq!(lookup_path("/%2e%2e/etc/passwd", false), PathLookup::Refused);
+        assert_eq!(
+            lookup_path("/%2e%2e/etc/passwd", false),
+            PathLookup::Refused
+        );
         assert_eq!(lookup_path("/api/main.js", false), PathLookup::Refused);
         assert_eq!(lookup_path("/private/x", false), PathLookup::Refused);
         assert_eq!(lookup_path("/%ff", false), PathLookup::Refused);
@@ -337,9 +426,15 @@ mod tests {
     #[test]
     fn encoding_follows_the_client_preference() {
         assert_eq!(negotiate(None, true, true), Encoding::Identity);
-        assert_eq!(negotiate(Some("gzip, deflate, br"), true, true), Encoding::Brotli);
+        assert_eq!(
+            negotiate(Some("gzip, deflate, br"), true, true),
+            Encoding::Brotli
+        );
         assert_eq!(negotiate(Some("gzip"), true, true), Encoding::Gzip);
-        assert_eq!(negotiate(Some("br;q=0.5, gzip"), true, true), Encoding::Gzip);
+        assert_eq!(
+            negotiate(Some("br;q=0.5, gzip"), true, true),
+            Encoding::Gzip
+        );
         assert_eq!(negotiate(Some("br"), true, false), Encoding::Identity);
         assert_eq!(negotiate(Some("*"), true, false), Encoding::Gzip);
         assert_eq!(negotiate(Some("gzip;q=0"), true, true), Encoding::Identity);

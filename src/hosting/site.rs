@@ -111,7 +111,10 @@ impl Site {
         let conn = crate::db::open_reader(&path)?;
         Ok(Site {
             pool: ReadPool::new(path, 4),
-            watch: Mutex::new(Watch { conn, data_version: None }),
+            watch: Mutex::new(Watch {
+                conn,
+                data_version: None,
+            }),
             routes: RwLock::new(Arc::new(HashMap::new())),
             manifests: Mutex::new(HashMap::new()),
             blobs: quick_cache::sync::Cache::with_weighter(4096, BLOB_CACHE_BYTES, BlobWeight),
@@ -135,19 +138,29 @@ impl Site {
             watch.data_version = Some(version);
         }
         drop(watch);
-        Ok(self.routes.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Ok(self
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
     }
 
     /// The files of a version (immutable, so cached until the version stops being served).
     pub async fn manifest(self: &Arc<Self>, version: &Arc<str>) -> Result<Arc<Manifest>> {
-        if let Some(m) = self.manifests.lock().unwrap_or_else(|e| e.into_inner()).get(version) {
+        if let Some(m) = self
+            .manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(version)
+        {
             return Ok(m.clone());
         }
         let site = self.clone();
         let v = version.clone();
-        let manifest = tokio::task::spawn_blocking(move || site.pool.with(|conn| load_manifest(conn, &v)))
-            .await
-            .context("loading a version's file list")??;
+        let manifest =
+            tokio::task::spawn_blocking(move || site.pool.with(|conn| load_manifest(conn, &v)))
+                .await
+                .context("loading a version's file list")??;
         let manifest = Arc::new(manifest);
         self.manifests
             .lock()
@@ -167,8 +180,10 @@ impl Site {
         let bytes = tokio::task::spawn_blocking(move || {
             site.pool.with(|conn| {
                 let sql = format!("SELECT {} FROM blobs WHERE hash = ?1", enc.column());
-                let data: Option<Option<Vec<u8>>> =
-                    conn.prepare_cached(&sql)?.query_row([&*h], |r| r.get(0)).optional()?;
+                let data: Option<Option<Vec<u8>>> = conn
+                    .prepare_cached(&sql)?
+                    .query_row([&*h], |r| r.get(0))
+                    .optional()?;
                 data.flatten()
                     .map(Bytes::from)
                     .ok_or_else(|| anyhow::anyhow!("content {h} is missing from the database"))
@@ -192,7 +207,13 @@ fn load_routes(conn: &Connection) -> Result<HashMap<String, Route>> {
     let rows = stmt.query_map([], |r| {
         let sub: String = r.get(0)?;
         let version: String = r.get(1)?;
-        Ok((sub, Route { version: version.into(), spa: r.get(2)? }))
+        Ok((
+            sub,
+            Route {
+                version: version.into(),
+                spa: r.get(2)?,
+            },
+        ))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }

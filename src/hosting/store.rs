@@ -1,10 +1,11 @@
 //! Apps, versions and aliases as the CLI manages them.
 
 use anyhow::{anyhow, bail, Result};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::names::{AppId, AppName, Subdomain, VersionId};
+use crate::db::Db;
 
 #[derive(Debug, Serialize)]
 pub struct AppSummary {
@@ -31,9 +32,14 @@ pub struct VersionSummary {
 /// Looks an app up by name; an unknown name is an error that says how to list apps.
 pub fn find_app(conn: &Connection, name: &str) -> Result<AppId> {
     let id: Option<String> = conn
-        .query_row("SELECT id FROM apps WHERE name = ?1 ORDER BY id LIMIT 1", [name], |r| r.get(0))
+        .query_row(
+            "SELECT id FROM apps WHERE name = ?1 ORDER BY id LIMIT 1",
+            [name],
+            |r| r.get(0),
+        )
         .optional()?;
-    id.map(AppId).ok_or_else(|| anyhow!("no app named {name:?} (see `fazt app list`)"))
+    id.map(AppId)
+        .ok_or_else(|| anyhow!("no app named {name:?} (see `fazt app list`)"))
 }
 
 pub fn list_apps(conn: &Connection) -> Result<Vec<AppSummary>> {
@@ -41,7 +47,9 @@ pub fn list_apps(conn: &Connection) -> Result<Vec<AppSummary>> {
         .prepare("SELECT id FROM apps ORDER BY name, id")?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    ids.into_iter().map(|id| app_summary(conn, &AppId(id))).collect()
+    ids.into_iter()
+        .map(|id| app_summary(conn, &AppId(id)))
+        .collect()
 }
 
 pub fn app_summary(conn: &Connection, id: &AppId) -> Result<AppSummary> {
@@ -54,15 +62,32 @@ pub fn app_summary(conn: &Connection, id: &AppId) -> Result<AppSummary> {
         .prepare("SELECT subdomain FROM aliases WHERE app_id = ?1 ORDER BY subdomain")?
         .query_map([&id.0], |r| r.get(0))?
         .collect::<Result<Vec<String>, _>>()?;
-    let versions: i64 = conn.query_row("SELECT count(*) FROM versions WHERE app_id = ?1", [&id.0], |r| r.get(0))?;
-    let current_version = list_versions(conn, id)?.into_iter().find(|v| v.id.0 == current);
-    Ok(AppSummary { name, id: id.clone(), current_version, aliases, versions, created_at, updated_at })
+    let versions: i64 = conn.query_row(
+        "SELECT count(*) FROM versions WHERE app_id = ?1",
+        [&id.0],
+        |r| r.get(0),
+    )?;
+    let current_version = list_versions(conn, id)?
+        .into_iter()
+        .find(|v| v.id.0 == current);
+    Ok(AppSummary {
+        name,
+        id: id.clone(),
+        current_version,
+        aliases,
+        versions,
+        created_at,
+        updated_at,
+    })
 }
 
 /// Versions of an app, newest first.
 pub fn list_versions(conn: &Connection, id: &AppId) -> Result<Vec<VersionSummary>> {
-    let current: String =
-        conn.query_row("SELECT current_version FROM apps WHERE id = ?1", [&id.0], |r| r.get(0))?;
+    let current: String = conn.query_row(
+        "SELECT current_version FROM apps WHERE id = ?1",
+        [&id.0],
+        |r| r.get(0),
+    )?;
     let mut stmt = conn.prepare(
         "SELECT id, number, file_count, total_bytes, spa, created_at FROM versions
          WHERE app_id = ?1 ORDER BY created_at DESC, number DESC, id DESC",
@@ -99,7 +124,10 @@ fn resolve_version(versions: &[VersionSummary], app: &str, wanted: &str) -> Resu
     if wanted.len() < 4 {
         return Err(unknown());
     }
-    let by_id: Vec<_> = versions.iter().filter(|v| v.id.0.starts_with(wanted)).collect();
+    let by_id: Vec<_> = versions
+        .iter()
+        .filter(|v| v.id.0.starts_with(wanted))
+        .collect();
     match by_id.len() {
         0 => Err(unknown()),
         1 => Ok(by_id[0].clone()),
@@ -108,26 +136,31 @@ fn resolve_version(versions: &[VersionSummary], app: &str, wanted: &str) -> Resu
 }
 
 /// Makes another version current: `to`, or else the one deployed before the current one.
-pub fn rollback(conn: &mut Connection, app: &AppName, to: Option<&str>) -> Result<VersionSummary> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let id = find_app(&tx, app.as_str())?;
-    let versions = list_versions(&tx, &id)?;
-    let target = match to {
-        Some(wanted) => resolve_version(&versions, app.as_str(), wanted)?,
-        None => {
-            let pos = versions.iter().position(|v| v.current);
-            match pos.and_then(|p| versions.get(p + 1)) {
-                Some(v) => v.clone(),
-                None => bail!("app {app} has no version older than the current one: name one with --to"),
+pub fn rollback(db: &mut Db, app: &AppName, to: Option<&str>) -> Result<VersionSummary> {
+    db.write(|tx| {
+        let id = find_app(&tx, app.as_str())?;
+        let versions = list_versions(&tx, &id)?;
+        let target = match to {
+            Some(wanted) => resolve_version(&versions, app.as_str(), wanted)?,
+            None => {
+                let pos = versions.iter().position(|v| v.current);
+                match pos.and_then(|p| versions.get(p + 1)) {
+                    Some(v) => v.clone(),
+                    None => bail!(
+                        "app {app} has no version older than the current one: name one with --to"
+                    ),
+                }
             }
-        }
-    };
-    tx.execute(
-        "UPDATE apps SET current_version = ?1, updated_at = ?2 WHERE id = ?3",
-        params![target.id.0, crate::db::now_secs(), id.0],
-    )?;
-    tx.commit()?;
-    Ok(VersionSummary { current: true, ..target })
+        };
+        tx.execute(
+            "UPDATE apps SET current_version = ?1, updated_at = ?2 WHERE id = ?3",
+            params![target.id.0, crate::db::now_secs(), id.0],
+        )?;
+        Ok(VersionSummary {
+            current: true,
+            ..target
+        })
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -140,22 +173,27 @@ pub struct Removed {
 
 /// Removes an app with its versions and aliases. Content blobs stay: other versions and
 /// apps may share them.
-pub fn remove_app(conn: &mut Connection, app: &AppName) -> Result<Removed> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let id = find_app(&tx, app.as_str())?;
-    let aliases = tx
-        .prepare("SELECT subdomain FROM aliases WHERE app_id = ?1 ORDER BY subdomain")?
-        .query_map([&id.0], |r| r.get(0))?
-        .collect::<Result<Vec<String>, _>>()?;
-    tx.execute(
+pub fn remove_app(db: &mut Db, app: &AppName) -> Result<Removed> {
+    db.write(|tx| {
+        let id = find_app(&tx, app.as_str())?;
+        let aliases = tx
+            .prepare("SELECT subdomain FROM aliases WHERE app_id = ?1 ORDER BY subdomain")?
+            .query_map([&id.0], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        tx.execute(
         "DELETE FROM version_files WHERE version_id IN (SELECT id FROM versions WHERE app_id = ?1)",
         [&id.0],
     )?;
-    let versions = tx.execute("DELETE FROM versions WHERE app_id = ?1", [&id.0])?;
-    tx.execute("DELETE FROM aliases WHERE app_id = ?1", [&id.0])?;
-    tx.execute("DELETE FROM apps WHERE id = ?1", [&id.0])?;
-    tx.commit()?;
-    Ok(Removed { app: app.to_string(), id, versions, aliases })
+        let versions = tx.execute("DELETE FROM versions WHERE app_id = ?1", [&id.0])?;
+        tx.execute("DELETE FROM aliases WHERE app_id = ?1", [&id.0])?;
+        tx.execute("DELETE FROM apps WHERE id = ?1", [&id.0])?;
+        Ok(Removed {
+            app: app.to_string(),
+            id,
+            versions,
+            aliases,
+        })
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -170,12 +208,19 @@ pub fn list_aliases(conn: &Connection) -> Result<Vec<AliasRow>> {
         "SELECT a.subdomain, coalesce(p.name, ''), a.app_id FROM aliases a
          LEFT JOIN apps p ON p.id = a.app_id ORDER BY a.subdomain",
     )?;
-    let rows = stmt.query_map([], |r| Ok(AliasRow { subdomain: r.get(0)?, app: r.get(1)?, app_id: r.get(2)? }))?;
+    let rows = stmt.query_map([], |r| {
+        Ok(AliasRow {
+            subdomain: r.get(0)?,
+            app: r.get(1)?,
+            app_id: r.get(2)?,
+        })
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Points `sub` at `app`, creating the alias or moving it.
-pub fn link(conn: &Connection, sub: &Subdomain, app: &AppName) -> Result<Option<String>> {
+pub fn link(db: &mut Db, sub: &Subdomain, app: &AppName) -> Result<Option<String>> {
+    db.write(|conn| {
     let id = find_app(conn, app.as_str())?;
     let previous: Option<String> = conn
         .query_row(
@@ -190,30 +235,43 @@ pub fn link(conn: &Connection, sub: &Subdomain, app: &AppName) -> Result<Option<
         params![sub.as_str(), id.0, crate::db::now_secs()],
     )?;
     Ok(previous)
+    })
 }
 
-pub fn unlink(conn: &Connection, sub: &Subdomain) -> Result<()> {
-    if conn.execute("DELETE FROM aliases WHERE subdomain = ?1", [sub.as_str()])? == 0 {
-        bail!("no alias {sub} (see `fazt alias list`)");
-    }
-    Ok(())
+pub fn unlink(db: &mut Db, sub: &Subdomain) -> Result<()> {
+    db.write(|tx| {
+        if tx.execute("DELETE FROM aliases WHERE subdomain = ?1", [sub.as_str()])? == 0 {
+            bail!("no alias {sub} (see `fazt alias list`)");
+        }
+        Ok(())
+    })
 }
 
 /// Exchanges the apps behind two aliases in one transaction.
-pub fn swap(conn: &mut Connection, a: &Subdomain, b: &Subdomain) -> Result<()> {
+pub fn swap(db: &mut Db, a: &Subdomain, b: &Subdomain) -> Result<()> {
     if a == b {
         bail!("cannot swap {a} with itself");
     }
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let target = |sub: &Subdomain| -> Result<String> {
-        tx.query_row("SELECT app_id FROM aliases WHERE subdomain = ?1", [sub.as_str()], |r| r.get(0))
+    db.write(|tx| {
+        let target = |sub: &Subdomain| -> Result<String> {
+            tx.query_row(
+                "SELECT app_id FROM aliases WHERE subdomain = ?1",
+                [sub.as_str()],
+                |r| r.get(0),
+            )
             .optional()?
             .ok_or_else(|| anyhow!("no alias {sub} (see `fazt alias list`)"))
-    };
-    let (app_a, app_b) = (target(a)?, target(b)?);
-    let now = crate::db::now_secs();
-    tx.execute("UPDATE aliases SET app_id = ?1, updated_at = ?2 WHERE subdomain = ?3", params![app_b, now, a.as_str()])?;
-    tx.execute("UPDATE aliases SET app_id = ?1, updated_at = ?2 WHERE subdomain = ?3", params![app_a, now, b.as_str()])?;
-    tx.commit()?;
-    Ok(())
+        };
+        let (app_a, app_b) = (target(a)?, target(b)?);
+        let now = crate::db::now_secs();
+        tx.execute(
+            "UPDATE aliases SET app_id = ?1, updated_at = ?2 WHERE subdomain = ?3",
+            params![app_b, now, a.as_str()],
+        )?;
+        tx.execute(
+            "UPDATE aliases SET app_id = ?1, updated_at = ?2 WHERE subdomain = ?3",
+            params![app_a, now, b.as_str()],
+        )?;
+        Ok(())
+    })
 }

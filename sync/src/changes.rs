@@ -119,7 +119,7 @@ impl Replica {
                 format!(
                     "SELECT '{tname}' AS tbl, fazt_sync_pack({pk}) AS pk, {cid_expr} AS cid, {val_expr} AS val,
                             c.col_version, c.db_version, coalesce(s.col_version, 1) AS cl, c.seq
-                     FROM {clock} c JOIN {pks} p ON p.key = c.key
+                     FROM {clock} c JOIN {pks} p ON p.__fazt_key = c.key
                      LEFT JOIN {clock} s ON s.key = c.key AND s.cid = -1
                      LEFT JOIN {base} b ON {m}
                      WHERE c.site_ord = ?1 AND c.db_version BETWEEN ?2 AND ?3",

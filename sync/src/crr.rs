@@ -1,7 +1,7 @@
 //! Turning a table into a conflict-free replicated table (CRR).
 //!
 //! Next to table `t` the engine keeps:
-//! - `t__fazt_pks (key INTEGER PRIMARY KEY, <pk columns>)`: a small integer per primary key
+//! - `t__fazt_pks (__fazt_key INTEGER PRIMARY KEY, <pk columns>)`: a small integer per primary key
 //!   ever seen, deleted rows included (their tombstones must outlive them);
 //! - `t__fazt_clock (key, cid, col_version, db_version, site_ord, seq)`: one row per live
 //!   (row, column) with the version of its last write and that write's origin, plus a
@@ -181,7 +181,7 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
     let trig = |suffix: &str| quote(&format!("{}__fazt_{suffix}", t.name));
 
     let mut sql = format!(
-        "CREATE TABLE IF NOT EXISTS {pks} (key INTEGER PRIMARY KEY NOT NULL, {pk_defs});
+        "CREATE TABLE IF NOT EXISTS {pks} (__fazt_key INTEGER PRIMARY KEY NOT NULL, {pk_defs});
          CREATE UNIQUE INDEX IF NOT EXISTS {pks_idx} ON {pks} ({pk_cols});
          CREATE TABLE IF NOT EXISTS {clock} (
              key INTEGER NOT NULL, cid INTEGER NOT NULL, col_version INTEGER NOT NULL,
@@ -213,7 +213,7 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
         .map(|(cid, col)| {
             format!(
                 "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-                   SELECT key, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks}
+                   SELECT __fazt_key, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks}
                    WHERE {m} AND NEW.{q} IS NOT OLD.{q}
                    ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
                      db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n",
@@ -251,7 +251,7 @@ fn capture_insert(t: &TableInfo, row: &str) -> String {
     let mut sql = format!(
         "INSERT INTO {pks} ({cols}) VALUES ({pk_values}) ON CONFLICT DO NOTHING;
          INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-           SELECT key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+           SELECT __fazt_key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
            ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
              db_version = excluded.db_version, site_ord = 0, seq = excluded.seq
            WHERE col_version % 2 = 0;\n",
@@ -260,7 +260,7 @@ fn capture_insert(t: &TableInfo, row: &str) -> String {
     for (cid, _) in &t.columns {
         sql += &format!(
             "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-               SELECT key, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+               SELECT __fazt_key, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
                ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
                  db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n"
         );
@@ -275,10 +275,10 @@ fn capture_delete(t: &TableInfo, row: &str) -> String {
     let m = t.pk_match("", row);
     format!(
         "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-           SELECT key, -1, 2, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+           SELECT __fazt_key, -1, 2, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
            ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1 + (col_version % 2 = 0),
              db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;
-         DELETE FROM {clock} WHERE cid >= 0 AND key = (SELECT key FROM {pks} WHERE {m});\n"
+         DELETE FROM {clock} WHERE cid >= 0 AND key = (SELECT __fazt_key FROM {pks} WHERE {m});\n"
     )
 }
 
@@ -294,8 +294,8 @@ fn backfill_sql(t: &TableInfo) -> String {
         "INSERT INTO {pks} ({cols}) SELECT {src_cols} FROM {name} AS src
            WHERE NOT EXISTS (SELECT 1 FROM {pks} AS p WHERE {m});
          INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-           SELECT p.key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} AS p
-           WHERE NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = p.key AND c.cid = -1)
+           SELECT p.__fazt_key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} AS p
+           WHERE NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = p.__fazt_key AND c.cid = -1)
              AND EXISTS (SELECT 1 FROM {name} AS src WHERE {m});\n"
     );
     for (cid, _) in &t.columns {

@@ -302,7 +302,7 @@ impl Replica {
 fn row_key(conn: &rusqlite::Connection, t: &TableInfo, pk: &[Value]) -> Result<i64, Error> {
     let pks = t.pks_table();
     let found: Option<i64> = conn
-        .prepare_cached(&format!("SELECT key FROM {pks} WHERE {}", t.pk_params("", 1)))?
+        .prepare_cached(&format!("SELECT __fazt_key FROM {pks} WHERE {}", t.pk_params("", 1)))?
         .query_row(params_from_iter(pk.iter()), |r| r.get(0))
         .optional()?;
     if let Some(key) = found {

@@ -104,6 +104,12 @@ pub struct Replica {
     pub(crate) catalog_version: u64,
 }
 
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica").field("site_id", &self.site_id).field("tables", &self.tables()).finish()
+    }
+}
+
 impl Replica {
     /// Makes `conn` a replica: creates the bookkeeping tables and the site id on first use,
     /// registers the engine's SQL functions, and loads the replicated-table catalog.

@@ -53,7 +53,7 @@ pub fn clocks(r: &Replica) -> Vec<String> {
     for (table, pk) in [("items", "p.id"), ("pairs", "quote(p.x) || ',' || p.y")] {
         let sql = format!(
             "SELECT {pk}, c.cid, c.col_version, c.db_version, coalesce(hex(s.site_id), 'placeholder'), c.seq
-             FROM {table}__fazt_clock c JOIN {table}__fazt_pks p ON p.key = c.key
+             FROM {table}__fazt_clock c JOIN {table}__fazt_pks p ON p.__fazt_key = c.key
              LEFT JOIN fazt_sync_sites s ON s.ord = c.site_ord ORDER BY 1, 2"
         );
         let mut stmt = r.conn().prepare(&sql).unwrap();
