@@ -30,7 +30,10 @@ fn swap_exchanges_what_two_subdomains_serve() {
     assert_eq!(server.text("a.localhost", "/"), "app b");
     assert_eq!(server.text("b.localhost", "/"), "app a");
     // Deploying app a updates whatever subdomain points at it now.
-    node.deploy(&node.site("a2", &[("index.html", "app a, v2")]), &["--name", "a"]);
+    node.deploy(
+        &node.site("a2", &[("index.html", "app a, v2")]),
+        &["--name", "a"],
+    );
     assert_eq!(server.text("b.localhost", "/"), "app a, v2");
 }
 
@@ -57,21 +60,44 @@ fn alias_list_shows_subdomains_and_apps() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| (a["subdomain"].as_str().unwrap().into(), a["app"].as_str().unwrap().into()))
+        .map(|a| {
+            (
+                a["subdomain"].as_str().unwrap().into(),
+                a["app"].as_str().unwrap().into(),
+            )
+        })
         .collect();
-    assert_eq!(pairs, [("a".into(), "a".into()), ("b".into(), "b".into()), ("www".into(), "b".into())]);
+    assert_eq!(
+        pairs,
+        [
+            ("a".into(), "a".into()),
+            ("b".into(), "b".into()),
+            ("www".into(), "b".into())
+        ]
+    );
     let table = node.ok(&["alias", "list"]);
-    assert!(table.contains("www") && table.starts_with("SUBDOMAIN"), "{table}");
+    assert!(
+        table.contains("www") && table.starts_with("SUBDOMAIN"),
+        "{table}"
+    );
 }
 
 #[test]
 fn bad_alias_commands_are_refused() {
     let node = Node::new();
     two_apps(&node);
-    assert!(node.fails(&["alias", "link", "admin", "a"]).contains("reserved"));
-    assert!(node.fails(&["alias", "link", "Bad_Sub", "a"]).contains("invalid subdomain"));
-    assert!(node.fails(&["alias", "link", "x", "ghost"]).contains("no app named"));
-    assert!(node.fails(&["alias", "swap", "a", "ghost"]).contains("no alias"));
+    assert!(node
+        .fails(&["alias", "link", "admin", "a"])
+        .contains("reserved"));
+    assert!(node
+        .fails(&["alias", "link", "Bad_Sub", "a"])
+        .contains("invalid subdomain"));
+    assert!(node
+        .fails(&["alias", "link", "x", "ghost"])
+        .contains("no app named"));
+    assert!(node
+        .fails(&["alias", "swap", "a", "ghost"])
+        .contains("no alias"));
     assert!(node.fails(&["alias", "swap", "a", "a"]).contains("itself"));
     let list = node.json(&["alias", "list", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 2);

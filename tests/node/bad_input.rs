@@ -44,17 +44,37 @@ fn an_empty_directory_is_refused() {
 fn invalid_and_reserved_names_are_refused() {
     let (node, before) = node_with_one_app();
     let site = node.site("ok", &[("index.html", "x")]);
-    for name in ["Bad_Name", "-dash", "dash-", "has.dot", "admin", "api", &"x".repeat(64)] {
-        let err = node.fails(&["app", "deploy", site.to_str().unwrap(), &format!("--name={name}")]);
-        assert!(err.contains("invalid app name") || err.contains("reserved"), "{name}: {err}");
+    for name in [
+        "Bad_Name",
+        "-dash",
+        "dash-",
+        "has.dot",
+        "admin",
+        "api",
+        &"x".repeat(64),
+    ] {
+        let err = node.fails(&[
+            "app",
+            "deploy",
+            site.to_str().unwrap(),
+            &format!("--name={name}"),
+        ]);
+        assert!(
+            err.contains("invalid app name") || err.contains("reserved"),
+            "{name}: {err}"
+        );
     }
     let badly_named = node.site("Not_Valid", &[("index.html", "x")]);
     let err = node.fails(&["app", "deploy", badly_named.to_str().unwrap()]);
     assert!(err.contains("--name"), "{err}");
     write(&site.join("manifest.json"), br#"{"name": "UPPER"}"#);
-    assert!(node.fails(&["app", "deploy", site.to_str().unwrap()]).contains("manifest.json"));
+    assert!(node
+        .fails(&["app", "deploy", site.to_str().unwrap()])
+        .contains("manifest.json"));
     write(&site.join("manifest.json"), b"{broken");
-    assert!(node.fails(&["app", "deploy", site.to_str().unwrap()]).contains("manifest.json"));
+    assert!(node
+        .fails(&["app", "deploy", site.to_str().unwrap()])
+        .contains("manifest.json"));
     assert_eq!(snapshot(&node), before);
 }
 
@@ -68,7 +88,9 @@ fn a_file_over_the_size_limit_is_refused() {
     let err = node.fails(&["app", "deploy", site.to_str().unwrap()]);
     assert!(err.contains("huge.bin") && err.contains("limit"), "{err}");
     assert_eq!(snapshot(&node), before);
-    assert!(node.fails(&["server", "set-config", "--max-file-size", "lots"]).contains("size"));
+    assert!(node
+        .fails(&["server", "set-config", "--max-file-size", "lots"])
+        .contains("size"));
 }
 
 #[test]
@@ -100,10 +122,18 @@ fn a_file_instead_of_a_directory_is_refused() {
 fn bad_configuration_values_are_refused() {
     let node = Node::new();
     node.ok(&["server", "init"]);
-    assert!(node.fails(&["server", "set-config", "--domain", "https://example.com"]).contains("domain"));
-    assert!(node.fails(&["server", "set-config", "--domain", "bad_domain"]).contains("domain"));
-    assert!(node.fails(&["server", "set-config", "--port", "0"]).contains("port"));
-    assert!(node.fails(&["server", "set-config"]).contains("nothing to set"));
+    assert!(node
+        .fails(&["server", "set-config", "--domain", "https://example.com"])
+        .contains("domain"));
+    assert!(node
+        .fails(&["server", "set-config", "--domain", "bad_domain"])
+        .contains("domain"));
+    assert!(node
+        .fails(&["server", "set-config", "--port", "0"])
+        .contains("port"));
+    assert!(node
+        .fails(&["server", "set-config"])
+        .contains("nothing to set"));
     let status = node.json(&["server", "status", "--json"]);
     assert_eq!(status["domain"]["source"], "default");
     assert_eq!(status["port"]["source"], "default");

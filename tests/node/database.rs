@@ -7,7 +7,11 @@ fn first_start_creates_the_database_and_identity_and_serves_the_root_page() {
     let node = Node::new();
     let mut server = node.start(&[]);
     assert!(node.db().exists());
-    assert!(server.banner.starts_with("fazt serving http://localhost:"), "{}", server.banner);
+    assert!(
+        server.banner.starts_with("fazt serving http://localhost:"),
+        "{}",
+        server.banner
+    );
 
     let home = server.get("localhost", "/");
     assert_eq!(home.status(), 200);
@@ -24,8 +28,16 @@ fn first_start_creates_the_database_and_identity_and_serves_the_root_page() {
 
     let stopped = server.stop_with("-INT");
     assert!(stopped.status.success(), "{}", stopped.stderr);
-    assert!(stopped.stderr.contains("created database"), "{}", stopped.stderr);
-    assert!(stopped.stderr.contains("fazt stopped"), "{}", stopped.stderr);
+    assert!(
+        stopped.stderr.contains("created database"),
+        "{}",
+        stopped.stderr
+    );
+    assert!(
+        stopped.stderr.contains("fazt stopped"),
+        "{}",
+        stopped.stderr
+    );
     assert!(node.json(&["server", "status", "--json"])["running"].is_null());
 }
 
@@ -42,7 +54,14 @@ fn the_node_id_survives_restarts() {
 #[test]
 fn init_creates_a_database_once_and_refuses_to_overwrite_it() {
     let node = Node::new();
-    let out = node.ok(&["server", "init", "--domain", "example.test", "--port", "8123"]);
+    let out = node.ok(&[
+        "server",
+        "init",
+        "--domain",
+        "example.test",
+        "--port",
+        "8123",
+    ]);
     assert!(out.contains("created database"));
     let status = node.json(&["server", "status", "--json"]);
     assert_eq!(status["domain"]["value"], "example.test");
@@ -57,7 +76,14 @@ fn init_creates_a_database_once_and_refuses_to_overwrite_it() {
 #[test]
 fn config_persists_and_start_flags_override_for_one_run_only() {
     let node = Node::new();
-    node.ok(&["server", "set-config", "--domain", "example.test", "--port", "8124"]);
+    node.ok(&[
+        "server",
+        "set-config",
+        "--domain",
+        "example.test",
+        "--port",
+        "8124",
+    ]);
     let status = node.json(&["server", "status", "--json"]);
     assert_eq!(status["port"]["value"], 8124);
     assert_eq!(status["port"]["source"], "database");
@@ -66,11 +92,18 @@ fn config_persists_and_start_flags_override_for_one_run_only() {
     let site = node.site("blog", &[("index.html", "blog home")]);
     node.deploy(&site, &[]);
     let server = node.start(&["--domain", "flag.test"]);
-    assert!(server.banner.contains("domain flag.test"), "{}", server.banner);
+    assert!(
+        server.banner.contains("domain flag.test"),
+        "{}",
+        server.banner
+    );
     assert_eq!(server.text("blog.flag.test", "/"), "blog home");
     assert_eq!(server.get("blog.example.test", "/").status(), 404);
     let status = node.json(&["server", "status", "--json"]);
-    assert_eq!(status["domain"]["value"], "example.test", "flags are never persisted");
+    assert_eq!(
+        status["domain"]["value"], "example.test",
+        "flags are never persisted"
+    );
     assert_eq!(status["running"]["domain"], "flag.test");
     drop(server);
 
@@ -94,7 +127,12 @@ fn status_shows_defaults_and_their_source() {
 #[test]
 fn read_commands_on_a_missing_database_say_so_and_create_nothing() {
     let node = Node::new();
-    for args in [&["server", "status"][..], &["app", "list"], &["alias", "list"], &["app", "info", "x"]] {
+    for args in [
+        &["server", "status"][..],
+        &["app", "list"],
+        &["alias", "list"],
+        &["app", "info", "x"],
+    ] {
         let err = node.fails(args);
         assert!(err.contains("no database"), "{args:?}: {err}");
     }
@@ -130,7 +168,11 @@ fn a_corrupt_or_foreign_database_is_refused_and_left_unchanged() {
     let node = Node::new();
     let junk: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(node.db(), &junk).unwrap();
-    for args in [&["server", "status"][..], &["app", "list"], &["server", "set-config", "--port", "9000"]] {
+    for args in [
+        &["server", "status"][..],
+        &["app", "list"],
+        &["server", "set-config", "--port", "9000"],
+    ] {
         let err = node.fails(args);
         assert!(err.contains("not a fazt database"), "{err}");
     }
@@ -150,7 +192,8 @@ fn a_corrupt_or_foreign_database_is_refused_and_left_unchanged() {
 /// A valid SQLite file that belongs to some other program.
 fn write_foreign_sqlite_file(path: &std::path::Path) {
     let conn = rusqlite::Connection::open(path).unwrap();
-    conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('mine');").unwrap();
+    conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('mine');")
+        .unwrap();
 }
 
 #[test]

@@ -20,7 +20,9 @@ pub struct Run {
 
 impl Node {
     pub fn new() -> Node {
-        Node { dir: tempfile::tempdir().expect("temp dir") }
+        Node {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
     }
 
     pub fn db(&self) -> PathBuf {
@@ -33,7 +35,9 @@ impl Node {
 
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(FAZT);
-        cmd.env("FAZT_DB", self.db()).env_remove("FAZT_LOG").stdin(Stdio::null());
+        cmd.env("FAZT_DB", self.db())
+            .env_remove("FAZT_LOG")
+            .stdin(Stdio::null());
         cmd
     }
 
@@ -49,23 +53,42 @@ impl Node {
     /// Runs a command that must succeed; returns its stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);
-        assert!(r.status.success(), "fazt {args:?} failed:\n{}{}", r.stdout, r.stderr);
+        assert!(
+            r.status.success(),
+            "fazt {args:?} failed:\n{}{}",
+            r.stdout,
+            r.stderr
+        );
         r.stdout
     }
 
     /// Runs a command that must fail with a one-line error; returns that line.
     pub fn fails(&self, args: &[&str]) -> String {
         let r = self.run(args);
-        assert!(!r.status.success(), "fazt {args:?} should fail but printed:\n{}", r.stdout);
-        let lines: Vec<&str> = r.stderr.lines().filter(|l| !l.starts_with("created database")).collect();
-        assert_eq!(lines.len(), 1, "want a one-line error from {args:?}, got:\n{}", r.stderr);
+        assert!(
+            !r.status.success(),
+            "fazt {args:?} should fail but printed:\n{}",
+            r.stdout
+        );
+        let lines: Vec<&str> = r
+            .stderr
+            .lines()
+            .filter(|l| !l.starts_with("created database"))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "want a one-line error from {args:?}, got:\n{}",
+            r.stderr
+        );
         assert!(lines[0].starts_with("error: "), "{}", lines[0]);
         lines[0].to_string()
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.ok(args);
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed invalid JSON ({e}):\n{out}"))
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("{args:?} printed invalid JSON ({e}):\n{out}"))
     }
 
     /// Writes a site directory from (path, content) pairs; returns its path.
@@ -106,13 +129,20 @@ pub struct Server {
 
 impl Server {
     pub fn spawn(cmd: &mut Command) -> Server {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn server");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
         let mut reader = BufReader::new(child.stdout.take().unwrap());
         let mut banner = String::new();
         reader.read_line(&mut banner).unwrap();
         if banner.is_empty() {
             let out = child.wait_with_output().unwrap();
-            panic!("server did not start: {}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "server did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let port = banner
             .split("http://")
@@ -128,7 +158,12 @@ impl Server {
             .timeout(Duration::from_secs(20))
             .build()
             .unwrap();
-        Server { child: Some(child), port, banner, client }
+        Server {
+            child: Some(child),
+            port,
+            banner,
+            client,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -136,14 +171,21 @@ impl Server {
     }
 
     /// A request to this server with the given Host header.
-    pub fn request(&self, method: reqwest::Method, host: &str, path: &str) -> reqwest::blocking::RequestBuilder {
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        host: &str,
+        path: &str,
+    ) -> reqwest::blocking::RequestBuilder {
         self.client
             .request(method, format!("http://127.0.0.1:{}{path}", self.port))
             .header("Host", host)
     }
 
     pub fn get(&self, host: &str, path: &str) -> reqwest::blocking::Response {
-        self.request(reqwest::Method::GET, host, path).send().expect("GET")
+        self.request(reqwest::Method::GET, host, path)
+            .send()
+            .expect("GET")
     }
 
     /// Body text of a GET that must answer 200.
@@ -156,7 +198,10 @@ impl Server {
     /// Sends a signal and waits for the process to exit.
     pub fn stop_with(&mut self, signal: &str) -> Run {
         let child = self.child.take().unwrap();
-        let status = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
         let out = child.wait_with_output().unwrap();
         Run {

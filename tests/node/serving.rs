@@ -7,7 +7,10 @@ use crate::harness::{sha256_hex, write, Node};
 #[test]
 fn deploy_prints_the_version_and_url_and_the_app_is_served_on_its_subdomain() {
     let node = Node::new();
-    let site = node.site("blog", &[("index.html", "<h1>blog</h1>"), ("about.txt", "about")]);
+    let site = node.site(
+        "blog",
+        &[("index.html", "<h1>blog</h1>"), ("about.txt", "about")],
+    );
     let out = node.ok(&["app", "deploy", site.to_str().unwrap()]);
     assert!(out.contains("deployed blog v1"), "{out}");
     assert!(out.contains("http://blog.localhost:4698/"), "{out}");
@@ -48,7 +51,10 @@ fn hosts_route_by_domain_apex_root_and_admin() {
 #[test]
 fn a_deployed_404_app_replaces_the_built_in_page() {
     let node = Node::new();
-    node.deploy(&node.site("404", &[("index.html", "custom missing page")]), &[]);
+    node.deploy(
+        &node.site("404", &[("index.html", "custom missing page")]),
+        &[],
+    );
     let server = node.start(&[]);
     let r = server.get("ghost.localhost", "/");
     assert_eq!(r.status(), 404);
@@ -75,7 +81,14 @@ fn hidden_files_node_modules_and_gitignored_files_are_not_deployed() {
     assert_eq!(report["files"], 2);
     let server = node.start(&[]);
     assert_eq!(server.text("site.localhost", "/kept.txt"), "kept");
-    for path in ["/.env", "/.hidden/x.txt", "/node_modules/lib/index.js", "/debug.log", "/cache/data.txt", "/.gitignore"] {
+    for path in [
+        "/.env",
+        "/.hidden/x.txt",
+        "/node_modules/lib/index.js",
+        "/debug.log",
+        "/cache/data.txt",
+        "/.gitignore",
+    ] {
         assert_eq!(server.get("site.localhost", path).status(), 404, "{path}");
     }
 }
@@ -100,27 +113,48 @@ fn etag_is_the_content_hash_and_if_none_match_answers_304() {
     let r = server.get("s.localhost", "/style.css");
     let etag = r.headers()["etag"].to_str().unwrap().to_string();
     assert_eq!(etag, format!("\"{}\"", sha256_hex(body.as_bytes())));
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/css"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/css"));
 
-    let r = server.request(reqwest::Method::GET, "s.localhost", "/style.css").header("If-None-Match", &etag).send().unwrap();
+    let r = server
+        .request(reqwest::Method::GET, "s.localhost", "/style.css")
+        .header("If-None-Match", &etag)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 304);
     assert_eq!(r.headers()["etag"], etag.as_str());
     assert!(r.bytes().unwrap().is_empty());
 
-    let r = server.request(reqwest::Method::GET, "s.localhost", "/style.css").header("If-None-Match", "\"other\", W/".to_string() + &etag).send().unwrap();
+    let r = server
+        .request(reqwest::Method::GET, "s.localhost", "/style.css")
+        .header("If-None-Match", "\"other\", W/".to_string() + &etag)
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 304, "weak comparison and lists");
-    let r = server.request(reqwest::Method::GET, "s.localhost", "/style.css").header("If-None-Match", "\"stale\"").send().unwrap();
+    let r = server
+        .request(reqwest::Method::GET, "s.localhost", "/style.css")
+        .header("If-None-Match", "\"stale\"")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
 }
 
 #[test]
 fn ranges_answer_206_and_unsatisfiable_ranges_416() {
     let node = Node::new();
-    let body: String = (0..1000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let body: String = (0..1000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
     node.deploy(&node.site("r", &[("data.txt", &body)]), &[]);
     let server = node.start(&[]);
     let range = |value: &str| {
-        server.request(reqwest::Method::GET, "r.localhost", "/data.txt").header("Range", value).send().unwrap()
+        server
+            .request(reqwest::Method::GET, "r.localhost", "/data.txt")
+            .header("Range", value)
+            .send()
+            .unwrap()
     };
     let r = range("bytes=10-19");
     assert_eq!(r.status(), 206);
@@ -148,7 +182,11 @@ fn ranges_answer_206_and_unsatisfiable_ranges_416() {
         .header("If-Range", "\"old-etag\"")
         .send()
         .unwrap();
-    assert_eq!(r.status(), 200, "If-Range with a stale ETag gets the whole file");
+    assert_eq!(
+        r.status(),
+        200,
+        "If-Range with a stale ETag gets the whole file"
+    );
 }
 
 #[test]
@@ -156,12 +194,21 @@ fn head_answers_headers_without_a_body() {
     let node = Node::new();
     node.deploy(&node.site("h", &[("index.html", "twelve bytes")]), &[]);
     let server = node.start(&[]);
-    let r = server.request(reqwest::Method::HEAD, "h.localhost", "/").send().unwrap();
+    let r = server
+        .request(reqwest::Method::HEAD, "h.localhost", "/")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], "12");
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     assert!(r.bytes().unwrap().is_empty());
-    let r = server.request(reqwest::Method::POST, "h.localhost", "/").send().unwrap();
+    let r = server
+        .request(reqwest::Method::POST, "h.localhost", "/")
+        .send()
+        .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "GET, HEAD");
 }
@@ -190,14 +237,22 @@ fn compressible_files_are_served_gzip_or_brotli_by_accept_encoding() {
     let compressed = r.bytes().unwrap();
     assert!(compressed.len() < js.len() / 5);
     let mut plain = Vec::new();
-    brotli::Decompressor::new(&compressed[..], 4096).read_to_end(&mut plain).unwrap();
+    brotli::Decompressor::new(&compressed[..], 4096)
+        .read_to_end(&mut plain)
+        .unwrap();
     assert_eq!(plain, js.as_bytes());
 
     let r = get(Some("gzip"), "/app.js");
     assert_eq!(r.headers()["content-encoding"], "gzip");
-    assert_ne!(r.headers()["etag"], etag_br, "each encoding has its own ETag");
+    assert_ne!(
+        r.headers()["etag"],
+        etag_br,
+        "each encoding has its own ETag"
+    );
     let mut plain = String::new();
-    flate2::read::GzDecoder::new(&r.bytes().unwrap()[..]).read_to_string(&mut plain).unwrap();
+    flate2::read::GzDecoder::new(&r.bytes().unwrap()[..])
+        .read_to_string(&mut plain)
+        .unwrap();
     assert_eq!(plain, js);
 
     let r = get(None, "/app.js");
@@ -206,7 +261,10 @@ fn compressible_files_are_served_gzip_or_brotli_by_accept_encoding() {
     assert_eq!(r.text().unwrap(), js);
 
     let r = get(Some("gzip, br"), "/logo.png");
-    assert!(r.headers().get("content-encoding").is_none(), "images are not recompressed");
+    assert!(
+        r.headers().get("content-encoding").is_none(),
+        "images are not recompressed"
+    );
     assert_eq!(r.headers()["content-type"], "image/png");
     assert_eq!(r.bytes().unwrap().to_vec(), png);
 }
@@ -216,22 +274,44 @@ fn cache_control_depends_on_the_kind_of_file() {
     let node = Node::new();
     let dir = node.site(
         "c",
-        &[("index.html", "i"), ("assets/app-3f9a1c.js", "h"), ("assets/index-DiwrgTda.css", "v"), ("logo.svg", "<svg/>")],
+        &[
+            ("index.html", "i"),
+            ("assets/app-3f9a1c.js", "h"),
+            ("assets/index-DiwrgTda.css", "v"),
+            ("logo.svg", "<svg/>"),
+        ],
     );
     node.deploy(&dir, &[]);
     let server = node.start(&[]);
-    let cc = |path: &str| server.get("c.localhost", path).headers()["cache-control"].to_str().unwrap().to_string();
+    let cc = |path: &str| {
+        server.get("c.localhost", path).headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(cc("/"), "no-cache");
     assert_eq!(cc("/index.html"), "no-cache");
-    assert_eq!(cc("/assets/app-3f9a1c.js"), "public, max-age=31536000, immutable");
-    assert_eq!(cc("/assets/index-DiwrgTda.css"), "public, max-age=31536000, immutable");
+    assert_eq!(
+        cc("/assets/app-3f9a1c.js"),
+        "public, max-age=31536000, immutable"
+    );
+    assert_eq!(
+        cc("/assets/index-DiwrgTda.css"),
+        "public, max-age=31536000, immutable"
+    );
     assert_eq!(cc("/logo.svg"), "public, max-age=300");
 }
 
 #[test]
 fn directories_serve_their_index() {
     let node = Node::new();
-    node.deploy(&node.site("d", &[("index.html", "top"), ("docs/index.html", "docs index")]), &[]);
+    node.deploy(
+        &node.site(
+            "d",
+            &[("index.html", "top"), ("docs/index.html", "docs index")],
+        ),
+        &[],
+    );
     let server = node.start(&[]);
     assert_eq!(server.text("d.localhost", "/docs"), "docs index");
     assert_eq!(server.text("d.localhost", "/docs/"), "docs index");
@@ -249,9 +329,19 @@ fn spa_fallback_applies_only_when_asked_for() {
     node.deploy(&dir, &["--spa"]);
     assert_eq!(server.text("spa.localhost", "/users/42"), "shell");
     assert_eq!(server.text("spa.localhost", "/app.js"), "js");
-    assert_eq!(server.get("spa.localhost", "/missing.js").status(), 404, "paths with an extension do not fall back");
+    assert_eq!(
+        server.get("spa.localhost", "/missing.js").status(),
+        404,
+        "paths with an extension do not fall back"
+    );
 
-    let other = node.site("spa2", &[("index.html", "shell2"), ("manifest.json", r#"{"spa": true}"#)]);
+    let other = node.site(
+        "spa2",
+        &[
+            ("index.html", "shell2"),
+            ("manifest.json", r#"{"spa": true}"#),
+        ],
+    );
     node.deploy(&other, &[]);
     assert_eq!(server.text("spa2.localhost", "/deep/link"), "shell2");
 }
@@ -261,11 +351,21 @@ fn private_and_api_paths_are_never_served_as_files() {
     let node = Node::new();
     let dir = node.site(
         "p",
-        &[("index.html", "pub"), ("private/secret.txt", "secret"), ("api/main.js", "respond(1)")],
+        &[
+            ("index.html", "pub"),
+            ("private/secret.txt", "secret"),
+            ("api/main.js", "respond(1)"),
+        ],
     );
     node.deploy(&dir, &[]);
     let server = node.start(&[]);
-    for path in ["/private/secret.txt", "/api/main.js", "/api", "/private", "/%70rivate/secret.txt"] {
+    for path in [
+        "/private/secret.txt",
+        "/api/main.js",
+        "/api",
+        "/private",
+        "/%70rivate/secret.txt",
+    ] {
         let r = server.get("p.localhost", path);
         assert_eq!(r.status(), 404, "{path}");
         assert!(!r.text().unwrap().contains("secret"));
@@ -277,7 +377,13 @@ fn hostile_paths_do_not_escape() {
     let node = Node::new();
     node.deploy(&node.site("safe", &[("index.html", "safe")]), &[]);
     let server = node.start(&[]);
-    for path in ["/../data.db", "/%2e%2e/data.db", "/..%2fdata.db", "/%00", "/a%5c..%5cindex.html"] {
+    for path in [
+        "/../data.db",
+        "/%2e%2e/data.db",
+        "/..%2fdata.db",
+        "/%00",
+        "/a%5c..%5cindex.html",
+    ] {
         assert_eq!(server.get("safe.localhost", path).status(), 404, "{path}");
     }
 }
@@ -286,7 +392,9 @@ fn hostile_paths_do_not_escape() {
 fn a_deploy_while_serving_is_served_at_once_and_never_half_way() {
     let node = Node::new();
     let files = |tag: &str| {
-        (0..20).map(|i| (format!("f{i}.txt"), format!("{tag}-{i}"))).collect::<Vec<_>>()
+        (0..20)
+            .map(|i| (format!("f{i}.txt"), format!("{tag}-{i}")))
+            .collect::<Vec<_>>()
     };
     let dir = node.path("live");
     for (p, c) in files("one") {
@@ -304,7 +412,10 @@ fn a_deploy_while_serving_is_served_at_once_and_never_half_way() {
             let mut seen = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let body = server.text("live.localhost", "/f7.txt");
-                assert!(body == "one-7" || body == "two-7", "unexpected body {body:?}");
+                assert!(
+                    body == "one-7" || body == "two-7",
+                    "unexpected body {body:?}"
+                );
                 seen += 1;
             }
             seen

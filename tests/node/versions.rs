@@ -55,7 +55,10 @@ fn rollback_to_an_unknown_version_or_app_changes_nothing() {
     assert!(err.contains("no version"), "{err}");
     let err = node.fails(&["app", "rollback", "ghost"]);
     assert!(err.contains("no app named"), "{err}");
-    assert_eq!(node.json(&["app", "info", "app", "--json"])["current_version"]["number"], 1);
+    assert_eq!(
+        node.json(&["app", "info", "app", "--json"])["current_version"]["number"],
+        1
+    );
 }
 
 #[test]
@@ -86,9 +89,15 @@ fn remove_takes_the_app_its_versions_and_aliases_away() {
     assert_eq!(server.text("stays.localhost", "/"), "hi");
     let apps = node.json(&["app", "list", "--json"]);
     assert_eq!(apps.as_array().unwrap().len(), 1);
-    assert!(node.fails(&["app", "remove", "gone"]).contains("no app named"));
-    assert!(node.fails(&["app", "info", "gone"]).contains("no app named"));
-    assert!(node.fails(&["app", "versions", "gone"]).contains("no app named"));
+    assert!(node
+        .fails(&["app", "remove", "gone"])
+        .contains("no app named"));
+    assert!(node
+        .fails(&["app", "info", "gone"])
+        .contains("no app named"));
+    assert!(node
+        .fails(&["app", "versions", "gone"])
+        .contains("no app named"));
 }
 
 #[test]
@@ -101,8 +110,18 @@ fn app_list_shows_every_app_with_its_current_version() {
     node.deploy(&beta, &[]);
     node.deploy(&beta, &[]);
     let table = node.ok(&["app", "list"]);
-    assert!(table.lines().any(|l| l.starts_with("alpha") && l.contains("v1")), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("beta") && l.contains("v2")), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("alpha") && l.contains("v1")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("beta") && l.contains("v2")),
+        "{table}"
+    );
     let apps = node.json(&["app", "list", "--json"]);
     assert_eq!(apps[1]["name"], "beta");
     assert_eq!(apps[1]["current_version"]["number"], 2);
