@@ -1,9 +1,10 @@
 //! fazt-proto: what crosses the wire between fazt nodes, and nothing that does I/O.
 //!
-//! Today it holds the node identifier (its printable form is what users copy between
-//! machines) and the protocol version carried in ALPN. Wire messages, framing and the
-//! change-bundle format join it as the peer protocol lands.
+//! - [`NodeId`]: a node's identity, printable for copying between machines.
+//! - [`bundle`]: the change-bundle file format (`fazt sync export` / `import`).
+//! - [`PROTOCOL_VERSION`] / [`ALPN`]: the peer protocol's version.
 
+pub mod bundle;
 mod node_id;
 
 pub use node_id::{NodeId, NodeIdError};

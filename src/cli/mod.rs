@@ -2,8 +2,10 @@
 
 mod alias;
 mod app;
+mod data;
 mod output;
 mod server;
+mod sync;
 
 use std::path::PathBuf;
 
@@ -32,6 +34,20 @@ enum Command {
     /// Point subdomains at apps
     #[command(subcommand)]
     Alias(alias::AliasCmd),
+    /// Run SQL against the node's database (writes to replicated tables replicate)
+    Sql {
+        /// One or more statements, run in one transaction
+        sql: String,
+        /// Print the last statement's rows as a JSON array of objects
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage the node's database
+    #[command(subcommand)]
+    Db(data::DbCmd),
+    /// Exchange changes as files, and see what this node holds
+    #[command(subcommand)]
+    Sync(sync::SyncCmd),
 }
 
 impl Cli {
@@ -44,6 +60,9 @@ impl Cli {
             Command::Server(cmd) => server::run(cmd, &db),
             Command::App(cmd) => app::run(cmd, &db),
             Command::Alias(cmd) => alias::run(cmd, &db),
+            Command::Sql { sql, json } => data::sql(&db, &sql, json),
+            Command::Db(cmd) => data::run(cmd, &db),
+            Command::Sync(cmd) => sync::run(cmd, &db),
         }
     }
 }

@@ -16,6 +16,9 @@ pub const REPLICATED_TABLES: &[&str] = &[
     "blobs",
 ];
 
+/// Tables that describe this node only; they never replicate.
+pub const NODE_LOCAL_TABLES: &[&str] = &["node_config", "node_identity", "node_runtime"];
+
 pub fn latest_version() -> u32 {
     MIGRATIONS.len() as u32
 }

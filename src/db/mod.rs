@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{Connection, OpenFlags};
 
-pub use migrations::REPLICATED_TABLES;
+pub use migrations::{NODE_LOCAL_TABLES, REPLICATED_TABLES};
 pub use pool::ReadPool;
 
 /// The node's database: a connection with the replication engine on it. Reads go through

@@ -7,7 +7,9 @@
 //! - [`Replica::replicate`]: registers a table (clock and key tables, triggers, backfill).
 //! - [`Replica::changes_since`] / [`Replica::apply`]: exporting and merging [`Change`]s,
 //!   with per-origin [`Coverage`] saying what a replica holds.
+//! - [`Replica::export_bundle`] / [`Replica::import_bundle_file`]: changes as files.
 
+mod bundle;
 mod changes;
 mod coverage;
 mod crr;
@@ -17,6 +19,7 @@ mod replica;
 pub mod schema;
 mod value;
 
+pub use bundle::ExportReport;
 pub use changes::{Batch, Change, ROW_CID};
 pub use coverage::{Coverage, RangeSet, SiteId};
 pub use merge::ApplyReport;
@@ -37,4 +40,8 @@ pub enum Error {
     Malformed(String),
     #[error("replication bookkeeping is damaged: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Bundle(#[from] fazt_proto::bundle::BundleError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }

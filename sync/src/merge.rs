@@ -51,15 +51,20 @@ impl Replica {
     }
 
     fn apply_in_transaction(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
+        self.in_merge_transaction(|this| this.merge_batch(batch))
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction with capture off; commits on Ok.
+    fn in_merge_transaction<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let capture = self.capture.clone();
         let merging = capture.merging();
-        let result = self.merge_batch(batch);
+        let result = f(self);
         drop(merging);
         match result {
-            Ok(report) => {
+            Ok(value) => {
                 self.conn.execute_batch("COMMIT")?;
-                Ok(report)
+                Ok(value)
             }
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
@@ -105,14 +110,19 @@ impl Replica {
             report.transactions += 1;
         }
 
+        // Versions parked as pending (from this batch or earlier ones) are not held yet.
+        let parked = self.parked_versions()?;
         for (site, set) in &batch.covers.0 {
             if *site == self.site_id {
                 continue;
             }
-            let set = match pending.get(site) {
+            let mut set = match pending.get(site) {
                 Some(p) => set.minus(p),
                 None => set.clone(),
             };
+            if let Some(p) = parked.get(site) {
+                set = set.minus(p);
+            }
             let mut merged = held.get(site).cloned().unwrap_or_default();
             merged.union(&set);
             if Some(&merged) != held.get(site) {
@@ -123,6 +133,19 @@ impl Replica {
         // Lamport: the next local write is numbered after everything seen.
         set_db_version(&self.conn, max_version)?;
         Ok(report)
+    }
+
+    fn parked_versions(&self) -> Result<HashMap<SiteId, RangeSet>, Error> {
+        let mut out: HashMap<SiteId, RangeSet> = HashMap::new();
+        let mut stmt = self.conn.prepare_cached("SELECT DISTINCT site_ord, db_version FROM fazt_sync_pending")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (ord, v) = row?;
+            if let Some(site) = self.site_of(ord) {
+                out.entry(site).or_default().insert(v, v);
+            }
+        }
+        Ok(out)
     }
 
     fn resolvable(&self, c: &Change) -> bool {
@@ -287,13 +310,20 @@ impl Replica {
         if ready.is_empty() {
             return Ok(ApplyReport::default());
         }
-        let report = self.apply(&batch)?;
-        let mut delete = self
-            .conn
-            .prepare_cached("DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2")?;
-        for (ord, version) in ready {
-            delete.execute([ord, version])?;
+        let result = self.in_merge_transaction(|this| {
+            let mut delete = this
+                .conn
+                .prepare_cached("DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2")?;
+            for (ord, version) in ready {
+                delete.execute([ord, version])?;
+            }
+            drop(delete);
+            this.merge_batch(&batch)
+        });
+        if result.is_err() {
+            self.reload_sites()?;
         }
+        let report = result?;
         Ok(report)
     }
 }

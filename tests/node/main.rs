@@ -4,6 +4,7 @@ mod harness;
 
 mod aliases;
 mod bad_input;
+mod bundles;
 mod database;
 mod serving;
 mod versions;

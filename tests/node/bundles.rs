@@ -1,0 +1,186 @@
+//! Nodes that never meet exchange change bundles; `fazt sql` and `fazt db replicate`.
+
+use crate::harness::{write, Node};
+
+fn count(node: &Node, sql: &str) -> i64 {
+    node.json(&["sql", sql, "--json"])[0]["n"].as_i64().unwrap()
+}
+
+#[test]
+fn a_deploy_travels_by_bundle_and_is_served_by_the_other_node() {
+    let laptop = Node::new();
+    let server_node = Node::new();
+    laptop.deploy(&laptop.site("blog", &[("index.html", "written offline"), ("style.css", "p{}")]), &[]);
+    let bundle = laptop.path("changes.fzb");
+    laptop.ok(&["sync", "export", "-o", bundle.to_str().unwrap()]);
+
+    let server = server_node.start(&[]);
+    let out = server_node.ok(&["sync", "import", bundle.to_str().unwrap()]);
+    assert!(out.contains("imported 1 transactions"), "{out}");
+    assert_eq!(server.text("blog.localhost", "/"), "written offline");
+    assert_eq!(server.text("blog.localhost", "/style.css"), "p{}");
+
+    // The same bundle again changes nothing.
+    let before = server_node.json(&["sync", "status", "--json"]);
+    let out = server_node.ok(&["sync", "import", bundle.to_str().unwrap()]);
+    assert!(out.contains("0 changes applied"), "{out}");
+    assert_eq!(server_node.json(&["sync", "status", "--json"]), before);
+}
+
+#[test]
+fn since_exports_only_what_the_other_node_lacks() {
+    let a = Node::new();
+    let b = Node::new();
+    let site = a.site("app", &[("index.html", "v1")]);
+    a.deploy(&site, &[]);
+    let full = a.path("full.fzb");
+    a.ok(&["sync", "export", "-o", full.to_str().unwrap()]);
+    b.ok(&["sync", "import", full.to_str().unwrap()]);
+
+    write(&site.join("index.html"), b"v2");
+    a.deploy(&site, &[]);
+    std::fs::write(b.path("status.json"), b.ok(&["sync", "status", "--json"])).unwrap();
+    let delta = a.path("delta.fzb");
+    let r = a.run(&["sync", "export", "--since", b.path("status.json").to_str().unwrap(), "-o", delta.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", r.stderr);
+    let full_size = std::fs::metadata(&full).unwrap().len();
+    let delta_size = std::fs::metadata(&delta).unwrap().len();
+    assert!(delta_size < full_size, "delta {delta_size} vs full {full_size}");
+    b.ok(&["sync", "import", delta.to_str().unwrap()]);
+    let server = b.start(&[]);
+    assert_eq!(server.text("app.localhost", "/"), "v2");
+    assert_eq!(b.json(&["app", "versions", "app", "--json"]).as_array().unwrap().len(), 2);
+
+    // A delta from a node that has nothing new is empty.
+    std::fs::write(b.path("status.json"), b.ok(&["sync", "status", "--json"])).unwrap();
+    let r = a.run(&["sync", "export", "--since", b.path("status.json").to_str().unwrap(), "-o", delta.to_str().unwrap()]);
+    assert!(r.stderr.contains("exported 0 changes"), "{}", r.stderr);
+}
+
+#[test]
+fn edits_on_both_sides_converge_through_bundles() {
+    let a = Node::new();
+    let b = Node::new();
+    for n in [&a, &b] {
+        n.ok(&["sql", "CREATE TABLE notes (id TEXT PRIMARY KEY NOT NULL, body TEXT, stars INTEGER NOT NULL DEFAULT 0)"]);
+        n.ok(&["db", "replicate", "notes"]);
+    }
+    a.ok(&["sql", "INSERT INTO notes (id, body) VALUES ('shared', 'from a'), ('a-only', 'x')"]);
+    b.ok(&["sql", "INSERT INTO notes (id, body, stars) VALUES ('shared', 'from b', 3), ('b-only', 'y', 1)"]);
+    let (ab, ba) = (a.path("ab.fzb"), b.path("ba.fzb"));
+    a.ok(&["sync", "export", "-o", ab.to_str().unwrap()]);
+    b.ok(&["sync", "export", "-o", ba.to_str().unwrap()]);
+    a.ok(&["sync", "import", ba.to_str().unwrap()]);
+    b.ok(&["sync", "import", ab.to_str().unwrap()]);
+    let query = "SELECT id, body, stars FROM notes ORDER BY id";
+    assert_eq!(a.json(&["sql", query, "--json"]), b.json(&["sql", query, "--json"]));
+    assert_eq!(count(&a, "SELECT count(*) AS n FROM notes"), 3);
+}
+
+#[test]
+fn truncated_corrupt_and_foreign_bundles_are_refused_and_change_nothing() {
+    let a = Node::new();
+    a.deploy(&a.site("x", &[("index.html", "x")]), &[]);
+    let bundle = a.path("x.fzb");
+    a.ok(&["sync", "export", "-o", bundle.to_str().unwrap()]);
+    let bytes = std::fs::read(&bundle).unwrap();
+
+    let b = Node::new();
+    b.ok(&["server", "init"]);
+    let before = b.json(&["sync", "status", "--json"]);
+    let bad = b.path("bad.fzb");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", bytes[..bytes.len() * 2 / 3].to_vec()),
+        ("checksum", {
+            let mut v = bytes.clone();
+            let i = v.len() / 2;
+            v[i] ^= 0x01;
+            v
+        }),
+        ("not a fazt change bundle", b"{\"json\": true}".to_vec()),
+        ("not a fazt change bundle", Vec::new()),
+    ];
+    for (expect, content) in cases {
+        std::fs::write(&bad, &content).unwrap();
+        let err = b.fails(&["sync", "import", bad.to_str().unwrap()]);
+        assert!(err.contains(expect) || err.contains("corrupt"), "{expect}: {err}");
+        assert_eq!(b.json(&["sync", "status", "--json"]), before);
+    }
+    assert!(b.fails(&["sync", "import", b.path("missing.fzb").to_str().unwrap()]).contains("no bundle"));
+    assert!(b.fails(&["sync", "export", "--since", bad.to_str().unwrap(), "-o", "/dev/null"]).contains("sync status --json"));
+}
+
+#[test]
+fn kill_9_during_import_leaves_a_consistent_database_and_importing_again_completes_it() {
+    let a = Node::new();
+    // Many files of incompressible content make an import that takes a while.
+    let site = a.path("big");
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    for i in 0..60 {
+        let data: Vec<u8> = (0..200_000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        write(&site.join(format!("f{i}.bin")), &data);
+    }
+    write(&site.join("index.html"), b"big site");
+    a.deploy(&site, &[]);
+    for i in 0..30 {
+        a.ok(&["sql", &format!("INSERT INTO settings (key, value) VALUES ('k{i}', 'v{i}')")]);
+    }
+    let bundle = a.path("big.fzb");
+    a.ok(&["sync", "export", "-o", bundle.to_str().unwrap()]);
+
+    let b = Node::new();
+    b.ok(&["server", "init"]);
+    let mut interrupted = 0;
+    for delay_ms in [15u64, 40, 80, 200] {
+        let mut child = b.command().args(["sync", "import", bundle.to_str().unwrap()]).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        if child.try_wait().unwrap().is_none() {
+            interrupted += 1;
+            child.kill().unwrap();
+        }
+        child.wait().unwrap();
+        let check = b.json(&["sql", "PRAGMA integrity_check", "--json"]);
+        assert_eq!(check[0]["integrity_check"], "ok");
+    }
+    assert!(interrupted > 0, "no import was killed while running");
+    b.ok(&["sync", "import", bundle.to_str().unwrap()]);
+    let query = "SELECT (SELECT count(*) FROM blobs) AS blobs, (SELECT count(*) FROM settings) AS settings, (SELECT current_version FROM apps) AS v";
+    assert_eq!(b.json(&["sql", query, "--json"]), a.json(&["sql", query, "--json"]));
+    let server = b.start(&[]);
+    assert_eq!(server.text("big.localhost", "/"), "big site");
+    assert_eq!(server.get("big.localhost", "/f59.bin").bytes().unwrap().len(), 200_000);
+}
+
+#[test]
+fn sql_prints_rows_and_refuses_bad_statements_without_changing_anything() {
+    let a = Node::new();
+    a.ok(&["server", "init"]);
+    a.ok(&["sql", "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, v)"]);
+    let err = a.fails(&["sql", "INSERT INTO t VALUES (1, 'a'); INSERT INTO nope VALUES (1)"]);
+    assert!(err.contains("nope"), "{err}");
+    assert_eq!(count(&a, "SELECT count(*) AS n FROM t"), 0, "the whole command rolled back");
+    let rows = a.json(&["sql", "INSERT INTO t VALUES (1, x'00ff'), (2, 2.5); SELECT * FROM t ORDER BY id", "--json"]);
+    assert_eq!(rows[0]["v"], "00ff");
+    assert_eq!(rows[1]["v"], 2.5);
+    let table = a.ok(&["sql", "SELECT id, v FROM t ORDER BY id"]);
+    assert!(table.starts_with("id") && table.contains("x'00ff'"), "{table}");
+}
+
+#[test]
+fn db_replicate_refuses_tables_that_break_the_rules_or_belong_to_the_node() {
+    let a = Node::new();
+    a.ok(&["sql", "CREATE TABLE people (email TEXT PRIMARY KEY NOT NULL, name TEXT NOT NULL)"]);
+    let err = a.fails(&["db", "replicate", "people"]);
+    assert!(err.contains("needs a DEFAULT"), "{err}");
+    assert!(a.fails(&["db", "replicate", "node_identity"]).contains("never replicates"));
+    assert!(a.fails(&["db", "replicate", "missing"]).contains("does not exist"));
+    let status = a.json(&["sync", "status", "--json"]);
+    assert!(!status["tables"].as_array().unwrap().iter().any(|t| t == "people"));
+}
