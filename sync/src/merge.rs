@@ -9,6 +9,7 @@
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rusqlite::{params_from_iter, OptionalExtension};
 
@@ -100,8 +101,9 @@ impl Replica {
                 report.pending += group.len();
                 continue;
             }
+            let mut row = None;
             for change in group {
-                if self.merge_one(change)? {
+                if self.merge_one(change, &mut row)? {
                     report.applied += 1;
                 } else {
                     report.unchanged += 1;
@@ -168,29 +170,46 @@ impl Replica {
         Ok(())
     }
 
-    /// Merges one change; returns whether anything changed.
-    fn merge_one(&mut self, c: &Change) -> Result<bool, Error> {
-        let ord = self.ord_of(c.site_id)?;
-        let t = self.tables.get(&c.table).expect("checked resolvable").clone();
-        let pk = pack::unpack(&c.pk).map_err(|e| Error::Malformed(format!("{}: {e}", c.table)))?;
-        if pk.len() != t.pk.len() {
-            return Err(Error::Malformed(format!(
-                "{}: primary key has {} values, the table has {} key columns",
-                c.table,
-                pk.len(),
-                t.pk.len()
-            )));
+    /// The prepared SQL of a table's merge path (built once per catalog change).
+    fn merge_sql(&mut self, table: &str) -> Arc<MergeSql> {
+        if self.merge_sql.0 != self.catalog_version {
+            self.merge_sql = (self.catalog_version, HashMap::new());
         }
+        if let Some(sql) = self.merge_sql.1.get(table) {
+            return sql.clone();
+        }
+        let sql = Arc::new(MergeSql::new(&self.tables[table]));
+        self.merge_sql.1.insert(table.to_string(), sql.clone());
+        sql
+    }
+
+    /// Merges one change; returns whether anything changed.
+    fn merge_one(&mut self, c: &Change, row: &mut Option<RowState>) -> Result<bool, Error> {
+        let ord = self.ord_of(c.site_id)?;
+        let sql = self.merge_sql(&c.table);
         let conn = &self.conn;
-        let key = row_key(conn, &t, &pk)?;
-        let clock = t.clock_table();
-        let sentinel: Option<(i64, i64, i64, i64)> = conn
-            .prepare_cached(&format!(
-                "SELECT col_version, db_version, site_ord, seq FROM {clock} WHERE key = ?1 AND cid = -1"
-            ))?
-            .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .optional()?;
-        let local_cl = sentinel.map_or(0, |s| s.0);
+        // Consecutive changes usually touch the same row: look it up once.
+        let cached = row.as_ref().is_some_and(|r| r.table == c.table && r.pk_bytes == c.pk);
+        if !cached {
+            let pk = pack::unpack(&c.pk).map_err(|e| Error::Malformed(format!("{}: {e}", c.table)))?;
+            if pk.len() != sql.pk_len {
+                return Err(Error::Malformed(format!(
+                    "{}: primary key has {} values, the table has {} key columns",
+                    c.table,
+                    pk.len(),
+                    sql.pk_len
+                )));
+            }
+            let key = row_key(conn, &sql, &pk)?;
+            let sentinel: Option<(i64, i64, i64, i64)> = conn
+                .prepare_cached(&sql.sentinel_select)?
+                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()?;
+            *row = Some(RowState { table: c.table.clone(), pk_bytes: c.pk.clone(), pk, key, sentinel });
+        }
+        let state = row.as_mut().expect("filled above");
+        let key = state.key;
+        let local_cl = state.sentinel.map_or(0, |s| s.0);
         if c.cl < local_cl {
             return Ok(false);
         }
@@ -198,20 +217,18 @@ impl Replica {
 
         if c.cid == ROW_CID {
             if c.cl == local_cl {
-                let s = sentinel.expect("local_cl > 0 means a sentinel exists");
-                let local: Origin = (self.site_of_ord(s.2), s.1, s.3);
+                let s = state.sentinel.expect("local_cl > 0 means a sentinel exists");
+                let local: Origin = (site_of_ord(&self.sites, s.2), s.1, s.3);
                 if incoming <= local {
                     return Ok(false);
                 }
-                set_sentinel(conn, &clock, key, c.cl, c.db_version, ord, c.seq)?;
-                return Ok(true);
-            }
-            if c.cl % 2 == 0 {
-                delete_row(conn, &t, &pk, key)?;
+            } else if c.cl % 2 == 0 {
+                delete_row(conn, &sql, &state.pk, key)?;
             } else {
-                reset_row(conn, &t, &pk, key)?;
+                reset_row(conn, &sql, &state.pk, key)?;
             }
-            set_sentinel(conn, &clock, key, c.cl, c.db_version, ord, c.seq)?;
+            conn.prepare_cached(&sql.sentinel_upsert)?.execute([key, c.cl, c.db_version, ord, c.seq])?;
+            state.sentinel = Some((c.cl, c.db_version, ord, c.seq));
             return Ok(true);
         }
 
@@ -219,48 +236,42 @@ impl Replica {
             // A column value cannot belong to a deleted incarnation; nothing to merge.
             return Ok(false);
         }
-        let cid = t.cid_of(&c.cid).expect("checked resolvable");
+        let column = sql.columns.get(&c.cid).expect("checked resolvable");
         let mut changed = false;
         if c.cl > local_cl {
-            reset_row(conn, &t, &pk, key)?;
-            set_sentinel(conn, &clock, key, c.cl, 0, -1, 0)?;
+            reset_row(conn, &sql, &state.pk, key)?;
+            conn.prepare_cached(&sql.sentinel_upsert)?.execute([key, c.cl, 0, -1, 0])?;
+            state.sentinel = Some((c.cl, 0, -1, 0));
             changed = true;
         }
         let local: Option<(i64, i64)> = conn
-            .prepare_cached(&format!("SELECT col_version, site_ord FROM {clock} WHERE key = ?1 AND cid = ?2"))?
-            .query_row([key, cid], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached(&sql.column_clock_select)?
+            .query_row([key, column.cid], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         let wins = match local {
             None => true,
             Some((version, _)) if version != c.col_version => c.col_version > version,
             Some((_, local_ord)) => {
-                let current = column_value(conn, &t, &c.cid, &pk)?;
+                let current: Value = conn
+                    .prepare_cached(&column.read)?
+                    .query_row(params_from_iter(state.pk.iter()), |r| r.get(0))
+                    .optional()?
+                    .unwrap_or(Value::Null);
                 match c.val.merge_cmp(&current) {
                     Ordering::Greater => true,
                     Ordering::Less => false,
-                    Ordering::Equal => Some(c.site_id) > self.site_of_ord(local_ord),
+                    Ordering::Equal => Some(c.site_id) > site_of_ord(&self.sites, local_ord),
                 }
             }
         };
         if !wins {
             return Ok(changed);
         }
-        write_column(conn, &t, &c.cid, &pk, &c.val)?;
-        conn.prepare_cached(&format!(
-            "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (key, cid) DO UPDATE SET col_version = excluded.col_version,
-               db_version = excluded.db_version, site_ord = excluded.site_ord, seq = excluded.seq"
-        ))?
-        .execute([key, cid, c.col_version, c.db_version, ord, c.seq])?;
+        conn.prepare_cached(&column.write)?
+            .execute(params_from_iter(state.pk.iter().chain(std::iter::once(&c.val))))?;
+        conn.prepare_cached(&sql.column_clock_upsert)?
+            .execute([key, column.cid, c.col_version, c.db_version, ord, c.seq])?;
         Ok(true)
-    }
-
-    fn site_of_ord(&self, ord: i64) -> Option<SiteId> {
-        if ord < 0 {
-            None
-        } else {
-            self.site_of(ord)
-        }
     }
 
     /// Applies pending changes whose tables and columns now exist.
@@ -328,76 +339,117 @@ impl Replica {
     }
 }
 
+/// The row a run of changes is about, looked up once.
+struct RowState {
+    table: String,
+    pk_bytes: Vec<u8>,
+    pk: Vec<Value>,
+    key: i64,
+    /// (causal length, db_version, site ordinal, seq) of the row's sentinel.
+    sentinel: Option<(i64, i64, i64, i64)>,
+}
+
+fn site_of_ord(sites: &[Option<SiteId>], ord: i64) -> Option<SiteId> {
+    usize::try_from(ord).ok().and_then(|i| sites.get(i).copied().flatten())
+}
+
+/// A column's statements: read its value, write it (creating the row if needed).
+pub(crate) struct ColumnSql {
+    cid: i64,
+    read: String,
+    write: String,
+}
+
+/// Every statement the merge path runs against one table, built once.
+pub(crate) struct MergeSql {
+    pk_len: usize,
+    key_select: String,
+    key_insert: String,
+    sentinel_select: String,
+    sentinel_upsert: String,
+    delete_base: String,
+    delete_column_clocks: String,
+    insert_pk_only: String,
+    column_clock_select: String,
+    column_clock_upsert: String,
+    columns: HashMap<String, ColumnSql>,
+}
+
+impl MergeSql {
+    fn new(t: &TableInfo) -> MergeSql {
+        let table = quote(&t.name);
+        let pks = t.pks_table();
+        let clock = t.clock_table();
+        let pk_where = t.pk_params("", 1);
+        let placeholders = |n: usize| (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+        let n = t.pk.len();
+        let upsert = |cid: &str| {
+            format!(
+                "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq) VALUES ({cid})
+                 ON CONFLICT (key, cid) DO UPDATE SET col_version = excluded.col_version,
+                   db_version = excluded.db_version, site_ord = excluded.site_ord, seq = excluded.seq"
+            )
+        };
+        MergeSql {
+            pk_len: n,
+            key_select: format!("SELECT __fazt_key FROM {pks} WHERE {pk_where}"),
+            key_insert: format!("INSERT INTO {pks} ({}) VALUES ({})", t.pk_list(""), placeholders(n)),
+            sentinel_select: format!(
+                "SELECT col_version, db_version, site_ord, seq FROM {clock} WHERE key = ?1 AND cid = -1"
+            ),
+            sentinel_upsert: upsert("?1, -1, ?2, ?3, ?4, ?5"),
+            delete_base: format!("DELETE FROM {table} WHERE {pk_where}"),
+            delete_column_clocks: format!("DELETE FROM {clock} WHERE key = ?1 AND cid >= 0"),
+            insert_pk_only: format!("INSERT INTO {table} ({}) VALUES ({})", t.pk_list(""), placeholders(n)),
+            column_clock_select: format!("SELECT col_version, site_ord FROM {clock} WHERE key = ?1 AND cid = ?2"),
+            column_clock_upsert: upsert("?1, ?2, ?3, ?4, ?5, ?6"),
+            columns: t
+                .columns
+                .iter()
+                .map(|(cid, name)| {
+                    let c = quote(name);
+                    (
+                        name.clone(),
+                        ColumnSql {
+                            cid: *cid,
+                            read: format!("SELECT {c} FROM {table} WHERE {pk_where}"),
+                            write: format!(
+                                "INSERT INTO {table} ({}, {c}) VALUES ({})
+                                 ON CONFLICT ({}) DO UPDATE SET {c} = excluded.{c}",
+                                t.pk_list(""),
+                                placeholders(n + 1),
+                                t.pk_list("")
+                            ),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The small integer key of a primary key, created on first sight.
-fn row_key(conn: &rusqlite::Connection, t: &TableInfo, pk: &[Value]) -> Result<i64, Error> {
-    let pks = t.pks_table();
+fn row_key(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value]) -> Result<i64, Error> {
     let found: Option<i64> = conn
-        .prepare_cached(&format!("SELECT __fazt_key FROM {pks} WHERE {}", t.pk_params("", 1)))?
+        .prepare_cached(&sql.key_select)?
         .query_row(params_from_iter(pk.iter()), |r| r.get(0))
         .optional()?;
     if let Some(key) = found {
         return Ok(key);
     }
-    let placeholders = (1..=pk.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-    conn.prepare_cached(&format!("INSERT INTO {pks} ({}) VALUES ({placeholders})", t.pk_list("")))?
-        .execute(params_from_iter(pk.iter()))?;
+    conn.prepare_cached(&sql.key_insert)?.execute(params_from_iter(pk.iter()))?;
     Ok(conn.last_insert_rowid())
 }
 
-fn set_sentinel(
-    conn: &rusqlite::Connection,
-    clock: &str,
-    key: i64,
-    cl: i64,
-    db_version: i64,
-    ord: i64,
-    seq: i64,
-) -> Result<(), Error> {
-    conn.prepare_cached(&format!(
-        "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq) VALUES (?1, -1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (key, cid) DO UPDATE SET col_version = excluded.col_version,
-           db_version = excluded.db_version, site_ord = excluded.site_ord, seq = excluded.seq"
-    ))?
-    .execute([key, cl, db_version, ord, seq])?;
-    Ok(())
-}
-
-fn delete_row(conn: &rusqlite::Connection, t: &TableInfo, pk: &[Value], key: i64) -> Result<(), Error> {
-    conn.prepare_cached(&format!("DELETE FROM {} WHERE {}", quote(&t.name), t.pk_params("", 1)))?
-        .execute(params_from_iter(pk.iter()))?;
-    conn.prepare_cached(&format!("DELETE FROM {} WHERE key = ?1 AND cid >= 0", t.clock_table()))?
-        .execute([key])?;
+fn delete_row(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value], key: i64) -> Result<(), Error> {
+    conn.prepare_cached(&sql.delete_base)?.execute(params_from_iter(pk.iter()))?;
+    conn.prepare_cached(&sql.delete_column_clocks)?.execute([key])?;
     Ok(())
 }
 
 /// Starts a new incarnation of a row: defaults everywhere, no column clocks.
-fn reset_row(conn: &rusqlite::Connection, t: &TableInfo, pk: &[Value], key: i64) -> Result<(), Error> {
-    delete_row(conn, t, pk, key)?;
-    let placeholders = (1..=pk.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-    conn.prepare_cached(&format!("INSERT INTO {} ({}) VALUES ({placeholders})", quote(&t.name), t.pk_list("")))?
-        .execute(params_from_iter(pk.iter()))?;
-    Ok(())
-}
-
-fn column_value(conn: &rusqlite::Connection, t: &TableInfo, col: &str, pk: &[Value]) -> Result<Value, Error> {
-    Ok(conn
-        .prepare_cached(&format!("SELECT {} FROM {} WHERE {}", quote(col), quote(&t.name), t.pk_params("", 1)))?
-        .query_row(params_from_iter(pk.iter()), |r| r.get(0))
-        .optional()?
-        .unwrap_or(Value::Null))
-}
-
-fn write_column(conn: &rusqlite::Connection, t: &TableInfo, col: &str, pk: &[Value], val: &Value) -> Result<(), Error> {
-    let n = pk.len();
-    let placeholders = (1..=n + 1).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-    let sql = format!(
-        "INSERT INTO {table} ({pk}, {c}) VALUES ({placeholders})
-         ON CONFLICT ({pk}) DO UPDATE SET {c} = excluded.{c}",
-        table = quote(&t.name),
-        pk = t.pk_list(""),
-        c = quote(col),
-    );
-    conn.prepare_cached(&sql)?
-        .execute(params_from_iter(pk.iter().chain(std::iter::once(val))))?;
+fn reset_row(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value], key: i64) -> Result<(), Error> {
+    delete_row(conn, sql, pk, key)?;
+    conn.prepare_cached(&sql.insert_pk_only)?.execute(params_from_iter(pk.iter()))?;
     Ok(())
 }

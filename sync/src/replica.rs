@@ -102,6 +102,8 @@ pub struct Replica {
     pub(crate) tables: HashMap<String, TableInfo>,
     /// Bumped whenever `tables` changes, so cached SQL is rebuilt.
     pub(crate) catalog_version: u64,
+    /// The merge path's statements per table, for `catalog_version`.
+    pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
 }
 
 impl std::fmt::Debug for Replica {
@@ -140,6 +142,7 @@ impl Replica {
             site_ords: HashMap::new(),
             tables: HashMap::new(),
             catalog_version: 0,
+            merge_sql: (0, HashMap::new()),
         };
         replica.load_sites()?;
         replica.tables = crate::crr::load_catalog(&replica.conn)?;
