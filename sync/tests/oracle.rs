@@ -5,8 +5,8 @@
 //! the data and on each cell's clock.
 //!
 //! cr-sqlite is test-only. `scripts/build-crsqlite-oracle` builds its loadable extension into
-//! `target/crsqlite-oracle/crsqlite.so`; `FAZT_CRSQLITE` points elsewhere. Without it the
-//! tests skip, unless `FAZT_REQUIRE_ORACLE=1` (as in CI), where they fail.
+//! `target/crsqlite-oracle/crsqlite.so` (or set `FAZT_CRSQLITE` to another path). Without it
+//! the tests skip, unless `FAZT_REQUIRE_ORACLE=1` (as in CI), where they fail.
 //!
 //! Twins share a site id (the cr-sqlite replica is given its fazt twin's), so tie-breaks on
 //! site id pick the same winner on both sides, and winners can be compared by site.
@@ -37,6 +37,9 @@ const REPLICAS: usize = 3;
 /// The tables `SCHEMA` creates (and `common::replica` replicates).
 const TABLES: [&str; 2] = ["items", "pairs"];
 const DEFAULT_CASES: u32 = 200;
+
+/// One SQL statement and its parameters.
+type Statement = (String, Vec<Value>);
 
 /// Where the cr-sqlite extension is, or `None` (after saying so) when the test should skip.
 fn oracle() -> Option<PathBuf> {
@@ -104,7 +107,7 @@ impl CrSqlite {
     }
 
     /// Runs `statements` as one transaction, like [`Replica::write`]: all or nothing.
-    fn write(&mut self, statements: &[(String, Vec<Value>)]) -> rusqlite::Result<()> {
+    fn write(&mut self, statements: &[Statement]) -> rusqlite::Result<()> {
         let tx = self.conn.transaction()?;
         for (sql, params) in statements {
             tx.execute(sql, rusqlite::params_from_iter(params))?;
@@ -112,7 +115,8 @@ impl CrSqlite {
         tx.commit()
     }
 
-    /// Every change row, as `crsql_changes` shows it.
+    /// The change rows (`crsql_changes`) newer than db_version `since`, except those that
+    /// originated at `not_from`.
     fn changes(&self, since: i64, not_from: Option<SiteId>) -> Vec<Vec<rusqlite::types::Value>> {
         let mut stmt = self
             .conn
@@ -210,12 +214,13 @@ impl Clocks {
         use rusqlite::types::Value as V;
         let mut clocks = Clocks::default();
         for row in db.changes(0, None) {
-            match &row[..] {
-                [V::Text(table), V::Blob(pk), V::Text(cid), _, V::Integer(col_version), _, V::Blob(site), V::Integer(cl), _] => {
-                    clocks.add(table.clone(), pk, cid.clone(), *col_version, site, *cl)
-                }
-                other => panic!("unexpected crsql_changes row {other:?}"),
-            }
+            // "table", pk, cid, val, col_version, db_version, site_id, cl, seq
+            let [V::Text(table), V::Blob(pk), V::Text(cid), _, V::Integer(version), _, V::Blob(site), V::Integer(cl), _] =
+                &row[..]
+            else {
+                panic!("unexpected crsql_changes row {row:?}")
+            };
+            clocks.add(table.clone(), pk, cid.clone(), *version, site, *cl);
         }
         clocks
     }
@@ -241,7 +246,7 @@ enum Op {
 
 impl Op {
     /// The replica written to and its transaction, or `None` for a sync.
-    fn statements(&self) -> Option<(usize, Vec<(String, Vec<Value>)>)> {
+    fn statements(&self) -> Option<(usize, Vec<Statement>)> {
         let s = |sql: &str, params: Vec<Value>| (sql.to_string(), params);
         let i = Value::Integer;
         let text = |t: &str| Value::Text(t.to_string());
@@ -297,7 +302,8 @@ fn op() -> impl Strategy<Value = Op> {
     let col = prop_oneof![Just("a"), Just("b"), Just("c")];
     let x = prop_oneof![Just("k"), Just("l")];
     prop_oneof![
-        3 => (at.clone(), id.clone(), value(), value(), value()).prop_map(|(at, id, a, b, c)| Op::Insert { at, id, a, b, c }),
+        3 => (at.clone(), id.clone(), value(), value(), value())
+            .prop_map(|(at, id, a, b, c)| Op::Insert { at, id, a, b, c }),
         1 => (at.clone(), id.clone()).prop_map(|(at, id)| Op::InsertKey { at, id }),
         4 => (at.clone(), id.clone(), proptest::collection::vec((col, value()), 1..=2))
             .prop_map(|(at, id, set)| Op::Update { at, id, set }),
@@ -305,8 +311,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (at.clone(), id.clone(), value(), value()).prop_map(|(at, id, a, c)| Op::Reinsert { at, id, a, c }),
         2 => (at.clone(), x.clone(), 0i64..2, value()).prop_map(|(at, x, y, v)| Op::Pair { at, x, y, v }),
         1 => (at.clone(), x, 0i64..2).prop_map(|(at, x, y)| Op::DeletePair { at, x, y }),
-        4 => (at.clone(), at).prop_filter("a replica does not sync with itself", |(f, t)| f != t)
-            .prop_map(|(from, to)| Op::Sync { from, to }),
+        4 => (at, 1..REPLICAS).prop_map(|(from, hop)| Op::Sync { from, to: (from + hop) % REPLICAS }),
     ]
 }
 
@@ -337,11 +342,11 @@ impl World {
     }
 
     fn run(&mut self, op: &Op) -> Result<(), TestCaseError> {
-        let Some((at, statements)) = op.statements() else {
-            let Op::Sync { from, to } = *op else { unreachable!() };
+        if let Op::Sync { from, to } = *op {
             self.sync(from, to);
             return Ok(());
-        };
+        }
+        let (at, statements) = op.statements().expect("every op but a sync writes");
         let fazt = self.fazt[at].write(|tx| {
             for (sql, params) in &statements {
                 tx.execute(sql, rusqlite::params_from_iter(params))?;
@@ -362,7 +367,13 @@ impl World {
     /// Each fazt replica holds what its cr-sqlite twin holds.
     fn check_twins(&self, after: &str) -> Result<(), TestCaseError> {
         for (n, (f, c)) in self.fazt.iter().zip(&self.cr).enumerate() {
-            prop_assert_eq!(contents(f.conn()), contents(&c.conn), "replica {} after {}: fazt (left) vs cr-sqlite (right)", n, after);
+            prop_assert_eq!(
+                contents(f.conn()),
+                contents(&c.conn),
+                "replica {} after {}: fazt (left) vs cr-sqlite (right)",
+                n,
+                after
+            );
         }
         Ok(())
     }
@@ -389,10 +400,11 @@ fn differential(extension: &std::path::Path, ops: &[Op]) -> Result<(), TestCaseE
     let want = contents(world.fazt[0].conn());
     let want_clocks = Clocks::of_fazt(&world.fazt[0]);
     for n in 0..REPLICAS {
-        prop_assert_eq!(&contents(world.fazt[n].conn()), &want, "fazt replica {} vs fazt replica 0 after settling", n);
-        prop_assert_eq!(&contents(&world.cr[n].conn), &want, "cr-sqlite replica {} vs fazt replica 0 after settling", n);
+        prop_assert_eq!(&contents(world.fazt[n].conn()), &want, "fazt replica {} vs fazt replica 0", n);
+        prop_assert_eq!(&contents(&world.cr[n].conn), &want, "cr-sqlite replica {} vs fazt replica 0", n);
         prop_assert_eq!(&Clocks::of_fazt(&world.fazt[n]), &want_clocks, "fazt replica {} clocks vs fazt replica 0", n);
-        prop_assert_eq!(&Clocks::of_crsqlite(&world.cr[n]), &want_clocks, "cr-sqlite replica {} clocks vs fazt replica 0", n);
+        let clocks = Clocks::of_crsqlite(&world.cr[n]);
+        prop_assert_eq!(&clocks, &want_clocks, "cr-sqlite replica {} clocks vs fazt replica 0", n);
     }
     Ok(())
 }

@@ -33,7 +33,10 @@ pub fn sync(from: &Replica, to: &mut Replica) -> Batch {
 /// Table contents, in a canonical text form.
 pub fn data(r: &Replica) -> Vec<String> {
     let mut out = Vec::new();
-    for sql in ["SELECT id, quote(a), b, quote(c) FROM items ORDER BY id", "SELECT quote(x), y, quote(v) FROM pairs ORDER BY x, y"] {
+    for sql in [
+        "SELECT id, quote(a), b, quote(c) FROM items ORDER BY id",
+        "SELECT quote(x), y, quote(v) FROM pairs ORDER BY x, y",
+    ] {
         let mut stmt = r.conn().prepare(sql).unwrap();
         let n = stmt.column_count();
         let rows = stmt
