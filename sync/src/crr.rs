@@ -6,7 +6,8 @@
 //! - `t__fazt_clock (key, cid, col_version, db_version, site_ord, seq)`: one row per live
 //!   (row, column) with the version of its last write and that write's origin, plus a
 //!   sentinel row (`cid = -1`) whose `col_version` is the row's causal length: odd while the
-//!   row exists, even once deleted. Column ids are small integers mapped to names in
+//!   row exists, even once deleted. A live row in its first incarnation has no sentinel
+//!   (its column clocks imply causal length 1), unless the table has no other columns. Column ids are small integers mapped to names in
 //!   `fazt_sync_columns`; the names are what travel.
 //! - AFTER INSERT/UPDATE/DELETE triggers that record local writes. They stamp changes with
 //!   `fazt_sync_db_version()` and `fazt_sync_seq()`, which refuse to answer outside
@@ -241,30 +242,49 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
     Ok(sql)
 }
 
+/// `(VALUES (0), (1), ...)` over the table's column ids.
+fn column_ids(t: &TableInfo) -> String {
+    let ids = t.columns.iter().map(|(cid, _)| format!("({cid})")).collect::<Vec<_>>().join(", ");
+    format!("(VALUES {ids})")
+}
+
 /// A row `row` (NEW. or OLD.) came into existence: a new incarnation if it was deleted
 /// (even causal length -> next odd), and a fresh version of every column.
+///
+/// A live row of a table with non-key columns has no sentinel while its causal length is
+/// 1: the column clocks say it exists (as in cr-sqlite). The sentinel appears with the
+/// first delete and stays, as the tombstone and then the incarnation counter.
 fn capture_insert(t: &TableInfo, row: &str) -> String {
     let pks = t.pks_table();
     let clock = t.clock_table();
     let pk_values = t.pk.iter().map(|c| format!("{row}{}", quote(c))).collect::<Vec<_>>().join(", ");
     let m = t.pk_match("", row);
     let mut sql = format!(
-        "INSERT INTO {pks} ({cols}) VALUES ({pk_values}) ON CONFLICT DO NOTHING;
-         INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-           SELECT __fazt_key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
-           ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
-             db_version = excluded.db_version, site_ord = 0, seq = excluded.seq
-           WHERE col_version % 2 = 0;\n",
+        "INSERT INTO {pks} ({cols}) VALUES ({pk_values}) ON CONFLICT DO NOTHING;\n",
         cols = t.pk_list(""),
     );
-    for (cid, _) in &t.columns {
+    if t.columns.is_empty() {
         sql += &format!(
             "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-               SELECT __fazt_key, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+               SELECT __fazt_key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
                ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
-                 db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n"
+                 db_version = excluded.db_version, site_ord = 0, seq = excluded.seq
+               WHERE col_version % 2 = 0;\n"
         );
+        return sql;
     }
+    sql += &format!(
+        "UPDATE {clock} SET col_version = col_version + 1, db_version = fazt_sync_db_version(),
+           site_ord = 0, seq = fazt_sync_seq()
+           WHERE cid = -1 AND col_version % 2 = 0 AND key = (SELECT __fazt_key FROM {pks} WHERE {m});
+         INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
+           SELECT p.__fazt_key, v.column1, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
+           FROM {pks} AS p, {ids} AS v WHERE {pm}
+           ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
+             db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n",
+        ids = column_ids(t),
+        pm = t.pk_match("p.", row),
+    );
     sql
 }
 
@@ -282,7 +302,9 @@ fn capture_delete(t: &TableInfo, row: &str) -> String {
     )
 }
 
-/// Rows that existed before registration become changes of this replica.
+/// Rows that existed before registration become changes of this replica: every column of
+/// a row that has no clock yet gets version 1 (tables without non-key columns get a
+/// sentinel instead).
 fn backfill_sql(t: &TableInfo) -> String {
     let name = quote(&t.name);
     let pks = t.pks_table();
@@ -292,18 +314,24 @@ fn backfill_sql(t: &TableInfo) -> String {
     let m = t.pk_match("p.", "src.");
     let mut sql = format!(
         "INSERT INTO {pks} ({cols}) SELECT {src_cols} FROM {name} AS src
-           WHERE NOT EXISTS (SELECT 1 FROM {pks} AS p WHERE {m});
-         INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-           SELECT p.__fazt_key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} AS p
-           WHERE NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = p.__fazt_key AND c.cid = -1)
-             AND EXISTS (SELECT 1 FROM {name} AS src WHERE {m});\n"
+           WHERE NOT EXISTS (SELECT 1 FROM {pks} AS p WHERE {m});\n"
     );
-    for (cid, _) in &t.columns {
+    let live_without_clock = format!(
+        "NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = p.__fazt_key)
+         AND EXISTS (SELECT 1 FROM {name} AS src WHERE {m})"
+    );
+    if t.columns.is_empty() {
         sql += &format!(
             "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-               SELECT s.key, {cid}, 1, s.db_version, 0, fazt_sync_seq() FROM {clock} AS s
-               WHERE s.cid = -1 AND s.site_ord = 0 AND s.db_version = fazt_sync_db_version()
-                 AND NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = s.key AND c.cid = {cid});\n"
+               SELECT p.__fazt_key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} AS p
+               WHERE {live_without_clock};\n"
+        );
+    } else {
+        sql += &format!(
+            "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
+               SELECT p.__fazt_key, v.column1, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
+               FROM {pks} AS p, {ids} AS v WHERE {live_without_clock};\n",
+            ids = column_ids(t),
         );
     }
     sql

@@ -109,6 +109,7 @@ impl Replica {
                     report.unchanged += 1;
                 }
             }
+            self.flush_row(&mut row)?;
             report.transactions += 1;
         }
 
@@ -174,6 +175,7 @@ impl Replica {
     fn merge_sql(&mut self, table: &str) -> Arc<MergeSql> {
         if self.merge_sql.0 != self.catalog_version {
             self.merge_sql = (self.catalog_version, HashMap::new());
+            self.write_sql.clear();
         }
         if let Some(sql) = self.merge_sql.1.get(table) {
             return sql.clone();
@@ -183,14 +185,15 @@ impl Replica {
         sql
     }
 
-    /// Merges one change; returns whether anything changed.
+    /// Merges one change; returns whether anything changed. Winning column values are
+    /// collected in `row` and written with one statement per row by [`Replica::flush_row`].
     fn merge_one(&mut self, c: &Change, row: &mut Option<RowState>) -> Result<bool, Error> {
         let ord = self.ord_of(c.site_id)?;
         let sql = self.merge_sql(&c.table);
-        let conn = &self.conn;
         // Consecutive changes usually touch the same row: look it up once.
         let cached = row.as_ref().is_some_and(|r| r.table == c.table && r.pk_bytes == c.pk);
         if !cached {
+            self.flush_row(row)?;
             let pk = pack::unpack(&c.pk).map_err(|e| Error::Malformed(format!("{}: {e}", c.table)))?;
             if pk.len() != sql.pk_len {
                 return Err(Error::Malformed(format!(
@@ -200,35 +203,65 @@ impl Replica {
                     sql.pk_len
                 )));
             }
-            let key = row_key(conn, &sql, &pk)?;
-            let sentinel: Option<(i64, i64, i64, i64)> = conn
-                .prepare_cached(&sql.sentinel_select)?
-                .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .optional()?;
-            *row = Some(RowState { table: c.table.clone(), pk_bytes: c.pk.clone(), pk, key, sentinel });
+            let (key, created) = row_key(&self.conn, &sql, &pk)?;
+            let (mut cl, mut sentinel, mut fresh) = (0, None, true);
+            if !created {
+                let found: Option<(i64, i64, i64, i64)> = self
+                    .conn
+                    .prepare_cached(&sql.sentinel_select)?
+                    .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()?;
+                let has_columns = self.conn.prepare_cached(&sql.any_column_clock)?.exists([key])?;
+                fresh = !has_columns;
+                match found {
+                    Some((l, d, o, q)) => {
+                        cl = l;
+                        sentinel = Some((d, o, q));
+                    }
+                    // Column clocks without a sentinel: a live first incarnation.
+                    None if has_columns => cl = 1,
+                    None => {}
+                }
+            }
+            *row = Some(RowState {
+                sql: sql.clone(),
+                table: c.table.clone(),
+                pk_bytes: c.pk.clone(),
+                pk,
+                key,
+                cl,
+                sentinel,
+                fresh,
+                pending: Vec::new(),
+            });
         }
         let state = row.as_mut().expect("filled above");
         let key = state.key;
-        let local_cl = state.sentinel.map_or(0, |s| s.0);
-        if c.cl < local_cl {
+        if c.cl < state.cl {
             return Ok(false);
         }
-        let incoming: Origin = (Some(c.site_id), c.db_version, c.seq);
+        let conn = &self.conn;
 
         if c.cid == ROW_CID {
-            if c.cl == local_cl {
-                let s = state.sentinel.expect("local_cl > 0 means a sentinel exists");
-                let local: Origin = (site_of_ord(&self.sites, s.2), s.1, s.3);
+            if c.cl == state.cl {
+                let (d, o, q) = state.sentinel.unwrap_or((0, -1, 0));
+                let local: Origin = (site_of_ord(&self.sites, o), d, q);
+                let incoming: Origin = (Some(c.site_id), c.db_version, c.seq);
                 if incoming <= local {
                     return Ok(false);
                 }
-            } else if c.cl % 2 == 0 {
-                delete_row(conn, &sql, &state.pk, key)?;
             } else {
-                reset_row(conn, &sql, &state.pk, key)?;
+                write_pending(conn, &mut self.write_sql, state)?;
+                if c.cl % 2 == 0 {
+                    delete_row(conn, &sql, &state.pk, key)?;
+                } else {
+                    reset_row(conn, &sql, &state.pk, key)?;
+                }
+                state.fresh = true;
             }
             conn.prepare_cached(&sql.sentinel_upsert)?.execute([key, c.cl, c.db_version, ord, c.seq])?;
-            state.sentinel = Some((c.cl, c.db_version, ord, c.seq));
+            state.cl = c.cl;
+            state.sentinel = Some((c.db_version, ord, c.seq));
             return Ok(true);
         }
 
@@ -238,40 +271,58 @@ impl Replica {
         }
         let column = sql.columns.get(&c.cid).expect("checked resolvable");
         let mut changed = false;
-        if c.cl > local_cl {
-            reset_row(conn, &sql, &state.pk, key)?;
-            conn.prepare_cached(&sql.sentinel_upsert)?.execute([key, c.cl, 0, -1, 0])?;
-            state.sentinel = Some((c.cl, 0, -1, 0));
+        if c.cl > state.cl {
+            if state.cl == 0 && c.cl == 1 {
+                // A first incarnation: the column clocks will say the row exists.
+                state.cl = 1;
+            } else {
+                write_pending(conn, &mut self.write_sql, state)?;
+                reset_row(conn, &sql, &state.pk, key)?;
+                // Until the creation itself arrives, a placeholder that loses every tie.
+                conn.prepare_cached(&sql.sentinel_upsert)?.execute([key, c.cl, 0, -1, 0])?;
+                state.cl = c.cl;
+                state.sentinel = Some((0, -1, 0));
+                state.fresh = true;
+            }
             changed = true;
         }
-        let local: Option<(i64, i64)> = conn
-            .prepare_cached(&sql.column_clock_select)?
-            .query_row([key, column.cid], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let wins = match local {
-            None => true,
-            Some((version, _)) if version != c.col_version => c.col_version > version,
-            Some((_, local_ord)) => {
-                let current: Value = conn
-                    .prepare_cached(&column.read)?
-                    .query_row(params_from_iter(state.pk.iter()), |r| r.get(0))
-                    .optional()?
-                    .unwrap_or(Value::Null);
-                match c.val.merge_cmp(&current) {
-                    Ordering::Greater => true,
-                    Ordering::Less => false,
-                    Ordering::Equal => Some(c.site_id) > site_of_ord(&self.sites, local_ord),
+        let wins = state.fresh || {
+            let local: Option<(i64, i64)> = conn
+                .prepare_cached(&sql.column_clock_select)?
+                .query_row([key, column.cid], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match local {
+                None => true,
+                Some((version, _)) if version != c.col_version => c.col_version > version,
+                Some((_, local_ord)) => {
+                    let current: Value = conn
+                        .prepare_cached(&column.read)?
+                        .query_row(params_from_iter(state.pk.iter()), |r| r.get(0))
+                        .optional()?
+                        .unwrap_or(Value::Null);
+                    match c.val.merge_cmp(&current) {
+                        Ordering::Greater => true,
+                        Ordering::Less => false,
+                        Ordering::Equal => Some(c.site_id) > site_of_ord(&self.sites, local_ord),
+                    }
                 }
             }
         };
         if !wins {
             return Ok(changed);
         }
-        conn.prepare_cached(&column.write)?
-            .execute(params_from_iter(state.pk.iter().chain(std::iter::once(&c.val))))?;
         conn.prepare_cached(&sql.column_clock_upsert)?
             .execute([key, column.cid, c.col_version, c.db_version, ord, c.seq])?;
+        state.pending.push((column.cid, column.name.clone(), c.val.clone()));
         Ok(true)
+    }
+
+    /// Writes the winning column values collected for a row.
+    fn flush_row(&mut self, row: &mut Option<RowState>) -> Result<(), Error> {
+        if let Some(state) = row.as_mut() {
+            write_pending(&self.conn, &mut self.write_sql, state)?;
+        }
+        Ok(())
     }
 
     /// Applies pending changes whose tables and columns now exist.
@@ -340,13 +391,49 @@ impl Replica {
 }
 
 /// The row a run of changes is about, looked up once.
-struct RowState {
+pub(crate) struct RowState {
+    sql: Arc<MergeSql>,
     table: String,
     pk_bytes: Vec<u8>,
     pk: Vec<Value>,
     key: i64,
-    /// (causal length, db_version, site ordinal, seq) of the row's sentinel.
-    sentinel: Option<(i64, i64, i64, i64)>,
+    /// The row's causal length here (1 when implied by column clocks).
+    cl: i64,
+    /// (db_version, site ordinal, seq) of the sentinel, if the row has one.
+    sentinel: Option<(i64, i64, i64)>,
+    /// No column clocks exist for the row: every column change wins without a lookup.
+    fresh: bool,
+    /// Winning values not yet written to the row: (cid, column name, value).
+    pending: Vec<(i64, String, Value)>,
+}
+
+/// Writes a row's collected column values with one upsert.
+fn write_pending(
+    conn: &rusqlite::Connection,
+    cache: &mut HashMap<(String, Vec<i64>), String>,
+    state: &mut RowState,
+) -> Result<(), Error> {
+    if state.pending.is_empty() {
+        return Ok(());
+    }
+    let cids: Vec<i64> = state.pending.iter().map(|(cid, _, _)| *cid).collect();
+    let sql = cache.entry((state.table.clone(), cids)).or_insert_with(|| {
+        let names: Vec<String> = state.pending.iter().map(|(_, n, _)| quote(n)).collect();
+        let n = state.pk.len() + names.len();
+        let placeholders = (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+        let set = names.iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ");
+        format!(
+            "INSERT INTO {} ({}, {}) VALUES ({placeholders}) ON CONFLICT ({}) DO UPDATE SET {set}",
+            state.sql.table,
+            state.sql.pk_cols,
+            names.join(", "),
+            state.sql.pk_cols
+        )
+    });
+    conn.prepare_cached(sql)?
+        .execute(params_from_iter(state.pk.iter().chain(state.pending.iter().map(|(_, _, v)| v))))?;
+    state.pending.clear();
+    Ok(())
 }
 
 fn site_of_ord(sites: &[Option<SiteId>], ord: i64) -> Option<SiteId> {
@@ -356,13 +443,17 @@ fn site_of_ord(sites: &[Option<SiteId>], ord: i64) -> Option<SiteId> {
 /// A column's statements: read its value, write it (creating the row if needed).
 pub(crate) struct ColumnSql {
     cid: i64,
+    name: String,
     read: String,
-    write: String,
 }
 
 /// Every statement the merge path runs against one table, built once.
 pub(crate) struct MergeSql {
+    /// The quoted table name and its quoted key columns.
+    table: String,
+    pk_cols: String,
     pk_len: usize,
+    any_column_clock: String,
     key_select: String,
     key_insert: String,
     sentinel_select: String,
@@ -391,7 +482,10 @@ impl MergeSql {
             )
         };
         MergeSql {
+            table: table.clone(),
+            pk_cols: t.pk_list(""),
             pk_len: n,
+            any_column_clock: format!("SELECT 1 FROM {clock} WHERE key = ?1 AND cid >= 0 LIMIT 1"),
             key_select: format!("SELECT __fazt_key FROM {pks} WHERE {pk_where}"),
             key_insert: format!("INSERT INTO {pks} ({}) VALUES ({})", t.pk_list(""), placeholders(n)),
             sentinel_select: format!(
@@ -412,14 +506,8 @@ impl MergeSql {
                         name.clone(),
                         ColumnSql {
                             cid: *cid,
+                            name: name.clone(),
                             read: format!("SELECT {c} FROM {table} WHERE {pk_where}"),
-                            write: format!(
-                                "INSERT INTO {table} ({}, {c}) VALUES ({})
-                                 ON CONFLICT ({}) DO UPDATE SET {c} = excluded.{c}",
-                                t.pk_list(""),
-                                placeholders(n + 1),
-                                t.pk_list("")
-                            ),
                         },
                     )
                 })
@@ -428,17 +516,17 @@ impl MergeSql {
     }
 }
 
-/// The small integer key of a primary key, created on first sight.
-fn row_key(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value]) -> Result<i64, Error> {
+/// The small integer key of a primary key, created on first sight (then `true`).
+fn row_key(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value]) -> Result<(i64, bool), Error> {
     let found: Option<i64> = conn
         .prepare_cached(&sql.key_select)?
         .query_row(params_from_iter(pk.iter()), |r| r.get(0))
         .optional()?;
     if let Some(key) = found {
-        return Ok(key);
+        return Ok((key, false));
     }
     conn.prepare_cached(&sql.key_insert)?.execute(params_from_iter(pk.iter()))?;
-    Ok(conn.last_insert_rowid())
+    Ok((conn.last_insert_rowid(), true))
 }
 
 fn delete_row(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value], key: i64) -> Result<(), Error> {

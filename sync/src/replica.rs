@@ -104,6 +104,8 @@ pub struct Replica {
     pub(crate) catalog_version: u64,
     /// The merge path's statements per table, for `catalog_version`.
     pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
+    /// Row upserts by (table, written column ids).
+    pub(crate) write_sql: HashMap<(String, Vec<i64>), String>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -134,6 +136,10 @@ impl Replica {
         };
         let capture = Arc::new(Capture::default());
         register_functions(&conn, &capture)?;
+        // The merge path keeps a few statements per table prepared.
+        conn.set_prepared_statement_cache_capacity(256);
+        // Multi-statement triggers keep a statement journal; keep it off the disk.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
         let mut replica = Replica {
             conn,
             capture,
@@ -143,6 +149,7 @@ impl Replica {
             tables: HashMap::new(),
             catalog_version: 0,
             merge_sql: (0, HashMap::new()),
+            write_sql: HashMap::new(),
         };
         replica.load_sites()?;
         replica.tables = crate::crr::load_catalog(&replica.conn)?;
