@@ -199,22 +199,27 @@ impl Drop for CrSqlite {
     }
 }
 
-/// Splits an exported batch into `apply`-sized pieces. An origin version is covered by the
-/// piece holding its last change, so a piece never claims a transaction it only half holds.
+/// Splits an exported batch into `apply`-sized pieces, as a receiver would: a piece ends
+/// at the first origin-transaction boundary after `size` changes, because an origin
+/// transaction is applied whole (the 100,000-row bulk insert is one piece). Each piece
+/// covers the versions it holds; the last also carries the versions that wrote nothing.
 fn chunked(batch: &Batch, size: usize) -> Vec<Batch> {
     let mut out: Vec<Batch> = Vec::new();
-    let all = &batch.changes;
-    for (n, piece) in all.chunks(size).enumerate() {
-        let mut covers = Coverage::default();
-        for (i, c) in piece.iter().enumerate() {
-            let next = all.get(n * size + i + 1);
-            if next.is_none_or(|d: &Change| (d.site_id, d.db_version) != (c.site_id, c.db_version)) {
-                covers.insert(c.site_id, c.db_version, c.db_version);
+    let mut current = Batch::default();
+    for (i, c) in batch.changes.iter().enumerate() {
+        current.changes.push(c.clone());
+        let next = batch.changes.get(i + 1);
+        let boundary = next.is_none_or(|d: &Change| (d.site_id, d.db_version) != (c.site_id, c.db_version));
+        if boundary {
+            current.covers.insert(c.site_id, c.db_version, c.db_version);
+            if current.changes.len() >= size {
+                out.push(std::mem::take(&mut current));
             }
         }
-        out.push(Batch { changes: piece.to_vec(), covers });
     }
-    // Versions that wrote nothing still belong to what the batch completes.
+    if !current.changes.is_empty() {
+        out.push(current);
+    }
     match out.last_mut() {
         Some(last) => last.covers.union(&batch.covers),
         None => out.push(Batch { changes: Vec::new(), covers: batch.covers.clone() }),

@@ -116,19 +116,37 @@ impl Replica {
                         format!("CASE c.cid {val} ELSE NULL END"),
                     )
                 };
+                let (pk, from) = if t.rowid_key {
+                    (
+                        "fazt_sync_pack(c.key)".to_string(),
+                        format!(
+                            "{clock} c LEFT JOIN {clock} s ON s.key = c.key AND s.cid = -1
+                             LEFT JOIN {base} b ON b.{col} = c.key",
+                            clock = t.clock_table(),
+                            base = quote(name),
+                            col = quote(&t.pk[0]),
+                        ),
+                    )
+                } else {
+                    (
+                        format!("fazt_sync_pack({})", t.pk_list("p.")),
+                        format!(
+                            "{clock} c JOIN {pks} p ON p.__fazt_key = c.key
+                             LEFT JOIN {clock} s ON s.key = c.key AND s.cid = -1
+                             LEFT JOIN {base} b ON {m}",
+                            clock = t.clock_table(),
+                            pks = t.pks_table(),
+                            base = quote(name),
+                            m = t.pk_match("b.", "p."),
+                        ),
+                    )
+                };
                 format!(
-                    "SELECT '{tname}' AS tbl, fazt_sync_pack({pk}) AS pk, {cid_expr} AS cid, {val_expr} AS val,
+                    "SELECT '{tname}' AS tbl, {pk} AS pk, {cid_expr} AS cid, {val_expr} AS val,
                             c.col_version, c.db_version, coalesce(s.col_version, 1) AS cl, c.seq
-                     FROM {clock} c JOIN {pks} p ON p.__fazt_key = c.key
-                     LEFT JOIN {clock} s ON s.key = c.key AND s.cid = -1
-                     LEFT JOIN {base} b ON {m}
+                     FROM {from}
                      WHERE c.site_ord = ?1 AND c.db_version BETWEEN ?2 AND ?3",
                     tname = name.replace('\'', "''"),
-                    pk = t.pk_list("p."),
-                    clock = t.clock_table(),
-                    pks = t.pks_table(),
-                    base = quote(name),
-                    m = t.pk_match("b.", "p."),
                 )
             })
             .collect();

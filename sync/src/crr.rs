@@ -28,11 +28,23 @@ pub struct TableInfo {
     pub pk: Vec<String>,
     /// Non-key columns: (cid, name).
     pub columns: Vec<(i64, String)>,
+    /// The key is one `INTEGER PRIMARY KEY` (the rowid): its value is the clock's row key
+    /// and no key table is needed.
+    pub rowid_key: bool,
 }
 
 impl TableInfo {
     pub fn cid_of(&self, name: &str) -> Option<i64> {
         self.columns.iter().find(|(_, n)| n == name).map(|(cid, _)| *cid)
+    }
+
+    /// SQL for the clock's row key of the row `row` (`NEW.`, `OLD.`, `src.`).
+    pub(crate) fn key_of(&self, row: &str) -> String {
+        if self.rowid_key {
+            format!("{row}{}", quote(&self.pk[0]))
+        } else {
+            format!("(SELECT __fazt_key FROM {} WHERE {})", self.pks_table(), self.pk_match("", row))
+        }
     }
 
     pub(crate) fn pks_table(&self) -> String {
@@ -67,6 +79,22 @@ impl TableInfo {
     }
 }
 
+/// Whether `pk` is a single `INTEGER PRIMARY KEY` of a rowid table (an alias of the rowid,
+/// so its values are always integers).
+fn is_rowid_key(conn: &Connection, table: &str, pk: &[String]) -> Result<bool, Error> {
+    if pk.len() != 1 {
+        return Ok(false);
+    }
+    let ty: String = conn.query_row(
+        "SELECT upper(type) FROM pragma_table_info(?1) WHERE name = ?2",
+        [table, &pk[0]],
+        |r| r.get(0),
+    )?;
+    let without_rowid: bool =
+        conn.query_row("SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main'", [table], |r| r.get(0))?;
+    Ok(ty == "INTEGER" && !without_rowid)
+}
+
 /// Quotes an identifier for SQL.
 pub(crate) fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -83,7 +111,7 @@ pub(crate) fn load_catalog(conn: &Connection) -> Result<HashMap<String, TableInf
         let (tbl, cid, name, pk) = row?;
         let info = tables
             .entry(tbl.clone())
-            .or_insert_with(|| TableInfo { name: tbl.clone(), pk: Vec::new(), columns: Vec::new() });
+            .or_insert_with(|| TableInfo { name: tbl.clone(), pk: Vec::new(), columns: Vec::new(), rowid_key: false });
         if pk > 0 {
             pks.entry(tbl).or_default().push((pk, name));
         } else {
@@ -94,6 +122,7 @@ pub(crate) fn load_catalog(conn: &Connection) -> Result<HashMap<String, TableInf
         cols.sort();
         if let Some(info) = tables.get_mut(&tbl) {
             info.pk = cols.into_iter().map(|(_, n)| n).collect();
+            info.rowid_key = is_rowid_key(conn, &tbl, &info.pk)?;
         }
     }
     Ok(tables)
@@ -126,7 +155,9 @@ impl Replica {
                 )));
             }
         }
-        let mut info = previous.unwrap_or(TableInfo { name: table.to_string(), pk: pk.clone(), columns: Vec::new() });
+        let rowid_key = is_rowid_key(&self.conn, table, &pk)?;
+        let mut info = previous.unwrap_or(TableInfo { name: table.to_string(), pk: pk.clone(), columns: Vec::new(), rowid_key });
+        info.rowid_key = rowid_key;
         let mut next_cid = info.columns.iter().map(|(c, _)| c + 1).max().unwrap_or(0);
         for (name, p) in &columns {
             if *p == 0 && info.cid_of(name).is_none() {
@@ -181,18 +212,24 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
     let idx = |suffix: &str| quote(&format!("{}__fazt_{suffix}", t.name));
     let trig = |suffix: &str| quote(&format!("{}__fazt_{suffix}", t.name));
 
-    let mut sql = format!(
-        "CREATE TABLE IF NOT EXISTS {pks} (__fazt_key INTEGER PRIMARY KEY NOT NULL, {pk_defs});
-         CREATE UNIQUE INDEX IF NOT EXISTS {pks_idx} ON {pks} ({pk_cols});
-         CREATE TABLE IF NOT EXISTS {clock} (
+    let mut sql = if t.rowid_key {
+        String::new()
+    } else {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {pks} (__fazt_key INTEGER PRIMARY KEY NOT NULL, {pk_defs});
+             CREATE UNIQUE INDEX IF NOT EXISTS {pks_idx} ON {pks} ({pk_cols});\n",
+            pks_idx = idx("pks_pk"),
+        )
+    };
+    sql += &format!(
+        "CREATE TABLE IF NOT EXISTS {clock} (
              key INTEGER NOT NULL, cid INTEGER NOT NULL, col_version INTEGER NOT NULL,
              db_version INTEGER NOT NULL, site_ord INTEGER NOT NULL, seq INTEGER NOT NULL,
              PRIMARY KEY (key, cid)) WITHOUT ROWID;
-         CREATE INDEX IF NOT EXISTS {clock_idx} ON {clock} (site_ord, db_version);
+         CREATE INDEX IF NOT EXISTS {clock_idx} ON {clock} (site_ord, db_version, seq, col_version);
          DROP TRIGGER IF EXISTS {ins}; DROP TRIGGER IF EXISTS {upd};
          DROP TRIGGER IF EXISTS {updpk}; DROP TRIGGER IF EXISTS {del};
         ",
-        pks_idx = idx("pks_pk"),
         clock_idx = idx("clock_origin"),
         ins = trig("ins"),
         upd = trig("upd"),
@@ -214,11 +251,11 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
         .map(|(cid, col)| {
             format!(
                 "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-                   SELECT __fazt_key, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks}
-                   WHERE {m} AND NEW.{q} IS NOT OLD.{q}
+                   SELECT {key}, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
+                   WHERE NEW.{q} IS NOT OLD.{q}
                    ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
                      db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n",
-                m = t.pk_match("", "NEW."),
+                key = t.key_of("NEW."),
                 q = quote(col)
             )
         })
@@ -255,18 +292,21 @@ fn column_ids(t: &TableInfo) -> String {
 /// 1: the column clocks say it exists (as in cr-sqlite). The sentinel appears with the
 /// first delete and stays, as the tombstone and then the incarnation counter.
 fn capture_insert(t: &TableInfo, row: &str) -> String {
-    let pks = t.pks_table();
     let clock = t.clock_table();
-    let pk_values = t.pk.iter().map(|c| format!("{row}{}", quote(c))).collect::<Vec<_>>().join(", ");
-    let m = t.pk_match("", row);
-    let mut sql = format!(
-        "INSERT INTO {pks} ({cols}) VALUES ({pk_values}) ON CONFLICT DO NOTHING;\n",
-        cols = t.pk_list(""),
-    );
+    let key = t.key_of(row);
+    let mut sql = String::new();
+    if !t.rowid_key {
+        let pk_values = t.pk.iter().map(|c| format!("{row}{}", quote(c))).collect::<Vec<_>>().join(", ");
+        sql += &format!(
+            "INSERT INTO {pks} ({cols}) VALUES ({pk_values}) ON CONFLICT DO NOTHING;\n",
+            pks = t.pks_table(),
+            cols = t.pk_list(""),
+        );
+    }
     if t.columns.is_empty() {
         sql += &format!(
             "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-               SELECT __fazt_key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+               SELECT {key}, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() WHERE true
                ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
                  db_version = excluded.db_version, site_ord = 0, seq = excluded.seq
                WHERE col_version % 2 = 0;\n"
@@ -276,29 +316,27 @@ fn capture_insert(t: &TableInfo, row: &str) -> String {
     sql += &format!(
         "UPDATE {clock} SET col_version = col_version + 1, db_version = fazt_sync_db_version(),
            site_ord = 0, seq = fazt_sync_seq()
-           WHERE cid = -1 AND col_version % 2 = 0 AND key = (SELECT __fazt_key FROM {pks} WHERE {m});
+           WHERE key = {key} AND cid = -1 AND col_version % 2 = 0;
          INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-           SELECT p.__fazt_key, v.column1, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
-           FROM {pks} AS p, {ids} AS v WHERE {pm}
+           SELECT {key}, v.column1, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
+           FROM {ids} AS v WHERE true
            ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
              db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n",
         ids = column_ids(t),
-        pm = t.pk_match("p.", row),
     );
     sql
 }
 
 /// A row went away: its causal length becomes even and its column clocks are dropped.
 fn capture_delete(t: &TableInfo, row: &str) -> String {
-    let pks = t.pks_table();
     let clock = t.clock_table();
-    let m = t.pk_match("", row);
+    let key = t.key_of(row);
     format!(
         "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-           SELECT __fazt_key, -1, 2, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} WHERE {m}
+           SELECT {key}, -1, 2, fazt_sync_db_version(), 0, fazt_sync_seq() WHERE true
            ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1 + (col_version % 2 = 0),
              db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;
-         DELETE FROM {clock} WHERE cid >= 0 AND key = (SELECT __fazt_key FROM {pks} WHERE {m});\n"
+         DELETE FROM {clock} WHERE cid >= 0 AND key = {key};\n"
     )
 }
 
@@ -307,30 +345,31 @@ fn capture_delete(t: &TableInfo, row: &str) -> String {
 /// sentinel instead).
 fn backfill_sql(t: &TableInfo) -> String {
     let name = quote(&t.name);
-    let pks = t.pks_table();
     let clock = t.clock_table();
-    let cols = t.pk_list("");
-    let src_cols = t.pk_list("src.");
-    let m = t.pk_match("p.", "src.");
-    let mut sql = format!(
-        "INSERT INTO {pks} ({cols}) SELECT {src_cols} FROM {name} AS src
-           WHERE NOT EXISTS (SELECT 1 FROM {pks} AS p WHERE {m});\n"
-    );
-    let live_without_clock = format!(
-        "NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = p.__fazt_key)
-         AND EXISTS (SELECT 1 FROM {name} AS src WHERE {m})"
-    );
+    let mut sql = String::new();
+    if !t.rowid_key {
+        sql += &format!(
+            "INSERT INTO {pks} ({cols}) SELECT {src_cols} FROM {name} AS src
+               WHERE NOT EXISTS (SELECT 1 FROM {pks} AS p WHERE {m});\n",
+            pks = t.pks_table(),
+            cols = t.pk_list(""),
+            src_cols = t.pk_list("src."),
+            m = t.pk_match("p.", "src."),
+        );
+    }
+    let key = t.key_of("src.");
+    let without_clock = format!("NOT EXISTS (SELECT 1 FROM {clock} c WHERE c.key = {key})");
     if t.columns.is_empty() {
         sql += &format!(
             "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-               SELECT p.__fazt_key, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {pks} AS p
-               WHERE {live_without_clock};\n"
+               SELECT {key}, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() FROM {name} AS src
+               WHERE {without_clock};\n"
         );
     } else {
         sql += &format!(
             "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
-               SELECT p.__fazt_key, v.column1, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
-               FROM {pks} AS p, {ids} AS v WHERE {live_without_clock};\n",
+               SELECT {key}, v.column1, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
+               FROM {name} AS src, {ids} AS v WHERE {without_clock};\n",
             ids = column_ids(t),
         );
     }

@@ -449,6 +449,8 @@ pub(crate) struct ColumnSql {
 
 /// Every statement the merge path runs against one table, built once.
 pub(crate) struct MergeSql {
+    /// The row key is the INTEGER PRIMARY KEY itself (no key table).
+    rowid_key: bool,
     /// The quoted table name and its quoted key columns.
     table: String,
     pk_cols: String,
@@ -482,6 +484,7 @@ impl MergeSql {
             )
         };
         MergeSql {
+            rowid_key: t.rowid_key,
             table: table.clone(),
             pk_cols: t.pk_list(""),
             pk_len: n,
@@ -518,6 +521,12 @@ impl MergeSql {
 
 /// The small integer key of a primary key, created on first sight (then `true`).
 fn row_key(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value]) -> Result<(i64, bool), Error> {
+    if sql.rowid_key {
+        return match pk {
+            [Value::Integer(key)] => Ok((*key, false)),
+            _ => Err(Error::Malformed("the key of an INTEGER PRIMARY KEY table is not an integer".into())),
+        };
+    }
     let found: Option<i64> = conn
         .prepare_cached(&sql.key_select)?
         .query_row(params_from_iter(pk.iter()), |r| r.get(0))

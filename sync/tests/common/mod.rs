@@ -53,10 +53,13 @@ pub fn data(r: &Replica) -> Vec<String> {
 /// replicas can be compared byte for byte.
 pub fn clocks(r: &Replica) -> Vec<String> {
     let mut out = Vec::new();
-    for (table, pk) in [("items", "p.id"), ("pairs", "quote(p.x) || ',' || p.y")] {
+    for (table, pk, join) in [
+        ("items", "c.key", String::new()),
+        ("pairs", "quote(p.x) || ',' || p.y", "JOIN pairs__fazt_pks p ON p.__fazt_key = c.key".to_string()),
+    ] {
         let sql = format!(
             "SELECT {pk}, c.cid, c.col_version, c.db_version, coalesce(hex(s.site_id), 'placeholder'), c.seq
-             FROM {table}__fazt_clock c JOIN {table}__fazt_pks p ON p.__fazt_key = c.key
+             FROM {table}__fazt_clock c {join}
              LEFT JOIN fazt_sync_sites s ON s.ord = c.site_ord ORDER BY 1, 2"
         );
         let mut stmt = r.conn().prepare(&sql).unwrap();
