@@ -206,12 +206,21 @@ impl Replica {
             let (key, created) = row_key(&self.conn, &sql, &pk)?;
             let (mut cl, mut sentinel, mut fresh) = (0, None, true);
             if !created {
-                let found: Option<(i64, i64, i64, i64)> = self
-                    .conn
-                    .prepare_cached(&sql.sentinel_select)?
-                    .query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                    .optional()?;
-                let has_columns = self.conn.prepare_cached(&sql.any_column_clock)?.exists([key])?;
+                // One look at the row's clocks: the sentinel (cid -1) sorts first, then any
+                // column clock.
+                let mut found: Option<(i64, i64, i64, i64)> = None;
+                let mut has_columns = false;
+                {
+                    let mut stmt = self.conn.prepare_cached(&sql.row_clocks)?;
+                    let mut rows = stmt.query([key])?;
+                    while let Some(r) = rows.next()? {
+                        if r.get::<_, i64>(0)? == -1 {
+                            found = Some((r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?));
+                        } else {
+                            has_columns = true;
+                        }
+                    }
+                }
                 fresh = !has_columns;
                 match found {
                     Some((l, d, o, q)) => {
@@ -233,6 +242,7 @@ impl Replica {
                 sentinel,
                 fresh,
                 pending: Vec::new(),
+                clocks: Vec::new(),
             });
         }
         let state = row.as_mut().expect("filled above");
@@ -311,9 +321,8 @@ impl Replica {
         if !wins {
             return Ok(changed);
         }
-        conn.prepare_cached(&sql.column_clock_upsert)?
-            .execute([key, column.cid, c.col_version, c.db_version, ord, c.seq])?;
         state.pending.push((column.cid, column.name.clone(), c.val.clone()));
+        state.clocks.push([key, column.cid, c.col_version, c.db_version, ord, c.seq]);
         Ok(true)
     }
 
@@ -405,6 +414,8 @@ pub(crate) struct RowState {
     fresh: bool,
     /// Winning values not yet written to the row: (cid, column name, value).
     pending: Vec<(i64, String, Value)>,
+    /// Their clock rows: (key, cid, col_version, db_version, site ordinal, seq).
+    clocks: Vec<[i64; 6]>,
 }
 
 /// Writes a row's collected column values with one upsert.
@@ -433,6 +444,23 @@ fn write_pending(
     conn.prepare_cached(sql)?
         .execute(params_from_iter(state.pk.iter().chain(state.pending.iter().map(|(_, _, v)| v))))?;
     state.pending.clear();
+    // The clock rows, in one statement (cached under a key no column set can have: the
+    // negated row count).
+    let n = state.clocks.len();
+    let clock_sql = cache.entry((state.table.clone(), vec![-(n as i64)])).or_insert_with(|| {
+        let rows = (0..n)
+            .map(|i| format!("(?{}, ?{}, ?{}, ?{}, ?{}, ?{})", 6 * i + 1, 6 * i + 2, 6 * i + 3, 6 * i + 4, 6 * i + 5, 6 * i + 6))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "INSERT INTO {} (key, cid, col_version, db_version, site_ord, seq) VALUES {rows}
+             ON CONFLICT (key, cid) DO UPDATE SET col_version = excluded.col_version,
+               db_version = excluded.db_version, site_ord = excluded.site_ord, seq = excluded.seq",
+            state.sql.clock
+        )
+    });
+    conn.prepare_cached(clock_sql)?.execute(params_from_iter(state.clocks.iter().flatten()))?;
+    state.clocks.clear();
     Ok(())
 }
 
@@ -455,16 +483,17 @@ pub(crate) struct MergeSql {
     table: String,
     pk_cols: String,
     pk_len: usize,
-    any_column_clock: String,
+    /// The clock table (quoted).
+    clock: String,
+    /// The sentinel first, then at most one column clock, of one row.
+    row_clocks: String,
     key_select: String,
     key_insert: String,
-    sentinel_select: String,
     sentinel_upsert: String,
     delete_base: String,
     delete_column_clocks: String,
     insert_pk_only: String,
     column_clock_select: String,
-    column_clock_upsert: String,
     columns: HashMap<String, ColumnSql>,
 }
 
@@ -488,18 +517,17 @@ impl MergeSql {
             table: table.clone(),
             pk_cols: t.pk_list(""),
             pk_len: n,
-            any_column_clock: format!("SELECT 1 FROM {clock} WHERE key = ?1 AND cid >= 0 LIMIT 1"),
+            clock: clock.clone(),
+            row_clocks: format!(
+                "SELECT cid, col_version, db_version, site_ord, seq FROM {clock} WHERE key = ?1 ORDER BY cid LIMIT 2"
+            ),
             key_select: format!("SELECT __fazt_key FROM {pks} WHERE {pk_where}"),
             key_insert: format!("INSERT INTO {pks} ({}) VALUES ({})", t.pk_list(""), placeholders(n)),
-            sentinel_select: format!(
-                "SELECT col_version, db_version, site_ord, seq FROM {clock} WHERE key = ?1 AND cid = -1"
-            ),
             sentinel_upsert: upsert("?1, -1, ?2, ?3, ?4, ?5"),
             delete_base: format!("DELETE FROM {table} WHERE {pk_where}"),
             delete_column_clocks: format!("DELETE FROM {clock} WHERE key = ?1 AND cid >= 0"),
             insert_pk_only: format!("INSERT INTO {table} ({}) VALUES ({})", t.pk_list(""), placeholders(n)),
             column_clock_select: format!("SELECT col_version, site_ord FROM {clock} WHERE key = ?1 AND cid = ?2"),
-            column_clock_upsert: upsert("?1, ?2, ?3, ?4, ?5, ?6"),
             columns: t
                 .columns
                 .iter()
