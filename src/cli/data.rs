@@ -32,7 +32,7 @@ pub fn sql(db: &Path, sql: &str, json: bool) -> Result<()> {
                 last = None;
                 continue;
             }
-            let names: Vec<String> = stmt.column_names().into_iter().map(String::from).collect();
+            let names: Vec<String> = stmt.column_names().map(String::from).collect();
             let n = names.len();
             let mut rows = Vec::new();
             let mut cursor = stmt.raw_query();

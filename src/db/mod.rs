@@ -53,7 +53,7 @@ pub fn open_existing(path: &Path) -> Result<Db> {
     }
     match open_checked(path)? {
         Checked::Existing(conn) => into_db(conn),
-        Checked::Recreated(db) => Ok(db),
+        Checked::Recreated(db) => Ok(*db),
     }
 }
 
@@ -130,7 +130,7 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
 enum Checked {
     Existing(Connection),
     /// The file was empty and has been made a new database.
-    Recreated(Db),
+    Recreated(Box<Db>),
 }
 
 fn open_checked(path: &Path) -> Result<Checked> {
@@ -156,7 +156,7 @@ fn open_checked(path: &Path) -> Result<Checked> {
         // A zero-byte file (say, made by `touch`) holds nothing to protect: make it a database.
         drop(conn);
         std::fs::remove_file(path)?;
-        return Ok(Checked::Recreated(create(path)?));
+        return Ok(Checked::Recreated(Box::new(create(path)?)));
     }
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(|_| not_fazt())?;

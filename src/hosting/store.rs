@@ -138,8 +138,8 @@ fn resolve_version(versions: &[VersionSummary], app: &str, wanted: &str) -> Resu
 /// Makes another version current: `to`, or else the one deployed before the current one.
 pub fn rollback(db: &mut Db, app: &AppName, to: Option<&str>) -> Result<VersionSummary> {
     db.write(|tx| {
-        let id = find_app(&tx, app.as_str())?;
-        let versions = list_versions(&tx, &id)?;
+        let id = find_app(tx, app.as_str())?;
+        let versions = list_versions(tx, &id)?;
         let target = match to {
             Some(wanted) => resolve_version(&versions, app.as_str(), wanted)?,
             None => {
@@ -175,7 +175,7 @@ pub struct Removed {
 /// apps may share them.
 pub fn remove_app(db: &mut Db, app: &AppName) -> Result<Removed> {
     db.write(|tx| {
-        let id = find_app(&tx, app.as_str())?;
+        let id = find_app(tx, app.as_str())?;
         let aliases = tx
             .prepare("SELECT subdomain FROM aliases WHERE app_id = ?1 ORDER BY subdomain")?
             .query_map([&id.0], |r| r.get(0))?
