@@ -9,7 +9,7 @@
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{params_from_iter, OptionalExtension};
 
@@ -175,7 +175,6 @@ impl Replica {
     fn merge_sql(&mut self, table: &str) -> Arc<MergeSql> {
         if self.merge_sql.0 != self.catalog_version {
             self.merge_sql = (self.catalog_version, HashMap::new());
-            self.write_sql.clear();
         }
         if let Some(sql) = self.merge_sql.1.get(table) {
             return sql.clone();
@@ -187,7 +186,7 @@ impl Replica {
 
     /// Merges one change; returns whether anything changed. Winning column values are
     /// collected in `row` and written with one statement per row by [`Replica::flush_row`].
-    fn merge_one(&mut self, c: &Change, row: &mut Option<RowState>) -> Result<bool, Error> {
+    fn merge_one<'a>(&mut self, c: &'a Change, row: &mut Option<RowState<'a>>) -> Result<bool, Error> {
         let ord = self.ord_of(c.site_id)?;
         let sql = self.merge_sql(&c.table);
         // Consecutive changes usually touch the same row: look it up once.
@@ -234,14 +233,15 @@ impl Replica {
             }
             *row = Some(RowState {
                 sql: sql.clone(),
-                table: c.table.clone(),
-                pk_bytes: c.pk.clone(),
+                table: &c.table,
+                pk_bytes: &c.pk,
                 pk,
                 key,
                 cl,
                 sentinel,
                 fresh,
                 pending: Vec::new(),
+                cids: Vec::new(),
                 clocks: Vec::new(),
             });
         }
@@ -261,7 +261,7 @@ impl Replica {
                     return Ok(false);
                 }
             } else {
-                write_pending(conn, &mut self.write_sql, state)?;
+                write_pending(conn, state)?;
                 if c.cl % 2 == 0 {
                     delete_row(conn, &sql, &state.pk, key)?;
                 } else {
@@ -286,7 +286,7 @@ impl Replica {
                 // A first incarnation: the column clocks will say the row exists.
                 state.cl = 1;
             } else {
-                write_pending(conn, &mut self.write_sql, state)?;
+                write_pending(conn, state)?;
                 reset_row(conn, &sql, &state.pk, key)?;
                 // Until the creation itself arrives, a placeholder that loses every tie.
                 conn.prepare_cached(&sql.sentinel_upsert)?.execute([key, c.cl, 0, -1, 0])?;
@@ -321,15 +321,15 @@ impl Replica {
         if !wins {
             return Ok(changed);
         }
-        state.pending.push((column.cid, column.name.clone(), c.val.clone()));
+        state.pending.push((column.cid, &c.val));
         state.clocks.push([key, column.cid, c.col_version, c.db_version, ord, c.seq]);
         Ok(true)
     }
 
     /// Writes the winning column values collected for a row.
-    fn flush_row(&mut self, row: &mut Option<RowState>) -> Result<(), Error> {
+    fn flush_row(&mut self, row: &mut Option<RowState<'_>>) -> Result<(), Error> {
         if let Some(state) = row.as_mut() {
-            write_pending(&self.conn, &mut self.write_sql, state)?;
+            write_pending(&self.conn, state)?;
         }
         Ok(())
     }
@@ -400,10 +400,10 @@ impl Replica {
 }
 
 /// The row a run of changes is about, looked up once.
-pub(crate) struct RowState {
+pub(crate) struct RowState<'a> {
     sql: Arc<MergeSql>,
-    table: String,
-    pk_bytes: Vec<u8>,
+    table: &'a str,
+    pk_bytes: &'a [u8],
     pk: Vec<Value>,
     key: i64,
     /// The row's causal length here (1 when implied by column clocks).
@@ -412,42 +412,48 @@ pub(crate) struct RowState {
     sentinel: Option<(i64, i64, i64)>,
     /// No column clocks exist for the row: every column change wins without a lookup.
     fresh: bool,
-    /// Winning values not yet written to the row: (cid, column name, value).
-    pending: Vec<(i64, String, Value)>,
+    /// Winning values not yet written to the row: (cid, value).
+    pending: Vec<(i64, &'a Value)>,
+    /// Scratch space for the written column ids (a cache key).
+    cids: Vec<i64>,
     /// Their clock rows: (key, cid, col_version, db_version, site ordinal, seq).
     clocks: Vec<[i64; 6]>,
 }
 
 /// Writes a row's collected column values with one upsert.
-fn write_pending(
-    conn: &rusqlite::Connection,
-    cache: &mut HashMap<(String, Vec<i64>), String>,
-    state: &mut RowState,
-) -> Result<(), Error> {
+fn write_pending(conn: &rusqlite::Connection, state: &mut RowState<'_>) -> Result<(), Error> {
     if state.pending.is_empty() {
         return Ok(());
     }
-    let cids: Vec<i64> = state.pending.iter().map(|(cid, _, _)| *cid).collect();
-    let sql = cache.entry((state.table.clone(), cids)).or_insert_with(|| {
-        let names: Vec<String> = state.pending.iter().map(|(_, n, _)| quote(n)).collect();
+    state.cids.clear();
+    state.cids.extend(state.pending.iter().map(|(cid, _)| *cid));
+    let mut upserts = state.sql.upserts.lock().unwrap_or_else(|e| e.into_inner());
+    if !upserts.contains_key(&state.cids[..]) {
+        let names: Vec<String> = state
+            .cids
+            .iter()
+            .map(|cid| quote(&state.sql.columns.values().find(|c| c.cid == *cid).expect("known column").name))
+            .collect();
         let n = state.pk.len() + names.len();
         let placeholders = (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
         let set = names.iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ");
-        format!(
+        let sql = format!(
             "INSERT INTO {} ({}, {}) VALUES ({placeholders}) ON CONFLICT ({}) DO UPDATE SET {set}",
             state.sql.table,
             state.sql.pk_cols,
             names.join(", "),
             state.sql.pk_cols
-        )
-    });
-    conn.prepare_cached(sql)?
-        .execute(params_from_iter(state.pk.iter().chain(state.pending.iter().map(|(_, _, v)| v))))?;
+        );
+        upserts.insert(state.cids.clone(), sql);
+    }
+    conn.prepare_cached(&upserts[&state.cids[..]])?
+        .execute(params_from_iter(state.pk.iter().chain(state.pending.iter().map(|(_, v)| *v))))?;
+    drop(upserts);
     state.pending.clear();
-    // The clock rows, in one statement (cached under a key no column set can have: the
-    // negated row count).
+    // The clock rows, in one statement.
     let n = state.clocks.len();
-    let clock_sql = cache.entry((state.table.clone(), vec![-(n as i64)])).or_insert_with(|| {
+    let mut inserts = state.sql.clock_inserts.lock().unwrap_or_else(|e| e.into_inner());
+    let clock_sql = inserts.entry(n).or_insert_with(|| {
         let rows = (0..n)
             .map(|i| format!("(?{}, ?{}, ?{}, ?{}, ?{}, ?{})", 6 * i + 1, 6 * i + 2, 6 * i + 3, 6 * i + 4, 6 * i + 5, 6 * i + 6))
             .collect::<Vec<_>>()
@@ -460,6 +466,7 @@ fn write_pending(
         )
     });
     conn.prepare_cached(clock_sql)?.execute(params_from_iter(state.clocks.iter().flatten()))?;
+    drop(inserts);
     state.clocks.clear();
     Ok(())
 }
@@ -487,6 +494,10 @@ pub(crate) struct MergeSql {
     clock: String,
     /// The sentinel first, then at most one column clock, of one row.
     row_clocks: String,
+    /// Row upserts by the column ids they write.
+    upserts: Mutex<HashMap<Vec<i64>, String>>,
+    /// Multi-row clock inserts by row count.
+    clock_inserts: Mutex<HashMap<usize, String>>,
     key_select: String,
     key_insert: String,
     sentinel_upsert: String,
@@ -518,6 +529,8 @@ impl MergeSql {
             pk_cols: t.pk_list(""),
             pk_len: n,
             clock: clock.clone(),
+            upserts: Mutex::new(HashMap::new()),
+            clock_inserts: Mutex::new(HashMap::new()),
             row_clocks: format!(
                 "SELECT cid, col_version, db_version, site_ord, seq FROM {clock} WHERE key = ?1 ORDER BY cid LIMIT 2"
             ),

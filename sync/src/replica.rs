@@ -104,8 +104,6 @@ pub struct Replica {
     pub(crate) catalog_version: u64,
     /// The merge path's statements per table, for `catalog_version`.
     pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
-    /// Row upserts by (table, written column ids).
-    pub(crate) write_sql: HashMap<(String, Vec<i64>), String>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -149,7 +147,6 @@ impl Replica {
             tables: HashMap::new(),
             catalog_version: 0,
             merge_sql: (0, HashMap::new()),
-            write_sql: HashMap::new(),
         };
         replica.load_sites()?;
         replica.tables = crate::crr::load_catalog(&replica.conn)?;
