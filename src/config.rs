@@ -44,6 +44,7 @@ pub struct Setting<T> {
 pub struct Overrides {
     pub port: Option<u16>,
     pub domain: Option<Domain>,
+    pub sync_port: Option<u16>,
 }
 
 /// A host name the node answers for (`example.com`, `localhost`, `192.0.2.7`).
@@ -87,6 +88,8 @@ impl fmt::Display for Domain {
 pub struct NodeConfig {
     pub domain: Setting<Domain>,
     pub port: Setting<u16>,
+    /// UDP port of the peer (QUIC) listener; by default the HTTP port's number.
+    pub sync_port: Setting<u16>,
 }
 
 impl NodeConfig {
@@ -118,7 +121,17 @@ impl NodeConfig {
                 None => Setting { value: DEFAULT_PORT, source: Source::Default },
             },
         };
-        Ok(NodeConfig { domain, port })
+        let sync_port = match overrides.sync_port {
+            Some(p) => Setting { value: p, source: Source::Flag },
+            None => match get_local(conn, "sync_port")? {
+                Some(v) => Setting {
+                    value: v.parse().map_err(|_| anyhow::anyhow!("stored sync port {v:?} is not a port number: fix it with `fazt server set-config --sync-port`"))?,
+                    source: Source::Database,
+                },
+                None => Setting { value: port.value, source: Source::Default },
+            },
+        };
+        Ok(NodeConfig { domain, port, sync_port })
     }
 }
 

@@ -5,6 +5,7 @@ mod config;
 mod db;
 mod hosting;
 mod identity;
+mod peer;
 mod server;
 
 use clap::Parser;

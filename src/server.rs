@@ -15,6 +15,7 @@ use crate::hosting::site::Site;
 pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
     crate::db::check_integrity(&conn, db_path)?;
     let node_id = crate::identity::ensure(&conn)?;
+    let key = crate::identity::load(&conn)?.ok_or_else(|| anyhow!("this node has no key"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fazt-worker")
@@ -23,9 +24,16 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
     runtime.block_on(async move {
         let listener = bind(config.port.value).await?;
         let port = listener.local_addr()?.port();
+        // By default peers connect to the same port number as HTTP, over UDP.
+        let sync_port = match config.sync_port.source {
+            crate::config::Source::Default => port,
+            _ => config.sync_port.value,
+        };
+        let peers = crate::peer::service::start(db_path.to_path_buf(), key, sync_port).await?;
+        let sync_port = peers.local_port();
         conn.execute(
-            "INSERT OR REPLACE INTO node_runtime (id, pid, port, domain, started_at) VALUES (1, ?1, ?2, ?3, ?4)",
-            rusqlite::params![std::process::id(), port, config.domain.value.as_str(), crate::db::now_secs()],
+            "INSERT OR REPLACE INTO node_runtime (id, pid, port, domain, started_at, sync_port) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![std::process::id(), port, config.domain.value.as_str(), crate::db::now_secs(), sync_port],
         )?;
         let hosting = Arc::new(Hosting {
             site: Arc::new(Site::open(db_path.to_path_buf())?),
@@ -33,13 +41,15 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
         });
         let app = axum::Router::new().fallback(handle).with_state(hosting);
         println!(
-            "fazt serving http://{}:{port}/ (domain {}, node {}, db {})",
+            "fazt serving http://{}:{port}/ (domain {}, node {}, db {}, peers on udp {sync_port})",
             config.domain.value,
             config.domain.value,
             node_id,
             db_path.display()
         );
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+        peers.shutdown().await;
+        let _ = crate::peer::store::reset_connections(&conn);
         conn.execute("DELETE FROM node_runtime WHERE id = 1 AND pid = ?1", [std::process::id()])?;
         served.context("serving HTTP")?;
         eprintln!("fazt stopped");
@@ -89,15 +99,22 @@ async fn shutdown_signal() {
     }
 }
 
+/// A server running on a database file.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub pid: u32,
+    pub port: u16,
+    pub sync_port: u16,
+    pub domain: String,
+}
+
 /// The server running on this database right now, if its process is alive.
-pub fn running(conn: &Connection) -> Result<Option<(u32, u16, String)>> {
+pub fn running(conn: &Connection) -> Result<Option<Runtime>> {
     use rusqlite::OptionalExtension;
-    let row: Option<(u32, u16, String)> = conn
-        .query_row(
-            "SELECT pid, port, domain FROM node_runtime WHERE id = 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+    let row: Option<Runtime> = conn
+        .query_row("SELECT pid, port, sync_port, domain FROM node_runtime WHERE id = 1", [], |r| {
+            Ok(Runtime { pid: r.get(0)?, port: r.get(1)?, sync_port: r.get(2)?, domain: r.get(3)? })
+        })
         .optional()?;
-    Ok(row.filter(|(pid, _, _)| Path::new(&format!("/proc/{pid}")).exists()))
+    Ok(row.filter(|r| Path::new(&format!("/proc/{}", r.pid)).exists()))
 }

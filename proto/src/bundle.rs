@@ -23,6 +23,8 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
+use crate::codec::{unzigzag, zigzag};
+
 pub const MAGIC: [u8; 8] = *b"FAZTBNDL";
 pub const FORMAT_VERSION: u16 = 1;
 /// Longest string or blob a bundle may carry (guards allocations on hostile input).
@@ -90,13 +92,6 @@ const SITE: u8 = 2;
 const CHANGE: u8 = 3;
 const COVER: u8 = 4;
 
-fn zigzag(v: i64) -> u64 {
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> i64 {
-    ((v >> 1) as i64) ^ -((v & 1) as i64)
-}
 
 /// Writes a bundle, hashing everything it writes.
 pub struct BundleWriter<W: Write> {
@@ -124,17 +119,12 @@ impl<W: Write> BundleWriter<W> {
         Ok(w)
     }
 
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.buf.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.buf.push(v as u8);
+    fn varint(&mut self, v: u64) {
+        crate::codec::put_varint(&mut self.buf, v);
     }
 
     fn bytes_field(&mut self, b: &[u8]) {
-        self.varint(b.len() as u64);
-        self.buf.extend_from_slice(b);
+        crate::codec::put_bytes(&mut self.buf, b);
     }
 
     fn string(&mut self, s: &str) -> u64 {

@@ -2,11 +2,17 @@
 //!
 //! - [`NodeId`]: a node's identity, printable for copying between machines.
 //! - [`bundle`]: the change-bundle file format (`fazt sync export` / `import`).
+//! - [`wire`]: the peer protocol's messages and framing.
+//! - [`ticket`]: invitation tickets (`fazt peer invite` / `join`).
 //! - [`PROTOCOL_VERSION`] / [`ALPN`]: the peer protocol's version.
 
 pub mod bundle;
+mod codec;
+pub mod ticket;
+pub mod wire;
 mod node_id;
 
+pub use codec::DecodeError;
 pub use node_id::{NodeId, NodeIdError};
 
 /// Protocol version spoken by this build, carried in ALPN so that a mismatch is refused

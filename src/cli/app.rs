@@ -238,7 +238,7 @@ fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, json: bool) -> R
 /// The URL an alias is served at, by the running server if there is one.
 pub fn url(conn: &Connection, alias: &str) -> Result<String> {
     let (domain, port) = match crate::server::running(conn)? {
-        Some((_, port, domain)) => (domain, port),
+        Some(r) => (r.domain, r.port),
         None => {
             let c = NodeConfig::load(conn, &Overrides::default())?;
             (c.domain.value.to_string(), c.port.value)

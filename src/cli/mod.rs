@@ -3,7 +3,8 @@
 mod alias;
 mod app;
 mod data;
-mod output;
+pub(crate) mod output;
+mod peer;
 mod server;
 mod sync;
 
@@ -48,6 +49,9 @@ enum Command {
     /// Exchange changes as files, and see what this node holds
     #[command(subcommand)]
     Sync(sync::SyncCmd),
+    /// Other nodes: trust, invitations, syncing
+    #[command(subcommand)]
+    Peer(peer::PeerCmd),
 }
 
 impl Cli {
@@ -63,6 +67,7 @@ impl Cli {
             Command::Sql { sql, json } => data::sql(&db, &sql, json),
             Command::Db(cmd) => data::run(cmd, &db),
             Command::Sync(cmd) => sync::run(cmd, &db),
+            Command::Peer(cmd) => peer::run(cmd, &db),
         }
     }
 }

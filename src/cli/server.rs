@@ -19,6 +19,10 @@ pub enum ServerCmd {
         /// Domain for this run only
         #[arg(long)]
         domain: Option<String>,
+        /// UDP port for peer connections (QUIC) for this run only; default: the HTTP port's
+        /// number (0 picks a free one)
+        #[arg(long)]
+        sync_port: Option<u16>,
     },
     /// Create a new database; refuses to overwrite an existing one
     Init {
@@ -33,6 +37,9 @@ pub enum ServerCmd {
         domain: Option<String>,
         #[arg(long)]
         port: Option<u16>,
+        /// UDP port for peer connections (QUIC)
+        #[arg(long)]
+        sync_port: Option<u16>,
         /// Largest file a deploy accepts, e.g. 10M (applies to every peer)
         #[arg(long, value_name = "SIZE")]
         max_file_size: Option<String>,
@@ -46,10 +53,11 @@ pub enum ServerCmd {
 
 pub fn run(cmd: ServerCmd, db: &Path) -> Result<()> {
     match cmd {
-        ServerCmd::Start { port, domain } => {
+        ServerCmd::Start { port, domain, sync_port } => {
             let overrides = Overrides {
                 port,
                 domain: domain.as_deref().map(Domain::parse).transpose()?,
+                sync_port,
             };
             let database = super::open_for_write(db)?;
             let config = NodeConfig::load(database.conn(), &overrides)?;
@@ -74,13 +82,15 @@ pub fn run(cmd: ServerCmd, db: &Path) -> Result<()> {
         ServerCmd::SetConfig {
             domain,
             port,
+            sync_port,
             max_file_size,
         } => {
-            if domain.is_none() && port.is_none() && max_file_size.is_none() {
-                bail!("nothing to set: pass --domain, --port or --max-file-size");
+            if domain.is_none() && port.is_none() && sync_port.is_none() && max_file_size.is_none() {
+                bail!("nothing to set: pass --domain, --port, --sync-port or --max-file-size");
             }
             let domain = domain.as_deref().map(Domain::parse).transpose()?;
             check_port(port)?;
+            check_port(sync_port)?;
             let max = max_file_size
                 .as_deref()
                 .map(config::parse_size)
@@ -94,11 +104,15 @@ pub fn run(cmd: ServerCmd, db: &Path) -> Result<()> {
                 config::set_local(database.conn(), "port", &p.to_string())?;
                 println!("port = {p}");
             }
+            if let Some(p) = sync_port {
+                config::set_local(database.conn(), "sync_port", &p.to_string())?;
+                println!("sync port = {p}");
+            }
             if let Some(m) = max {
                 config::set_max_file_bytes(&mut database, m)?;
                 println!("max file size = {m} bytes");
             }
-            if (domain.is_some() || port.is_some()) && crate::server::running(database.conn())?.is_some() {
+            if (domain.is_some() || port.is_some() || sync_port.is_some()) && crate::server::running(database.conn())?.is_some() {
                 eprintln!("the running server keeps its current domain and port until it restarts");
             }
             Ok(())
@@ -121,6 +135,7 @@ struct Status {
     schema_version: u32,
     domain: Setting<Domain>,
     port: Setting<u16>,
+    sync_port: Setting<u16>,
     max_file_bytes: Setting<u64>,
     apps: i64,
     running: Option<Running>,
@@ -130,6 +145,7 @@ struct Status {
 struct Running {
     pid: u32,
     port: u16,
+    sync_port: u16,
     domain: String,
 }
 
@@ -144,12 +160,14 @@ fn status(db: &Path, json: bool) -> Result<()> {
         schema_version: conn.query_row("PRAGMA user_version", [], |r| r.get(0))?,
         domain: config.domain,
         port: config.port,
+        sync_port: config.sync_port,
         max_file_bytes: config::max_file_bytes(conn)?,
         apps: conn.query_row("SELECT count(*) FROM apps", [], |r| r.get(0))?,
-        running: crate::server::running(conn)?.map(|(pid, port, domain)| Running {
-            pid,
-            port,
-            domain,
+        running: crate::server::running(conn)?.map(|r| Running {
+            pid: r.pid,
+            port: r.port,
+            sync_port: r.sync_port,
+            domain: r.domain,
         }),
     };
     if json {
@@ -162,6 +180,7 @@ fn status(db: &Path, json: bool) -> Result<()> {
         status.domain.value, status.domain.source
     );
     println!("port       {} ({})", status.port.value, status.port.source);
+    println!("sync port  {} ({})", status.sync_port.value, status.sync_port.source);
     println!(
         "max file   {} ({})",
         output::size(status.max_file_bytes.value),
@@ -170,8 +189,8 @@ fn status(db: &Path, json: bool) -> Result<()> {
     println!("apps       {}", status.apps);
     match &status.running {
         Some(r) => println!(
-            "server     running, pid {} on port {} for {}",
-            r.pid, r.port, r.domain
+            "server     running, pid {} on port {} (sync {}) for {}",
+            r.pid, r.port, r.sync_port, r.domain
         ),
         None => println!("server     not running"),
     }

@@ -4,7 +4,10 @@ use anyhow::{bail, Context, Result};
 use rusqlite::Connection;
 
 /// Every migration, in order. A migration's number is its position (1-based).
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_init.sql"),
+    include_str!("migrations/0002_peers.sql"),
+];
 
 /// Tables that replicate between peers. Everything else in the schema is node-local.
 pub const REPLICATED_TABLES: &[&str] = &[
@@ -17,7 +20,14 @@ pub const REPLICATED_TABLES: &[&str] = &[
 ];
 
 /// Tables that describe this node only; they never replicate.
-pub const NODE_LOCAL_TABLES: &[&str] = &["node_config", "node_identity", "node_runtime"];
+pub const NODE_LOCAL_TABLES: &[&str] = &[
+    "node_config",
+    "node_identity",
+    "node_runtime",
+    "peers",
+    "peer_invites",
+    "peer_content",
+];
 
 pub fn latest_version() -> u32 {
     MIGRATIONS.len() as u32

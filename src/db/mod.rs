@@ -3,7 +3,7 @@
 //! The file is the instance. Opening refuses anything that is not a fazt database (a corrupt
 //! file, another program's SQLite file) before writing a single byte to it.
 
-mod migrations;
+pub(crate) mod migrations;
 mod pool;
 
 use std::path::{Path, PathBuf};

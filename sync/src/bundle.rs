@@ -24,6 +24,17 @@ pub struct ExportReport {
     pub covers: Coverage,
 }
 
+impl Change {
+    /// The change in fazt-proto's representation (bundles and the peer protocol).
+    pub fn to_wire(&self) -> WireChange {
+        to_wire(self)
+    }
+
+    pub fn from_wire(w: WireChange) -> Change {
+        from_wire(w)
+    }
+}
+
 fn to_wire(c: &Change) -> WireChange {
     WireChange {
         table: c.table.clone(),

@@ -27,6 +27,14 @@ pub struct Change {
     pub seq: i64,
 }
 
+/// What [`Replica::export_groups`] hands out, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Exported {
+    Change(Change),
+    /// The changes handed out since the previous group complete these versions.
+    Group(Coverage),
+}
+
 /// Changes plus the coverage they complete: applying them gives the receiver everything the
 /// sender held for those (origin, version) ranges.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -47,32 +55,71 @@ impl Replica {
         have: &Coverage,
         mut sink: impl FnMut(Change) -> Result<(), Error>,
     ) -> Result<Coverage, Error> {
+        self.export_groups(have, usize::MAX, |e| match e {
+            Exported::Change(c) => sink(c),
+            Exported::Group(_) => Ok(()),
+        })
+    }
+
+    /// Like [`Replica::changes_since`], cut into groups of whole origin transactions: after
+    /// at least `group_changes` changes, the next transaction boundary emits
+    /// [`Exported::Group`] with exactly the versions the changes since the previous group
+    /// complete (versions whose changes were all superseded included). Applying each group
+    /// as one batch, in order, gives the receiver everything; stopping between groups leaves
+    /// it with whole transactions and accurate coverage.
+    pub fn export_groups(
+        &self,
+        have: &Coverage,
+        group_changes: usize,
+        mut sink: impl FnMut(Exported) -> Result<(), Error>,
+    ) -> Result<Coverage, Error> {
         let tx = self.conn.unchecked_transaction()?;
         let need = self.coverage()?.minus(have);
-        if self.tables.is_empty() {
-            tx.commit()?;
-            return Ok(need);
-        }
-        let sql = self.export_sql();
-        let mut stmt = tx.prepare_cached(&sql)?;
+        let mut done = Coverage::default();
+        let mut count = 0usize;
+        let sql = (!self.tables.is_empty()).then(|| self.export_sql());
+        let mut stmt = match &sql {
+            Some(sql) => Some(tx.prepare_cached(sql)?),
+            None => None,
+        };
         for (site, ranges) in &need.0 {
-            let Some(&ord) = self.site_ords.get(site) else { continue };
-            for &(lo, hi) in ranges.ranges() {
-                let mut rows = stmt.query(rusqlite::params![ord, lo, hi])?;
-                while let Some(row) = rows.next()? {
-                    sink(Change {
-                        table: row.get(0)?,
-                        pk: row.get(1)?,
-                        cid: row.get(2)?,
-                        val: row.get(3)?,
-                        col_version: row.get(4)?,
-                        db_version: row.get(5)?,
-                        site_id: *site,
-                        cl: row.get(6)?,
-                        seq: row.get(7)?,
-                    })?;
+            // Versions of this site from `mark` on have not been handed out in a group yet.
+            let mut mark = i64::MIN;
+            let mut last_version = None;
+            if let (Some(stmt), Some(&ord)) = (stmt.as_mut(), self.site_ords.get(site)) {
+                for &(lo, hi) in ranges.ranges() {
+                    let mut rows = stmt.query(rusqlite::params![ord, lo, hi])?;
+                    while let Some(row) = rows.next()? {
+                        let db_version: i64 = row.get(5)?;
+                        if count >= group_changes && last_version.is_some_and(|v| v != db_version) {
+                            done.0.entry(*site).or_default().union(&ranges.within(mark, db_version - 1));
+                            sink(Exported::Group(std::mem::take(&mut done)))?;
+                            count = 0;
+                            mark = db_version;
+                        }
+                        last_version = Some(db_version);
+                        count += 1;
+                        sink(Exported::Change(Change {
+                            table: row.get(0)?,
+                            pk: row.get(1)?,
+                            cid: row.get(2)?,
+                            val: row.get(3)?,
+                            col_version: row.get(4)?,
+                            db_version,
+                            site_id: *site,
+                            cl: row.get(6)?,
+                            seq: row.get(7)?,
+                        }))?;
+                    }
                 }
             }
+            let rest = ranges.within(mark, i64::MAX);
+            if !rest.is_empty() {
+                done.0.entry(*site).or_default().union(&rest);
+            }
+        }
+        if !done.0.is_empty() {
+            sink(Exported::Group(done))?;
         }
         drop(stmt);
         tx.commit()?;
@@ -151,5 +198,25 @@ impl Replica {
             })
             .collect();
         format!("{} ORDER BY 6, 8", parts.join(" UNION ALL "))
+    }
+}
+
+impl Replica {
+    /// The current value of one cell, addressed as changes address it (table, packed primary
+    /// key, column name); None when the table, column or row does not exist here.
+    pub fn cell(&self, table: &str, pk: &[u8], cid: &str) -> Result<Option<Value>, Error> {
+        use rusqlite::OptionalExtension;
+        let Some(info) = self.tables.get(table) else { return Ok(None) };
+        if info.cid_of(cid).is_none() {
+            return Ok(None);
+        }
+        let key = crate::pack::unpack(pk).map_err(|e| Error::Malformed(format!("{table}: {e}")))?;
+        if key.len() != info.pk.len() {
+            return Ok(None);
+        }
+        let filter: Vec<String> = info.pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", quote(c), i + 1)).collect();
+        let sql = format!("SELECT {} FROM {} WHERE {}", quote(cid), quote(table), filter.join(" AND "));
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        Ok(stmt.query_row(rusqlite::params_from_iter(key.iter()), |r| r.get::<_, Value>(0)).optional()?)
     }
 }

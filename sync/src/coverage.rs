@@ -113,6 +113,17 @@ impl RangeSet {
         RangeSet(out)
     }
 
+    /// The part of `self` within `lo..=hi`.
+    pub fn within(&self, lo: i64, hi: i64) -> RangeSet {
+        RangeSet(
+            self.0
+                .iter()
+                .filter(|&&(a, b)| b >= lo && a <= hi)
+                .map(|&(a, b)| (a.max(lo), b.min(hi)))
+                .collect(),
+        )
+    }
+
     /// The end of the range that starts at 1 (0 if there is none): everything up to it is held.
     pub fn head(&self) -> i64 {
         match self.0.first() {

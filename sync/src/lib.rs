@@ -20,7 +20,7 @@ pub mod schema;
 mod value;
 
 pub use bundle::ExportReport;
-pub use changes::{Batch, Change, ROW_CID};
+pub use changes::{Batch, Change, Exported, ROW_CID};
 pub use coverage::{Coverage, RangeSet, SiteId};
 pub use merge::ApplyReport;
 pub use replica::Replica;

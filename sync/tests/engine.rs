@@ -228,3 +228,49 @@ fn a_malformed_batch_changes_nothing() {
     assert!(data(&b).is_empty());
     assert!(b.coverage().unwrap().get(&a.site_id()).is_none());
 }
+
+#[test]
+fn grouped_export_hands_out_whole_transactions_with_exact_coverage() {
+    let mut a = replica();
+    for i in 0..20 {
+        // Transactions of 3 changes each (three columns of a new row)...
+        exec(&mut a, "INSERT INTO items (id, a, b) VALUES (?1, 'x', ?1)", [i]);
+    }
+    // ...and one whose only change is later superseded, leaving an empty version.
+    exec(&mut a, "UPDATE items SET a = 'old' WHERE id = 1", []);
+    exec(&mut a, "UPDATE items SET a = 'new' WHERE id = 1", []);
+
+    let mut groups: Vec<fazt_sync::Batch> = vec![fazt_sync::Batch::default()];
+    let mut b = replica();
+    let need = a
+        .export_groups(&b.coverage().unwrap(), 7, |e| {
+            match e {
+                fazt_sync::Exported::Change(c) => groups.last_mut().unwrap().changes.push(c),
+                fazt_sync::Exported::Group(covers) => {
+                    groups.last_mut().unwrap().covers = covers;
+                    groups.push(fazt_sync::Batch::default());
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(groups.pop().unwrap().changes.is_empty());
+    assert!(groups.len() > 3, "7-change groups from 20 three-change transactions");
+
+    let mut covered = fazt_sync::Coverage::default();
+    for (i, g) in groups.iter().enumerate() {
+        // A group never splits a transaction: it starts where the previous one ended.
+        let versions: std::collections::BTreeSet<i64> = g.changes.iter().map(|c| c.db_version).collect();
+        for v in &versions {
+            assert!(g.covers.contains(&a.site_id(), *v), "group {i} covers its own versions");
+            assert!(!covered.contains(&a.site_id(), *v), "version {v} appears in two groups");
+        }
+        covered.union(&g.covers);
+        b.apply(g).unwrap();
+        // After each group, b holds exactly the versions handed out so far.
+        assert_eq!(b.coverage().unwrap().get(&a.site_id()), covered.get(&a.site_id()));
+    }
+    assert_eq!(covered, need);
+    assert_eq!(data(&a), data(&b));
+    assert_eq!(clocks(&a), clocks(&b));
+}

@@ -1,0 +1,332 @@
+//! Live replication, as `fazt server start` runs it: the QUIC listener, a dialer for every
+//! peer with an address, a session per connection, and the peers table kept current
+//! (connected, last seen, lag) for `fazt peer status`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use ed25519_dalek::SigningKey;
+use fazt_proto::wire::{Hello, Join, Message};
+use fazt_proto::NodeId;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::session::{self, Mode, Session, Stats};
+use super::store::{self, Peer};
+use super::tls;
+
+/// First wait before redialing a peer; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// How often a session's lag is written to the peers table.
+const STATE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Who may complete a handshake: pinned keys, and anyone while an invitation is open (such a
+/// connection may only join). Kept in memory: the handshake must not wait on SQLite.
+#[derive(Default)]
+struct Trust {
+    keys: RwLock<HashSet<[u8; 32]>>,
+    invite_open: AtomicBool,
+}
+
+impl Trust {
+    fn admits(&self, key: &[u8; 32]) -> bool {
+        self.invite_open.load(Ordering::Relaxed) || self.trusts(key)
+    }
+
+    fn trusts(&self, key: &[u8; 32]) -> bool {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).contains(key)
+    }
+}
+
+struct Ctx {
+    db_path: PathBuf,
+    key: SigningKey,
+    own: NodeId,
+    trust: Trust,
+    changed: watch::Receiver<u64>,
+    /// A writable connection for the peers table.
+    state: Mutex<rusqlite::Connection>,
+    /// Sessions running per peer key (either direction).
+    active: Mutex<HashMap<[u8; 32], usize>>,
+    endpoint: quinn::Endpoint,
+}
+
+/// The running peer service.
+pub struct Service {
+    pub endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Service {
+    pub fn local_port(&self) -> u16 {
+        self.endpoint.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Closes every connection and stops the service.
+    pub async fn shutdown(self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"node shutting down");
+        for t in self.tasks {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Starts listening on UDP `port` and replicating with every trusted peer.
+pub async fn start(db_path: PathBuf, key: SigningKey, port: u16) -> Result<Service> {
+    let db = crate::db::open_existing(&db_path)?;
+    let state = db.into_inner();
+    store::reset_connections(&state)?;
+    let trust = Trust::default();
+    refresh_trust(&trust, &state)?;
+    let changed = super::watch_db(&db_path)?;
+
+    // The admit check needs the trust set before the context exists; share it through an Arc.
+    let ctx_slot: Arc<std::sync::OnceLock<Arc<Ctx>>> = Arc::new(std::sync::OnceLock::new());
+    let slot = ctx_slot.clone();
+    // Unknown keys are rare (a join, or a refused node), so they may pay for a fresh look at
+    // the database: a ticket made a moment ago works at once.
+    let admit: tls::Admit = Arc::new(move |k: &[u8; 32]| {
+        slot.get().is_some_and(|c| {
+            c.trust.admits(k) || (c.with_state(|conn| refresh_trust(&c.trust, conn)).is_ok() && c.trust.admits(k))
+        })
+    });
+    let server = tls::server_config(&key, admit)?;
+    let endpoint = tls::endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), Some(server)).map_err(|e| {
+        if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)) {
+            anyhow!("sync port {port} (UDP) is already in use: stop the other server or choose another with --sync-port")
+        } else {
+            e.context(format!("cannot listen for peers on UDP port {port}"))
+        }
+    })?;
+    let own = NodeId::from_bytes(key.verifying_key().to_bytes());
+    let ctx = Arc::new(Ctx {
+        db_path,
+        key,
+        own,
+        trust,
+        changed,
+        state: Mutex::new(state),
+        active: Mutex::new(HashMap::new()),
+        endpoint: endpoint.clone(),
+    });
+    let _ = ctx_slot.set(ctx.clone());
+
+    let accept = tokio::spawn(accept_loop(ctx.clone()));
+    let reconcile = tokio::spawn(reconcile_loop(ctx));
+    Ok(Service { endpoint, tasks: vec![accept, reconcile] })
+}
+
+fn refresh_trust(trust: &Trust, conn: &rusqlite::Connection) -> Result<()> {
+    let keys: HashSet<[u8; 32]> = store::list(conn)?.iter().map(|p| *p.node_id.as_bytes()).collect();
+    *trust.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    trust.invite_open.store(store::invite_open(conn)?, Ordering::Relaxed);
+    Ok(())
+}
+
+impl Ctx {
+    fn with_state<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T> {
+        let conn = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&conn)
+    }
+
+    fn session_count(&self, key: &[u8; 32]) -> usize {
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
+    }
+}
+
+/// Keeps the trust set and the dialers in line with the peers table, which other processes
+/// (`fazt peer join/add/remove`) change.
+async fn reconcile_loop(ctx: Arc<Ctx>) {
+    let mut changed = ctx.changed.clone();
+    let mut dialers: HashMap<String, (Peer, JoinHandle<()>)> = HashMap::new();
+    loop {
+        let peers = ctx.with_state(|conn| {
+            refresh_trust(&ctx.trust, conn)?;
+            store::list(conn)
+        });
+        match peers {
+            Ok(peers) => {
+                let wanted: HashMap<String, Peer> =
+                    peers.into_iter().filter(|p| p.addr.is_some()).map(|p| (p.name.to_string(), p)).collect();
+                dialers.retain(|name, (peer, task)| {
+                    let keep = wanted.get(name).is_some_and(|w| w.node_id == peer.node_id && w.addr == peer.addr);
+                    if !keep {
+                        task.abort();
+                    }
+                    keep
+                });
+                for (name, peer) in wanted {
+                    if !dialers.contains_key(&name) {
+                        let task = tokio::spawn(dial_loop(ctx.clone(), peer.clone()));
+                        dialers.insert(name, (peer, task));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the peers table"),
+        }
+        // Commits come in bursts during a sync; look at the table at most a few times a second.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if changed.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn dial_loop(ctx: Arc<Ctx>, peer: Peer) {
+    let addr = peer.addr.clone().unwrap_or_default();
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        if ctx.session_count(peer.node_id.as_bytes()) > 0 {
+            // The peer dialed us; that session serves both directions.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        let started = Instant::now();
+        let result = async {
+            let conn = super::connect(&ctx.endpoint, &ctx.key, peer.name.as_str(), &addr, &peer.node_id).await?;
+            let (send, recv) = conn.open_bi().await.map_err(|e| super::explain(peer.name.as_str(), &addr, &e))?;
+            let outcome = run_session(&ctx, &peer, send, recv, None).await;
+            outcome.map_err(|e| super::refine(&conn, peer.name.as_str(), &addr, e))
+        }
+        .await;
+        match result {
+            Ok(()) => tracing::info!(peer = %peer.name, "session ended"),
+            Err(e) => tracing::warn!(peer = %peer.name, error = %format!("{e:#}"), "replication with peer failed"),
+        }
+        if started.elapsed() > HEALTHY_SESSION {
+            backoff = MIN_BACKOFF;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn accept_loop(ctx: Arc<Ctx>) {
+    while let Some(incoming) = ctx.endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle_incoming(ctx, incoming).await {
+                tracing::info!(error = %format!("{e:#}"), "incoming peer connection ended");
+            }
+        });
+    }
+}
+
+async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()> {
+    let conn = incoming.await.context("handshake")?;
+    let key = tls::remote_key(&conn).ok_or_else(|| anyhow!("the peer presented no usable key"))?;
+    let (send, mut recv) = conn.accept_bi().await?;
+    let first = session::read_message(&mut recv).await?;
+    match first {
+        Some((Message::Join(join), _)) => handle_join(&ctx, &conn, key, join, send).await,
+        Some((Message::Hello(hello), _)) => {
+            let peer = ctx.with_state(|c| store::by_key(c, &NodeId::from_bytes(key)))?;
+            let Some(peer) = peer else {
+                refuse(&conn, send, "this node does not trust yours: run `fazt peer join` with a new ticket").await;
+                return Ok(());
+            };
+            run_session(&ctx, &peer, send, recv, Some(hello)).await
+        }
+        _ => {
+            refuse(&conn, send, "expected Hello or Join").await;
+            Ok(())
+        }
+    }
+}
+
+/// Sends a refusal the other side can show, and closes once it has been read.
+async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: &str) {
+    let _ = session::write_message(&mut send, &Message::Refuse(reason.to_string())).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(quinn::VarInt::from_u32(1), reason.as_bytes());
+}
+
+async fn handle_join(ctx: &Arc<Ctx>, conn: &quinn::Connection, key: [u8; 32], join: Join, mut send: quinn::SendStream) -> Result<()> {
+    let joiner = NodeId::from_bytes(key);
+    let outcome = ctx.with_state(|c| {
+        if let Err(e) = store::redeem_invite(c, &join.secret, &joiner)? {
+            return Ok(Err(e.to_string()));
+        }
+        let name = store::free_name(c, &join.name, &joiner)?;
+        let addr = (!join.addr.is_empty() && store::check_addr(&join.addr).is_ok()).then_some(join.addr.as_str());
+        if let Some(existing) = store::by_key(c, &joiner)? {
+            // A node joining again keeps its name.
+            store::add(c, &ctx.own, &existing.name, &joiner, addr)?;
+            return Ok(Ok(existing.name));
+        }
+        store::add(c, &ctx.own, &name, &joiner, addr)?;
+        Ok(Ok(name))
+    })?;
+    match outcome {
+        Ok(name) => {
+            ctx.with_state(|c| refresh_trust(&ctx.trust, c))?;
+            let own_name = ctx.with_state(|c| super::own_name(c))?;
+            tracing::info!(peer = %name, node = %joiner, "a node joined with a ticket");
+            session::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        }
+        Err(reason) => refuse(conn, send, &reason).await,
+    }
+    Ok(())
+}
+
+/// Runs a live session, keeping the peers table and the active-session count current.
+async fn run_session(
+    ctx: &Arc<Ctx>,
+    peer: &Peer,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    first: Option<Hello>,
+) -> Result<()> {
+    let key = *peer.node_id.as_bytes();
+    *ctx.active.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+    let _ = ctx.with_state(|c| store::record_state(c, &peer.node_id, true, None));
+    tracing::info!(peer = %peer.name, "replicating");
+    let (progress_tx, mut progress_rx) = watch::channel(Stats::default());
+    let reporter = {
+        let ctx = ctx.clone();
+        let node = peer.node_id;
+        tokio::spawn(async move {
+            while progress_rx.changed().await.is_ok() {
+                let lag = progress_rx.borrow_and_update().lag as i64;
+                let _ = ctx.with_state(|c| store::record_state(c, &node, true, Some(lag)));
+                tokio::time::sleep(STATE_INTERVAL).await;
+            }
+        })
+    };
+    let session = Session {
+        db_path: ctx.db_path.clone(),
+        own: ctx.own,
+        peer: peer.node_id,
+        peer_name: peer.name.to_string(),
+        mode: Mode::Live,
+        changed: ctx.changed.clone(),
+        progress: Some(progress_tx),
+    };
+    let result = session.run(recv, send, first).await;
+    reporter.abort();
+    {
+        let mut active = ctx.active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = active.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                active.remove(&key);
+            }
+        }
+    }
+    if ctx.session_count(&key) == 0 {
+        let _ = ctx.with_state(|c| store::record_state(c, &peer.node_id, false, None));
+    }
+    result.map(|_| ())
+}

@@ -1,0 +1,660 @@
+//! One replication session with a peer over one bidirectional stream.
+//!
+//! Both sides run the same code (docs/sync-protocol.md):
+//! 1. each sends `Hello` with the versions it holds per origin;
+//! 2. each exports what the other lacks as groups of whole origin transactions, at most
+//!    [`WINDOW`] groups ahead of the other's `Applied` acknowledgements;
+//! 3. large blobs travel as content references; the receiver fetches (`Want`/`Content`)
+//!    only the content it does not hold, stores it in `peer_content` as it arrives, and
+//!    applies each group in one transaction once its content is complete;
+//! 4. live: every local commit (noticed by [`crate::peer::watch`]) starts another export.
+//!
+//! SQLite work runs on blocking threads, each task with its own connection, so a slow
+//! export never holds up applying or serving content.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use fazt_proto::wire::{self, Changes, Content, ContentRef, Heads, Hello, Message, NetChange};
+use fazt_proto::NodeId;
+use fazt_sync::{Batch, Change, Coverage, Exported, Replica, SiteId, Value};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+/// Changes per group (a group never splits an origin transaction, so it may hold more).
+const GROUP_CHANGES: usize = 2_000;
+/// A Changes message is cut after about this many bytes.
+const MESSAGE_BYTES: usize = 256 * 1024;
+/// Groups sent ahead of the peer's acknowledgements.
+const WINDOW: u64 = 4;
+/// Digests per Want message.
+const WANT_BATCH: usize = 1_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Keep pushing local commits until the connection ends.
+    Live,
+    /// Return once both sides hold the same versions.
+    Once,
+}
+
+/// What moved during a session.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub sent_changes: u64,
+    pub received_changes: u64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub sent_content: u64,
+    pub received_content: u64,
+    /// Origin versions this node holds that the peer does not (as last reported).
+    pub lag: u64,
+}
+
+/// A session's settings.
+pub struct Session {
+    pub db_path: PathBuf,
+    pub own: NodeId,
+    pub peer: NodeId,
+    pub peer_name: String,
+    pub mode: Mode,
+    /// Ticks on every commit to the database by anyone.
+    pub changed: watch::Receiver<u64>,
+    /// Receives the session's figures as they change.
+    pub progress: Option<watch::Sender<Stats>>,
+}
+
+pub fn to_heads(c: &Coverage) -> Heads {
+    Heads(c.0.iter().map(|(s, r)| (s.0, r.ranges().to_vec())).collect())
+}
+
+pub fn from_heads(h: &Heads) -> Coverage {
+    let mut c = Coverage::default();
+    for (site, ranges) in &h.0 {
+        for &(a, b) in ranges {
+            c.insert(SiteId(*site), a, b);
+        }
+    }
+    c
+}
+
+/// Versions in `a` that `b` lacks.
+fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
+    a.minus(b).0.values().flat_map(|r| r.ranges().iter().map(|&(s, e)| (e - s + 1) as u64)).sum()
+}
+
+/// Reads one frame; None when the stream ends cleanly.
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Message, usize)>> {
+    let mut header = [0u8; 4];
+    match r.read_exact(&mut header).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e).context("reading from the peer"),
+    }
+    let len = wire::frame_len(header)?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await.context("reading from the peer")?;
+    Ok(Some((Message::decode(&payload).context("the peer sent a malformed message")?, len + 4)))
+}
+
+pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<()> {
+    w.write_all(&msg.encode()).await.context("writing to the peer")?;
+    Ok(())
+}
+
+/// A group received whole, waiting to be applied.
+struct Incoming {
+    changes: Vec<NetChange>,
+    covers: Coverage,
+}
+
+/// State shared by the session's tasks.
+#[derive(Default)]
+struct Shared {
+    /// What the peer holds, as far as this side knows: its Hello, its acknowledgements,
+    /// what it sent, and what was sent to it.
+    peer_known: Coverage,
+    /// What the peer said it holds (Hello and Applied), plus what it sent.
+    their_heads: Coverage,
+    /// What this side holds, as of its last export or apply.
+    mine: Coverage,
+    stats: Stats,
+    /// Cells offered as content references, by digest: (group, table, pk, column).
+    offered: HashMap<[u8; 32], (u64, String, Vec<u8>, String)>,
+    groups_sent: u64,
+    groups_acked: u64,
+    exporting: bool,
+    groups_received: u64,
+    groups_applied: u64,
+}
+
+type SharedRef = Arc<Mutex<Shared>>;
+
+fn lock(shared: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
+    // A panicking task is reported through its join handle; the state is still usable.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Session {
+    /// Runs the session until the stream ends (Live) or both sides hold the same versions
+    /// (Once). `recv`/`send` are the two halves of one stream.
+    pub async fn run<R, W>(self, mut recv: R, send: W, first: Option<Hello>) -> Result<Stats>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let path = self.db_path.clone();
+        let (exporter_db, applier_db, content_db) = tokio::task::spawn_blocking(move || -> Result<_> {
+            Ok((crate::db::open_existing(&path)?, crate::db::open_existing(&path)?, crate::db::open_existing(&path)?))
+        })
+        .await??;
+        let mine = applier_db.coverage()?;
+        let shared: SharedRef = Arc::new(Mutex::new(Shared { mine: mine.clone(), ..Shared::default() }));
+
+        // Everything this side sends goes through one writer task.
+        let (out_tx, out_rx) = mpsc::channel::<Message>(16);
+        let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<anyhow::Error>();
+        let (tick_tx, mut tick_rx) = mpsc::unbounded_channel::<()>();
+        let writer = spawn_task(write_loop(send, out_rx, shared.clone()), fail_tx.clone());
+
+        out_tx
+            .send(Message::Hello(Hello {
+                node: *self.own.as_bytes(),
+                protocol: fazt_proto::PROTOCOL_VERSION,
+                schema: crate::db::migrations::latest_version(),
+                heads: to_heads(&mine),
+            }))
+            .await
+            .map_err(|_| anyhow!("the connection to {} closed", self.peer_name))?;
+        let first = match first {
+            Some(h) => Some((Message::Hello(h), 0)),
+            None => read_message(&mut recv).await?,
+        };
+        let hello = match first {
+            Some((Message::Hello(h), _)) => h,
+            Some((Message::Refuse(reason), _)) => bail!("{} refused the session: {reason}", self.peer_name),
+            Some(_) => bail!("{} broke the protocol: its first message was not Hello", self.peer_name),
+            None => bail!("{} closed the connection before saying hello", self.peer_name),
+        };
+        self.check_hello(&hello)?;
+        {
+            let mut s = lock(&shared);
+            let theirs = from_heads(&hello.heads);
+            s.peer_known = theirs.clone();
+            s.their_heads = theirs;
+        }
+
+        let (acked_tx, acked_rx) = watch::channel(0u64);
+        let (apply_tx, apply_rx) = mpsc::unbounded_channel::<Incoming>();
+        let (want_tx, want_rx) = mpsc::unbounded_channel::<Vec<[u8; 32]>>();
+        let (content_tx, content_rx) = mpsc::unbounded_channel::<Content>();
+
+        let tasks = vec![
+            writer,
+            spawn_task(
+                export_loop(exporter_db, shared.clone(), out_tx.clone(), acked_rx, self.changed.clone(), tick_tx.clone()),
+                fail_tx.clone(),
+            ),
+            spawn_task(serve_content(content_db, shared.clone(), out_tx.clone(), want_rx), fail_tx.clone()),
+            spawn_task(
+                apply_loop(applier_db, shared.clone(), out_tx.clone(), apply_rx, content_rx, tick_tx.clone()),
+                fail_tx.clone(),
+            ),
+        ];
+        let result = self
+            .receive(&mut recv, &shared, &acked_tx, &apply_tx, &want_tx, &content_tx, &mut fail_rx, &mut tick_rx)
+            .await;
+        for t in tasks {
+            t.abort();
+        }
+        let stats = lock(&shared).stats.clone();
+        result.map(|_| stats)
+    }
+
+    fn check_hello(&self, hello: &Hello) -> Result<()> {
+        if hello.node != *self.peer.as_bytes() {
+            bail!("{} introduced itself as another node than the one it authenticated as", self.peer_name);
+        }
+        if hello.protocol != fazt_proto::PROTOCOL_VERSION {
+            bail!(
+                "{} speaks protocol version {}, this node {}: upgrade the older one",
+                self.peer_name,
+                hello.protocol,
+                fazt_proto::PROTOCOL_VERSION
+            );
+        }
+        let schema = crate::db::migrations::latest_version();
+        if hello.schema > schema {
+            tracing::info!(
+                peer = %self.peer_name,
+                theirs = hello.schema,
+                ours = schema,
+                "peer has a newer schema: changes for tables this node lacks wait until it is upgraded"
+            );
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn receive<R: AsyncRead + Unpin>(
+        &self,
+        recv: &mut R,
+        shared: &SharedRef,
+        acked_tx: &watch::Sender<u64>,
+        apply_tx: &mpsc::UnboundedSender<Incoming>,
+        want_tx: &mpsc::UnboundedSender<Vec<[u8; 32]>>,
+        content_tx: &mpsc::UnboundedSender<Content>,
+        fail_rx: &mut mpsc::UnboundedReceiver<anyhow::Error>,
+        tick_rx: &mut mpsc::UnboundedReceiver<()>,
+    ) -> Result<()> {
+        let mut incoming: Vec<NetChange> = Vec::new();
+        loop {
+            tokio::select! {
+                msg = read_message(recv) => {
+                    let Some((msg, size)) = msg? else {
+                        return match self.mode {
+                            Mode::Live => Ok(()),
+                            Mode::Once => bail!("{} closed the connection before the sync finished", self.peer_name),
+                        };
+                    };
+                    lock(shared).stats.received_bytes += size as u64;
+                    match msg {
+                        Message::Changes(Changes { changes, complete }) => {
+                            lock(shared).stats.received_changes += changes.len() as u64;
+                            incoming.extend(changes);
+                            if let Some(heads) = complete {
+                                let covers = from_heads(&heads);
+                                {
+                                    let mut s = lock(shared);
+                                    s.groups_received += 1;
+                                    s.peer_known.union(&covers);
+                                    s.their_heads.union(&covers);
+                                }
+                                let group = Incoming { changes: std::mem::take(&mut incoming), covers };
+                                apply_tx.send(group).map_err(|_| anyhow!("applying stopped"))?;
+                            }
+                        }
+                        Message::Applied { groups, heads } => {
+                            let heads = from_heads(&heads);
+                            {
+                                let mut s = lock(shared);
+                                s.peer_known.union(&heads);
+                                s.their_heads.union(&heads);
+                                s.offered.retain(|_, v| v.0 > groups);
+                                s.groups_acked = s.groups_acked.max(groups);
+                                s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
+                            }
+                            acked_tx.send_replace(groups);
+                            if self.mode == Mode::Once && incoming.is_empty() && converged(shared) {
+                                return Ok(());
+                            }
+                        }
+                        Message::Want(digests) => want_tx.send(digests).map_err(|_| anyhow!("serving content stopped"))?,
+                        Message::Content(c) => content_tx.send(c).map_err(|_| anyhow!("applying stopped"))?,
+                        Message::Refuse(reason) => bail!("{} ended the session: {reason}", self.peer_name),
+                        Message::Hello(_) | Message::Join(_) | Message::Welcome { .. } => {
+                            bail!("{} broke the protocol: unexpected {}", self.peer_name, kind(&msg))
+                        }
+                    }
+                    self.report(shared);
+                }
+                Some(err) = fail_rx.recv() => return Err(err),
+                Some(()) = tick_rx.recv() => {
+                    self.report(shared);
+                    if self.mode == Mode::Once && incoming.is_empty() && converged(shared) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    fn report(&self, shared: &SharedRef) {
+        if let Some(progress) = &self.progress {
+            progress.send_replace(lock(shared).stats.clone());
+        }
+    }
+}
+
+fn kind(msg: &Message) -> &'static str {
+    match msg {
+        Message::Hello(_) => "Hello",
+        Message::Join(_) => "Join",
+        Message::Welcome { .. } => "Welcome",
+        Message::Changes(_) => "Changes",
+        Message::Applied { .. } => "Applied",
+        Message::Want(_) => "Want",
+        Message::Content(_) => "Content",
+        Message::Refuse(_) => "Refuse",
+    }
+}
+
+/// Both sides hold the same versions and nothing is in flight either way.
+fn converged(shared: &SharedRef) -> bool {
+    let s = lock(shared);
+    !s.exporting && s.groups_received == s.groups_applied && s.groups_acked >= s.groups_sent && s.mine == s.their_heads
+}
+
+fn spawn_task(
+    fut: impl std::future::Future<Output = Result<()>> + Send + 'static,
+    fail: mpsc::UnboundedSender<anyhow::Error>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            let _ = fail.send(e);
+        }
+    })
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut send: W, mut rx: mpsc::Receiver<Message>, shared: SharedRef) -> Result<()> {
+    while let Some(msg) = rx.recv().await {
+        let frame = msg.encode();
+        send.write_all(&frame).await.context("writing to the peer")?;
+        lock(&shared).stats.sent_bytes += frame.len() as u64;
+    }
+    send.shutdown().await.ok();
+    Ok(())
+}
+
+/// A group ready to send, made on a blocking thread.
+struct Outgoing {
+    messages: Vec<Message>,
+    covers: Coverage,
+    changes: u64,
+    offered: Vec<([u8; 32], String, Vec<u8>, String)>,
+}
+
+async fn export_loop(
+    db: Replica,
+    shared: SharedRef,
+    out: mpsc::Sender<Message>,
+    mut acked: watch::Receiver<u64>,
+    mut changed: watch::Receiver<u64>,
+    tick: mpsc::UnboundedSender<()>,
+) -> Result<()> {
+    let db = Arc::new(Mutex::new(db));
+    loop {
+        changed.borrow_and_update();
+        let have = {
+            let mut s = lock(&shared);
+            s.exporting = true;
+            s.peer_known.clone()
+        };
+        let (group_tx, mut group_rx) = mpsc::channel::<Outgoing>(1);
+        let export_db = db.clone();
+        let export = tokio::task::spawn_blocking(move || -> Result<Coverage> {
+            let db = export_db.lock().unwrap_or_else(|e| e.into_inner());
+            export_pass(&db, &have, &group_tx)?;
+            Ok(db.coverage()?)
+        });
+        while let Some(group) = group_rx.recv().await {
+            // Flow control: at most WINDOW groups ahead of the peer's acknowledgements.
+            let sent = lock(&shared).groups_sent;
+            acked
+                .wait_for(|a| sent.saturating_sub(*a) < WINDOW)
+                .await
+                .map_err(|_| anyhow!("session ended"))?;
+            let number = {
+                let mut s = lock(&shared);
+                s.groups_sent += 1;
+                s.stats.sent_changes += group.changes;
+                s.peer_known.union(&group.covers);
+                let number = s.groups_sent;
+                for (digest, table, pk, cid) in group.offered {
+                    s.offered.insert(digest, (number, table, pk, cid));
+                }
+                number
+            };
+            tracing::debug!(group = number, changes = group.changes, "sending a group");
+            for msg in group.messages {
+                out.send(msg).await.map_err(|_| anyhow!("session ended"))?;
+            }
+        }
+        let mine = export.await??;
+        {
+            let mut s = lock(&shared);
+            s.mine = mine;
+            s.exporting = false;
+            s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
+        }
+        let _ = tick.send(());
+        changed.changed().await.map_err(|_| anyhow!("the database watcher stopped"))?;
+    }
+}
+
+/// Exports everything `have` lacks as groups (blocking).
+fn export_pass(db: &Replica, have: &Coverage, groups: &mpsc::Sender<Outgoing>) -> Result<()> {
+    let mut current = Outgoing { messages: Vec::new(), covers: Coverage::default(), changes: 0, offered: Vec::new() };
+    let mut batch: Vec<NetChange> = Vec::new();
+    let mut batch_bytes = 0usize;
+    db.export_groups(have, GROUP_CHANGES, |item| {
+        match item {
+            Exported::Change(c) => {
+                let (net, size) = to_net(&c, &mut current.offered);
+                batch_bytes += size;
+                batch.push(net);
+                current.changes += 1;
+                if batch_bytes >= MESSAGE_BYTES {
+                    current.messages.push(Message::Changes(Changes { changes: std::mem::take(&mut batch), complete: None }));
+                    batch_bytes = 0;
+                }
+            }
+            Exported::Group(covers) => {
+                current.messages.push(Message::Changes(Changes {
+                    changes: std::mem::take(&mut batch),
+                    complete: Some(to_heads(&covers)),
+                }));
+                batch_bytes = 0;
+                current.covers = covers;
+                let done = std::mem::replace(
+                    &mut current,
+                    Outgoing { messages: Vec::new(), covers: Coverage::default(), changes: 0, offered: Vec::new() },
+                );
+                groups
+                    .blocking_send(done)
+                    .map_err(|_| fazt_sync::Error::Corrupt("session ended during export".into()))?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// A change for the wire: large blobs become content references. Returns its rough size.
+fn to_net(c: &Change, offered: &mut Vec<([u8; 32], String, Vec<u8>, String)>) -> (NetChange, usize) {
+    let base = 48 + c.pk.len() + c.table.len() + c.cid.len();
+    if let Value::Blob(bytes) = &c.val {
+        if bytes.len() >= wire::CONTENT_MIN {
+            let digest: [u8; 32] = Sha256::digest(bytes).into();
+            offered.push((digest, c.table.clone(), c.pk.clone(), c.cid.clone()));
+            let mut change = c.to_wire();
+            change.val = fazt_proto::bundle::WireValue::Null;
+            let content = Some(ContentRef { digest, len: bytes.len() as u64 });
+            return (NetChange { change, content }, base + 40);
+        }
+    }
+    let size = base
+        + match &c.val {
+            Value::Text(t) => t.len(),
+            Value::Blob(b) => b.len(),
+            _ => 8,
+        };
+    (NetChange { change: c.to_wire(), content: None }, size)
+}
+
+/// Answers Want messages with the content this side offered.
+async fn serve_content(
+    db: Replica,
+    shared: SharedRef,
+    out: mpsc::Sender<Message>,
+    mut wants: mpsc::UnboundedReceiver<Vec<[u8; 32]>>,
+) -> Result<()> {
+    let db = Arc::new(Mutex::new(db));
+    while let Some(digests) = wants.recv().await {
+        for digest in digests {
+            let cell = lock(&shared).offered.get(&digest).cloned();
+            let db = db.clone();
+            let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>> {
+                let Some((_, table, pk, cid)) = cell else { return Ok(None) };
+                let db = db.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(match db.cell(&table, &pk, &cid)? {
+                    Some(Value::Blob(b)) if <[u8; 32]>::from(Sha256::digest(&b)) == digest => Some(b),
+                    _ => None,
+                })
+            })
+            .await??;
+            let Some(bytes) = bytes else {
+                out.send(Message::Content(Content { digest, gone: true, total: 0, offset: 0, data: Vec::new() }))
+                    .await
+                    .map_err(|_| anyhow!("session ended"))?;
+                continue;
+            };
+            let total = bytes.len() as u64;
+            let mut offset = 0usize;
+            loop {
+                let end = (offset + wire::CONTENT_CHUNK).min(bytes.len());
+                let data = bytes[offset..end].to_vec();
+                out.send(Message::Content(Content { digest, gone: false, total, offset: offset as u64, data }))
+                    .await
+                    .map_err(|_| anyhow!("session ended"))?;
+                offset = end;
+                if offset >= bytes.len() {
+                    break;
+                }
+            }
+            lock(&shared).stats.sent_content += total;
+        }
+    }
+    Ok(())
+}
+
+async fn apply_loop(
+    db: Replica,
+    shared: SharedRef,
+    out: mpsc::Sender<Message>,
+    mut groups: mpsc::UnboundedReceiver<Incoming>,
+    mut content: mpsc::UnboundedReceiver<Content>,
+    tick: mpsc::UnboundedSender<()>,
+) -> Result<()> {
+    let db = Arc::new(Mutex::new(db));
+    // Content arriving in chunks: digest -> bytes so far.
+    let mut partial: HashMap<[u8; 32], Vec<u8>> = HashMap::new();
+    while let Some(group) = groups.recv().await {
+        let refs: Vec<(usize, ContentRef)> =
+            group.changes.iter().enumerate().filter_map(|(i, c)| c.content.clone().map(|r| (i, r))).collect();
+        if !refs.is_empty() {
+            let check_db = db.clone();
+            let cells: Vec<(String, Vec<u8>, String, [u8; 32])> = refs
+                .iter()
+                .map(|(i, r)| {
+                    let c = &group.changes[*i].change;
+                    (c.table.clone(), c.pk.clone(), c.cid.clone(), r.digest)
+                })
+                .collect();
+            let mut missing = tokio::task::spawn_blocking(move || -> Result<HashSet<[u8; 32]>> {
+                let db = check_db.lock().unwrap_or_else(|e| e.into_inner());
+                let mut missing = HashSet::new();
+                for (table, pk, cid, digest) in &cells {
+                    if local_content(&db, table, pk, cid, digest)?.is_none() {
+                        missing.insert(*digest);
+                    }
+                }
+                Ok(missing)
+            })
+            .await??;
+            if !missing.is_empty() {
+                let list: Vec<[u8; 32]> = missing.iter().copied().collect();
+                for chunk in list.chunks(WANT_BATCH) {
+                    out.send(Message::Want(chunk.to_vec())).await.map_err(|_| anyhow!("session ended"))?;
+                }
+            }
+            while !missing.is_empty() {
+                let c = content.recv().await.ok_or_else(|| anyhow!("session ended"))?;
+                if !missing.contains(&c.digest) {
+                    continue;
+                }
+                if c.gone {
+                    bail!("content changed on the peer during the transfer; the next sync picks up the new version");
+                }
+                let buf = partial.entry(c.digest).or_default();
+                if c.offset != buf.len() as u64 {
+                    bail!("the peer sent content out of order");
+                }
+                buf.extend_from_slice(&c.data);
+                if buf.len() as u64 == c.total {
+                    let bytes = partial.remove(&c.digest).unwrap_or_default();
+                    if <[u8; 32]>::from(Sha256::digest(&bytes)) != c.digest {
+                        bail!("the peer sent content that does not match its digest");
+                    }
+                    missing.remove(&c.digest);
+                    lock(&shared).stats.received_content += bytes.len() as u64;
+                    let store_db = db.clone();
+                    let digest = c.digest;
+                    tokio::task::spawn_blocking(move || -> Result<()> {
+                        let db = store_db.lock().unwrap_or_else(|e| e.into_inner());
+                        db.conn().execute(
+                            "INSERT OR REPLACE INTO peer_content (digest, data, received_at) VALUES (?1, ?2, ?3)",
+                            rusqlite::params![&digest[..], bytes, crate::db::now_secs()],
+                        )?;
+                        Ok(())
+                    })
+                    .await??;
+                }
+            }
+        }
+
+        let apply_db = db.clone();
+        let (applied, mine) = tokio::task::spawn_blocking(move || -> Result<(fazt_sync::ApplyReport, Coverage)> {
+            let mut db = apply_db.lock().unwrap_or_else(|e| e.into_inner());
+            let mut used = Vec::new();
+            let mut changes = Vec::with_capacity(group.changes.len());
+            for net in group.changes {
+                let mut change = Change::from_wire(net.change);
+                if let Some(r) = net.content {
+                    let bytes = local_content(&db, &change.table, &change.pk, &change.cid, &r.digest)?
+                        .ok_or_else(|| anyhow!("content {} vanished before it was applied", hex::encode(r.digest)))?;
+                    change.val = Value::Blob(bytes);
+                    used.push(r.digest);
+                }
+                changes.push(change);
+            }
+            let report = db.apply(&Batch { changes, covers: group.covers })?;
+            for digest in used {
+                db.conn().execute("DELETE FROM peer_content WHERE digest = ?1", [&digest[..]])?;
+            }
+            Ok((report, db.coverage()?))
+        })
+        .await??;
+        let groups_applied = {
+            let mut s = lock(&shared);
+            s.groups_applied += 1;
+            s.mine = mine.clone();
+            s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
+            s.groups_applied
+        };
+        tracing::debug!(applied = applied.applied, transactions = applied.transactions, "applied a group");
+        out.send(Message::Applied { groups: groups_applied, heads: to_heads(&mine) })
+            .await
+            .map_err(|_| anyhow!("session ended"))?;
+        let _ = tick.send(());
+    }
+    Ok(())
+}
+
+/// Bytes with `digest` this node already holds for a cell: the cell itself, or content
+/// fetched earlier and not applied yet.
+fn local_content(db: &Replica, table: &str, pk: &[u8], cid: &str, digest: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+    if let Some(Value::Blob(b)) = db.cell(table, pk, cid)? {
+        if <[u8; 32]>::from(Sha256::digest(&b)) == *digest {
+            return Ok(Some(b));
+        }
+    }
+    use rusqlite::OptionalExtension;
+    Ok(db
+        .conn()
+        .query_row("SELECT data FROM peer_content WHERE digest = ?1", [&digest[..]], |r| r.get(0))
+        .optional()?)
+}
