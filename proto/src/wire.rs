@@ -36,9 +36,12 @@ pub const CONTENT_CHUNK: usize = 1 << 20;
 /// Blob values at least this long travel as content references.
 pub const CONTENT_MIN: usize = 1024;
 
+/// One origin site and the inclusive ranges of its versions held.
+pub type SiteRanges = ([u8; 16], Vec<(i64, i64)>);
+
 /// Per origin site, the inclusive version ranges held.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Heads(pub Vec<([u8; 16], Vec<(i64, i64)>)>);
+pub struct Heads(pub Vec<SiteRanges>);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContentRef {
@@ -271,10 +274,10 @@ fn put_changes(buf: &mut Vec<u8>, c: &Changes) {
                 strings.push(s);
             }
         }
-        if !site_ix.contains_key(&w.site) {
-            site_ix.insert(w.site, sites.len() as u64);
+        site_ix.entry(w.site).or_insert_with(|| {
             sites.push(w.site);
-        }
+            sites.len() as u64 - 1
+        });
         put_varint(&mut body, string_ix[w.table.as_str()]);
         put_varint(&mut body, string_ix[w.cid.as_str()]);
         put_varint(&mut body, site_ix[&w.site]);

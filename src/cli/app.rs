@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Subcommand;
 use rusqlite::Connection;
 
@@ -23,6 +23,9 @@ pub enum AppCmd {
         /// Serve index.html for paths without an extension (single-page apps)
         #[arg(long)]
         spa: bool,
+        /// Then sync with this peer and return once it has the new version
+        #[arg(long, value_name = "PEER")]
+        to: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -66,8 +69,9 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
             dir,
             name,
             spa,
+            to,
             json,
-        } => deploy(db, &dir, name.as_deref(), spa, json),
+        } => deploy(db, &dir, name.as_deref(), spa, to.as_deref(), json),
         AppCmd::List { json } => {
             let database = crate::db::open_existing(db)?;
             let conn = database.conn();
@@ -197,11 +201,21 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
     }
 }
 
-fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, json: bool) -> Result<()> {
+/// How long `deploy --to` waits for the peer.
+const DEPLOY_SYNC_TIMEOUT: u64 = 300;
+
+fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, to: Option<&str>, json: bool) -> Result<()> {
     // Everything is read and checked before the database is touched (or created).
     let max_file_bytes = if db.exists() {
-        config::max_file_bytes(crate::db::open_existing(db)?.conn())?.value
+        let database = crate::db::open_existing(db)?;
+        if let Some(peer) = to {
+            crate::peer::store::ready_to_dial(database.conn(), peer)?;
+        }
+        config::max_file_bytes(database.conn())?.value
     } else {
+        if let Some(peer) = to {
+            bail!("no peer named {peer}: this node has no database yet, so no peers");
+        }
         config::DEFAULT_MAX_FILE_BYTES
     };
     let staged = deploy::stage(dir, &Limits { max_file_bytes })?;
@@ -210,6 +224,25 @@ fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, json: bool) -> R
     let mut database = super::open_for_write(db)?;
     let report = deploy::commit(&mut database, &app, spa, staged)?;
     let conn = database.conn();
+    if let Some(peer) = to {
+        eprintln!("deployed {} v{} locally; syncing with {peer}...", report.app, report.number);
+        let synced = crate::peer::client::sync_once(db, peer, std::time::Duration::from_secs(DEPLOY_SYNC_TIMEOUT), !json)
+            .map_err(|e| e.context(format!("{} v{} is deployed here but did not reach {peer}", report.app, report.number)))?;
+        // Converged: the peer holds exactly what this node holds, this version included.
+        let current: String =
+            conn.query_row("SELECT current_version FROM apps WHERE id = ?1", [&report.app_id.0], |r| r.get(0))?;
+        if current != report.version.0 {
+            eprintln!("{peer} has v{}, but a newer deploy from elsewhere is now current on both nodes", report.number);
+        } else {
+            eprintln!(
+                "{peer} serves {} v{} (sync took {:.2}s, {} sent)",
+                report.app,
+                report.number,
+                synced.elapsed.as_secs_f64(),
+                output::size(synced.stats.sent_bytes)
+            );
+        }
+    }
     if json {
         return output::json(&report);
     }

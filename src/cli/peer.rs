@@ -143,12 +143,14 @@ pub fn run(cmd: PeerCmd, db: &Path) -> Result<()> {
             let synced = client::sync_once(db, &name, Duration::from_secs(timeout), true)?;
             let s = &synced.stats;
             println!(
-                "synced with {name} in {:.2}s: sent {} changes ({}), received {} changes ({}); both hold the same versions",
+                "synced with {name} in {:.2}s: sent {} changes and {} of content ({} in all), received {} changes and {} of content ({} in all); both hold the same versions",
                 synced.elapsed.as_secs_f64(),
                 s.sent_changes,
-                output::size(s.sent_bytes + s.sent_content),
+                output::size(s.sent_content),
+                output::size(s.sent_bytes),
                 s.received_changes,
-                output::size(s.received_bytes + s.received_content),
+                output::size(s.received_content),
+                output::size(s.received_bytes),
             );
             Ok(())
         }

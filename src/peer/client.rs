@@ -95,12 +95,8 @@ pub struct Synced {
 /// Syncs both ways with the peer named `name` until both hold the same versions.
 pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) -> Result<Synced> {
     let db = crate::db::open_existing(db_path)?;
-    let peer = store::by_name(db.conn(), name)?.ok_or_else(|| {
-        anyhow!("no peer named {name}: see `fazt peer list`, or add one with `fazt peer join` or `fazt peer add`")
-    })?;
-    let Some(addr) = peer.addr.clone() else {
-        bail!("{name} has no address to dial (it connects to this node): give it one with `fazt peer add {name} HOST:PORT --key {}`", peer.node_id);
-    };
+    let peer = store::ready_to_dial(db.conn(), name)?;
+    let addr = peer.addr.clone().unwrap_or_default();
     let key = node_key(&db)?;
     let own = crate::identity::node_id(&key);
     drop(db);
@@ -156,9 +152,9 @@ fn show_progress(name: &str, mut rx: watch::Receiver<Stats>) -> tokio::task::Joi
             eprint!(
                 "\r{name}: sent {} changes ({}), received {} changes ({})   ",
                 s.sent_changes,
-                crate::cli::output::size(s.sent_bytes + s.sent_content),
+                crate::cli::output::size(s.sent_bytes),
                 s.received_changes,
-                crate::cli::output::size(s.received_bytes + s.received_content),
+                crate::cli::output::size(s.received_bytes),
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -165,10 +165,10 @@ async fn reconcile_loop(ctx: Arc<Ctx>) {
                     keep
                 });
                 for (name, peer) in wanted {
-                    if !dialers.contains_key(&name) {
+                    dialers.entry(name).or_insert_with(|| {
                         let task = tokio::spawn(dial_loop(ctx.clone(), peer.clone()));
-                        dialers.insert(name, (peer, task));
-                    }
+                        (peer, task)
+                    });
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reading the peers table"),
@@ -270,7 +270,7 @@ async fn handle_join(ctx: &Arc<Ctx>, conn: &quinn::Connection, key: [u8; 32], jo
     match outcome {
         Ok(name) => {
             ctx.with_state(|c| refresh_trust(&ctx.trust, c))?;
-            let own_name = ctx.with_state(|c| super::own_name(c))?;
+            let own_name = ctx.with_state(super::own_name)?;
             tracing::info!(peer = %name, node = %joiner, "a node joined with a ticket");
             session::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
             let _ = send.finish();

@@ -173,6 +173,9 @@ impl Session {
             Some(h) => Some((Message::Hello(h), 0)),
             None => read_message(&mut recv).await?,
         };
+        if let Some((_, size)) = &first {
+            lock(&shared).stats.received_bytes += *size as u64;
+        }
         let hello = match first {
             Some((Message::Hello(h), _)) => h,
             Some((Message::Refuse(reason), _)) => bail!("{} refused the session: {reason}", self.peer_name),
@@ -657,4 +660,112 @@ fn local_content(db: &Replica, table: &str, pk: &[u8], cid: &str, digest: &[u8; 
         .conn()
         .query_row("SELECT data FROM peer_content WHERE digest = ?1", [&digest[..]], |r| r.get(0))
         .optional()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(dir: &std::path::Path, name: &str) -> (PathBuf, NodeId) {
+        let path = dir.join(name);
+        let db = crate::db::create(&path).unwrap();
+        let key = crate::identity::load(db.conn()).unwrap().unwrap();
+        (path, crate::identity::node_id(&key))
+    }
+
+    fn put_blob(path: &std::path::Path, bytes: &[u8]) {
+        let mut db = crate::db::open_existing(path).unwrap();
+        let hash = hex::encode(Sha256::digest(bytes));
+        db.write(|tx| {
+            tx.execute(
+                "INSERT INTO blobs (hash, size, data) VALUES (?1, ?2, ?3)",
+                rusqlite::params![hash, bytes.len() as i64, bytes],
+            )
+        })
+        .unwrap();
+    }
+
+    fn rows(path: &std::path::Path) -> Vec<(String, i64, Vec<u8>)> {
+        let db = crate::db::open_existing(path).unwrap();
+        let mut stmt = db.conn().prepare("SELECT hash, size, data FROM blobs ORDER BY hash").unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(|r| r.unwrap()).collect()
+    }
+
+    /// Runs a one-off session from `a` (Once) against `b` (Live) over an in-memory pipe.
+    async fn sync(a: &(PathBuf, NodeId), b: &(PathBuf, NodeId)) -> (Stats, Stats) {
+        let (a_io, b_io) = tokio::io::duplex(64 * 1024);
+        let (a_read, a_write) = tokio::io::split(a_io);
+        let (b_read, b_write) = tokio::io::split(b_io);
+        let changed_a = crate::peer::watch_db(&a.0).unwrap();
+        let changed_b = crate::peer::watch_db(&b.0).unwrap();
+        let session = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), mode, changed| Session {
+            db_path: me.0.clone(),
+            own: me.1,
+            peer: other.1,
+            peer_name: "peer".into(),
+            mode,
+            changed,
+            progress: None,
+        };
+        let live = tokio::spawn(session(b, a, Mode::Live, changed_b).run(b_read, b_write, None));
+        let once = session(a, b, Mode::Once, changed_a).run(a_read, a_write, None);
+        let a_stats = tokio::time::timeout(std::time::Duration::from_secs(20), once).await.unwrap().unwrap();
+        let b_stats = tokio::time::timeout(std::time::Duration::from_secs(20), live).await.unwrap().unwrap().unwrap();
+        (a_stats, b_stats)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn content_the_peer_already_holds_is_not_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node(dir.path(), "a.db");
+        let b = node(dir.path(), "b.db");
+        let shared: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let only_a: Vec<u8> = (0..30_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        // The same content written independently on both nodes, plus content only `a` has.
+        put_blob(&a.0, &shared);
+        put_blob(&b.0, &shared);
+        put_blob(&a.0, &only_a);
+        put_blob(&a.0, b"small values travel inline");
+
+        let (a_stats, b_stats) = sync(&a, &b).await;
+        assert_eq!(rows(&a.0), rows(&b.0));
+        assert_eq!(a_stats.sent_content, only_a.len() as u64, "only the content b lacked travels");
+        assert_eq!(b_stats.sent_content, 0, "a already held everything b has");
+        assert_eq!(
+            crate::db::open_existing(&b.0).unwrap().coverage().unwrap(),
+            crate::db::open_existing(&a.0).unwrap().coverage().unwrap()
+        );
+        // Nothing fetched is left behind once applied.
+        let left: i64 = crate::db::open_existing(&b.0)
+            .unwrap()
+            .conn()
+            .query_row("SELECT count(*) FROM peer_content", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 0);
+
+        // A second sync has nothing to do and moves only the handshake.
+        let (again, _) = sync(&a, &b).await;
+        assert_eq!((again.sent_changes, again.received_changes, again.sent_content), (0, 0, 0));
+        assert!(again.sent_bytes < 1024, "idle handshake sent {} bytes", again.sent_bytes);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_refuses_a_peer_that_is_not_the_one_expected() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node(dir.path(), "a.db");
+        let b = node(dir.path(), "b.db");
+        let c = node(dir.path(), "c.db");
+        // `a` expects to talk to `c`, but `b` answers.
+        let (a_io, b_io) = tokio::io::duplex(64 * 1024);
+        let (a_read, a_write) = tokio::io::split(a_io);
+        let (b_read, b_write) = tokio::io::split(b_io);
+        let (_k1, w1) = watch::channel(0u64);
+        let (_k2, w2) = watch::channel(0u64);
+        let sa = Session { db_path: a.0.clone(), own: a.1, peer: c.1, peer_name: "c".into(), mode: Mode::Once, changed: w1, progress: None };
+        let sb = Session { db_path: b.0.clone(), own: b.1, peer: a.1, peer_name: "a".into(), mode: Mode::Live, changed: w2, progress: None };
+        let other = tokio::spawn(sb.run(b_read, b_write, None));
+        let err = sa.run(a_read, a_write, None).await.unwrap_err();
+        assert!(err.to_string().contains("another node"), "{err}");
+        other.abort();
+    }
 }

@@ -64,11 +64,14 @@ pub struct Peer {
 
 const COLUMNS: &str = "name, node_id, addr, added_at, connected, last_seen, lag";
 
-fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, Option<String>, i64, bool, Option<i64>, Option<i64>)> {
+/// A peers row as stored: name, node id, address, added, connected, last seen, lag.
+type PeerRow = (String, String, Option<String>, i64, bool, Option<i64>, Option<i64>);
+
+fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PeerRow> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
 }
 
-fn to_peer(row: (String, String, Option<String>, i64, bool, Option<i64>, Option<i64>)) -> Result<Peer> {
+fn to_peer(row: PeerRow) -> Result<Peer> {
     let (name, node_id, addr, added_at, connected, last_seen, lag) = row;
     Ok(Peer {
         name: PeerName(name),
@@ -101,6 +104,20 @@ pub fn by_key(conn: &Connection, key: &NodeId) -> Result<Option<Peer>> {
         .optional()?
         .map(to_peer)
         .transpose()
+}
+
+/// Checks that `name` is a peer this node can dial (for commands that sync with it).
+pub fn ready_to_dial(conn: &Connection, name: &str) -> Result<Peer> {
+    let Some(peer) = by_name(conn, name)? else {
+        bail!("no peer named {name}: see `fazt peer list`, or add one with `fazt peer join` or `fazt peer add`");
+    };
+    if peer.addr.is_none() {
+        bail!(
+            "{name} has no address to dial (it connects to this node): give it one with `fazt peer add {name} HOST:PORT --key {}`",
+            peer.node_id
+        );
+    }
+    Ok(peer)
 }
 
 /// Pins `key` under `name`. Refuses this node's own key, a name already in use for another
