@@ -16,9 +16,9 @@
 //! heads    count + per site: site [16], count + ranges (start varint, end - start varint)
 //! change   table, cid, site (varint indexes), db_version, seq, col_version, cl (zigzag),
 //!          packed pk (bytes), value: tag 0 NULL, 1 INTEGER (zigzag), 2 REAL (8 bytes LE),
-//!          3 TEXT, 4 BLOB (bytes), 5 CONTENT (digest [32], length varint)
+//!          3 TEXT, 4 BLOB (bytes), 5 BLOB CONTENT and 6 TEXT CONTENT (digest [32], length varint)
 //! ```
-//! A CONTENT value stands for a large blob the receiver fetches with `Want` unless it
+//! A CONTENT value stands for a large blob or text the receiver fetches with `Want` unless it
 //! already holds bytes with that SHA-256 digest, so content is never sent twice.
 //!
 //! Decoding checks every length against the bytes that are left: arbitrary input yields an
@@ -33,7 +33,7 @@ use crate::codec::{put_bytes, put_varint, zigzag, DecodeError, SliceReader};
 pub const MAX_FRAME: usize = 16 << 20;
 /// Content travels in chunks of at most this many bytes.
 pub const CONTENT_CHUNK: usize = 1 << 20;
-/// Blob values at least this long travel as content references.
+/// Blob and text values at least this long travel as content references.
 pub const CONTENT_MIN: usize = 1024;
 
 /// One origin site and the inclusive ranges of its versions held.
@@ -48,6 +48,8 @@ pub struct ContentRef {
     /// SHA-256 of the value's bytes.
     pub digest: [u8; 32],
     pub len: u64,
+    /// The value is TEXT (its UTF-8 bytes), not a BLOB.
+    pub text: bool,
 }
 
 /// A change as it crosses the wire: either its value inline, or a reference to content.
@@ -287,7 +289,7 @@ fn put_changes(buf: &mut Vec<u8>, c: &Changes) {
         put_bytes(&mut body, &w.pk);
         match (&nc.content, &w.val) {
             (Some(content), _) => {
-                body.push(5);
+                body.push(if content.text { 6 } else { 5 });
                 body.extend_from_slice(&content.digest);
                 put_varint(&mut body, content.len);
             }
@@ -359,8 +361,8 @@ fn read_changes(r: &mut SliceReader<'_>) -> Result<Changes, DecodeError> {
             2 => WireValue::Real(f64::from_le_bytes(r.array()?)),
             3 => WireValue::Text(r.string()?),
             4 => WireValue::Blob(r.bytes()?.to_vec()),
-            5 => {
-                content = Some(ContentRef { digest: r.array()?, len: r.varint()? });
+            tag @ (5 | 6) => {
+                content = Some(ContentRef { digest: r.array()?, len: r.varint()?, text: tag == 6 });
                 WireValue::Null
             }
             _ => return Err(DecodeError::Malformed("unknown value type")),
@@ -412,7 +414,11 @@ mod tests {
                     NetChange { change: change("blobs", "gzip", WireValue::Blob(vec![1, 2])), content: None },
                     NetChange {
                         change: change("blobs", "data", WireValue::Null),
-                        content: Some(ContentRef { digest: [3; 32], len: 4096 }),
+                        content: Some(ContentRef { digest: [3; 32], len: 4096, text: false }),
+                    },
+                    NetChange {
+                        change: change("kv", "value", WireValue::Null),
+                        content: Some(ContentRef { digest: [4; 32], len: 9000, text: true }),
                     },
                 ],
                 complete: Some(heads.clone()),

@@ -466,26 +466,35 @@ fn export_pass(db: &Replica, have: &Coverage, groups: &mpsc::Sender<Outgoing>) -
     Ok(())
 }
 
-/// A change for the wire: large blobs become content references. Returns its rough size.
+/// A change for the wire: large blobs and texts become content references. Returns its
+/// rough size.
 fn to_net(c: &Change, offered: &mut Vec<([u8; 32], String, Vec<u8>, String)>) -> (NetChange, usize) {
     let base = 48 + c.pk.len() + c.table.len() + c.cid.len();
-    if let Value::Blob(bytes) = &c.val {
-        if bytes.len() >= wire::CONTENT_MIN {
+    let (bytes, text) = match &c.val {
+        Value::Blob(b) => (Some(b.as_slice()), false),
+        Value::Text(t) => (Some(t.as_bytes()), true),
+        _ => (None, false),
+    };
+    match bytes {
+        Some(bytes) if bytes.len() >= wire::CONTENT_MIN => {
             let digest: [u8; 32] = Sha256::digest(bytes).into();
             offered.push((digest, c.table.clone(), c.pk.clone(), c.cid.clone()));
             let mut change = c.to_wire();
             change.val = fazt_proto::bundle::WireValue::Null;
-            let content = Some(ContentRef { digest, len: bytes.len() as u64 });
-            return (NetChange { change, content }, base + 40);
+            let content = Some(ContentRef { digest, len: bytes.len() as u64, text });
+            (NetChange { change, content }, base + 40)
         }
+        _ => (NetChange { change: c.to_wire(), content: None }, base + bytes.map_or(8, <[u8]>::len)),
     }
-    let size = base
-        + match &c.val {
-            Value::Text(t) => t.len(),
-            Value::Blob(b) => b.len(),
-            _ => 8,
-        };
-    (NetChange { change: c.to_wire(), content: None }, size)
+}
+
+/// The bytes of a blob or text value.
+fn value_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::Blob(b) => Some(b),
+        Value::Text(t) => Some(t.into_bytes()),
+        _ => None,
+    }
 }
 
 /// Answers Want messages with the content this side offered.
@@ -503,10 +512,10 @@ async fn serve_content(
             let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>> {
                 let Some((_, table, pk, cid)) = cell else { return Ok(None) };
                 let db = db.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(match db.cell(&table, &pk, &cid)? {
-                    Some(Value::Blob(b)) if <[u8; 32]>::from(Sha256::digest(&b)) == digest => Some(b),
-                    _ => None,
-                })
+                Ok(db
+                    .cell(&table, &pk, &cid)?
+                    .and_then(value_bytes)
+                    .filter(|b| <[u8; 32]>::from(Sha256::digest(b)) == digest))
             })
             .await??;
             let Some(bytes) = bytes else {
@@ -619,7 +628,11 @@ async fn apply_loop(
                 if let Some(r) = net.content {
                     let bytes = local_content(&db, &change.table, &change.pk, &change.cid, &r.digest)?
                         .ok_or_else(|| anyhow!("content {} vanished before it was applied", hex::encode(r.digest)))?;
-                    change.val = Value::Blob(bytes);
+                    change.val = if r.text {
+                        Value::Text(String::from_utf8(bytes).map_err(|_| anyhow!("the peer sent text content that is not UTF-8"))?)
+                    } else {
+                        Value::Blob(bytes)
+                    };
                     used.push(r.digest);
                 }
                 changes.push(change);
@@ -650,7 +663,7 @@ async fn apply_loop(
 /// Bytes with `digest` this node already holds for a cell: the cell itself, or content
 /// fetched earlier and not applied yet.
 fn local_content(db: &Replica, table: &str, pk: &[u8], cid: &str, digest: &[u8; 32]) -> Result<Option<Vec<u8>>> {
-    if let Some(Value::Blob(b)) = db.cell(table, pk, cid)? {
+    if let Some(b) = db.cell(table, pk, cid)?.and_then(value_bytes) {
         if <[u8; 32]>::from(Sha256::digest(&b)) == *digest {
             return Ok(Some(b));
         }
@@ -726,10 +739,22 @@ mod tests {
         put_blob(&b.0, &shared);
         put_blob(&a.0, &only_a);
         put_blob(&a.0, b"small values travel inline");
+        // Large text travels as content too, and stays text.
+        let text = "é".repeat(3000);
+        crate::db::open_existing(&a.0)
+            .unwrap()
+            .write(|tx| tx.execute("INSERT INTO settings (key, value) VALUES ('big', ?1)", [&text]))
+            .unwrap();
 
         let (a_stats, b_stats) = sync(&a, &b).await;
         assert_eq!(rows(&a.0), rows(&b.0));
-        assert_eq!(a_stats.sent_content, only_a.len() as u64, "only the content b lacked travels");
+        let (kind, value): (String, String) = crate::db::open_existing(&b.0)
+            .unwrap()
+            .conn()
+            .query_row("SELECT typeof(value), value FROM settings WHERE key = 'big'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!((kind.as_str(), value), ("text", text.clone()));
+        assert_eq!(a_stats.sent_content, (only_a.len() + text.len()) as u64, "only the content b lacked travels");
         assert_eq!(b_stats.sent_content, 0, "a already held everything b has");
         assert_eq!(
             crate::db::open_existing(&b.0).unwrap().coverage().unwrap(),

@@ -62,11 +62,12 @@ pub type Admit = Arc<dyn Fn(&[u8; 32]) -> bool + Send + Sync>;
 
 /// How often an idle connection sends a keep-alive, so NATs keep their mapping and the idle
 /// timeout below only fires for a peer that is really gone.
-const KEEP_ALIVE: Duration = Duration::from_secs(5);
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 /// How long a connection (or a handshake) may go without hearing from the peer before it is
-/// declared dead: six missed keep-alives.
-const IDLE_TIMEOUT_MS: u32 = 30_000;
+/// declared dead: five missed keep-alives. Short, because a peer restarted after kill -9
+/// cannot close its old connections, and the dialer waits for them to die before redialing.
+const IDLE_TIMEOUT_MS: u32 = 10_000;
 
 /// Why a connection attempt failed, classified for clear user-facing errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
