@@ -389,7 +389,9 @@ async fn export_loop(
         let (group_tx, mut group_rx) = mpsc::channel::<Outgoing>(1);
         let export_db = db.clone();
         let export = tokio::task::spawn_blocking(move || -> Result<Coverage> {
-            let db = export_db.lock().unwrap_or_else(|e| e.into_inner());
+            let mut db = export_db.lock().unwrap_or_else(|e| e.into_inner());
+            // Tables registered and origins learned by other connections since the last pass.
+            db.refresh()?;
             export_pass(&db, &have, &group_tx)?;
             Ok(db.coverage()?)
         });

@@ -86,7 +86,7 @@ impl Replica {
             // Versions of this site from `mark` on have not been handed out in a group yet.
             let mut mark = i64::MIN;
             let mut last_version = None;
-            if let (Some(stmt), Some(&ord)) = (stmt.as_mut(), self.site_ords.get(site)) {
+            if let (Some(stmt), Some(ord)) = (stmt.as_mut(), self.known_ord(site)?) {
                 for &(lo, hi) in ranges.ranges() {
                     let mut rows = stmt.query(rusqlite::params![ord, lo, hi])?;
                     while let Some(row) = rows.next()? {

@@ -52,7 +52,12 @@ impl Replica {
     }
 
     fn apply_in_transaction(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
-        self.in_merge_transaction(|this| this.merge_batch(batch))
+        // Inside the write transaction, the catalog and site list catch up with other
+        // connections before anything is decided from them.
+        self.in_merge_transaction(|this| {
+            this.refresh()?;
+            this.merge_batch(batch)
+        })
     }
 
     /// Runs `f` in one IMMEDIATE transaction with capture off; commits on Ok.

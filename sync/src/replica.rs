@@ -102,6 +102,9 @@ pub struct Replica {
     pub(crate) tables: HashMap<String, TableInfo>,
     /// Bumped whenever `tables` changes, so cached SQL is rebuilt.
     pub(crate) catalog_version: u64,
+    /// `PRAGMA schema_version` when the catalog was last loaded: another connection
+    /// registering a table changes the schema, and the catalog is reloaded.
+    pub(crate) schema_seen: i64,
     /// The merge path's statements per table, for `catalog_version`.
     pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
 }
@@ -146,10 +149,10 @@ impl Replica {
             site_ords: HashMap::new(),
             tables: HashMap::new(),
             catalog_version: 0,
+            schema_seen: -1,
             merge_sql: (0, HashMap::new()),
         };
-        replica.load_sites()?;
-        replica.tables = crate::crr::load_catalog(&replica.conn)?;
+        replica.refresh()?;
         Ok(replica)
     }
 
@@ -203,19 +206,34 @@ impl Replica {
     /// What this replica holds, per origin (itself included).
     pub fn coverage(&self) -> Result<Coverage, Error> {
         let mut cov = Coverage::default();
-        let mut stmt = self.conn.prepare_cached("SELECT site_ord, start, end FROM fazt_sync_coverage")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+        // Joined in SQL rather than through the cached site list, which may lag behind
+        // another connection that registered a site.
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT s.site_id, c.start, c.end FROM fazt_sync_coverage c JOIN fazt_sync_sites s ON s.ord = c.site_ord",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
         for row in rows {
-            let (ord, start, end) = row?;
-            if let Some(site) = self.site_of(ord) {
-                cov.insert(site, start, end);
-            }
+            let (site, start, end) = row?;
+            let site = SiteId(site.try_into().map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?);
+            cov.insert(site, start, end);
         }
         let own = self.db_version()?;
         if own > 0 {
             cov.insert(self.site_id, 1, own);
         }
         Ok(cov)
+    }
+
+    /// The ordinal of a site already registered (by any connection), if it is.
+    pub(crate) fn known_ord(&self, site: &SiteId) -> Result<Option<i64>, Error> {
+        if let Some(&ord) = self.site_ords.get(site) {
+            return Ok(Some(ord));
+        }
+        Ok(self
+            .conn
+            .prepare_cached("SELECT ord FROM fazt_sync_sites WHERE site_id = ?1")?
+            .query_row([&site.0[..]], |r| r.get(0))
+            .optional()?)
     }
 
     pub(crate) fn save_coverage(tx: &Connection, ord: i64, set: &RangeSet) -> Result<(), Error> {
@@ -253,12 +271,40 @@ impl Replica {
         Ok(())
     }
 
-    /// The ordinal of `site`, registering it if new (inside the caller's transaction).
+    /// Catches up with what other connections to the same file registered since this one
+    /// looked: origin sites (merges by another process or session) and replicated tables
+    /// (`replicate` run elsewhere). Cheap when nothing changed: two indexed reads.
+    pub fn refresh(&mut self) -> Result<(), Error> {
+        let schema: i64 = self.conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        if schema != self.schema_seen {
+            self.tables = crate::crr::load_catalog(&self.conn)?;
+            self.catalog_version += 1;
+            self.schema_seen = schema;
+        }
+        let max_ord: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT max(ord) FROM fazt_sync_sites")?
+            .query_row([], |r| r.get(0))?;
+        if max_ord.is_some_and(|m| m as usize >= self.sites.len()) {
+            self.load_sites()?;
+        }
+        Ok(())
+    }
+
+    /// The ordinal of `site`, registering it if new (inside the caller's write transaction,
+    /// so the ordinal is allocated from the file, never from a stale cache).
     pub(crate) fn ord_of(&mut self, site: SiteId) -> Result<i64, Error> {
         if let Some(&ord) = self.site_ords.get(&site) {
             return Ok(ord);
         }
-        let ord = self.sites.len().max(1) as i64;
+        // Another connection may have registered it meanwhile.
+        self.load_sites()?;
+        if let Some(&ord) = self.site_ords.get(&site) {
+            return Ok(ord);
+        }
+        let ord: i64 = self
+            .conn
+            .query_row("SELECT coalesce(max(ord), 0) + 1 FROM fazt_sync_sites", [], |r| r.get(0))?;
         self.conn
             .execute("INSERT INTO fazt_sync_sites (ord, site_id) VALUES (?1, ?2)", rusqlite::params![ord, &site.0[..]])?;
         if self.sites.len() <= ord as usize {

@@ -274,3 +274,36 @@ fn grouped_export_hands_out_whole_transactions_with_exact_coverage() {
     assert_eq!(data(&a), data(&b));
     assert_eq!(clocks(&a), clocks(&b));
 }
+
+#[test]
+fn connections_to_one_file_see_each_others_origins_and_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let open = || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        fazt_sync::Replica::open(conn).unwrap()
+    };
+    let mut first = open();
+    first.conn().execute_batch(common::SCHEMA).unwrap();
+    first.replicate("items").unwrap();
+    // A second connection opened before `pairs` is registered and before any origin arrives.
+    let mut second = open();
+    first.replicate("pairs").unwrap();
+
+    let mut x = replica();
+    let mut y = replica();
+    exec(&mut x, "INSERT INTO items (id, a) VALUES (1, 'from x')", []);
+    exec(&mut y, "INSERT INTO pairs (x, y, v) VALUES ('k', 1, 'from y')", []);
+    // Each connection registers a different new origin: no ordinal clash.
+    first.apply(&x.batch_since(&first.coverage().unwrap()).unwrap()).unwrap();
+    let report = second.apply(&y.batch_since(&second.coverage().unwrap()).unwrap()).unwrap();
+    assert_eq!(report.pending, 0, "the table registered by the other connection is used, not parked");
+
+    // Either connection exports what the other merged.
+    second.refresh().unwrap();
+    let mut z = replica();
+    z.apply(&second.batch_since(&z.coverage().unwrap()).unwrap()).unwrap();
+    assert_eq!(data(&z), data(&first));
+    assert_eq!(first.coverage().unwrap(), second.coverage().unwrap());
+}
