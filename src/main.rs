@@ -18,7 +18,18 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = cli::Cli::parse().run() {
+    let cli = cli::Cli::parse();
+    if !cli.serves() {
+        // A command piped into `head` should end quietly when the pipe closes, as other
+        // command-line tools do, instead of panicking on the failed write. The server keeps
+        // Rust's default (SIGPIPE ignored): a client hanging up must not stop it.
+        #[cfg(unix)]
+        // SAFETY: restoring the default disposition of a signal before any thread exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    if let Err(e) = cli.run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

@@ -65,8 +65,10 @@ impl FromStr for Ticket {
         if bytes.is_empty() {
             return Err(TicketError::Truncated);
         }
-        if bytes[0] != VERSION {
-            return Err(TicketError::Version(bytes[0]));
+        match bytes[0] {
+            VERSION => {}
+            0 => return Err(TicketError::Encoding),
+            newer => return Err(TicketError::Version(newer)),
         }
         if bytes.len() < 66 {
             return Err(TicketError::Truncated);

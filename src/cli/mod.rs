@@ -55,6 +55,11 @@ enum Command {
 }
 
 impl Cli {
+    /// Whether this command runs the server (which must outlive clients that hang up).
+    pub fn serves(&self) -> bool {
+        matches!(self.command, Command::Server(server::ServerCmd::Start { .. }))
+    }
+
     pub fn run(self) -> Result<()> {
         let db = match self.db {
             Some(path) => path,

@@ -139,6 +139,7 @@ pub fn run(cmd: PeerCmd, db: &Path) -> Result<()> {
             if timeout == 0 {
                 bail!("--timeout must be at least 1 second");
             }
+            store::ready_to_dial(crate::db::open_existing(db)?.conn(), &name)?;
             eprintln!("syncing with {name}...");
             let synced = client::sync_once(db, &name, Duration::from_secs(timeout), true)?;
             let s = &synced.stats;

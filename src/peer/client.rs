@@ -1,5 +1,6 @@
 //! What the CLI does over the network: joining with a ticket and one-off syncs.
 
+use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -68,7 +69,13 @@ pub fn join(db: &mut crate::db::Db, ticket: &Ticket, name: Option<PeerName>, me:
         }
         .await;
         let welcome = exchange.map_err(|e: anyhow::Error| {
-            if e.to_string().contains("refused the ticket") {
+            let refused = conn.close_reason().is_some_and(|r| tls::classify(&r) == tls::Refusal::NotTrusted);
+            if refused {
+                // Unknown keys only get through the handshake while an invitation is open.
+                anyhow!(
+                    "{label} refused this node: the ticket was already used, has expired, or was not issued there (it has no open invitation); run `fazt peer invite` on it for a new ticket"
+                )
+            } else if e.to_string().contains("refused the ticket") {
                 e
             } else {
                 super::refine(&conn, &label, &ticket.addr, e)
@@ -108,7 +115,7 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
             let conn = super::connect(&endpoint, &key, name, &addr, &peer.node_id).await?;
             let (send, recv) = conn.open_bi().await.map_err(|e| super::explain(name, &addr, &e))?;
             let (progress_tx, progress_rx) = watch::channel(Stats::default());
-            let bar = progress.then(|| show_progress(name, progress_rx));
+            let bar = (progress && std::io::stderr().is_terminal()).then(|| show_progress(name, progress_rx));
             let session = Session {
                 db_path: db_path.to_path_buf(),
                 own,
@@ -139,14 +146,10 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
     Ok(Synced { stats, elapsed: started.elapsed() })
 }
 
-/// A one-line progress display on stderr (only when stderr is a terminal).
+/// A one-line progress display on stderr (for terminals).
 fn show_progress(name: &str, mut rx: watch::Receiver<Stats>) -> tokio::task::JoinHandle<()> {
-    use std::io::IsTerminal;
     let name = name.to_string();
     tokio::spawn(async move {
-        if !std::io::stderr().is_terminal() {
-            return;
-        }
         while rx.changed().await.is_ok() {
             let s = rx.borrow_and_update().clone();
             eprint!(

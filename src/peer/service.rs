@@ -54,8 +54,8 @@ struct Ctx {
     changed: watch::Receiver<u64>,
     /// A writable connection for the peers table.
     state: Mutex<rusqlite::Connection>,
-    /// Sessions running per peer key (either direction).
-    active: Mutex<HashMap<[u8; 32], usize>>,
+    /// Connections with a running session, per peer key (either direction).
+    active: Mutex<HashMap<[u8; 32], Vec<quinn::Connection>>>,
     endpoint: quinn::Endpoint,
 }
 
@@ -138,8 +138,15 @@ impl Ctx {
         f(&conn)
     }
 
+    /// Takes the connections of peers no longer trusted out of the active set.
+    fn untrusted_connections(&self) -> Vec<quinn::Connection> {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<[u8; 32]> = active.keys().filter(|key| !self.trust.trusts(key)).copied().collect();
+        gone.iter().filter_map(|key| active.remove(key)).flatten().collect()
+    }
+
     fn session_count(&self, key: &[u8; 32]) -> usize {
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
+        self.active.lock().unwrap_or_else(|e| e.into_inner()).get(key).map_or(0, Vec::len)
     }
 }
 
@@ -153,6 +160,11 @@ async fn reconcile_loop(ctx: Arc<Ctx>) {
             refresh_trust(&ctx.trust, conn)?;
             store::list(conn)
         });
+        // Trust is checked at every handshake; a peer removed meanwhile also loses the
+        // connections it already has.
+        for conn in ctx.untrusted_connections() {
+            conn.close(quinn::VarInt::from_u32(2), b"this node no longer trusts yours (it was removed as a peer)");
+        }
         match peers {
             Ok(peers) => {
                 let wanted: HashMap<String, Peer> =
@@ -184,6 +196,7 @@ async fn reconcile_loop(ctx: Arc<Ctx>) {
 async fn dial_loop(ctx: Arc<Ctx>, peer: Peer) {
     let addr = peer.addr.clone().unwrap_or_default();
     let mut backoff = MIN_BACKOFF;
+    let mut failing = false;
     loop {
         if ctx.session_count(peer.node_id.as_bytes()) > 0 {
             // The peer dialed us; that session serves both directions.
@@ -194,13 +207,21 @@ async fn dial_loop(ctx: Arc<Ctx>, peer: Peer) {
         let result = async {
             let conn = super::connect(&ctx.endpoint, &ctx.key, peer.name.as_str(), &addr, &peer.node_id).await?;
             let (send, recv) = conn.open_bi().await.map_err(|e| super::explain(peer.name.as_str(), &addr, &e))?;
-            let outcome = run_session(&ctx, &peer, send, recv, None).await;
+            let outcome = run_session(&ctx, &peer, &conn, send, recv, None).await;
             outcome.map_err(|e| super::refine(&conn, peer.name.as_str(), &addr, e))
         }
         .await;
         match result {
-            Ok(()) => tracing::info!(peer = %peer.name, "session ended"),
-            Err(e) => tracing::warn!(peer = %peer.name, error = %format!("{e:#}"), "replication with peer failed"),
+            Ok(()) => {
+                tracing::info!(peer = %peer.name, "session ended");
+                failing = false;
+            }
+            // Said once when a peer becomes unreachable, not at every retry.
+            Err(e) if !failing => {
+                tracing::warn!(peer = %peer.name, error = %format!("{e:#}"), "replication with peer failed; retrying with backoff");
+                failing = true;
+            }
+            Err(e) => tracing::debug!(peer = %peer.name, error = %format!("{e:#}"), "retry failed"),
         }
         if started.elapsed() > HEALTHY_SESSION {
             backoff = MIN_BACKOFF;
@@ -234,7 +255,7 @@ async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()>
                 refuse(&conn, send, "this node does not trust yours: run `fazt peer join` with a new ticket").await;
                 return Ok(());
             };
-            run_session(&ctx, &peer, send, recv, Some(hello)).await
+            run_session(&ctx, &peer, &conn, send, recv, Some(hello)).await
         }
         _ => {
             refuse(&conn, send, "expected Hello or Join").await;
@@ -285,12 +306,13 @@ async fn handle_join(ctx: &Arc<Ctx>, conn: &quinn::Connection, key: [u8; 32], jo
 async fn run_session(
     ctx: &Arc<Ctx>,
     peer: &Peer,
+    conn: &quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     first: Option<Hello>,
 ) -> Result<()> {
     let key = *peer.node_id.as_bytes();
-    *ctx.active.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+    ctx.active.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(conn.clone());
     let _ = ctx.with_state(|c| store::record_state(c, &peer.node_id, true, None));
     tracing::info!(peer = %peer.name, "replicating");
     let (progress_tx, mut progress_rx) = watch::channel(Stats::default());
@@ -318,9 +340,9 @@ async fn run_session(
     reporter.abort();
     {
         let mut active = ctx.active.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = active.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(conns) = active.get_mut(&key) {
+            conns.retain(|c| c.stable_id() != conn.stable_id());
+            if conns.is_empty() {
                 active.remove(&key);
             }
         }

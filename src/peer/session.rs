@@ -203,13 +203,26 @@ impl Session {
             ),
             spawn_task(serve_content(content_db, shared.clone(), out_tx.clone(), want_rx), fail_tx.clone()),
             spawn_task(
-                apply_loop(applier_db, shared.clone(), out_tx.clone(), apply_rx, content_rx, tick_tx.clone()),
+                apply_loop(applier_db, self.peer, shared.clone(), out_tx.clone(), apply_rx, content_rx, tick_tx.clone()),
                 fail_tx.clone(),
             ),
         ];
+        // Frames are read by their own task: a frame half-read when another event wins the
+        // select below would otherwise be lost, and the stream would fall out of step.
+        let (msg_tx, mut msg_rx) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = read_message(&mut recv).await;
+                let end = !matches!(next, Ok(Some(_)));
+                if msg_tx.send(next).await.is_err() || end {
+                    return;
+                }
+            }
+        });
         let result = self
-            .receive(&mut recv, &shared, &acked_tx, &apply_tx, &want_tx, &content_tx, &mut fail_rx, &mut tick_rx)
+            .receive(&mut msg_rx, &shared, &acked_tx, &apply_tx, &want_tx, &content_tx, &mut fail_rx, &mut tick_rx)
             .await;
+        reader.abort();
         for t in tasks {
             t.abort();
         }
@@ -242,9 +255,9 @@ impl Session {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn receive<R: AsyncRead + Unpin>(
+    async fn receive(
         &self,
-        recv: &mut R,
+        messages: &mut mpsc::Receiver<Result<Option<(Message, usize)>>>,
         shared: &SharedRef,
         acked_tx: &watch::Sender<u64>,
         apply_tx: &mpsc::UnboundedSender<Incoming>,
@@ -256,8 +269,8 @@ impl Session {
         let mut incoming: Vec<NetChange> = Vec::new();
         loop {
             tokio::select! {
-                msg = read_message(recv) => {
-                    let Some((msg, size)) = msg? else {
+                msg = messages.recv() => {
+                    let Some((msg, size)) = msg.unwrap_or(Ok(None))? else {
                         return match self.mode {
                             Mode::Live => Ok(()),
                             Mode::Once => bail!("{} closed the connection before the sync finished", self.peer_name),
@@ -547,6 +560,7 @@ async fn serve_content(
 
 async fn apply_loop(
     db: Replica,
+    peer: NodeId,
     shared: SharedRef,
     out: mpsc::Sender<Message>,
     mut groups: mpsc::UnboundedReceiver<Incoming>,
@@ -639,6 +653,10 @@ async fn apply_loop(
                 }
                 changes.push(change);
             }
+            // `fazt peer remove` takes effect at once, even on a session already open.
+            if crate::peer::store::by_key(db.conn(), &peer)?.is_none() {
+                bail!("this node no longer trusts the peer (it was removed)");
+            }
             let report = db.apply(&Batch { changes, covers: group.covers })?;
             for digest in used {
                 db.conn().execute("DELETE FROM peer_content WHERE digest = ?1", [&digest[..]])?;
@@ -708,6 +726,11 @@ mod tests {
 
     /// Runs a one-off session from `a` (Once) against `b` (Live) over an in-memory pipe.
     async fn sync(a: &(PathBuf, NodeId), b: &(PathBuf, NodeId)) -> (Stats, Stats) {
+        for (me, other) in [(a, b), (b, a)] {
+            let db = crate::db::open_existing(&me.0).unwrap();
+            let name = crate::peer::store::PeerName::parse("peer").unwrap();
+            crate::peer::store::add(db.conn(), &me.1, &name, &other.1, None).unwrap();
+        }
         let (a_io, b_io) = tokio::io::duplex(64 * 1024);
         let (a_read, a_write) = tokio::io::split(a_io);
         let (b_read, b_write) = tokio::io::split(b_io);

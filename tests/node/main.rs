@@ -6,5 +6,6 @@ mod aliases;
 mod bad_input;
 mod bundles;
 mod database;
+mod peers;
 mod serving;
 mod versions;
