@@ -30,6 +30,8 @@ const GROUP_CHANGES: usize = 2_000;
 const MESSAGE_BYTES: usize = 256 * 1024;
 /// Groups sent ahead of the peer's acknowledgements.
 const WINDOW: u64 = 4;
+/// Fetched content is kept in `peer_content` in batches of about this many bytes.
+const STAGE_BYTES: usize = 16 << 20;
 /// Digests per Want message.
 const WANT_BATCH: usize = 1_000;
 
@@ -571,6 +573,10 @@ async fn apply_loop(
     // Content arriving in chunks: digest -> bytes so far.
     let mut partial: HashMap<[u8; 32], Vec<u8>> = HashMap::new();
     while let Some(group) = groups.recv().await {
+        // Content fetched for this group, and what of it is not kept in `peer_content` yet.
+        let mut received: HashMap<[u8; 32], Arc<Vec<u8>>> = HashMap::new();
+        let mut unstaged: Vec<([u8; 32], Arc<Vec<u8>>)> = Vec::new();
+        let mut unstaged_bytes = 0usize;
         let refs: Vec<(usize, ContentRef)> =
             group.changes.iter().enumerate().filter_map(|(i, c)| c.content.clone().map(|r| (i, r))).collect();
         if !refs.is_empty() {
@@ -613,26 +619,27 @@ async fn apply_loop(
                 }
                 buf.extend_from_slice(&c.data);
                 if buf.len() as u64 == c.total {
-                    let bytes = partial.remove(&c.digest).unwrap_or_default();
-                    if <[u8; 32]>::from(Sha256::digest(&bytes)) != c.digest {
+                    let bytes = Arc::new(partial.remove(&c.digest).unwrap_or_default());
+                    if <[u8; 32]>::from(Sha256::digest(bytes.as_slice())) != c.digest {
                         bail!("the peer sent content that does not match its digest");
                     }
                     missing.remove(&c.digest);
                     lock(&shared).stats.received_content += bytes.len() as u64;
-                    let store_db = db.clone();
-                    let digest = c.digest;
-                    tokio::task::spawn_blocking(move || -> Result<()> {
-                        let db = store_db.lock().unwrap_or_else(|e| e.into_inner());
-                        db.conn().execute(
-                            "INSERT OR REPLACE INTO peer_content (digest, data, received_at) VALUES (?1, ?2, ?3)",
-                            rusqlite::params![&digest[..], bytes, crate::db::now_secs()],
-                        )?;
-                        Ok(())
-                    })
-                    .await??;
+                    unstaged_bytes += bytes.len();
+                    unstaged.push((c.digest, bytes.clone()));
+                    received.insert(c.digest, bytes);
+                    // A long transfer is kept as it arrives, in batches: cut off, it resumes
+                    // from here instead of fetching everything again.
+                    if unstaged_bytes >= STAGE_BYTES && !missing.is_empty() {
+                        let batch = std::mem::take(&mut unstaged);
+                        unstaged_bytes = 0;
+                        let store_db = db.clone();
+                        tokio::task::spawn_blocking(move || stage_content(&store_db, &batch)).await??;
+                    }
                 }
             }
         }
+        unstaged.clear();
 
         let apply_db = db.clone();
         let (applied, mine) = tokio::task::spawn_blocking(move || -> Result<(fazt_sync::ApplyReport, Coverage)> {
@@ -642,8 +649,11 @@ async fn apply_loop(
             for net in group.changes {
                 let mut change = Change::from_wire(net.change);
                 if let Some(r) = net.content {
-                    let bytes = local_content(&db, &change.table, &change.pk, &change.cid, &r.digest)?
-                        .ok_or_else(|| anyhow!("content {} vanished before it was applied", hex::encode(r.digest)))?;
+                    let bytes = match received.get(&r.digest) {
+                        Some(b) => b.as_ref().clone(),
+                        None => local_content(&db, &change.table, &change.pk, &change.cid, &r.digest)?
+                            .ok_or_else(|| anyhow!("content {} vanished before it was applied", hex::encode(r.digest)))?,
+                    };
                     change.val = if r.text {
                         Value::Text(String::from_utf8(bytes).map_err(|_| anyhow!("the peer sent text content that is not UTF-8"))?)
                     } else {
@@ -653,6 +663,7 @@ async fn apply_loop(
                 }
                 changes.push(change);
             }
+            drop(received);
             // `fazt peer remove` takes effect at once, even on a session already open.
             if crate::peer::store::by_key(db.conn(), &peer)?.is_none() {
                 bail!("this node no longer trusts the peer (it was removed)");
@@ -677,6 +688,22 @@ async fn apply_loop(
             .map_err(|_| anyhow!("session ended"))?;
         let _ = tick.send(());
     }
+    Ok(())
+}
+
+/// Keeps fetched content in `peer_content`, in one transaction.
+fn stage_content(db: &Mutex<Replica>, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
+    let db = db.lock().unwrap_or_else(|e| e.into_inner());
+    let tx = db.conn().unchecked_transaction()?;
+    {
+        let mut insert =
+            tx.prepare_cached("INSERT OR REPLACE INTO peer_content (digest, data, received_at) VALUES (?1, ?2, ?3)")?;
+        let now = crate::db::now_secs();
+        for (digest, bytes) in batch {
+            insert.execute(rusqlite::params![&digest[..], bytes.as_slice(), now])?;
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 

@@ -81,6 +81,10 @@ impl Replica {
 
     fn merge_batch(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
         let held = self.coverage()?;
+        self.has_pending = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM fazt_sync_pending)")?
+            .query_row([], |r| r.get(0))?;
         let mut report = ApplyReport::default();
         let mut pending: HashMap<SiteId, RangeSet> = HashMap::new();
         let mut max_version = 0;
@@ -115,6 +119,13 @@ impl Replica {
                 }
             }
             self.flush_row(&mut row)?;
+            // A copy parked earlier (before this replica had the table) is now applied.
+            if self.has_pending {
+                let ord = self.ord_of(site)?;
+                self.conn
+                    .prepare_cached("DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2")?
+                    .execute([ord, version])?;
+            }
             report.transactions += 1;
         }
 
