@@ -108,9 +108,11 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> R
 }
 
 /// A group received whole, waiting to be applied.
+/// One Changes message, handed to the applier as it arrives; `covers` is set on a group's
+/// last one.
 struct Incoming {
     changes: Vec<NetChange>,
-    covers: Coverage,
+    covers: Option<Coverage>,
 }
 
 /// State shared by the session's tasks.
@@ -130,6 +132,8 @@ struct Shared {
     groups_acked: u64,
     exporting: bool,
     groups_received: u64,
+    /// Part of a group has arrived, not its end.
+    mid_group: bool,
     groups_applied: u64,
 }
 
@@ -268,7 +272,6 @@ impl Session {
         fail_rx: &mut mpsc::UnboundedReceiver<anyhow::Error>,
         tick_rx: &mut mpsc::UnboundedReceiver<()>,
     ) -> Result<()> {
-        let mut incoming: Vec<NetChange> = Vec::new();
         loop {
             tokio::select! {
                 msg = messages.recv() => {
@@ -281,19 +284,20 @@ impl Session {
                     lock(shared).stats.received_bytes += size as u64;
                     match msg {
                         Message::Changes(Changes { changes, complete }) => {
-                            lock(shared).stats.received_changes += changes.len() as u64;
-                            incoming.extend(changes);
-                            if let Some(heads) = complete {
-                                let covers = from_heads(&heads);
-                                {
-                                    let mut s = lock(shared);
+                            let covers = complete.map(|h| from_heads(&h));
+                            {
+                                let mut s = lock(shared);
+                                s.stats.received_changes += changes.len() as u64;
+                                s.mid_group = covers.is_none();
+                                if let Some(covers) = &covers {
                                     s.groups_received += 1;
-                                    s.peer_known.union(&covers);
-                                    s.their_heads.union(&covers);
+                                    s.peer_known.union(covers);
+                                    s.their_heads.union(covers);
                                 }
-                                let group = Incoming { changes: std::mem::take(&mut incoming), covers };
-                                apply_tx.send(group).map_err(|_| anyhow!("applying stopped"))?;
                             }
+                            // Parts go to the applier at once, so it can fetch content while
+                            // the rest of a large group is still arriving.
+                            apply_tx.send(Incoming { changes, covers }).map_err(|_| anyhow!("applying stopped"))?;
                         }
                         Message::Applied { groups, heads } => {
                             let heads = from_heads(&heads);
@@ -306,7 +310,7 @@ impl Session {
                                 s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
                             }
                             acked_tx.send_replace(groups);
-                            if self.mode == Mode::Once && incoming.is_empty() && converged(shared) {
+                            if self.mode == Mode::Once && converged(shared) {
                                 return Ok(());
                             }
                         }
@@ -322,7 +326,7 @@ impl Session {
                 Some(err) = fail_rx.recv() => return Err(err),
                 Some(()) = tick_rx.recv() => {
                     self.report(shared);
-                    if self.mode == Mode::Once && incoming.is_empty() && converged(shared) {
+                    if self.mode == Mode::Once && converged(shared) {
                         return Ok(());
                     }
                 }
@@ -353,7 +357,7 @@ fn kind(msg: &Message) -> &'static str {
 /// Both sides hold the same versions and nothing is in flight either way.
 fn converged(shared: &SharedRef) -> bool {
     let s = lock(shared);
-    !s.exporting && s.groups_received == s.groups_applied && s.groups_acked >= s.groups_sent && s.mine == s.their_heads
+    !s.exporting && !s.mid_group && s.groups_received == s.groups_applied && s.groups_acked >= s.groups_sent && s.mine == s.their_heads
 }
 
 fn spawn_task(
@@ -377,12 +381,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut send: W, mut rx: mpsc::Receiver<M
     Ok(())
 }
 
-/// A group ready to send, made on a blocking thread.
+/// A piece of a group, made on a blocking thread and sent as soon as it is made, so the
+/// peer can start fetching content while a large transaction is still being exported.
 struct Outgoing {
-    messages: Vec<Message>,
-    covers: Coverage,
+    message: Message,
     changes: u64,
     offered: Vec<([u8; 32], String, Vec<u8>, String)>,
+    /// Set on a group's last piece: the versions the group completes.
+    end: Option<Coverage>,
 }
 
 async fn export_loop(
@@ -401,36 +407,41 @@ async fn export_loop(
             s.exporting = true;
             s.peer_known.clone()
         };
-        let (group_tx, mut group_rx) = mpsc::channel::<Outgoing>(1);
+        let (piece_tx, mut piece_rx) = mpsc::channel::<Outgoing>(4);
         let export_db = db.clone();
         let export = tokio::task::spawn_blocking(move || -> Result<Coverage> {
             let mut db = export_db.lock().unwrap_or_else(|e| e.into_inner());
             // Tables registered and origins learned by other connections since the last pass.
             db.refresh()?;
-            export_pass(&db, &have, &group_tx)?;
+            export_pass(&db, &have, &piece_tx)?;
             Ok(db.coverage()?)
         });
-        while let Some(group) = group_rx.recv().await {
-            // Flow control: at most WINDOW groups ahead of the peer's acknowledgements.
-            let sent = lock(&shared).groups_sent;
-            acked
-                .wait_for(|a| sent.saturating_sub(*a) < WINDOW)
-                .await
-                .map_err(|_| anyhow!("session ended"))?;
-            let number = {
+        let mut in_group = false;
+        while let Some(piece) = piece_rx.recv().await {
+            if !in_group {
+                // Flow control: at most WINDOW groups ahead of the peer's acknowledgements.
+                let sent = lock(&shared).groups_sent;
+                acked
+                    .wait_for(|a| sent.saturating_sub(*a) < WINDOW)
+                    .await
+                    .map_err(|_| anyhow!("session ended"))?;
+                in_group = true;
+            }
+            {
                 let mut s = lock(&shared);
-                s.groups_sent += 1;
-                s.stats.sent_changes += group.changes;
-                s.peer_known.union(&group.covers);
-                let number = s.groups_sent;
-                for (digest, table, pk, cid) in group.offered {
+                let number = s.groups_sent + 1;
+                s.stats.sent_changes += piece.changes;
+                for (digest, table, pk, cid) in piece.offered {
                     s.offered.insert(digest, (number, table, pk, cid));
                 }
-                number
-            };
-            tracing::debug!(group = number, changes = group.changes, "sending a group");
-            for msg in group.messages {
-                out.send(msg).await.map_err(|_| anyhow!("session ended"))?;
+            }
+            out.send(piece.message).await.map_err(|_| anyhow!("session ended"))?;
+            if let Some(covers) = piece.end {
+                let mut s = lock(&shared);
+                s.groups_sent += 1;
+                s.peer_known.union(&covers);
+                tracing::debug!(group = s.groups_sent, "sent a group");
+                in_group = false;
             }
         }
         let mine = export.await??;
@@ -445,37 +456,40 @@ async fn export_loop(
     }
 }
 
-/// Exports everything `have` lacks as groups (blocking).
-fn export_pass(db: &Replica, have: &Coverage, groups: &mpsc::Sender<Outgoing>) -> Result<()> {
-    let mut current = Outgoing { messages: Vec::new(), covers: Coverage::default(), changes: 0, offered: Vec::new() };
+/// Exports everything `have` lacks as groups of pieces (blocking).
+fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>) -> Result<()> {
     let mut batch: Vec<NetChange> = Vec::new();
+    let mut offered = Vec::new();
     let mut batch_bytes = 0usize;
+    let send = |piece: Outgoing| {
+        pieces.blocking_send(piece).map_err(|_| fazt_sync::Error::Corrupt("session ended during export".into()))
+    };
     db.export_groups(have, GROUP_CHANGES, |item| {
         match item {
             Exported::Change(c) => {
-                let (net, size) = to_net(&c, &mut current.offered);
+                let (net, size) = to_net(&c, &mut offered);
                 batch_bytes += size;
                 batch.push(net);
-                current.changes += 1;
                 if batch_bytes >= MESSAGE_BYTES {
-                    current.messages.push(Message::Changes(Changes { changes: std::mem::take(&mut batch), complete: None }));
+                    let changes = std::mem::take(&mut batch);
+                    send(Outgoing {
+                        changes: changes.len() as u64,
+                        message: Message::Changes(Changes { changes, complete: None }),
+                        offered: std::mem::take(&mut offered),
+                        end: None,
+                    })?;
                     batch_bytes = 0;
                 }
             }
             Exported::Group(covers) => {
-                current.messages.push(Message::Changes(Changes {
-                    changes: std::mem::take(&mut batch),
-                    complete: Some(to_heads(&covers)),
-                }));
+                let changes = std::mem::take(&mut batch);
+                send(Outgoing {
+                    changes: changes.len() as u64,
+                    message: Message::Changes(Changes { changes, complete: Some(to_heads(&covers)) }),
+                    offered: std::mem::take(&mut offered),
+                    end: Some(covers),
+                })?;
                 batch_bytes = 0;
-                current.covers = covers;
-                let done = std::mem::replace(
-                    &mut current,
-                    Outgoing { messages: Vec::new(), covers: Coverage::default(), changes: 0, offered: Vec::new() },
-                );
-                groups
-                    .blocking_send(done)
-                    .map_err(|_| fazt_sync::Error::Corrupt("session ended during export".into()))?;
             }
         }
         Ok(())
@@ -572,39 +586,51 @@ async fn apply_loop(
     let db = Arc::new(Mutex::new(db));
     // Content arriving in chunks: digest -> bytes so far.
     let mut partial: HashMap<[u8; 32], Vec<u8>> = HashMap::new();
-    while let Some(group) = groups.recv().await {
+    while let Some(first) = groups.recv().await {
         // Content fetched for this group, and what of it is not kept in `peer_content` yet.
         let mut received: HashMap<[u8; 32], Arc<Vec<u8>>> = HashMap::new();
         let mut unstaged: Vec<([u8; 32], Arc<Vec<u8>>)> = Vec::new();
         let mut unstaged_bytes = 0usize;
-        let refs: Vec<(usize, ContentRef)> =
-            group.changes.iter().enumerate().filter_map(|(i, c)| c.content.clone().map(|r| (i, r))).collect();
-        if !refs.is_empty() {
-            let check_db = db.clone();
-            let cells: Vec<(String, Vec<u8>, String, [u8; 32])> = refs
+        let mut missing: HashSet<[u8; 32]> = HashSet::new();
+        let mut changes: Vec<NetChange> = Vec::new();
+        let mut next = Some(first);
+        let covers = loop {
+            let part = match next.take() {
+                Some(p) => p,
+                None => groups.recv().await.ok_or_else(|| anyhow!("session ended"))?,
+            };
+            // Ask for this part's content now; it arrives while later parts do.
+            let cells: Vec<(String, Vec<u8>, String, [u8; 32])> = part
+                .changes
                 .iter()
-                .map(|(i, r)| {
-                    let c = &group.changes[*i].change;
-                    (c.table.clone(), c.pk.clone(), c.cid.clone(), r.digest)
-                })
+                .filter_map(|c| c.content.as_ref().map(|r| (c, r.digest)))
+                .filter(|(_, d)| !missing.contains(d))
+                .map(|(c, d)| (c.change.table.clone(), c.change.pk.clone(), c.change.cid.clone(), d))
                 .collect();
-            let mut missing = tokio::task::spawn_blocking(move || -> Result<HashSet<[u8; 32]>> {
-                let db = check_db.lock().unwrap_or_else(|e| e.into_inner());
-                let mut missing = HashSet::new();
-                for (table, pk, cid, digest) in &cells {
-                    if local_content(&db, table, pk, cid, digest)?.is_none() {
-                        missing.insert(*digest);
+            if !cells.is_empty() {
+                let check_db = db.clone();
+                let lacking = tokio::task::spawn_blocking(move || -> Result<HashSet<[u8; 32]>> {
+                    let db = check_db.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut lacking = HashSet::new();
+                    for (table, pk, cid, digest) in &cells {
+                        if local_content(&db, table, pk, cid, digest)?.is_none() {
+                            lacking.insert(*digest);
+                        }
                     }
-                }
-                Ok(missing)
-            })
-            .await??;
-            if !missing.is_empty() {
-                let list: Vec<[u8; 32]> = missing.iter().copied().collect();
+                    Ok(lacking)
+                })
+                .await??;
+                let list: Vec<[u8; 32]> = lacking.into_iter().filter(|d| missing.insert(*d)).collect();
                 for chunk in list.chunks(WANT_BATCH) {
                     out.send(Message::Want(chunk.to_vec())).await.map_err(|_| anyhow!("session ended"))?;
                 }
             }
+            changes.extend(part.changes);
+            if let Some(covers) = part.covers {
+                break covers;
+            }
+        };
+        {
             while !missing.is_empty() {
                 let c = content.recv().await.ok_or_else(|| anyhow!("session ended"))?;
                 if !missing.contains(&c.digest) {
@@ -640,18 +666,31 @@ async fn apply_loop(
             }
         }
         unstaged.clear();
+        tracing::debug!(fetched = received.len(), "a group's content is complete");
 
         let apply_db = db.clone();
         let (applied, mine) = tokio::task::spawn_blocking(move || -> Result<(fazt_sync::ApplyReport, Coverage)> {
             let mut db = apply_db.lock().unwrap_or_else(|e| e.into_inner());
             let mut used = Vec::new();
-            let mut changes = Vec::with_capacity(group.changes.len());
-            for net in group.changes {
+            let nets = changes;
+            let mut remaining_uses: HashMap<[u8; 32], usize> = HashMap::new();
+            for r in nets.iter().filter_map(|n| n.content.as_ref()) {
+                *remaining_uses.entry(r.digest).or_insert(0) += 1;
+            }
+            let mut changes = Vec::with_capacity(nets.len());
+            for net in nets {
                 let mut change = Change::from_wire(net.change);
                 if let Some(r) = net.content {
-                    let bytes = match received.get(&r.digest) {
-                        Some(b) => b.as_ref().clone(),
-                        None => local_content(&db, &change.table, &change.pk, &change.cid, &r.digest)?
+                    let uses = remaining_uses.entry(r.digest).or_insert(0);
+                    *uses = uses.saturating_sub(1);
+                    let bytes = match (received.get(&r.digest), *uses) {
+                        // The last cell that needs these bytes takes them without a copy.
+                        (Some(_), 0) => {
+                            let b = received.remove(&r.digest).unwrap_or_default();
+                            Arc::try_unwrap(b).unwrap_or_else(|shared| shared.as_ref().clone())
+                        }
+                        (Some(b), _) => b.as_ref().clone(),
+                        (None, _) => local_content(&db, &change.table, &change.pk, &change.cid, &r.digest)?
                             .ok_or_else(|| anyhow!("content {} vanished before it was applied", hex::encode(r.digest)))?,
                     };
                     change.val = if r.text {
@@ -668,7 +707,7 @@ async fn apply_loop(
             if crate::peer::store::by_key(db.conn(), &peer)?.is_none() {
                 bail!("this node no longer trusts the peer (it was removed)");
             }
-            let report = db.apply(&Batch { changes, covers: group.covers })?;
+            let report = db.apply(&Batch { changes, covers })?;
             for digest in used {
                 db.conn().execute("DELETE FROM peer_content WHERE digest = ?1", [&digest[..]])?;
             }
