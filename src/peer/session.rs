@@ -28,6 +28,8 @@ use tokio::sync::{mpsc, watch};
 const GROUP_CHANGES: usize = 2_000;
 /// A Changes message is cut after about this many bytes.
 const MESSAGE_BYTES: usize = 256 * 1024;
+/// A piece of a group ends after this much referenced content.
+const PIECE_CONTENT_BYTES: usize = 4 << 20;
 /// Groups sent ahead of the peer's acknowledgements.
 const WINDOW: u64 = 4;
 /// Fetched content is kept in `peer_content` in batches of about this many bytes.
@@ -461,6 +463,7 @@ fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>) -
     let mut batch: Vec<NetChange> = Vec::new();
     let mut offered = Vec::new();
     let mut batch_bytes = 0usize;
+    let mut ref_bytes = 0usize;
     let send = |piece: Outgoing| {
         pieces.blocking_send(piece).map_err(|_| fazt_sync::Error::Corrupt("session ended during export".into()))
     };
@@ -469,8 +472,12 @@ fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>) -
             Exported::Change(c) => {
                 let (net, size) = to_net(&c, &mut offered);
                 batch_bytes += size;
+                // A piece also ends after a few MiB of referenced content, so the receiver
+                // starts fetching while the rest of a large deploy is still being read.
+                ref_bytes += net.content.as_ref().map_or(0, |r| r.len as usize);
                 batch.push(net);
-                if batch_bytes >= MESSAGE_BYTES {
+                if batch_bytes >= MESSAGE_BYTES || ref_bytes >= PIECE_CONTENT_BYTES {
+                    ref_bytes = 0;
                     let changes = std::mem::take(&mut batch);
                     send(Outgoing {
                         changes: changes.len() as u64,
@@ -490,6 +497,7 @@ fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>) -
                     end: Some(covers),
                 })?;
                 batch_bytes = 0;
+                ref_bytes = 0;
             }
         }
         Ok(())
@@ -733,6 +741,10 @@ async fn apply_loop(
 /// Keeps fetched content in `peer_content`, in one transaction.
 fn stage_content(db: &Mutex<Replica>, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
     let db = db.lock().unwrap_or_else(|e| e.into_inner());
+    stage_rows(&db, batch)
+}
+
+fn stage_rows(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
     let tx = db.conn().unchecked_transaction()?;
     {
         let mut insert =
