@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -28,6 +29,8 @@ use tokio::sync::{mpsc, watch};
 const GROUP_CHANGES: usize = 2_000;
 /// A Changes message is cut after about this many bytes.
 const MESSAGE_BYTES: usize = 256 * 1024;
+/// Offered content kept in memory for serving, at most this many bytes per session.
+const KEEP_OFFERED_BYTES: usize = 64 << 20;
 /// A piece of a group ends after this much referenced content.
 const PIECE_CONTENT_BYTES: usize = 4 << 20;
 /// Groups sent ahead of the peer's acknowledgements.
@@ -128,8 +131,10 @@ struct Shared {
     /// What this side holds, as of its last export or apply.
     mine: Coverage,
     stats: Stats,
-    /// Cells offered as content references, by digest: (group, table, pk, column).
-    offered: HashMap<[u8; 32], (u64, String, Vec<u8>, String)>,
+    /// Content offered as references, by digest, until the group is acknowledged.
+    offered: HashMap<[u8; 32], Offer>,
+    /// Bytes of offered content kept in memory (see [`KEEP_OFFERED_BYTES`]).
+    kept: Arc<AtomicUsize>,
     groups_sent: u64,
     groups_acked: u64,
     exporting: bool,
@@ -307,7 +312,14 @@ impl Session {
                                 let mut s = lock(shared);
                                 s.peer_known.union(&heads);
                                 s.their_heads.union(&heads);
-                                s.offered.retain(|_, v| v.0 > groups);
+                                let kept = s.kept.clone();
+                                s.offered.retain(|_, o| {
+                                    let keep = o.group > groups;
+                                    if !keep {
+                                        kept.fetch_sub(o.bytes.as_ref().map_or(0, |b| b.len()), Ordering::Relaxed);
+                                    }
+                                    keep
+                                });
                                 s.groups_acked = s.groups_acked.max(groups);
                                 s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
                             }
@@ -388,7 +400,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut send: W, mut rx: mpsc::Receiver<M
 struct Outgoing {
     message: Message,
     changes: u64,
-    offered: Vec<([u8; 32], String, Vec<u8>, String)>,
+    offered: Vec<([u8; 32], Offer)>,
     /// Set on a group's last piece: the versions the group completes.
     end: Option<Coverage>,
 }
@@ -410,12 +422,13 @@ async fn export_loop(
             s.peer_known.clone()
         };
         let (piece_tx, mut piece_rx) = mpsc::channel::<Outgoing>(4);
+        let kept = lock(&shared).kept.clone();
         let export_db = db.clone();
         let export = tokio::task::spawn_blocking(move || -> Result<Coverage> {
             let mut db = export_db.lock().unwrap_or_else(|e| e.into_inner());
             // Tables registered and origins learned by other connections since the last pass.
             db.refresh()?;
-            export_pass(&db, &have, &piece_tx)?;
+            export_pass(&db, &have, &piece_tx, &kept)?;
             Ok(db.coverage()?)
         });
         let mut in_group = false;
@@ -433,8 +446,11 @@ async fn export_loop(
                 let mut s = lock(&shared);
                 let number = s.groups_sent + 1;
                 s.stats.sent_changes += piece.changes;
-                for (digest, table, pk, cid) in piece.offered {
-                    s.offered.insert(digest, (number, table, pk, cid));
+                for (digest, mut offer) in piece.offered {
+                    offer.group = number;
+                    if let Some(old) = s.offered.insert(digest, offer) {
+                        s.kept.fetch_sub(old.bytes.map_or(0, |b| b.len()), Ordering::Relaxed);
+                    }
                 }
             }
             out.send(piece.message).await.map_err(|_| anyhow!("session ended"))?;
@@ -459,7 +475,7 @@ async fn export_loop(
 }
 
 /// Exports everything `have` lacks as groups of pieces (blocking).
-fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>) -> Result<()> {
+fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>, kept: &AtomicUsize) -> Result<()> {
     let mut batch: Vec<NetChange> = Vec::new();
     let mut offered = Vec::new();
     let mut batch_bytes = 0usize;
@@ -470,7 +486,7 @@ fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>) -
     db.export_groups(have, GROUP_CHANGES, |item| {
         match item {
             Exported::Change(c) => {
-                let (net, size) = to_net(&c, &mut offered);
+                let (net, size) = to_net(c, &mut offered, kept);
                 batch_bytes += size;
                 // A piece also ends after a few MiB of referenced content, so the receiver
                 // starts fetching while the rest of a large deploy is still being read.
@@ -505,26 +521,42 @@ fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>) -
     Ok(())
 }
 
+/// Content offered to the peer: where it lives, and its bytes while the memory budget allows
+/// (so serving it needs no second read and no second hash).
+#[derive(Clone)]
+struct Offer {
+    group: u64,
+    table: String,
+    pk: Vec<u8>,
+    cid: String,
+    bytes: Option<Arc<Vec<u8>>>,
+}
+
 /// A change for the wire: large blobs and texts become content references. Returns its
 /// rough size.
-fn to_net(c: &Change, offered: &mut Vec<([u8; 32], String, Vec<u8>, String)>) -> (NetChange, usize) {
+fn to_net(c: Change, offered: &mut Vec<([u8; 32], Offer)>, kept: &AtomicUsize) -> (NetChange, usize) {
     let base = 48 + c.pk.len() + c.table.len() + c.cid.len();
-    let (bytes, text) = match &c.val {
-        Value::Blob(b) => (Some(b.as_slice()), false),
-        Value::Text(t) => (Some(t.as_bytes()), true),
-        _ => (None, false),
+    let len = match &c.val {
+        Value::Blob(b) => b.len(),
+        Value::Text(t) => t.len(),
+        _ => 0,
     };
-    match bytes {
-        Some(bytes) if bytes.len() >= wire::CONTENT_MIN => {
-            let digest: [u8; 32] = Sha256::digest(bytes).into();
-            offered.push((digest, c.table.clone(), c.pk.clone(), c.cid.clone()));
-            let mut change = c.to_wire();
-            change.val = fazt_proto::bundle::WireValue::Null;
-            let content = Some(ContentRef { digest, len: bytes.len() as u64, text });
-            (NetChange { change, content }, base + 40)
-        }
-        _ => (NetChange { change: c.to_wire(), content: None }, base + bytes.map_or(8, <[u8]>::len)),
+    if len < wire::CONTENT_MIN {
+        return (NetChange { change: c.to_wire(), content: None }, base + len.max(8));
     }
+    let text = matches!(c.val, Value::Text(_));
+    let mut change = c.to_wire();
+    change.val = fazt_proto::bundle::WireValue::Null;
+    let Change { table, pk, cid, val, .. } = c;
+    let bytes = value_bytes(val).unwrap_or_default();
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let bytes = (kept.fetch_add(len, Ordering::Relaxed) + len <= KEEP_OFFERED_BYTES).then(|| Arc::new(bytes));
+    if bytes.is_none() {
+        kept.fetch_sub(len, Ordering::Relaxed);
+    }
+    offered.push((digest, Offer { group: 0, table, pk, cid, bytes }));
+    let content = Some(ContentRef { digest, len: len as u64, text });
+    (NetChange { change, content }, base + 40)
 }
 
 /// The bytes of a blob or text value.
@@ -546,17 +578,24 @@ async fn serve_content(
     let db = Arc::new(Mutex::new(db));
     while let Some(digests) = wants.recv().await {
         for digest in digests {
-            let cell = lock(&shared).offered.get(&digest).cloned();
-            let db = db.clone();
-            let bytes = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>> {
-                let Some((_, table, pk, cid)) = cell else { return Ok(None) };
-                let db = db.lock().unwrap_or_else(|e| e.into_inner());
-                Ok(db
-                    .cell(&table, &pk, &cid)?
-                    .and_then(value_bytes)
-                    .filter(|b| <[u8; 32]>::from(Sha256::digest(b)) == digest))
-            })
-            .await??;
+            let offer = lock(&shared).offered.get(&digest).cloned();
+            let bytes = match offer {
+                Some(Offer { bytes: Some(bytes), .. }) => Some(bytes),
+                Some(Offer { table, pk, cid, .. }) => {
+                    let db = db.clone();
+                    tokio::task::spawn_blocking(move || -> Result<Option<Arc<Vec<u8>>>> {
+                        let db = db.lock().unwrap_or_else(|e| e.into_inner());
+                        // Read again; the value may have changed since it was offered.
+                        Ok(db
+                            .cell(&table, &pk, &cid)?
+                            .and_then(value_bytes)
+                            .filter(|b| <[u8; 32]>::from(Sha256::digest(b)) == digest)
+                            .map(Arc::new))
+                    })
+                    .await??
+                }
+                None => None,
+            };
             let Some(bytes) = bytes else {
                 out.send(Message::Content(Content { digest, gone: true, total: 0, offset: 0, data: Vec::new() }))
                     .await
@@ -576,7 +615,11 @@ async fn serve_content(
                     break;
                 }
             }
-            lock(&shared).stats.sent_content += total;
+            let mut s = lock(&shared);
+            s.stats.sent_content += total;
+            // Asked for once: the memory goes back to the budget for content not sent yet.
+            let freed = s.offered.get_mut(&digest).and_then(|o| o.bytes.take()).map_or(0, |b| b.len());
+            s.kept.fetch_sub(freed, Ordering::Relaxed);
         }
     }
     Ok(())
