@@ -634,6 +634,10 @@ async fn apply_loop(
     mut content: mpsc::UnboundedReceiver<Content>,
     tick: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
+    // Copying a large transfer from the WAL into the database file is left to the node's
+    // other connections (SQLite checkpoints on their next commit), not done on the path
+    // between receiving a group and acknowledging it.
+    db.conn().pragma_update(None, "wal_autocheckpoint", 0)?;
     let db = Arc::new(Mutex::new(db));
     // Content arriving in chunks: digest -> bytes so far.
     let mut partial: HashMap<[u8; 32], Vec<u8>> = HashMap::new();
