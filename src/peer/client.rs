@@ -111,8 +111,10 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
     let stats = runtime()?.block_on(async {
         let changed = super::watch_db(db_path)?;
         let endpoint = client_endpoint()?;
+        let connected = std::sync::atomic::AtomicBool::new(false);
         let work = async {
             let conn = super::connect(&endpoint, &key, name, &addr, &peer.node_id).await?;
+            connected.store(true, std::sync::atomic::Ordering::Relaxed);
             let (send, recv) = conn.open_bi().await.map_err(|e| super::explain(name, &addr, &e))?;
             let (progress_tx, progress_rx) = watch::channel(Stats::default());
             let bar = (progress && std::io::stderr().is_terminal()).then(|| show_progress(name, progress_rx));
@@ -135,6 +137,10 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
         };
         let result = match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
+            Err(_) if !connected.load(std::sync::atomic::Ordering::Relaxed) => Err(anyhow!(
+                "could not reach {name} at {addr} within {}s: is `fazt server start` running there, and is its UDP port open?",
+                timeout.as_secs()
+            )),
             Err(_) => Err(anyhow!(
                 "{name} and this node did not converge within {}s; run `fazt peer sync {name}` again or give a longer --timeout",
                 timeout.as_secs()
