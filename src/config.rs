@@ -131,7 +131,11 @@ impl NodeConfig {
                 None => Setting { value: port.value, source: Source::Default },
             },
         };
-        Ok(NodeConfig { domain, port, sync_port })
+        Ok(NodeConfig {
+            domain,
+            port,
+            sync_port,
+        })
     }
 }
 

@@ -112,9 +112,18 @@ pub struct Runtime {
 pub fn running(conn: &Connection) -> Result<Option<Runtime>> {
     use rusqlite::OptionalExtension;
     let row: Option<Runtime> = conn
-        .query_row("SELECT pid, port, sync_port, domain FROM node_runtime WHERE id = 1", [], |r| {
-            Ok(Runtime { pid: r.get(0)?, port: r.get(1)?, sync_port: r.get(2)?, domain: r.get(3)? })
-        })
+        .query_row(
+            "SELECT pid, port, sync_port, domain FROM node_runtime WHERE id = 1",
+            [],
+            |r| {
+                Ok(Runtime {
+                    pid: r.get(0)?,
+                    port: r.get(1)?,
+                    sync_port: r.get(2)?,
+                    domain: r.get(3)?,
+                })
+            },
+        )
         .optional()?;
     Ok(row.filter(|r| Path::new(&format!("/proc/{}", r.pid)).exists()))
 }

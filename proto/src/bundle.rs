@@ -57,7 +57,11 @@ pub struct WireChange {
 pub enum Record {
     Change(WireChange),
     /// The bundle holds everything of `site`'s versions `start..=end`.
-    Cover { site: [u8; 16], start: i64, end: i64 },
+    Cover {
+        site: [u8; 16],
+        start: i64,
+        end: i64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +95,6 @@ const STRING: u8 = 1;
 const SITE: u8 = 2;
 const CHANGE: u8 = 3;
 const COVER: u8 = 4;
-
 
 /// Writes a bundle, hashing everything it writes.
 pub struct BundleWriter<W: Write> {
@@ -276,7 +279,10 @@ impl<R: Read> HashingReader<R> {
 
 impl<R: Read> BundleReader<R> {
     pub fn new(input: R) -> Result<Self, BundleError> {
-        let mut input = HashingReader { inner: input, crc: crc32fast::Hasher::new() };
+        let mut input = HashingReader {
+            inner: input,
+            crc: crc32fast::Hasher::new(),
+        };
         let mut magic = [0u8; 8];
         input.exact(&mut magic).map_err(|e| match e {
             BundleError::Truncated => BundleError::NotABundle,
@@ -296,7 +302,13 @@ impl<R: Read> BundleReader<R> {
         }
         let mut sender = [0u8; 16];
         input.exact(&mut sender)?;
-        Ok(BundleReader { input, strings: Vec::new(), sites: Vec::new(), sender, done: false })
+        Ok(BundleReader {
+            input,
+            strings: Vec::new(),
+            sites: Vec::new(),
+            sender,
+            done: false,
+        })
     }
 
     pub fn sender(&self) -> [u8; 16] {
@@ -304,11 +316,17 @@ impl<R: Read> BundleReader<R> {
     }
 
     fn site_at(&self, i: u64) -> Result<[u8; 16], BundleError> {
-        self.sites.get(i as usize).copied().ok_or(BundleError::Corrupt("unknown site index"))
+        self.sites
+            .get(i as usize)
+            .copied()
+            .ok_or(BundleError::Corrupt("unknown site index"))
     }
 
     fn string_at(&self, i: u64) -> Result<String, BundleError> {
-        self.strings.get(i as usize).cloned().ok_or(BundleError::Corrupt("unknown string index"))
+        self.strings
+            .get(i as usize)
+            .cloned()
+            .ok_or(BundleError::Corrupt("unknown string index"))
     }
 
     /// The next record, or None at the end (after checking the checksum).
@@ -334,7 +352,8 @@ impl<R: Read> BundleReader<R> {
                 }
                 STRING => {
                     let bytes = self.input.bytes_field()?;
-                    let s = String::from_utf8(bytes).map_err(|_| BundleError::Corrupt("name is not UTF-8"))?;
+                    let s = String::from_utf8(bytes)
+                        .map_err(|_| BundleError::Corrupt("name is not UTF-8"))?;
                     self.strings.push(s);
                 }
                 SITE => {
@@ -343,8 +362,13 @@ impl<R: Read> BundleReader<R> {
                     self.sites.push(site);
                 }
                 CHANGE => {
-                    let (t, c, s) = (self.input.varint()?, self.input.varint()?, self.input.varint()?);
-                    let (table, cid, site) = (self.string_at(t)?, self.string_at(c)?, self.site_at(s)?);
+                    let (t, c, s) = (
+                        self.input.varint()?,
+                        self.input.varint()?,
+                        self.input.varint()?,
+                    );
+                    let (table, cid, site) =
+                        (self.string_at(t)?, self.string_at(c)?, self.site_at(s)?);
                     let db_version = unzigzag(self.input.varint()?);
                     let seq = unzigzag(self.input.varint()?);
                     let col_version = unzigzag(self.input.varint()?);
@@ -457,10 +481,16 @@ mod tests {
         let mid = bytes.len() / 2;
         flipped[mid] ^= 0x40;
         assert!(verify(&flipped[..]).is_err());
-        assert!(matches!(verify(&b"PK\x03\x04 some zip file"[..]), Err(BundleError::NotABundle)));
+        assert!(matches!(
+            verify(&b"PK\x03\x04 some zip file"[..]),
+            Err(BundleError::NotABundle)
+        ));
         let mut newer = bytes.clone();
         newer[8] = 99;
-        assert!(matches!(verify(&newer[..]), Err(BundleError::NewerVersion(99))));
+        assert!(matches!(
+            verify(&newer[..]),
+            Err(BundleError::NewerVersion(99))
+        ));
         let mut extra = bytes;
         extra.push(0);
         assert!(verify(&extra[..]).is_err());

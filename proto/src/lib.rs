@@ -8,9 +8,9 @@
 
 pub mod bundle;
 mod codec;
+mod node_id;
 pub mod ticket;
 pub mod wire;
-mod node_id;
 
 pub use codec::DecodeError;
 pub use node_id::{NodeId, NodeIdError};

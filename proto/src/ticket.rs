@@ -25,7 +25,10 @@ pub struct Ticket {
 impl fmt::Debug for Ticket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The secret stays out of logs.
-        f.debug_struct("Ticket").field("node", &self.node).field("addr", &self.addr).finish()
+        f.debug_struct("Ticket")
+            .field("node", &self.node)
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -50,7 +53,11 @@ impl fmt::Display for Ticket {
         bytes.extend_from_slice(self.node.as_bytes());
         bytes.extend_from_slice(&self.secret);
         bytes.extend_from_slice(self.addr.as_bytes());
-        write!(f, "{PREFIX}{}", BASE32_NOPAD.encode(&bytes).to_ascii_lowercase())
+        write!(
+            f,
+            "{PREFIX}{}",
+            BASE32_NOPAD.encode(&bytes).to_ascii_lowercase()
+        )
     }
 }
 
@@ -73,10 +80,18 @@ impl FromStr for Ticket {
         if bytes.len() < 66 {
             return Err(TicketError::Truncated);
         }
-        let node: [u8; 32] = bytes[1..33].try_into().map_err(|_| TicketError::Truncated)?;
-        let secret: [u8; 32] = bytes[33..65].try_into().map_err(|_| TicketError::Truncated)?;
+        let node: [u8; 32] = bytes[1..33]
+            .try_into()
+            .map_err(|_| TicketError::Truncated)?;
+        let secret: [u8; 32] = bytes[33..65]
+            .try_into()
+            .map_err(|_| TicketError::Truncated)?;
         let addr = String::from_utf8(bytes[65..].to_vec()).map_err(|_| TicketError::Address)?;
-        Ok(Ticket { node: NodeId::from_bytes(node), secret, addr })
+        Ok(Ticket {
+            node: NodeId::from_bytes(node),
+            secret,
+            addr,
+        })
     }
 }
 
@@ -86,13 +101,23 @@ mod tests {
 
     #[test]
     fn tickets_round_trip_and_damage_is_named() {
-        let t = Ticket { node: NodeId::from_bytes([3; 32]), secret: [9; 32], addr: "zyt.example:4698".into() };
+        let t = Ticket {
+            node: NodeId::from_bytes([3; 32]),
+            secret: [9; 32],
+            addr: "zyt.example:4698".into(),
+        };
         let printed = t.to_string();
         assert!(printed.starts_with("fazt1"));
         assert_eq!(printed.parse::<Ticket>().unwrap(), t);
         assert_eq!("hello".parse::<Ticket>().unwrap_err(), TicketError::Prefix);
-        assert_eq!("fazt1!!!".parse::<Ticket>().unwrap_err(), TicketError::Encoding);
-        assert_eq!(printed[..5 + 64].parse::<Ticket>().unwrap_err(), TicketError::Truncated);
+        assert_eq!(
+            "fazt1!!!".parse::<Ticket>().unwrap_err(),
+            TicketError::Encoding
+        );
+        assert_eq!(
+            printed[..5 + 64].parse::<Ticket>().unwrap_err(),
+            TicketError::Truncated
+        );
         assert!(!format!("{t:?}").contains("secret"));
     }
 }

@@ -99,10 +99,15 @@ pub enum Message {
     Hello(Hello),
     Join(Join),
     /// The inviting node accepted a Join; carries the name it suggests for itself.
-    Welcome { name: String },
+    Welcome {
+        name: String,
+    },
     Changes(Changes),
     /// Groups applied so far in this session, and everything the sender now holds.
-    Applied { groups: u64, heads: Heads },
+    Applied {
+        groups: u64,
+        heads: Heads,
+    },
     Want(Vec<[u8; 32]>),
     Content(Content),
     /// The sender ends the session; the reason is meant for people.
@@ -189,14 +194,23 @@ impl Message {
         let msg = match r.byte()? {
             HELLO => Message::Hello(Hello {
                 node: r.array()?,
-                protocol: u32::try_from(r.varint()?).map_err(|_| DecodeError::Malformed("protocol out of range"))?,
-                schema: u32::try_from(r.varint()?).map_err(|_| DecodeError::Malformed("schema out of range"))?,
+                protocol: u32::try_from(r.varint()?)
+                    .map_err(|_| DecodeError::Malformed("protocol out of range"))?,
+                schema: u32::try_from(r.varint()?)
+                    .map_err(|_| DecodeError::Malformed("schema out of range"))?,
                 heads: read_heads(&mut r)?,
             }),
-            JOIN => Message::Join(Join { secret: r.array()?, name: r.string()?, addr: r.string()? }),
+            JOIN => Message::Join(Join {
+                secret: r.array()?,
+                name: r.string()?,
+                addr: r.string()?,
+            }),
             WELCOME => Message::Welcome { name: r.string()? },
             CHANGES => Message::Changes(read_changes(&mut r)?),
-            APPLIED => Message::Applied { groups: r.varint()?, heads: read_heads(&mut r)? },
+            APPLIED => Message::Applied {
+                groups: r.varint()?,
+                heads: read_heads(&mut r)?,
+            },
             WANT => {
                 let n = r.count()?;
                 let mut digests = Vec::with_capacity(n.min(r.remaining() / 32));
@@ -215,10 +229,19 @@ impl Message {
                 let total = r.varint()?;
                 let offset = r.varint()?;
                 let data = r.bytes()?.to_vec();
-                if offset.checked_add(data.len() as u64).is_none_or(|end| end > total) {
+                if offset
+                    .checked_add(data.len() as u64)
+                    .is_none_or(|end| end > total)
+                {
                     return Err(DecodeError::Malformed("content chunk beyond its total"));
                 }
-                Message::Content(Content { digest, gone, total, offset, data })
+                Message::Content(Content {
+                    digest,
+                    gone,
+                    total,
+                    offset,
+                    data,
+                })
             }
             REFUSE => Message::Refuse(r.string()?),
             _ => return Err(DecodeError::Malformed("unknown message type")),
@@ -248,9 +271,13 @@ fn read_heads(r: &mut SliceReader<'_>) -> Result<Heads, DecodeError> {
         let n = r.count()?;
         let mut ranges = Vec::with_capacity(n.min(r.remaining() / 2));
         for _ in 0..n {
-            let start = i64::try_from(r.varint()?).map_err(|_| DecodeError::Malformed("version out of range"))?;
-            let span = i64::try_from(r.varint()?).map_err(|_| DecodeError::Malformed("version out of range"))?;
-            let end = start.checked_add(span).ok_or(DecodeError::Malformed("version out of range"))?;
+            let start = i64::try_from(r.varint()?)
+                .map_err(|_| DecodeError::Malformed("version out of range"))?;
+            let span = i64::try_from(r.varint()?)
+                .map_err(|_| DecodeError::Malformed("version out of range"))?;
+            let end = start
+                .checked_add(span)
+                .ok_or(DecodeError::Malformed("version out of range"))?;
             if start < 1 {
                 return Err(DecodeError::Malformed("versions start at 1"));
             }
@@ -342,13 +369,20 @@ fn read_changes(r: &mut SliceReader<'_>) -> Result<Changes, DecodeError> {
     for _ in 0..n {
         sites.push(r.array()?);
     }
-    let string_at = |i: u64| strings.get(i as usize).cloned().ok_or(DecodeError::Malformed("unknown name index"));
+    let string_at = |i: u64| {
+        strings
+            .get(i as usize)
+            .cloned()
+            .ok_or(DecodeError::Malformed("unknown name index"))
+    };
     let n = r.count()?;
     let mut changes = Vec::with_capacity(n.min(r.remaining() / 8));
     for _ in 0..n {
         let table = string_at(r.varint()?)?;
         let cid = string_at(r.varint()?)?;
-        let site = *sites.get(r.varint()? as usize).ok_or(DecodeError::Malformed("unknown site index"))?;
+        let site = *sites
+            .get(r.varint()? as usize)
+            .ok_or(DecodeError::Malformed("unknown site index"))?;
         let db_version = r.signed()?;
         let seq = r.signed()?;
         let col_version = r.signed()?;
@@ -362,13 +396,27 @@ fn read_changes(r: &mut SliceReader<'_>) -> Result<Changes, DecodeError> {
             3 => WireValue::Text(r.string()?),
             4 => WireValue::Blob(r.bytes()?.to_vec()),
             tag @ (5 | 6) => {
-                content = Some(ContentRef { digest: r.array()?, len: r.varint()?, text: tag == 6 });
+                content = Some(ContentRef {
+                    digest: r.array()?,
+                    len: r.varint()?,
+                    text: tag == 6,
+                });
                 WireValue::Null
             }
             _ => return Err(DecodeError::Malformed("unknown value type")),
         };
         changes.push(NetChange {
-            change: WireChange { table, pk, cid, val, col_version, db_version, site, cl, seq },
+            change: WireChange {
+                table,
+                pk,
+                cid,
+                val,
+                col_version,
+                db_version,
+                site,
+                cl,
+                seq,
+            },
             content,
         });
     }
@@ -400,34 +448,84 @@ mod tests {
     }
 
     fn samples() -> Vec<Message> {
-        let heads = Heads(vec![([1; 16], vec![(1, 10), (12, 12)]), ([2; 16], vec![(3, 4)])]);
+        let heads = Heads(vec![
+            ([1; 16], vec![(1, 10), (12, 12)]),
+            ([2; 16], vec![(3, 4)]),
+        ]);
         vec![
-            Message::Hello(Hello { node: [7; 32], protocol: 1, schema: 2, heads: heads.clone() }),
-            Message::Join(Join { secret: [5; 32], name: "laptop".into(), addr: "".into() }),
+            Message::Hello(Hello {
+                node: [7; 32],
+                protocol: 1,
+                schema: 2,
+                heads: heads.clone(),
+            }),
+            Message::Join(Join {
+                secret: [5; 32],
+                name: "laptop".into(),
+                addr: "".into(),
+            }),
             Message::Welcome { name: "zyt".into() },
             Message::Changes(Changes {
                 changes: vec![
-                    NetChange { change: change("apps", "name", WireValue::Text("blog".into())), content: None },
-                    NetChange { change: change("apps", "-1", WireValue::Null), content: None },
-                    NetChange { change: change("t", "n", WireValue::Integer(-5)), content: None },
-                    NetChange { change: change("t", "r", WireValue::Real(2.5)), content: None },
-                    NetChange { change: change("blobs", "gzip", WireValue::Blob(vec![1, 2])), content: None },
+                    NetChange {
+                        change: change("apps", "name", WireValue::Text("blog".into())),
+                        content: None,
+                    },
+                    NetChange {
+                        change: change("apps", "-1", WireValue::Null),
+                        content: None,
+                    },
+                    NetChange {
+                        change: change("t", "n", WireValue::Integer(-5)),
+                        content: None,
+                    },
+                    NetChange {
+                        change: change("t", "r", WireValue::Real(2.5)),
+                        content: None,
+                    },
+                    NetChange {
+                        change: change("blobs", "gzip", WireValue::Blob(vec![1, 2])),
+                        content: None,
+                    },
                     NetChange {
                         change: change("blobs", "data", WireValue::Null),
-                        content: Some(ContentRef { digest: [3; 32], len: 4096, text: false }),
+                        content: Some(ContentRef {
+                            digest: [3; 32],
+                            len: 4096,
+                            text: false,
+                        }),
                     },
                     NetChange {
                         change: change("kv", "value", WireValue::Null),
-                        content: Some(ContentRef { digest: [4; 32], len: 9000, text: true }),
+                        content: Some(ContentRef {
+                            digest: [4; 32],
+                            len: 9000,
+                            text: true,
+                        }),
                     },
                 ],
                 complete: Some(heads.clone()),
             }),
-            Message::Changes(Changes { changes: vec![], complete: None }),
+            Message::Changes(Changes {
+                changes: vec![],
+                complete: None,
+            }),
             Message::Applied { groups: 3, heads },
             Message::Want(vec![[1; 32], [2; 32]]),
-            Message::Content(Content { digest: [4; 32], gone: false, total: 10, offset: 4, data: vec![0; 6] }),
-            Message::Content(Content { digest: [4; 32], gone: true, total: 0, offset: 0, data: vec![] }),
+            Message::Content(Content {
+                digest: [4; 32],
+                gone: false,
+                total: 10,
+                offset: 4,
+                data: vec![0; 6],
+            }),
+            Message::Content(Content {
+                digest: [4; 32],
+                gone: true,
+                total: 0,
+                offset: 0,
+                data: vec![],
+            }),
             Message::Refuse("no".into()),
         ]
     }
@@ -447,7 +545,10 @@ mod tests {
         for msg in samples() {
             let frame = msg.encode();
             for cut in 0..frame.len() - 4 {
-                assert!(Message::decode(&frame[4..4 + cut]).is_err(), "{msg:?} cut at {cut}");
+                assert!(
+                    Message::decode(&frame[4..4 + cut]).is_err(),
+                    "{msg:?} cut at {cut}"
+                );
             }
         }
     }
@@ -456,12 +557,21 @@ mod tests {
     fn oversized_and_empty_frames_are_refused() {
         assert!(frame_len(0u32.to_le_bytes()).is_err());
         assert!(frame_len(((MAX_FRAME + 1) as u32).to_le_bytes()).is_err());
-        assert_eq!(frame_len((MAX_FRAME as u32).to_le_bytes()).unwrap(), MAX_FRAME);
+        assert_eq!(
+            frame_len((MAX_FRAME as u32).to_le_bytes()).unwrap(),
+            MAX_FRAME
+        );
     }
 
     #[test]
     fn a_content_chunk_past_its_total_is_refused() {
-        let bad = Message::Content(Content { digest: [0; 32], gone: false, total: 3, offset: 2, data: vec![1, 2] });
+        let bad = Message::Content(Content {
+            digest: [0; 32],
+            gone: false,
+            total: 3,
+            offset: 2,
+            data: vec![1, 2],
+        });
         assert!(Message::decode(&bad.encode()[4..]).is_err());
     }
 

@@ -204,7 +204,14 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
 /// How long `deploy --to` waits for the peer.
 const DEPLOY_SYNC_TIMEOUT: u64 = 300;
 
-fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, to: Option<&str>, json: bool) -> Result<()> {
+fn deploy(
+    db: &Path,
+    dir: &Path,
+    name: Option<&str>,
+    spa: bool,
+    to: Option<&str>,
+    json: bool,
+) -> Result<()> {
     // Everything is read and checked before the database is touched (or created).
     let max_file_bytes = if db.exists() {
         let database = crate::db::open_existing(db)?;
@@ -225,14 +232,33 @@ fn deploy(db: &Path, dir: &Path, name: Option<&str>, spa: bool, to: Option<&str>
     let report = deploy::commit(&mut database, &app, spa, staged)?;
     let conn = database.conn();
     if let Some(peer) = to {
-        eprintln!("deployed {} v{} locally; syncing with {peer}...", report.app, report.number);
-        let synced = crate::peer::client::sync_once(db, peer, std::time::Duration::from_secs(DEPLOY_SYNC_TIMEOUT), !json)
-            .map_err(|e| e.context(format!("{} v{} is deployed here but did not reach {peer}", report.app, report.number)))?;
+        eprintln!(
+            "deployed {} v{} locally; syncing with {peer}...",
+            report.app, report.number
+        );
+        let synced = crate::peer::client::sync_once(
+            db,
+            peer,
+            std::time::Duration::from_secs(DEPLOY_SYNC_TIMEOUT),
+            !json,
+        )
+        .map_err(|e| {
+            e.context(format!(
+                "{} v{} is deployed here but did not reach {peer}",
+                report.app, report.number
+            ))
+        })?;
         // Converged: the peer holds exactly what this node holds, this version included.
-        let current: String =
-            conn.query_row("SELECT current_version FROM apps WHERE id = ?1", [&report.app_id.0], |r| r.get(0))?;
+        let current: String = conn.query_row(
+            "SELECT current_version FROM apps WHERE id = ?1",
+            [&report.app_id.0],
+            |r| r.get(0),
+        )?;
         if current != report.version.0 {
-            eprintln!("{peer} has v{}, but a newer deploy from elsewhere is now current on both nodes", report.number);
+            eprintln!(
+                "{peer} has v{}, but a newer deploy from elsewhere is now current on both nodes",
+                report.number
+            );
         } else {
             eprintln!(
                 "{peer} serves {} v{} (sync took {:.2}s, {} sent)",

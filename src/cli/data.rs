@@ -37,7 +37,11 @@ pub fn sql(db: &Path, sql: &str, json: bool) -> Result<()> {
             let mut rows = Vec::new();
             let mut cursor = stmt.raw_query();
             while let Some(row) = cursor.next()? {
-                rows.push((0..n).map(|i| row.get::<_, Value>(i)).collect::<rusqlite::Result<Vec<_>>>()?);
+                rows.push(
+                    (0..n)
+                        .map(|i| row.get::<_, Value>(i))
+                        .collect::<rusqlite::Result<Vec<_>>>()?,
+                );
             }
             last = Some((names, rows));
         }
@@ -60,7 +64,10 @@ pub fn sql(db: &Path, sql: &str, json: bool) -> Result<()> {
             .collect();
         return output::json(&list);
     }
-    let text: Vec<Vec<String>> = rows.iter().map(|row| row.iter().map(to_text).collect()).collect();
+    let text: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(to_text).collect())
+        .collect();
     let headers: Vec<&str> = names.iter().map(String::as_str).collect();
     output::table(&headers, &text);
     Ok(())
@@ -70,7 +77,9 @@ fn to_json(v: &Value) -> Json {
     match v {
         Value::Null => Json::Null,
         Value::Integer(i) => Json::from(*i),
-        Value::Real(f) => serde_json::Number::from_f64(*f).map(Json::Number).unwrap_or(Json::Null),
+        Value::Real(f) => serde_json::Number::from_f64(*f)
+            .map(Json::Number)
+            .unwrap_or(Json::Null),
         Value::Text(t) => Json::String(t.clone()),
         // Blobs as lower-case hex.
         Value::Blob(b) => Json::String(hex::encode(b)),

@@ -57,7 +57,10 @@ enum Command {
 impl Cli {
     /// Whether this command runs the server (which must outlive clients that hang up).
     pub fn serves(&self) -> bool {
-        matches!(self.command, Command::Server(server::ServerCmd::Start { .. }))
+        matches!(
+            self.command,
+            Command::Server(server::ServerCmd::Start { .. })
+        )
     }
 
     pub fn run(self) -> Result<()> {

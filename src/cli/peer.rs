@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use super::output;
 use crate::config::{NodeConfig, Overrides};
-use crate::peer::{client, store};
 use crate::peer::store::PeerName;
+use crate::peer::{client, store};
 
 #[derive(Subcommand)]
 pub enum PeerCmd {
@@ -83,7 +83,12 @@ pub fn run(cmd: PeerCmd, db: &Path) -> Result<()> {
             Ok(())
         }
         PeerCmd::Invite { ttl, addr } => invite(db, &ttl, addr),
-        PeerCmd::Join { ticket, name, as_name, addr } => {
+        PeerCmd::Join {
+            ticket,
+            name,
+            as_name,
+            addr,
+        } => {
             let ticket: Ticket = ticket.parse()?;
             let name = name.as_deref().map(PeerName::parse).transpose()?;
             if let Some(a) = &addr {
@@ -94,8 +99,17 @@ pub fn run(cmd: PeerCmd, db: &Path) -> Result<()> {
                 Some(n) => PeerName::parse(&n)?.to_string(),
                 None => crate::peer::own_name(database.conn())?,
             };
-            let joined = client::join(&mut database, &ticket, name, &me, addr.as_deref().unwrap_or(""))?;
-            println!("joined {} at {} (node {})", joined.name, joined.addr, joined.node);
+            let joined = client::join(
+                &mut database,
+                &ticket,
+                name,
+                &me,
+                addr.as_deref().unwrap_or(""),
+            )?;
+            println!(
+                "joined {} at {} (node {})",
+                joined.name, joined.addr, joined.node
+            );
             println!("both nodes now trust each other: `fazt peer sync {}` syncs now, a running server keeps them in sync", joined.name);
             Ok(())
         }
@@ -118,7 +132,11 @@ pub fn run(cmd: PeerCmd, db: &Path) -> Result<()> {
                 Some(n) => PeerName::parse(&n)?,
                 None => match store::by_key(database.conn(), &key)? {
                     Some(p) => p.name,
-                    None => store::free_name(database.conn(), &format!("node-{}", &key.to_string()[..8]), &key)?,
+                    None => store::free_name(
+                        database.conn(),
+                        &format!("node-{}", &key.to_string()[..8]),
+                        &key,
+                    )?,
                 },
             };
             store::add(database.conn(), &own, &name, &key, None)?;
@@ -159,11 +177,14 @@ pub fn run(cmd: PeerCmd, db: &Path) -> Result<()> {
 }
 
 fn parse_node_id(text: &str) -> Result<NodeId> {
-    text.parse().map_err(|e| anyhow!("invalid node id {text:?}: {e} (copy it from `fazt peer id` on that node)"))
+    text.parse().map_err(|e| {
+        anyhow!("invalid node id {text:?}: {e} (copy it from `fazt peer id` on that node)")
+    })
 }
 
 fn invite(db: &Path, ttl: &str, addr: Option<String>) -> Result<()> {
-    let ttl = humantime::parse_duration(ttl).map_err(|e| anyhow!("invalid --ttl {ttl:?}: {e} (examples: 10m, 1h, 2d)"))?;
+    let ttl = humantime::parse_duration(ttl)
+        .map_err(|e| anyhow!("invalid --ttl {ttl:?}: {e} (examples: 10m, 1h, 2d)"))?;
     if ttl.is_zero() || ttl > Duration::from_secs(30 * 24 * 3600) {
         bail!("--ttl must be between 1 second and 30 days");
     }
@@ -178,8 +199,15 @@ fn invite(db: &Path, ttl: &str, addr: Option<String>) -> Result<()> {
         }
         None => {
             let config = NodeConfig::load(conn, &Overrides::default())?;
-            let port = running.as_ref().map(|r| r.sync_port).filter(|p| *p != 0).unwrap_or(config.sync_port.value);
-            let domain = running.as_ref().map(|r| r.domain.clone()).unwrap_or_else(|| config.domain.value.to_string());
+            let port = running
+                .as_ref()
+                .map(|r| r.sync_port)
+                .filter(|p| *p != 0)
+                .unwrap_or(config.sync_port.value);
+            let domain = running
+                .as_ref()
+                .map(|r| r.domain.clone())
+                .unwrap_or_else(|| config.domain.value.to_string());
             format!("{domain}:{port}")
         }
     };
@@ -187,8 +215,15 @@ fn invite(db: &Path, ttl: &str, addr: Option<String>) -> Result<()> {
         eprintln!("no server is running on this database: start one (`fazt server start`) so the other node can join");
     }
     let secret = store::create_invite(conn, ttl.as_secs() as i64)?;
-    let ticket = Ticket { node, secret, addr: addr.clone() };
-    println!("invitation for {addr}, valid for {}, usable once; on the other node run:", humantime::format_duration(ttl));
+    let ticket = Ticket {
+        node,
+        secret,
+        addr: addr.clone(),
+    };
+    println!(
+        "invitation for {addr}, valid for {}, usable once; on the other node run:",
+        humantime::format_duration(ttl)
+    );
     println!("  fazt peer join <ticket> --name NAME");
     println!("{ticket}");
     Ok(())
@@ -228,7 +263,10 @@ fn list(db: &Path, json: bool, status: bool) -> Result<()> {
     }
     if status {
         match &server {
-            Some(r) => println!("server running (pid {}), replicating on UDP port {}", r.pid, r.sync_port),
+            Some(r) => println!(
+                "server running (pid {}), replicating on UDP port {}",
+                r.pid, r.sync_port
+            ),
             None => println!("no server running: live replication is off (`fazt server start`)"),
         }
     }
@@ -243,12 +281,30 @@ fn list(db: &Path, json: bool, status: bool) -> Result<()> {
                 v.name.clone(),
                 v.address.clone().unwrap_or_else(|| "-".into()),
                 v.node_id.clone(),
-                if v.connected { "yes".into() } else { "no".into() },
-                v.last_seen.map(output::time).unwrap_or_else(|| "never".into()),
-                v.lag.map(|l| format!("{l} versions")).unwrap_or_else(|| "-".into()),
+                if v.connected {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                v.last_seen
+                    .map(output::time)
+                    .unwrap_or_else(|| "never".into()),
+                v.lag
+                    .map(|l| format!("{l} versions"))
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    output::table(&["NAME", "ADDRESS", "NODE ID", "CONNECTED", "LAST SEEN", "LAG"], &rows);
+    output::table(
+        &[
+            "NAME",
+            "ADDRESS",
+            "NODE ID",
+            "CONNECTED",
+            "LAST SEEN",
+            "LAG",
+        ],
+        &rows,
+    );
     Ok(())
 }

@@ -53,7 +53,11 @@ pub enum ServerCmd {
 
 pub fn run(cmd: ServerCmd, db: &Path) -> Result<()> {
     match cmd {
-        ServerCmd::Start { port, domain, sync_port } => {
+        ServerCmd::Start {
+            port,
+            domain,
+            sync_port,
+        } => {
             let overrides = Overrides {
                 port,
                 domain: domain.as_deref().map(Domain::parse).transpose()?,
@@ -85,7 +89,8 @@ pub fn run(cmd: ServerCmd, db: &Path) -> Result<()> {
             sync_port,
             max_file_size,
         } => {
-            if domain.is_none() && port.is_none() && sync_port.is_none() && max_file_size.is_none() {
+            if domain.is_none() && port.is_none() && sync_port.is_none() && max_file_size.is_none()
+            {
                 bail!("nothing to set: pass --domain, --port, --sync-port or --max-file-size");
             }
             let domain = domain.as_deref().map(Domain::parse).transpose()?;
@@ -112,7 +117,9 @@ pub fn run(cmd: ServerCmd, db: &Path) -> Result<()> {
                 config::set_max_file_bytes(&mut database, m)?;
                 println!("max file size = {m} bytes");
             }
-            if (domain.is_some() || port.is_some() || sync_port.is_some()) && crate::server::running(database.conn())?.is_some() {
+            if (domain.is_some() || port.is_some() || sync_port.is_some())
+                && crate::server::running(database.conn())?.is_some()
+            {
                 eprintln!("the running server keeps its current domain and port until it restarts");
             }
             Ok(())
@@ -180,7 +187,10 @@ fn status(db: &Path, json: bool) -> Result<()> {
         status.domain.value, status.domain.source
     );
     println!("port       {} ({})", status.port.value, status.port.source);
-    println!("sync port  {} ({})", status.sync_port.value, status.sync_port.source);
+    println!(
+        "sync port  {} ({})",
+        status.sync_port.value, status.sync_port.source
+    );
     println!(
         "max file   {} ({})",
         output::size(status.max_file_bytes.value),

@@ -65,9 +65,11 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                         ranges: set.ranges().to_vec(),
                     })
                     .collect(),
-                pending_changes: database
-                    .conn()
-                    .query_row("SELECT count(*) FROM fazt_sync_pending", [], |r| r.get(0))?,
+                pending_changes: database.conn().query_row(
+                    "SELECT count(*) FROM fazt_sync_pending",
+                    [],
+                    |r| r.get(0),
+                )?,
                 tables: database.tables(),
             };
             if json {
@@ -83,9 +85,17 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                 .map(|o| {
                     let gaps = o.ranges.len().saturating_sub(usize::from(o.head > 0));
                     vec![
-                        if o.site_id == status.site_id { format!("{} (this node)", o.site_id) } else { o.site_id.clone() },
+                        if o.site_id == status.site_id {
+                            format!("{} (this node)", o.site_id)
+                        } else {
+                            o.site_id.clone()
+                        },
                         o.head.to_string(),
-                        if gaps == 0 { String::new() } else { format!("{gaps} gaps") },
+                        if gaps == 0 {
+                            String::new()
+                        } else {
+                            format!("{gaps} gaps")
+                        },
                     ]
                 })
                 .collect();
@@ -113,7 +123,10 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                 "exported {} changes ({}){}",
                 report.changes,
                 output::size(report.bytes),
-                output.as_ref().map(|p| format!(" to {}", p.display())).unwrap_or_default()
+                output
+                    .as_ref()
+                    .map(|p| format!(" to {}", p.display()))
+                    .unwrap_or_default()
             );
             Ok(())
         }
@@ -136,9 +149,14 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
 
 /// Reads the coverage part of a `fazt sync status --json` file.
 fn read_coverage(path: &Path) -> Result<Coverage> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let status: Status = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("{} is not the output of `fazt sync status --json`: {e}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let status: Status = serde_json::from_str(&text).map_err(|e| {
+        anyhow!(
+            "{} is not the output of `fazt sync status --json`: {e}",
+            path.display()
+        )
+    })?;
     let mut cov = Coverage::default();
     for origin in status.coverage {
         let bytes: [u8; 16] = hex::decode(&origin.site_id)

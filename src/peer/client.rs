@@ -24,7 +24,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn client_endpoint() -> Result<quinn::Endpoint> {
-    tls::endpoint(std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)), None)
+    tls::endpoint(
+        std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+        None,
+    )
 }
 
 fn node_key(db: &crate::db::Db) -> Result<SigningKey> {
@@ -40,13 +43,22 @@ pub struct Joined {
 }
 
 /// Redeems `ticket` at the inviting node; on success both nodes trust each other.
-pub fn join(db: &mut crate::db::Db, ticket: &Ticket, name: Option<PeerName>, me: &str, advertise: &str) -> Result<Joined> {
+pub fn join(
+    db: &mut crate::db::Db,
+    ticket: &Ticket,
+    name: Option<PeerName>,
+    me: &str,
+    advertise: &str,
+) -> Result<Joined> {
     let key = node_key(db)?;
     let own = crate::identity::node_id(&key);
     if ticket.node == own {
         bail!("this ticket was made by this node: run `fazt peer join` on the other node");
     }
-    let label = name.as_ref().map(|n| n.to_string()).unwrap_or_else(|| "the inviting node".into());
+    let label = name
+        .as_ref()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| "the inviting node".into());
     let welcome = runtime()?.block_on(async {
         let endpoint = client_endpoint()?;
         let conn = super::connect(&endpoint, &key, &label, &ticket.addr, &ticket.node).await?;
@@ -90,7 +102,11 @@ pub fn join(db: &mut crate::db::Db, ticket: &Ticket, name: Option<PeerName>, me:
         None => store::free_name(db.conn(), &welcome, &ticket.node)?,
     };
     store::add(db.conn(), &own, &name, &ticket.node, Some(&ticket.addr))?;
-    Ok(Joined { name, node: ticket.node, addr: ticket.addr.clone() })
+    Ok(Joined {
+        name,
+        node: ticket.node,
+        addr: ticket.addr.clone(),
+    })
 }
 
 /// What a one-off sync did.
@@ -149,7 +165,10 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         result
     })?;
-    Ok(Synced { stats, elapsed: started.elapsed() })
+    Ok(Synced {
+        stats,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// A one-line progress display on stderr (for terminals).

@@ -63,7 +63,10 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr> {
         .collect::<Vec<_>>();
     // IPv4 first: a host name usually has it, and it works on IPv6-less hosts too.
     found.sort_by_key(|a| !a.is_ipv4());
-    found.into_iter().next().ok_or_else(|| anyhow!("{addr} resolves to no address"))
+    found
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("{addr} resolves to no address"))
 }
 
 /// How long a connection attempt may take before the peer counts as unreachable.
@@ -112,13 +115,20 @@ pub fn explain(name: &str, addr: &str, err: &quinn::ConnectionError) -> anyhow::
 }
 
 /// If the connection was closed by a refusal, that refusal explained; else `err` as it is.
-pub fn refine(conn: &quinn::Connection, name: &str, addr: &str, err: anyhow::Error) -> anyhow::Error {
+pub fn refine(
+    conn: &quinn::Connection,
+    name: &str,
+    addr: &str,
+    err: anyhow::Error,
+) -> anyhow::Error {
     match conn.close_reason() {
-        Some(reason @ quinn::ConnectionError::ConnectionClosed(_)) | Some(reason @ quinn::ConnectionError::TransportError(_)) => {
-            explain(name, addr, &reason)
-        }
+        Some(reason @ quinn::ConnectionError::ConnectionClosed(_))
+        | Some(reason @ quinn::ConnectionError::TransportError(_)) => explain(name, addr, &reason),
         Some(quinn::ConnectionError::ApplicationClosed(close)) if !close.reason.is_empty() => {
-            anyhow!("{name} closed the connection: {}", String::from_utf8_lossy(&close.reason))
+            anyhow!(
+                "{name} closed the connection: {}",
+                String::from_utf8_lossy(&close.reason)
+            )
         }
         _ => err,
     }
@@ -129,7 +139,8 @@ pub fn own_name(conn: &rusqlite::Connection) -> Result<String> {
     if let Some(name) = crate::config::get_local(conn, "name")? {
         return Ok(name);
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
+    let host =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
     let cleaned: String = host
         .trim()
         .to_ascii_lowercase()
@@ -138,5 +149,9 @@ pub fn own_name(conn: &rusqlite::Connection) -> Result<String> {
         .take(63)
         .collect();
     let cleaned = cleaned.trim_matches('-').to_string();
-    Ok(if cleaned.is_empty() { "node".into() } else { cleaned })
+    Ok(if cleaned.is_empty() {
+        "node".into()
+    } else {
+        cleaned
+    })
 }

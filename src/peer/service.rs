@@ -42,7 +42,10 @@ impl Trust {
     }
 
     fn trusts(&self, key: &[u8; 32]) -> bool {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).contains(key)
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(key)
     }
 }
 
@@ -72,7 +75,8 @@ impl Service {
 
     /// Closes every connection and stops the service.
     pub async fn shutdown(self) {
-        self.endpoint.close(quinn::VarInt::from_u32(0), b"node shutting down");
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node shutting down");
         for t in self.tasks {
             t.abort();
         }
@@ -96,7 +100,8 @@ pub async fn start(db_path: PathBuf, key: SigningKey, port: u16) -> Result<Servi
     // the database: a ticket made a moment ago works at once.
     let admit: tls::Admit = Arc::new(move |k: &[u8; 32]| {
         slot.get().is_some_and(|c| {
-            c.trust.admits(k) || (c.with_state(|conn| refresh_trust(&c.trust, conn)).is_ok() && c.trust.admits(k))
+            c.trust.admits(k)
+                || (c.with_state(|conn| refresh_trust(&c.trust, conn)).is_ok() && c.trust.admits(k))
         })
     });
     let server = tls::server_config(&key, admit)?;
@@ -122,13 +127,21 @@ pub async fn start(db_path: PathBuf, key: SigningKey, port: u16) -> Result<Servi
 
     let accept = tokio::spawn(accept_loop(ctx.clone()));
     let reconcile = tokio::spawn(reconcile_loop(ctx));
-    Ok(Service { endpoint, tasks: vec![accept, reconcile] })
+    Ok(Service {
+        endpoint,
+        tasks: vec![accept, reconcile],
+    })
 }
 
 fn refresh_trust(trust: &Trust, conn: &rusqlite::Connection) -> Result<()> {
-    let keys: HashSet<[u8; 32]> = store::list(conn)?.iter().map(|p| *p.node_id.as_bytes()).collect();
+    let keys: HashSet<[u8; 32]> = store::list(conn)?
+        .iter()
+        .map(|p| *p.node_id.as_bytes())
+        .collect();
     *trust.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
-    trust.invite_open.store(store::invite_open(conn)?, Ordering::Relaxed);
+    trust
+        .invite_open
+        .store(store::invite_open(conn)?, Ordering::Relaxed);
     Ok(())
 }
 
@@ -141,12 +154,23 @@ impl Ctx {
     /// Takes the connections of peers no longer trusted out of the active set.
     fn untrusted_connections(&self) -> Vec<quinn::Connection> {
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<[u8; 32]> = active.keys().filter(|key| !self.trust.trusts(key)).copied().collect();
-        gone.iter().filter_map(|key| active.remove(key)).flatten().collect()
+        let gone: Vec<[u8; 32]> = active
+            .keys()
+            .filter(|key| !self.trust.trusts(key))
+            .copied()
+            .collect();
+        gone.iter()
+            .filter_map(|key| active.remove(key))
+            .flatten()
+            .collect()
     }
 
     fn session_count(&self, key: &[u8; 32]) -> usize {
-        self.active.lock().unwrap_or_else(|e| e.into_inner()).get(key).map_or(0, Vec::len)
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map_or(0, Vec::len)
     }
 }
 
@@ -163,14 +187,22 @@ async fn reconcile_loop(ctx: Arc<Ctx>) {
         // Trust is checked at every handshake; a peer removed meanwhile also loses the
         // connections it already has.
         for conn in ctx.untrusted_connections() {
-            conn.close(quinn::VarInt::from_u32(2), b"this node no longer trusts yours (it was removed as a peer)");
+            conn.close(
+                quinn::VarInt::from_u32(2),
+                b"this node no longer trusts yours (it was removed as a peer)",
+            );
         }
         match peers {
             Ok(peers) => {
-                let wanted: HashMap<String, Peer> =
-                    peers.into_iter().filter(|p| p.addr.is_some()).map(|p| (p.name.to_string(), p)).collect();
+                let wanted: HashMap<String, Peer> = peers
+                    .into_iter()
+                    .filter(|p| p.addr.is_some())
+                    .map(|p| (p.name.to_string(), p))
+                    .collect();
                 dialers.retain(|name, (peer, task)| {
-                    let keep = wanted.get(name).is_some_and(|w| w.node_id == peer.node_id && w.addr == peer.addr);
+                    let keep = wanted
+                        .get(name)
+                        .is_some_and(|w| w.node_id == peer.node_id && w.addr == peer.addr);
                     if !keep {
                         task.abort();
                     }
@@ -205,8 +237,18 @@ async fn dial_loop(ctx: Arc<Ctx>, peer: Peer) {
         }
         let started = Instant::now();
         let result = async {
-            let conn = super::connect(&ctx.endpoint, &ctx.key, peer.name.as_str(), &addr, &peer.node_id).await?;
-            let (send, recv) = conn.open_bi().await.map_err(|e| super::explain(peer.name.as_str(), &addr, &e))?;
+            let conn = super::connect(
+                &ctx.endpoint,
+                &ctx.key,
+                peer.name.as_str(),
+                &addr,
+                &peer.node_id,
+            )
+            .await?;
+            let (send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| super::explain(peer.name.as_str(), &addr, &e))?;
             let outcome = run_session(&ctx, &peer, &conn, send, recv, None).await;
             outcome.map_err(|e| super::refine(&conn, peer.name.as_str(), &addr, e))
         }
@@ -252,7 +294,12 @@ async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()>
         Some((Message::Hello(hello), _)) => {
             let peer = ctx.with_state(|c| store::by_key(c, &NodeId::from_bytes(key)))?;
             let Some(peer) = peer else {
-                refuse(&conn, send, "this node does not trust yours: run `fazt peer join` with a new ticket").await;
+                refuse(
+                    &conn,
+                    send,
+                    "this node does not trust yours: run `fazt peer join` with a new ticket",
+                )
+                .await;
                 return Ok(());
             };
             run_session(&ctx, &peer, &conn, send, recv, Some(hello)).await
@@ -272,14 +319,21 @@ async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: &
     conn.close(quinn::VarInt::from_u32(1), reason.as_bytes());
 }
 
-async fn handle_join(ctx: &Arc<Ctx>, conn: &quinn::Connection, key: [u8; 32], join: Join, mut send: quinn::SendStream) -> Result<()> {
+async fn handle_join(
+    ctx: &Arc<Ctx>,
+    conn: &quinn::Connection,
+    key: [u8; 32],
+    join: Join,
+    mut send: quinn::SendStream,
+) -> Result<()> {
     let joiner = NodeId::from_bytes(key);
     let outcome = ctx.with_state(|c| {
         if let Err(e) = store::redeem_invite(c, &join.secret, &joiner)? {
             return Ok(Err(e.to_string()));
         }
         let name = store::free_name(c, &join.name, &joiner)?;
-        let addr = (!join.addr.is_empty() && store::check_addr(&join.addr).is_ok()).then_some(join.addr.as_str());
+        let addr = (!join.addr.is_empty() && store::check_addr(&join.addr).is_ok())
+            .then_some(join.addr.as_str());
         if let Some(existing) = store::by_key(c, &joiner)? {
             // A node joining again keeps its name.
             store::add(c, &ctx.own, &existing.name, &joiner, addr)?;
@@ -312,7 +366,12 @@ async fn run_session(
     first: Option<Hello>,
 ) -> Result<()> {
     let key = *peer.node_id.as_bytes();
-    ctx.active.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(conn.clone());
+    ctx.active
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default()
+        .push(conn.clone());
     let _ = ctx.with_state(|c| store::record_state(c, &peer.node_id, true, None));
     tracing::info!(peer = %peer.name, "replicating");
     let (progress_tx, mut progress_rx) = watch::channel(Stats::default());

@@ -75,7 +75,11 @@ pub struct Session {
 }
 
 pub fn to_heads(c: &Coverage) -> Heads {
-    Heads(c.0.iter().map(|(s, r)| (s.0, r.ranges().to_vec())).collect())
+    Heads(
+        c.0.iter()
+            .map(|(s, r)| (s.0, r.ranges().to_vec()))
+            .collect(),
+    )
 }
 
 pub fn from_heads(h: &Heads) -> Coverage {
@@ -90,7 +94,11 @@ pub fn from_heads(h: &Heads) -> Coverage {
 
 /// Versions in `a` that `b` lacks.
 fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
-    a.minus(b).0.values().flat_map(|r| r.ranges().iter().map(|&(s, e)| (e - s + 1) as u64)).sum()
+    a.minus(b)
+        .0
+        .values()
+        .flat_map(|r| r.ranges().iter().map(|&(s, e)| (e - s + 1) as u64))
+        .sum()
 }
 
 /// Reads one frame; None when the stream ends cleanly.
@@ -103,12 +111,19 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Mes
     }
     let len = wire::frame_len(header)?;
     let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await.context("reading from the peer")?;
-    Ok(Some((Message::decode(&payload).context("the peer sent a malformed message")?, len + 4)))
+    r.read_exact(&mut payload)
+        .await
+        .context("reading from the peer")?;
+    Ok(Some((
+        Message::decode(&payload).context("the peer sent a malformed message")?,
+        len + 4,
+    )))
 }
 
 pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<()> {
-    w.write_all(&msg.encode()).await.context("writing to the peer")?;
+    w.write_all(&msg.encode())
+        .await
+        .context("writing to the peer")?;
     Ok(())
 }
 
@@ -160,12 +175,20 @@ impl Session {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let path = self.db_path.clone();
-        let (exporter_db, applier_db, content_db) = tokio::task::spawn_blocking(move || -> Result<_> {
-            Ok((crate::db::open_existing(&path)?, crate::db::open_existing(&path)?, crate::db::open_existing(&path)?))
-        })
-        .await??;
+        let (exporter_db, applier_db, content_db) =
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                Ok((
+                    crate::db::open_existing(&path)?,
+                    crate::db::open_existing(&path)?,
+                    crate::db::open_existing(&path)?,
+                ))
+            })
+            .await??;
         let mine = applier_db.coverage()?;
-        let shared: SharedRef = Arc::new(Mutex::new(Shared { mine: mine.clone(), ..Shared::default() }));
+        let shared: SharedRef = Arc::new(Mutex::new(Shared {
+            mine: mine.clone(),
+            ..Shared::default()
+        }));
 
         // Everything this side sends goes through one writer task.
         let (out_tx, out_rx) = mpsc::channel::<Message>(16);
@@ -191,9 +214,17 @@ impl Session {
         }
         let hello = match first {
             Some((Message::Hello(h), _)) => h,
-            Some((Message::Refuse(reason), _)) => bail!("{} refused the session: {reason}", self.peer_name),
-            Some(_) => bail!("{} broke the protocol: its first message was not Hello", self.peer_name),
-            None => bail!("{} closed the connection before saying hello", self.peer_name),
+            Some((Message::Refuse(reason), _)) => {
+                bail!("{} refused the session: {reason}", self.peer_name)
+            }
+            Some(_) => bail!(
+                "{} broke the protocol: its first message was not Hello",
+                self.peer_name
+            ),
+            None => bail!(
+                "{} closed the connection before saying hello",
+                self.peer_name
+            ),
         };
         self.check_hello(&hello)?;
         {
@@ -211,12 +242,30 @@ impl Session {
         let tasks = vec![
             writer,
             spawn_task(
-                export_loop(exporter_db, shared.clone(), out_tx.clone(), acked_rx, self.changed.clone(), tick_tx.clone()),
+                export_loop(
+                    exporter_db,
+                    shared.clone(),
+                    out_tx.clone(),
+                    acked_rx,
+                    self.changed.clone(),
+                    tick_tx.clone(),
+                ),
                 fail_tx.clone(),
             ),
-            spawn_task(serve_content(content_db, shared.clone(), out_tx.clone(), want_rx), fail_tx.clone()),
             spawn_task(
-                apply_loop(applier_db, self.peer, shared.clone(), out_tx.clone(), apply_rx, content_rx, tick_tx.clone()),
+                serve_content(content_db, shared.clone(), out_tx.clone(), want_rx),
+                fail_tx.clone(),
+            ),
+            spawn_task(
+                apply_loop(
+                    applier_db,
+                    self.peer,
+                    shared.clone(),
+                    out_tx.clone(),
+                    apply_rx,
+                    content_rx,
+                    tick_tx.clone(),
+                ),
                 fail_tx.clone(),
             ),
         ];
@@ -233,7 +282,16 @@ impl Session {
             }
         });
         let result = self
-            .receive(&mut msg_rx, &shared, &acked_tx, &apply_tx, &want_tx, &content_tx, &mut fail_rx, &mut tick_rx)
+            .receive(
+                &mut msg_rx,
+                &shared,
+                &acked_tx,
+                &apply_tx,
+                &want_tx,
+                &content_tx,
+                &mut fail_rx,
+                &mut tick_rx,
+            )
             .await;
         reader.abort();
         for t in tasks {
@@ -245,7 +303,10 @@ impl Session {
 
     fn check_hello(&self, hello: &Hello) -> Result<()> {
         if hello.node != *self.peer.as_bytes() {
-            bail!("{} introduced itself as another node than the one it authenticated as", self.peer_name);
+            bail!(
+                "{} introduced itself as another node than the one it authenticated as",
+                self.peer_name
+            );
         }
         if hello.protocol != fazt_proto::PROTOCOL_VERSION {
             bail!(
@@ -371,7 +432,11 @@ fn kind(msg: &Message) -> &'static str {
 /// Both sides hold the same versions and nothing is in flight either way.
 fn converged(shared: &SharedRef) -> bool {
     let s = lock(shared);
-    !s.exporting && !s.mid_group && s.groups_received == s.groups_applied && s.groups_acked >= s.groups_sent && s.mine == s.their_heads
+    !s.exporting
+        && !s.mid_group
+        && s.groups_received == s.groups_applied
+        && s.groups_acked >= s.groups_sent
+        && s.mine == s.their_heads
 }
 
 fn spawn_task(
@@ -385,10 +450,16 @@ fn spawn_task(
     })
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut send: W, mut rx: mpsc::Receiver<Message>, shared: SharedRef) -> Result<()> {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut send: W,
+    mut rx: mpsc::Receiver<Message>,
+    shared: SharedRef,
+) -> Result<()> {
     while let Some(msg) = rx.recv().await {
         let frame = msg.encode();
-        send.write_all(&frame).await.context("writing to the peer")?;
+        send.write_all(&frame)
+            .await
+            .context("writing to the peer")?;
         lock(&shared).stats.sent_bytes += frame.len() as u64;
     }
     send.shutdown().await.ok();
@@ -449,11 +520,14 @@ async fn export_loop(
                 for (digest, mut offer) in piece.offered {
                     offer.group = number;
                     if let Some(old) = s.offered.insert(digest, offer) {
-                        s.kept.fetch_sub(old.bytes.map_or(0, |b| b.len()), Ordering::Relaxed);
+                        s.kept
+                            .fetch_sub(old.bytes.map_or(0, |b| b.len()), Ordering::Relaxed);
                     }
                 }
             }
-            out.send(piece.message).await.map_err(|_| anyhow!("session ended"))?;
+            out.send(piece.message)
+                .await
+                .map_err(|_| anyhow!("session ended"))?;
             if let Some(covers) = piece.end {
                 let mut s = lock(&shared);
                 s.groups_sent += 1;
@@ -470,18 +544,28 @@ async fn export_loop(
             s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
         }
         let _ = tick.send(());
-        changed.changed().await.map_err(|_| anyhow!("the database watcher stopped"))?;
+        changed
+            .changed()
+            .await
+            .map_err(|_| anyhow!("the database watcher stopped"))?;
     }
 }
 
 /// Exports everything `have` lacks as groups of pieces (blocking).
-fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>, kept: &AtomicUsize) -> Result<()> {
+fn export_pass(
+    db: &Replica,
+    have: &Coverage,
+    pieces: &mpsc::Sender<Outgoing>,
+    kept: &AtomicUsize,
+) -> Result<()> {
     let mut batch: Vec<NetChange> = Vec::new();
     let mut offered = Vec::new();
     let mut batch_bytes = 0usize;
     let mut ref_bytes = 0usize;
     let send = |piece: Outgoing| {
-        pieces.blocking_send(piece).map_err(|_| fazt_sync::Error::Corrupt("session ended during export".into()))
+        pieces
+            .blocking_send(piece)
+            .map_err(|_| fazt_sync::Error::Corrupt("session ended during export".into()))
     };
     db.export_groups(have, GROUP_CHANGES, |item| {
         match item {
@@ -497,7 +581,10 @@ fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>, k
                     let changes = std::mem::take(&mut batch);
                     send(Outgoing {
                         changes: changes.len() as u64,
-                        message: Message::Changes(Changes { changes, complete: None }),
+                        message: Message::Changes(Changes {
+                            changes,
+                            complete: None,
+                        }),
                         offered: std::mem::take(&mut offered),
                         end: None,
                     })?;
@@ -508,7 +595,10 @@ fn export_pass(db: &Replica, have: &Coverage, pieces: &mpsc::Sender<Outgoing>, k
                 let changes = std::mem::take(&mut batch);
                 send(Outgoing {
                     changes: changes.len() as u64,
-                    message: Message::Changes(Changes { changes, complete: Some(to_heads(&covers)) }),
+                    message: Message::Changes(Changes {
+                        changes,
+                        complete: Some(to_heads(&covers)),
+                    }),
                     offered: std::mem::take(&mut offered),
                     end: Some(covers),
                 })?;
@@ -534,7 +624,11 @@ struct Offer {
 
 /// A change for the wire: large blobs and texts become content references. Returns its
 /// rough size.
-fn to_net(c: Change, offered: &mut Vec<([u8; 32], Offer)>, kept: &AtomicUsize) -> (NetChange, usize) {
+fn to_net(
+    c: Change,
+    offered: &mut Vec<([u8; 32], Offer)>,
+    kept: &AtomicUsize,
+) -> (NetChange, usize) {
     let base = 48 + c.pk.len() + c.table.len() + c.cid.len();
     let len = match &c.val {
         Value::Blob(b) => b.len(),
@@ -542,20 +636,46 @@ fn to_net(c: Change, offered: &mut Vec<([u8; 32], Offer)>, kept: &AtomicUsize) -
         _ => 0,
     };
     if len < wire::CONTENT_MIN {
-        return (NetChange { change: c.to_wire(), content: None }, base + len.max(8));
+        return (
+            NetChange {
+                change: c.to_wire(),
+                content: None,
+            },
+            base + len.max(8),
+        );
     }
     let text = matches!(c.val, Value::Text(_));
     let mut change = c.to_wire();
     change.val = fazt_proto::bundle::WireValue::Null;
-    let Change { table, pk, cid, val, .. } = c;
+    let Change {
+        table,
+        pk,
+        cid,
+        val,
+        ..
+    } = c;
     let bytes = value_bytes(val).unwrap_or_default();
     let digest: [u8; 32] = Sha256::digest(&bytes).into();
-    let bytes = (kept.fetch_add(len, Ordering::Relaxed) + len <= KEEP_OFFERED_BYTES).then(|| Arc::new(bytes));
+    let bytes = (kept.fetch_add(len, Ordering::Relaxed) + len <= KEEP_OFFERED_BYTES)
+        .then(|| Arc::new(bytes));
     if bytes.is_none() {
         kept.fetch_sub(len, Ordering::Relaxed);
     }
-    offered.push((digest, Offer { group: 0, table, pk, cid, bytes }));
-    let content = Some(ContentRef { digest, len: len as u64, text });
+    offered.push((
+        digest,
+        Offer {
+            group: 0,
+            table,
+            pk,
+            cid,
+            bytes,
+        },
+    ));
+    let content = Some(ContentRef {
+        digest,
+        len: len as u64,
+        text,
+    });
     (NetChange { change, content }, base + 40)
 }
 
@@ -580,7 +700,9 @@ async fn serve_content(
         for digest in digests {
             let offer = lock(&shared).offered.get(&digest).cloned();
             let bytes = match offer {
-                Some(Offer { bytes: Some(bytes), .. }) => Some(bytes),
+                Some(Offer {
+                    bytes: Some(bytes), ..
+                }) => Some(bytes),
                 Some(Offer { table, pk, cid, .. }) => {
                     let db = db.clone();
                     tokio::task::spawn_blocking(move || -> Result<Option<Arc<Vec<u8>>>> {
@@ -597,9 +719,15 @@ async fn serve_content(
                 None => None,
             };
             let Some(bytes) = bytes else {
-                out.send(Message::Content(Content { digest, gone: true, total: 0, offset: 0, data: Vec::new() }))
-                    .await
-                    .map_err(|_| anyhow!("session ended"))?;
+                out.send(Message::Content(Content {
+                    digest,
+                    gone: true,
+                    total: 0,
+                    offset: 0,
+                    data: Vec::new(),
+                }))
+                .await
+                .map_err(|_| anyhow!("session ended"))?;
                 continue;
             };
             let total = bytes.len() as u64;
@@ -607,9 +735,15 @@ async fn serve_content(
             loop {
                 let end = (offset + wire::CONTENT_CHUNK).min(bytes.len());
                 let data = bytes[offset..end].to_vec();
-                out.send(Message::Content(Content { digest, gone: false, total, offset: offset as u64, data }))
-                    .await
-                    .map_err(|_| anyhow!("session ended"))?;
+                out.send(Message::Content(Content {
+                    digest,
+                    gone: false,
+                    total,
+                    offset: offset as u64,
+                    data,
+                }))
+                .await
+                .map_err(|_| anyhow!("session ended"))?;
                 offset = end;
                 if offset >= bytes.len() {
                     break;
@@ -618,7 +752,11 @@ async fn serve_content(
             let mut s = lock(&shared);
             s.stats.sent_content += total;
             // Asked for once: the memory goes back to the budget for content not sent yet.
-            let freed = s.offered.get_mut(&digest).and_then(|o| o.bytes.take()).map_or(0, |b| b.len());
+            let freed = s
+                .offered
+                .get_mut(&digest)
+                .and_then(|o| o.bytes.take())
+                .map_or(0, |b| b.len());
             s.kept.fetch_sub(freed, Ordering::Relaxed);
         }
     }
@@ -652,7 +790,10 @@ async fn apply_loop(
         let covers = loop {
             let part = match next.take() {
                 Some(p) => p,
-                None => groups.recv().await.ok_or_else(|| anyhow!("session ended"))?,
+                None => groups
+                    .recv()
+                    .await
+                    .ok_or_else(|| anyhow!("session ended"))?,
             };
             // Ask for this part's content now; it arrives while later parts do.
             let cells: Vec<(String, Vec<u8>, String, [u8; 32])> = part
@@ -660,7 +801,14 @@ async fn apply_loop(
                 .iter()
                 .filter_map(|c| c.content.as_ref().map(|r| (c, r.digest)))
                 .filter(|(_, d)| !missing.contains(d))
-                .map(|(c, d)| (c.change.table.clone(), c.change.pk.clone(), c.change.cid.clone(), d))
+                .map(|(c, d)| {
+                    (
+                        c.change.table.clone(),
+                        c.change.pk.clone(),
+                        c.change.cid.clone(),
+                        d,
+                    )
+                })
                 .collect();
             if !cells.is_empty() {
                 let check_db = db.clone();
@@ -675,9 +823,12 @@ async fn apply_loop(
                     Ok(lacking)
                 })
                 .await??;
-                let list: Vec<[u8; 32]> = lacking.into_iter().filter(|d| missing.insert(*d)).collect();
+                let list: Vec<[u8; 32]> =
+                    lacking.into_iter().filter(|d| missing.insert(*d)).collect();
                 for chunk in list.chunks(WANT_BATCH) {
-                    out.send(Message::Want(chunk.to_vec())).await.map_err(|_| anyhow!("session ended"))?;
+                    out.send(Message::Want(chunk.to_vec()))
+                        .await
+                        .map_err(|_| anyhow!("session ended"))?;
                 }
             }
             changes.extend(part.changes);
@@ -687,7 +838,10 @@ async fn apply_loop(
         };
         {
             while !missing.is_empty() {
-                let c = content.recv().await.ok_or_else(|| anyhow!("session ended"))?;
+                let c = content
+                    .recv()
+                    .await
+                    .ok_or_else(|| anyhow!("session ended"))?;
                 if !missing.contains(&c.digest) {
                     continue;
                 }
@@ -715,7 +869,8 @@ async fn apply_loop(
                         let batch = std::mem::take(&mut unstaged);
                         unstaged_bytes = 0;
                         let store_db = db.clone();
-                        tokio::task::spawn_blocking(move || stage_content(&store_db, &batch)).await??;
+                        tokio::task::spawn_blocking(move || stage_content(&store_db, &batch))
+                            .await??;
                     }
                 }
             }
@@ -724,51 +879,66 @@ async fn apply_loop(
         tracing::debug!(fetched = received.len(), "a group's content is complete");
 
         let apply_db = db.clone();
-        let (applied, mine) = tokio::task::spawn_blocking(move || -> Result<(fazt_sync::ApplyReport, Coverage)> {
-            let mut db = apply_db.lock().unwrap_or_else(|e| e.into_inner());
-            let mut used = Vec::new();
-            let nets = changes;
-            let mut remaining_uses: HashMap<[u8; 32], usize> = HashMap::new();
-            for r in nets.iter().filter_map(|n| n.content.as_ref()) {
-                *remaining_uses.entry(r.digest).or_insert(0) += 1;
-            }
-            let mut changes = Vec::with_capacity(nets.len());
-            for net in nets {
-                let mut change = Change::from_wire(net.change);
-                if let Some(r) = net.content {
-                    let uses = remaining_uses.entry(r.digest).or_insert(0);
-                    *uses = uses.saturating_sub(1);
-                    let bytes = match (received.get(&r.digest), *uses) {
-                        // The last cell that needs these bytes takes them without a copy.
-                        (Some(_), 0) => {
-                            let b = received.remove(&r.digest).unwrap_or_default();
-                            Arc::try_unwrap(b).unwrap_or_else(|shared| shared.as_ref().clone())
-                        }
-                        (Some(b), _) => b.as_ref().clone(),
-                        (None, _) => local_content(&db, &change.table, &change.pk, &change.cid, &r.digest)?
-                            .ok_or_else(|| anyhow!("content {} vanished before it was applied", hex::encode(r.digest)))?,
-                    };
-                    change.val = if r.text {
-                        Value::Text(String::from_utf8(bytes).map_err(|_| anyhow!("the peer sent text content that is not UTF-8"))?)
-                    } else {
-                        Value::Blob(bytes)
-                    };
-                    used.push(r.digest);
+        let (applied, mine) =
+            tokio::task::spawn_blocking(move || -> Result<(fazt_sync::ApplyReport, Coverage)> {
+                let mut db = apply_db.lock().unwrap_or_else(|e| e.into_inner());
+                let mut used = Vec::new();
+                let nets = changes;
+                let mut remaining_uses: HashMap<[u8; 32], usize> = HashMap::new();
+                for r in nets.iter().filter_map(|n| n.content.as_ref()) {
+                    *remaining_uses.entry(r.digest).or_insert(0) += 1;
                 }
-                changes.push(change);
-            }
-            drop(received);
-            // `fazt peer remove` takes effect at once, even on a session already open.
-            if crate::peer::store::by_key(db.conn(), &peer)?.is_none() {
-                bail!("this node no longer trusts the peer (it was removed)");
-            }
-            let report = db.apply(&Batch { changes, covers })?;
-            for digest in used {
-                db.conn().execute("DELETE FROM peer_content WHERE digest = ?1", [&digest[..]])?;
-            }
-            Ok((report, db.coverage()?))
-        })
-        .await??;
+                let mut changes = Vec::with_capacity(nets.len());
+                for net in nets {
+                    let mut change = Change::from_wire(net.change);
+                    if let Some(r) = net.content {
+                        let uses = remaining_uses.entry(r.digest).or_insert(0);
+                        *uses = uses.saturating_sub(1);
+                        let bytes = match (received.get(&r.digest), *uses) {
+                            // The last cell that needs these bytes takes them without a copy.
+                            (Some(_), 0) => {
+                                let b = received.remove(&r.digest).unwrap_or_default();
+                                Arc::try_unwrap(b).unwrap_or_else(|shared| shared.as_ref().clone())
+                            }
+                            (Some(b), _) => b.as_ref().clone(),
+                            (None, _) => local_content(
+                                &db,
+                                &change.table,
+                                &change.pk,
+                                &change.cid,
+                                &r.digest,
+                            )?
+                            .ok_or_else(|| {
+                                anyhow!(
+                                    "content {} vanished before it was applied",
+                                    hex::encode(r.digest)
+                                )
+                            })?,
+                        };
+                        change.val = if r.text {
+                            Value::Text(String::from_utf8(bytes).map_err(|_| {
+                                anyhow!("the peer sent text content that is not UTF-8")
+                            })?)
+                        } else {
+                            Value::Blob(bytes)
+                        };
+                        used.push(r.digest);
+                    }
+                    changes.push(change);
+                }
+                drop(received);
+                // `fazt peer remove` takes effect at once, even on a session already open.
+                if crate::peer::store::by_key(db.conn(), &peer)?.is_none() {
+                    bail!("this node no longer trusts the peer (it was removed)");
+                }
+                let report = db.apply(&Batch { changes, covers })?;
+                for digest in used {
+                    db.conn()
+                        .execute("DELETE FROM peer_content WHERE digest = ?1", [&digest[..]])?;
+                }
+                Ok((report, db.coverage()?))
+            })
+            .await??;
         let groups_applied = {
             let mut s = lock(&shared);
             s.groups_applied += 1;
@@ -776,10 +946,17 @@ async fn apply_loop(
             s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
             s.groups_applied
         };
-        tracing::debug!(applied = applied.applied, transactions = applied.transactions, "applied a group");
-        out.send(Message::Applied { groups: groups_applied, heads: to_heads(&mine) })
-            .await
-            .map_err(|_| anyhow!("session ended"))?;
+        tracing::debug!(
+            applied = applied.applied,
+            transactions = applied.transactions,
+            "applied a group"
+        );
+        out.send(Message::Applied {
+            groups: groups_applied,
+            heads: to_heads(&mine),
+        })
+        .await
+        .map_err(|_| anyhow!("session ended"))?;
         let _ = tick.send(());
     }
     Ok(())
@@ -794,8 +971,9 @@ fn stage_content(db: &Mutex<Replica>, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Res
 fn stage_rows(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
     let tx = db.conn().unchecked_transaction()?;
     {
-        let mut insert =
-            tx.prepare_cached("INSERT OR REPLACE INTO peer_content (digest, data, received_at) VALUES (?1, ?2, ?3)")?;
+        let mut insert = tx.prepare_cached(
+            "INSERT OR REPLACE INTO peer_content (digest, data, received_at) VALUES (?1, ?2, ?3)",
+        )?;
         let now = crate::db::now_secs();
         for (digest, bytes) in batch {
             insert.execute(rusqlite::params![&digest[..], bytes.as_slice(), now])?;
@@ -807,7 +985,13 @@ fn stage_rows(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
 
 /// Bytes with `digest` this node already holds for a cell: the cell itself, or content
 /// fetched earlier and not applied yet.
-fn local_content(db: &Replica, table: &str, pk: &[u8], cid: &str, digest: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+fn local_content(
+    db: &Replica,
+    table: &str,
+    pk: &[u8],
+    cid: &str,
+    digest: &[u8; 32],
+) -> Result<Option<Vec<u8>>> {
     if let Some(b) = db.cell(table, pk, cid)?.and_then(value_bytes) {
         if <[u8; 32]>::from(Sha256::digest(&b)) == *digest {
             return Ok(Some(b));
@@ -816,7 +1000,11 @@ fn local_content(db: &Replica, table: &str, pk: &[u8], cid: &str, digest: &[u8; 
     use rusqlite::OptionalExtension;
     Ok(db
         .conn()
-        .query_row("SELECT data FROM peer_content WHERE digest = ?1", [&digest[..]], |r| r.get(0))
+        .query_row(
+            "SELECT data FROM peer_content WHERE digest = ?1",
+            [&digest[..]],
+            |r| r.get(0),
+        )
         .optional()?)
 }
 
@@ -845,8 +1033,14 @@ mod tests {
 
     fn rows(path: &std::path::Path) -> Vec<(String, i64, Vec<u8>)> {
         let db = crate::db::open_existing(path).unwrap();
-        let mut stmt = db.conn().prepare("SELECT hash, size, data FROM blobs ORDER BY hash").unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(|r| r.unwrap()).collect()
+        let mut stmt = db
+            .conn()
+            .prepare("SELECT hash, size, data FROM blobs ORDER BY hash")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
     }
 
     /// Runs a one-off session from `a` (Once) against `b` (Live) over an in-memory pipe.
@@ -872,8 +1066,15 @@ mod tests {
         };
         let live = tokio::spawn(session(b, a, Mode::Live, changed_b).run(b_read, b_write, None));
         let once = session(a, b, Mode::Once, changed_a).run(a_read, a_write, None);
-        let a_stats = tokio::time::timeout(std::time::Duration::from_secs(20), once).await.unwrap().unwrap();
-        let b_stats = tokio::time::timeout(std::time::Duration::from_secs(20), live).await.unwrap().unwrap().unwrap();
+        let a_stats = tokio::time::timeout(std::time::Duration::from_secs(20), once)
+            .await
+            .unwrap()
+            .unwrap();
+        let b_stats = tokio::time::timeout(std::time::Duration::from_secs(20), live)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         (a_stats, b_stats)
     }
 
@@ -893,7 +1094,12 @@ mod tests {
         let text = "é".repeat(3000);
         crate::db::open_existing(&a.0)
             .unwrap()
-            .write(|tx| tx.execute("INSERT INTO settings (key, value) VALUES ('big', ?1)", [&text]))
+            .write(|tx| {
+                tx.execute(
+                    "INSERT INTO settings (key, value) VALUES ('big', ?1)",
+                    [&text],
+                )
+            })
             .unwrap();
 
         let (a_stats, b_stats) = sync(&a, &b).await;
@@ -901,10 +1107,18 @@ mod tests {
         let (kind, value): (String, String) = crate::db::open_existing(&b.0)
             .unwrap()
             .conn()
-            .query_row("SELECT typeof(value), value FROM settings WHERE key = 'big'", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(
+                "SELECT typeof(value), value FROM settings WHERE key = 'big'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .unwrap();
         assert_eq!((kind.as_str(), value), ("text", text.clone()));
-        assert_eq!(a_stats.sent_content, (only_a.len() + text.len()) as u64, "only the content b lacked travels");
+        assert_eq!(
+            a_stats.sent_content,
+            (only_a.len() + text.len()) as u64,
+            "only the content b lacked travels"
+        );
         assert_eq!(b_stats.sent_content, 0, "a already held everything b has");
         assert_eq!(
             crate::db::open_existing(&b.0).unwrap().coverage().unwrap(),
@@ -920,8 +1134,19 @@ mod tests {
 
         // A second sync has nothing to do and moves only the handshake.
         let (again, _) = sync(&a, &b).await;
-        assert_eq!((again.sent_changes, again.received_changes, again.sent_content), (0, 0, 0));
-        assert!(again.sent_bytes < 1024, "idle handshake sent {} bytes", again.sent_bytes);
+        assert_eq!(
+            (
+                again.sent_changes,
+                again.received_changes,
+                again.sent_content
+            ),
+            (0, 0, 0)
+        );
+        assert!(
+            again.sent_bytes < 1024,
+            "idle handshake sent {} bytes",
+            again.sent_bytes
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -936,8 +1161,24 @@ mod tests {
         let (b_read, b_write) = tokio::io::split(b_io);
         let (_k1, w1) = watch::channel(0u64);
         let (_k2, w2) = watch::channel(0u64);
-        let sa = Session { db_path: a.0.clone(), own: a.1, peer: c.1, peer_name: "c".into(), mode: Mode::Once, changed: w1, progress: None };
-        let sb = Session { db_path: b.0.clone(), own: b.1, peer: a.1, peer_name: "a".into(), mode: Mode::Live, changed: w2, progress: None };
+        let sa = Session {
+            db_path: a.0.clone(),
+            own: a.1,
+            peer: c.1,
+            peer_name: "c".into(),
+            mode: Mode::Once,
+            changed: w1,
+            progress: None,
+        };
+        let sb = Session {
+            db_path: b.0.clone(),
+            own: b.1,
+            peer: a.1,
+            peer_name: "a".into(),
+            mode: Mode::Live,
+            changed: w2,
+            progress: None,
+        };
         let other = tokio::spawn(sb.run(b_read, b_write, None));
         let err = sa.run(a_read, a_write, None).await.unwrap_err();
         assert!(err.to_string().contains("another node"), "{err}");

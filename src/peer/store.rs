@@ -17,7 +17,9 @@ impl PeerName {
     pub fn parse(input: &str) -> Result<PeerName> {
         let ok = !input.is_empty()
             && input.len() <= 63
-            && input.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && input
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !input.starts_with('-');
         if !ok {
             bail!("invalid peer name {input:?}: use 1-63 lower-case letters, digits and '-', not starting with '-'");
@@ -65,10 +67,26 @@ pub struct Peer {
 const COLUMNS: &str = "name, node_id, addr, added_at, connected, last_seen, lag";
 
 /// A peers row as stored: name, node id, address, added, connected, last seen, lag.
-type PeerRow = (String, String, Option<String>, i64, bool, Option<i64>, Option<i64>);
+type PeerRow = (
+    String,
+    String,
+    Option<String>,
+    i64,
+    bool,
+    Option<i64>,
+    Option<i64>,
+);
 
 fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PeerRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
 }
 
 fn to_peer(row: PeerRow) -> Result<Peer> {
@@ -93,17 +111,25 @@ pub fn list(conn: &Connection) -> Result<Vec<Peer>> {
 }
 
 pub fn by_name(conn: &Connection, name: &str) -> Result<Option<Peer>> {
-    conn.query_row(&format!("SELECT {COLUMNS} FROM peers WHERE name = ?1"), [name], from_row)
-        .optional()?
-        .map(to_peer)
-        .transpose()
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM peers WHERE name = ?1"),
+        [name],
+        from_row,
+    )
+    .optional()?
+    .map(to_peer)
+    .transpose()
 }
 
 pub fn by_key(conn: &Connection, key: &NodeId) -> Result<Option<Peer>> {
-    conn.query_row(&format!("SELECT {COLUMNS} FROM peers WHERE node_id = ?1"), [key.to_string()], from_row)
-        .optional()?
-        .map(to_peer)
-        .transpose()
+    conn.query_row(
+        &format!("SELECT {COLUMNS} FROM peers WHERE node_id = ?1"),
+        [key.to_string()],
+        from_row,
+    )
+    .optional()?
+    .map(to_peer)
+    .transpose()
 }
 
 /// Checks that `name` is a peer this node can dial (for commands that sync with it).
@@ -123,7 +149,13 @@ pub fn ready_to_dial(conn: &Connection, name: &str) -> Result<Peer> {
 /// Pins `key` under `name`. Refuses this node's own key, a name already in use for another
 /// key, and a key already trusted under another name; re-adding the same pair updates the
 /// address.
-pub fn add(conn: &Connection, own: &NodeId, name: &PeerName, key: &NodeId, addr: Option<&str>) -> Result<()> {
+pub fn add(
+    conn: &Connection,
+    own: &NodeId,
+    name: &PeerName,
+    key: &NodeId,
+    addr: Option<&str>,
+) -> Result<()> {
     if key == own {
         bail!("{key} is this node's own id: give the id of the other node (`fazt peer id` there)");
     }
@@ -140,7 +172,11 @@ pub fn add(conn: &Connection, own: &NodeId, name: &PeerName, key: &NodeId, addr:
     }
     if let Some(existing) = by_key(conn, key)? {
         if existing.name != *name {
-            bail!("node {key} is already trusted as {}: `fazt peer remove {}` first to rename it", existing.name, existing.name);
+            bail!(
+                "node {key} is already trusted as {}: `fazt peer remove {}` first to rename it",
+                existing.name,
+                existing.name
+            );
         }
     }
     conn.execute(
@@ -154,9 +190,14 @@ pub fn add(conn: &Connection, own: &NodeId, name: &PeerName, key: &NodeId, addr:
 /// A name for a peer that joined: its own suggestion when free (or already its own), else
 /// the suggestion with a number appended.
 pub fn free_name(conn: &Connection, suggested: &str, key: &NodeId) -> Result<PeerName> {
-    let base = PeerName::parse(suggested).unwrap_or_else(|_| PeerName(format!("node-{}", &key.to_string()[..8])));
+    let base = PeerName::parse(suggested)
+        .unwrap_or_else(|_| PeerName(format!("node-{}", &key.to_string()[..8])));
     for n in 1.. {
-        let candidate = if n == 1 { base.0.clone() } else { format!("{}-{n}", base.0) };
+        let candidate = if n == 1 {
+            base.0.clone()
+        } else {
+            format!("{}-{n}", base.0)
+        };
         match by_name(conn, &candidate)? {
             None => return Ok(PeerName(candidate)),
             Some(p) if p.node_id == *key => return Ok(PeerName(candidate)),
@@ -171,7 +212,12 @@ pub fn remove(conn: &Connection, name: &str) -> Result<bool> {
 }
 
 /// What the running server last saw of a peer.
-pub fn record_state(conn: &Connection, key: &NodeId, connected: bool, lag: Option<i64>) -> Result<()> {
+pub fn record_state(
+    conn: &Connection,
+    key: &NodeId,
+    connected: bool,
+    lag: Option<i64>,
+) -> Result<()> {
     conn.execute(
         "UPDATE peers SET connected = ?2, last_seen = ?3, lag = coalesce(?4, lag) WHERE node_id = ?1",
         params![key.to_string(), connected, crate::db::now_secs(), lag],
@@ -192,7 +238,8 @@ fn secret_hash(secret: &[u8; 32]) -> String {
 /// Records a one-time invitation valid for `ttl_secs`; returns its secret.
 pub fn create_invite(conn: &Connection, ttl_secs: i64) -> Result<[u8; 32]> {
     let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness for an invitation: {e}"))?;
+    getrandom::fill(&mut secret)
+        .map_err(|e| anyhow::anyhow!("no randomness for an invitation: {e}"))?;
     let now = crate::db::now_secs();
     conn.execute(
         "INSERT INTO peer_invites (secret_hash, created_at, expires_at) VALUES (?1, ?2, ?3)",
@@ -212,12 +259,18 @@ pub enum InviteError {
 }
 
 /// Spends an invitation: succeeds once per ticket, before it expires.
-pub fn redeem_invite(conn: &Connection, secret: &[u8; 32], used_by: &NodeId) -> Result<std::result::Result<(), InviteError>> {
+pub fn redeem_invite(
+    conn: &Connection,
+    secret: &[u8; 32],
+    used_by: &NodeId,
+) -> Result<std::result::Result<(), InviteError>> {
     let hash = secret_hash(secret);
     let row: Option<(i64, Option<i64>)> = conn
-        .query_row("SELECT expires_at, used_at FROM peer_invites WHERE secret_hash = ?1", [&hash], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row(
+            "SELECT expires_at, used_at FROM peer_invites WHERE secret_hash = ?1",
+            [&hash],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .optional()?;
     let now = crate::db::now_secs();
     Ok(match row {
@@ -272,11 +325,20 @@ mod tests {
         let s = create_invite(&c, 3600).unwrap();
         assert!(invite_open(&c).unwrap());
         assert_eq!(redeem_invite(&c, &s, &key(1)).unwrap(), Ok(()));
-        assert_eq!(redeem_invite(&c, &s, &key(2)).unwrap(), Err(InviteError::Used));
+        assert_eq!(
+            redeem_invite(&c, &s, &key(2)).unwrap(),
+            Err(InviteError::Used)
+        );
         assert!(!invite_open(&c).unwrap());
-        assert_eq!(redeem_invite(&c, &[0; 32], &key(2)).unwrap(), Err(InviteError::Unknown));
+        assert_eq!(
+            redeem_invite(&c, &[0; 32], &key(2)).unwrap(),
+            Err(InviteError::Unknown)
+        );
         let old = create_invite(&c, -1).unwrap();
-        assert_eq!(redeem_invite(&c, &old, &key(2)).unwrap(), Err(InviteError::Expired));
+        assert_eq!(
+            redeem_invite(&c, &old, &key(2)).unwrap(),
+            Err(InviteError::Expired)
+        );
         assert!(!invite_open(&c).unwrap());
     }
 
@@ -286,19 +348,34 @@ mod tests {
         let own = key(9);
         let zyt = PeerName::parse("zyt").unwrap();
         add(&c, &own, &zyt, &key(1), Some("zyt.example:4698")).unwrap();
-        assert!(add(&c, &own, &zyt, &key(2), None).unwrap_err().to_string().contains("already exists"));
+        assert!(add(&c, &own, &zyt, &key(2), None)
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
         let other = PeerName::parse("other").unwrap();
-        assert!(add(&c, &own, &other, &key(1), None).unwrap_err().to_string().contains("already trusted as zyt"));
-        assert!(add(&c, &own, &other, &own, None).unwrap_err().to_string().contains("own id"));
+        assert!(add(&c, &own, &other, &key(1), None)
+            .unwrap_err()
+            .to_string()
+            .contains("already trusted as zyt"));
+        assert!(add(&c, &own, &other, &own, None)
+            .unwrap_err()
+            .to_string()
+            .contains("own id"));
         assert!(add(&c, &own, &other, &key(3), Some("nohost")).is_err());
         // Re-adding the same pair keeps the address unless a new one is given.
         add(&c, &own, &zyt, &key(1), None).unwrap();
-        assert_eq!(by_name(&c, "zyt").unwrap().unwrap().addr.as_deref(), Some("zyt.example:4698"));
+        assert_eq!(
+            by_name(&c, "zyt").unwrap().unwrap().addr.as_deref(),
+            Some("zyt.example:4698")
+        );
         assert!(by_key(&c, &key(1)).unwrap().is_some());
         assert!(by_key(&c, &key(3)).unwrap().is_none());
         assert_eq!(free_name(&c, "zyt", &key(4)).unwrap().as_str(), "zyt-2");
         assert_eq!(free_name(&c, "zyt", &key(1)).unwrap().as_str(), "zyt");
-        assert_eq!(free_name(&c, "Bad Name", &key(4)).unwrap().as_str().len(), "node-".len() + 8);
+        assert_eq!(
+            free_name(&c, "Bad Name", &key(4)).unwrap().as_str().len(),
+            "node-".len() + 8
+        );
         assert!(remove(&c, "zyt").unwrap());
         assert!(!remove(&c, "zyt").unwrap());
     }

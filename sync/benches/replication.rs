@@ -41,13 +41,17 @@ fn main() -> Res<()> {
         return Ok(());
     }
     let rounds: usize = match std::env::var("BENCH_ROUNDS") {
-        Ok(v) => v.parse().map_err(|_| format!("BENCH_ROUNDS={v}: expected a positive number"))?,
+        Ok(v) => v
+            .parse()
+            .map_err(|_| format!("BENCH_ROUNDS={v}: expected a positive number"))?,
         Err(_) => 3,
     };
     if rounds == 0 {
         return Err("BENCH_ROUNDS must be at least 1".into());
     }
-    let dir = tempfile::Builder::new().prefix("fazt-bench-sync").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("fazt-bench-sync")
+        .tempdir()?;
     let crsqlite = crsqlite_path();
     println!(
         "fazt-sync replication benchmark: {} cores, {}, SQLite {}, median of {rounds} rounds, databases in {}",
@@ -59,7 +63,13 @@ fn main() -> Res<()> {
     if crsqlite.is_none() {
         println!("cr-sqlite baseline skipped (run scripts/build-crsqlite-oracle)");
     }
-    let mut bench = Bench { dir: dir.path().to_path_buf(), crsqlite, rounds, summary: Vec::new(), files: 0 };
+    let mut bench = Bench {
+        dir: dir.path().to_path_buf(),
+        crsqlite,
+        rounds,
+        summary: Vec::new(),
+        files: 0,
+    };
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let before = cpu_times();
     bench.run()?;
@@ -82,20 +92,39 @@ fn main() -> Res<()> {
 /// Clock ticks: (all of every core, stolen, busy (user+nice+system), this process's own).
 fn cpu_times() -> Option<(u64, u64, u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0)).collect();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
     let all = fields.iter().take(8).sum();
     // After the command name in parentheses, utime and stime are the 12th and 13th fields.
     let own = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let own: Vec<u64> =
-        own.rsplit_once(") ")?.1.split_whitespace().skip(11).take(2).map(|f| f.parse().unwrap_or(0)).collect();
-    Some((all, *fields.get(7)?, fields.iter().take(3).sum(), own.iter().sum()))
+    let own: Vec<u64> = own
+        .rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    Some((
+        all,
+        *fields.get(7)?,
+        fields.iter().take(3).sum(),
+        own.iter().sum(),
+    ))
 }
 
 /// The cr-sqlite extension, if it has been built.
 fn crsqlite_path() -> Option<PathBuf> {
     let path = std::env::var_os("FAZT_CRSQLITE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/crsqlite-oracle/crsqlite.so"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/crsqlite-oracle/crsqlite.so")
+        });
     path.is_file().then_some(path)
 }
 
@@ -177,7 +206,9 @@ impl CrSqlite {
     /// Merges change rows, one transaction per chunk, as a peer receiving them would.
     fn merge(&mut self, chunks: &[&[Vec<SqlValue>]]) -> Res<()> {
         for chunk in chunks {
-            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO crsql_changes (\"table\", pk, cid, val, col_version, db_version, site_id, cl, seq)
@@ -195,7 +226,9 @@ impl CrSqlite {
 
 impl Drop for CrSqlite {
     fn drop(&mut self) {
-        let _ = self.conn.query_row("SELECT crsql_finalize()", [], |_| Ok(()));
+        let _ = self
+            .conn
+            .query_row("SELECT crsql_finalize()", [], |_| Ok(()));
     }
 }
 
@@ -209,7 +242,8 @@ fn chunked(batch: &Batch, size: usize) -> Vec<Batch> {
     for (i, c) in batch.changes.iter().enumerate() {
         current.changes.push(c.clone());
         let next = batch.changes.get(i + 1);
-        let boundary = next.is_none_or(|d: &Change| (d.site_id, d.db_version) != (c.site_id, c.db_version));
+        let boundary =
+            next.is_none_or(|d: &Change| (d.site_id, d.db_version) != (c.site_id, c.db_version));
         if boundary {
             current.covers.insert(c.site_id, c.db_version, c.db_version);
             if current.changes.len() >= size {
@@ -222,7 +256,10 @@ fn chunked(batch: &Batch, size: usize) -> Vec<Batch> {
     }
     match out.last_mut() {
         Some(last) => last.covers.union(&batch.covers),
-        None => out.push(Batch { changes: Vec::new(), covers: batch.covers.clone() }),
+        None => out.push(Batch {
+            changes: Vec::new(),
+            covers: batch.covers.clone(),
+        }),
     }
     out
 }
@@ -252,7 +289,9 @@ fn secs(d: Duration) -> f64 {
 /// `1234567.8` -> `1,234,568`.
 fn thousands(x: f64) -> String {
     let digits = format!("{:.0}", x);
-    let (sign, digits) = digits.strip_prefix('-').map_or(("", digits.as_str()), |d| ("-", d));
+    let (sign, digits) = digits
+        .strip_prefix('-')
+        .map_or(("", digits.as_str()), |d| ("-", d));
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
         if i > 0 && (digits.len() - i) % 3 == 0 {
@@ -292,13 +331,19 @@ fn btree_bytes(conn: &Connection) -> Res<Vec<(String, String, u64)>> {
         "SELECT coalesce(s.tbl_name, d.name), d.name, sum(d.pgsize) FROM dbstat d
          LEFT JOIN sqlite_schema s ON s.name = d.name GROUP BY d.name ORDER BY 1, 2",
     )?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Bytes of `table`, its indexes included.
 fn bytes_of(btrees: &[(String, String, u64)], table: &str) -> u64 {
-    btrees.iter().filter(|(t, _, _)| t == table).map(|(_, _, b)| b).sum()
+    btrees
+        .iter()
+        .filter(|(t, _, _)| t == table)
+        .map(|(_, _, b)| b)
+        .sum()
 }
 
 fn total_bytes(btrees: &[(String, String, u64)]) -> u64 {
@@ -307,10 +352,15 @@ fn total_bytes(btrees: &[(String, String, u64)]) -> u64 {
 
 /// The b-trees that are not the rows themselves, largest first (those over two pages).
 fn describe_metadata(btrees: &[(String, String, u64)]) -> String {
-    let mut meta: Vec<&(String, String, u64)> =
-        btrees.iter().filter(|(t, _, b)| t != "items" && *b > 2 * 4096).collect();
+    let mut meta: Vec<&(String, String, u64)> = btrees
+        .iter()
+        .filter(|(t, _, b)| t != "items" && *b > 2 * 4096)
+        .collect();
     meta.sort_by_key(|(_, _, b)| std::cmp::Reverse(*b));
-    meta.iter().map(|(_, name, b)| format!("{name} {}", thousands(*b as f64))).collect::<Vec<_>>().join(", ")
+    meta.iter()
+        .map(|(_, name, b)| format!("{name} {}", thousands(*b as f64)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One row of the summary table.
@@ -394,7 +444,9 @@ impl Bench {
                 let mut db = CrSqlite::open(&ext, &self.path("small-crsqlite"))?;
                 let start = Instant::now();
                 for i in 1..=SMALL_TXS {
-                    let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    let tx = db
+                        .conn
+                        .transaction_with_behavior(TransactionBehavior::Immediate)?;
                     insert_rows(&tx, i..=i)?;
                     tx.commit()?;
                 }
@@ -416,7 +468,11 @@ impl Bench {
             verdict(pass)
         );
         if let Some(cr) = cr {
-            println!("   cr-sqlite     {:>12} tx/s  {:.2}x plain", thousands(cr), cr / plain);
+            println!(
+                "   cr-sqlite     {:>12} tx/s  {:.2}x plain",
+                thousands(cr),
+                cr / plain
+            );
         }
         self.summary.push(Line {
             figure: format!("1. one-row write transactions ({SMALL_TXS})"),
@@ -456,13 +512,19 @@ impl Bench {
             if let Some(ext) = self.crsqlite.clone() {
                 let mut db = CrSqlite::open(&ext, &self.path("bulk-crsqlite"))?;
                 let start = Instant::now();
-                let tx = db.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let tx = db
+                    .conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)?;
                 insert_rows(&tx, 1..=BULK_ROWS)?;
                 tx.commit()?;
                 cr_t.push(start.elapsed());
                 crsqlite = Some(db);
             }
-            kept = Some(BulkDbs { plain, fazt, crsqlite });
+            kept = Some(BulkDbs {
+                plain,
+                fazt,
+                crsqlite,
+            });
         }
         let plain = median(plain_t);
         let fazt = median(fazt_t);
@@ -470,7 +532,11 @@ impl Bench {
         let slowdown = secs(fazt) / secs(plain);
         let pass = slowdown <= 5.0;
         let rows_per_s = |t: Duration| thousands(BULK_ROWS as f64 / secs(t));
-        println!("   plain SQLite  {:>8.3} s  ({} rows/s)", secs(plain), rows_per_s(plain));
+        println!(
+            "   plain SQLite  {:>8.3} s  ({} rows/s)",
+            secs(plain),
+            rows_per_s(plain)
+        );
         println!(
             "   fazt          {:>8.3} s  ({} rows/s)  {slowdown:.2}x slower than plain  target <= 5x  {}",
             secs(fazt),
@@ -486,13 +552,19 @@ impl Bench {
             );
         }
         self.summary.push(Line {
-            figure: format!("2. bulk insert, {} rows in one transaction", thousands(BULK_ROWS as f64)),
+            figure: format!(
+                "2. bulk insert, {} rows in one transaction",
+                thousands(BULK_ROWS as f64)
+            ),
             fazt: format!("{:.3} s", secs(fazt)),
             plain: format!("{:.3} s", secs(plain)),
             crsqlite: cr.map_or("—".into(), |c| format!("{:.3} s", secs(c))),
             ratios: format!(
                 "fazt {slowdown:.2}x plain{}",
-                cr.map_or(String::new(), |c| format!("; cr-sqlite {:.1}x", secs(c) / secs(plain)))
+                cr.map_or(String::new(), |c| format!(
+                    "; cr-sqlite {:.1}x",
+                    secs(c) / secs(plain)
+                ))
             ),
             target: "fazt ≤ 5x plain".into(),
             verdict: verdict(pass),
@@ -518,14 +590,19 @@ impl Bench {
             ))
         );
 
-        let (mut fazt_t, mut fazt_again_t, mut cr_t, mut cr_again_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut fazt_t, mut fazt_again_t, mut cr_t, mut cr_again_t) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.rounds {
             let mut dst = open_replica(&self.path("merge-fazt"))?;
             let start = Instant::now();
             let first = apply_all(&mut dst, &chunks)?;
             fazt_t.push(start.elapsed());
             if first.applied != total {
-                return Err(format!("merge applied {} of {total} changes: {first:?}", first.applied).into());
+                return Err(format!(
+                    "merge applied {} of {total} changes: {first:?}",
+                    first.applied
+                )
+                .into());
             }
             let start = Instant::now();
             let again = apply_all(&mut dst, &chunks)?;
@@ -533,7 +610,9 @@ impl Bench {
             if again.already_seen != total || again.applied != 0 {
                 return Err(format!("re-applying changed something: {again:?}").into());
             }
-            let rows: i64 = dst.conn().query_row("SELECT count(*) FROM items", [], |r| r.get(0))?;
+            let rows: i64 = dst
+                .conn()
+                .query_row("SELECT count(*) FROM items", [], |r| r.get(0))?;
             if rows != BULK_ROWS {
                 return Err(format!("the merged replica has {rows} rows, not {BULK_ROWS}").into());
             }
@@ -547,9 +626,14 @@ impl Bench {
                 let start = Instant::now();
                 db.merge(&pieces)?;
                 cr_again_t.push(start.elapsed());
-                let rows: i64 = db.conn.query_row("SELECT count(*) FROM items", [], |r| r.get(0))?;
+                let rows: i64 = db
+                    .conn
+                    .query_row("SELECT count(*) FROM items", [], |r| r.get(0))?;
                 if rows != BULK_ROWS {
-                    return Err(format!("the merged cr-sqlite replica has {rows} rows, not {BULK_ROWS}").into());
+                    return Err(format!(
+                        "the merged cr-sqlite replica has {rows} rows, not {BULK_ROWS}"
+                    )
+                    .into());
                 }
             }
         }
@@ -561,7 +645,8 @@ impl Bench {
 
         let pass = fazt >= 250_000.0;
         // Per row too: cr-sqlite sends no existence change for a row created by an insert.
-        let rows_per_s = |changes_per_s: f64, n: f64| thousands(changes_per_s / n * BULK_ROWS as f64);
+        let rows_per_s =
+            |changes_per_s: f64, n: f64| thousands(changes_per_s / n * BULK_ROWS as f64);
         println!(
             "   fazt          {:>12} changes/s  ({} rows/s)  target >= 250,000  {}",
             thousands(fazt),
@@ -577,28 +662,55 @@ impl Bench {
             );
         }
         self.summary.push(Line {
-            figure: format!("3. merge remote changes, applies of {}", thousands(APPLY_CHUNK as f64)),
-            fazt: format!("{} changes/s ({} rows/s)", thousands(fazt), rows_per_s(fazt, total as f64)),
+            figure: format!(
+                "3. merge remote changes, applies of {}",
+                thousands(APPLY_CHUNK as f64)
+            ),
+            fazt: format!(
+                "{} changes/s ({} rows/s)",
+                thousands(fazt),
+                rows_per_s(fazt, total as f64)
+            ),
             plain: "—".into(),
-            crsqlite: cr
-                .map_or("—".into(), |c| format!("{} changes/s ({} rows/s)", thousands(c), rows_per_s(c, cr_n))),
-            ratios: cr.map_or("—".into(), |c| format!("fazt {:.2}x cr-sqlite per change", fazt / c)),
+            crsqlite: cr.map_or("—".into(), |c| {
+                format!(
+                    "{} changes/s ({} rows/s)",
+                    thousands(c),
+                    rows_per_s(c, cr_n)
+                )
+            }),
+            ratios: cr.map_or("—".into(), |c| {
+                format!("fazt {:.2}x cr-sqlite per change", fazt / c)
+            }),
             target: "≥ 250,000 changes/s".into(),
             verdict: verdict(pass),
         });
 
-        println!("\n5. Re-applying changes already held: the same {} changes again", thousands(total as f64));
+        println!(
+            "\n5. Re-applying changes already held: the same {} changes again",
+            thousands(total as f64)
+        );
         let pass = fazt_again >= 1_000_000.0;
-        println!("   fazt          {:>12} changes/s  target >= 1,000,000  {}", thousands(fazt_again), verdict(pass));
+        println!(
+            "   fazt          {:>12} changes/s  target >= 1,000,000  {}",
+            thousands(fazt_again),
+            verdict(pass)
+        );
         if let Some(cr) = cr_again {
-            println!("   cr-sqlite     {:>12} changes/s  (fazt {:.2}x cr-sqlite)", thousands(cr), fazt_again / cr);
+            println!(
+                "   cr-sqlite     {:>12} changes/s  (fazt {:.2}x cr-sqlite)",
+                thousands(cr),
+                fazt_again / cr
+            );
         }
         self.summary.push(Line {
             figure: "5. re-apply changes already held".into(),
             fazt: format!("{} changes/s", thousands(fazt_again)),
             plain: "—".into(),
             crsqlite: cr_again.map_or("—".into(), |c| format!("{} changes/s", thousands(c))),
-            ratios: cr_again.map_or("—".into(), |c| format!("fazt {:.1}x cr-sqlite", fazt_again / c)),
+            ratios: cr_again.map_or("—".into(), |c| {
+                format!("fazt {:.1}x cr-sqlite", fazt_again / c)
+            }),
             target: "≥ 1,000,000 changes/s".into(),
             verdict: verdict(pass),
         });
@@ -619,14 +731,19 @@ impl Bench {
             thousands(SMALL_TXS as f64),
             thousands(total as f64)
         );
-        let (mut fazt_t, mut fazt_again_t, mut cr_t, mut cr_again_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut fazt_t, mut fazt_again_t, mut cr_t, mut cr_again_t) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..self.rounds {
             let mut dst = open_replica(&self.path("merge-small-fazt"))?;
             let start = Instant::now();
             let report = apply_all(&mut dst, &chunks)?;
             fazt_t.push(start.elapsed());
             if report.transactions != SMALL_TXS as usize {
-                return Err(format!("merged {} of {SMALL_TXS} origin transactions", report.transactions).into());
+                return Err(format!(
+                    "merged {} of {SMALL_TXS} origin transactions",
+                    report.transactions
+                )
+                .into());
             }
             let start = Instant::now();
             let again = apply_all(&mut dst, &chunks)?;
@@ -646,17 +763,33 @@ impl Bench {
             }
         }
         let cr_n = cr_changes.as_ref().map_or(0, Vec::len) as f64;
-        for (figure, what, fazt_t, cr_t) in
-            [("3b", "merge", fazt_t, cr_t), ("5b", "re-apply (all already held)", fazt_again_t, cr_again_t)]
-        {
+        for (figure, what, fazt_t, cr_t) in [
+            ("3b", "merge", fazt_t, cr_t),
+            (
+                "5b",
+                "re-apply (all already held)",
+                fazt_again_t,
+                cr_again_t,
+            ),
+        ] {
             let fazt = total as f64 / secs(median(fazt_t));
             let cr = (!cr_t.is_empty()).then(|| cr_n / secs(median(cr_t)));
-            print!("   {what}:\n   fazt          {:>12} changes/s\n", thousands(fazt));
+            print!(
+                "   {what}:\n   fazt          {:>12} changes/s\n",
+                thousands(fazt)
+            );
             if let Some(cr) = cr {
-                println!("   cr-sqlite     {:>12} changes/s  (fazt {:.2}x cr-sqlite)", thousands(cr), fazt / cr);
+                println!(
+                    "   cr-sqlite     {:>12} changes/s  (fazt {:.2}x cr-sqlite)",
+                    thousands(cr),
+                    fazt / cr
+                );
             }
             self.summary.push(Line {
-                figure: format!("{figure}. {what}, {} one-row origin transactions", thousands(SMALL_TXS as f64)),
+                figure: format!(
+                    "{figure}. {what}, {} one-row origin transactions",
+                    thousands(SMALL_TXS as f64)
+                ),
                 fazt: format!("{} changes/s", thousands(fazt)),
                 plain: "—".into(),
                 crsqlite: cr.map_or("—".into(), |c| format!("{} changes/s", thousands(c))),
@@ -671,8 +804,12 @@ impl Bench {
     /// Figures 4 and 7: streaming every change of the bulk replica (counting only), and
     /// writing them as a bundle into memory.
     fn export(&mut self, bulk: &BulkDbs) -> Res<()> {
-        println!("\n4. Exporting changes: every change of the {} rows", thousands(BULK_ROWS as f64));
-        let (mut stream_t, mut bundle_t, mut cr_t, mut scan_t) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        println!(
+            "\n4. Exporting changes: every change of the {} rows",
+            thousands(BULK_ROWS as f64)
+        );
+        let (mut stream_t, mut bundle_t, mut cr_t, mut scan_t) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut streamed, mut stream_growth) = (0u64, None);
         let mut bundle_report = None;
         let mut bundle_growth = None;
@@ -699,7 +836,9 @@ impl Bench {
                 let report = bulk.fazt.export_bundle(&Coverage::default(), &mut out)?;
                 let t = start.elapsed();
                 if report.bytes != out.len() as u64 {
-                    return Err(format!("bundle says {} bytes, wrote {}", report.bytes, out.len()).into());
+                    return Err(
+                        format!("bundle says {} bytes, wrote {}", report.bytes, out.len()).into(),
+                    );
                 }
                 Ok((report, t))
             })?;
@@ -741,7 +880,11 @@ impl Bench {
         let bundle = report.changes as f64 / secs(median(bundle_t));
         let scan_rows = BULK_ROWS as f64 / secs(median(scan_t));
         let cr = (!cr_t.is_empty()).then(|| cr_n as f64 / secs(median(cr_t)));
-        let mib = |k: Option<u64>| k.map_or("unknown".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0));
+        let mib = |k: Option<u64>| {
+            k.map_or("unknown".to_string(), |k| {
+                format!("{:.1} MiB", k as f64 / 1024.0)
+            })
+        };
         let pass = stream >= 700_000.0;
         println!(
             "   fazt stream   {:>12} changes/s  ({} changes; peak RSS growth {})  target >= 700,000  {}",
@@ -756,7 +899,10 @@ impl Bench {
             report.bytes as f64 / 1048576.0,
             mib(bundle_growth)
         );
-        println!("   plain SQLite  {:>12} rows/s    (SELECT of the rows themselves)", thousands(scan_rows));
+        println!(
+            "   plain SQLite  {:>12} rows/s    (SELECT of the rows themselves)",
+            thousands(scan_rows)
+        );
         if let Some(cr) = cr {
             println!(
                 "   cr-sqlite     {:>12} changes/s  (SELECT FROM crsql_changes; fazt {:.2}x cr-sqlite)",
@@ -772,7 +918,10 @@ impl Bench {
             ratios: format!(
                 "peak RSS +{}{}",
                 mib(stream_growth),
-                cr.map_or(String::new(), |c| format!("; fazt {:.2}x cr-sqlite", stream / c))
+                cr.map_or(String::new(), |c| format!(
+                    "; fazt {:.2}x cr-sqlite",
+                    stream / c
+                ))
             ),
             target: "≥ 700,000 changes/s".into(),
             verdict: verdict(pass),
@@ -782,7 +931,11 @@ impl Bench {
             fazt: format!("{} changes/s", thousands(bundle)),
             plain: "—".into(),
             crsqlite: "—".into(),
-            ratios: format!("peak RSS +{} (bundle {:.1} MiB)", mib(bundle_growth), report.bytes as f64 / 1048576.0),
+            ratios: format!(
+                "peak RSS +{} (bundle {:.1} MiB)",
+                mib(bundle_growth),
+                report.bytes as f64 / 1048576.0
+            ),
             target: "(none)".into(),
             verdict: "—",
         });
@@ -802,7 +955,11 @@ impl Bench {
             fazt: format!("{per_change:.1} B/change"),
             plain: "—".into(),
             crsqlite: "—".into(),
-            ratios: format!("{} B for {} changes", thousands(report.bytes as f64), thousands(report.changes as f64)),
+            ratios: format!(
+                "{} B for {} changes",
+                thousands(report.bytes as f64),
+                thousands(report.changes as f64)
+            ),
             target: "≤ 32 B/change".into(),
             verdict: verdict(pass),
         });
@@ -822,7 +979,10 @@ impl Bench {
         let fazt_meta = total_bytes(&fazt) - bytes_of(&fazt, "items");
         let ratio = fazt_meta as f64 / plain_rows as f64;
         let pass = ratio <= 3.0;
-        println!("   plain SQLite  {:>12} bytes of rows", thousands(plain_rows as f64));
+        println!(
+            "   plain SQLite  {:>12} bytes of rows",
+            thousands(plain_rows as f64)
+        );
         println!(
             "   fazt          {:>12} bytes of metadata  {ratio:.2}x the rows  target <= 3x  {}  ({})",
             thousands(fazt_meta as f64),
@@ -845,7 +1005,9 @@ impl Bench {
             figure: "6. metadata bytes / plain-table bytes".into(),
             fazt: format!("{:.2}x ({} B)", ratio, thousands(fazt_meta as f64)),
             plain: format!("{} B of rows", thousands(plain_rows as f64)),
-            crsqlite: cr_ratio.map_or("—".into(), |(b, r)| format!("{r:.2}x ({} B)", thousands(b as f64))),
+            crsqlite: cr_ratio.map_or("—".into(), |(b, r)| {
+                format!("{r:.2}x ({} B)", thousands(b as f64))
+            }),
             ratios: format!(
                 "fazt {ratio:.2}x the rows{}",
                 cr_ratio.map_or(String::new(), |(_, r)| format!("; cr-sqlite {r:.2}x"))

@@ -91,7 +91,11 @@ impl Replica {
             }
         }
         let (_, bytes) = writer.finish()?;
-        Ok(ExportReport { changes, bytes, covers })
+        Ok(ExportReport {
+            changes,
+            bytes,
+            covers,
+        })
     }
 
     /// Writes a bundle file atomically: a temporary file renamed into place once complete.

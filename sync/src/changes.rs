@@ -92,7 +92,10 @@ impl Replica {
                     while let Some(row) = rows.next()? {
                         let db_version: i64 = row.get(5)?;
                         if count >= group_changes && last_version.is_some_and(|v| v != db_version) {
-                            done.0.entry(*site).or_default().union(&ranges.within(mark, db_version - 1));
+                            done.0
+                                .entry(*site)
+                                .or_default()
+                                .union(&ranges.within(mark, db_version - 1));
                             sink(Exported::Group(std::mem::take(&mut done)))?;
                             count = 0;
                             mark = db_version;
@@ -206,7 +209,9 @@ impl Replica {
     /// key, column name); None when the table, column or row does not exist here.
     pub fn cell(&self, table: &str, pk: &[u8], cid: &str) -> Result<Option<Value>, Error> {
         use rusqlite::OptionalExtension;
-        let Some(info) = self.tables.get(table) else { return Ok(None) };
+        let Some(info) = self.tables.get(table) else {
+            return Ok(None);
+        };
         if info.cid_of(cid).is_none() {
             return Ok(None);
         }
@@ -214,9 +219,23 @@ impl Replica {
         if key.len() != info.pk.len() {
             return Ok(None);
         }
-        let filter: Vec<String> = info.pk.iter().enumerate().map(|(i, c)| format!("{} = ?{}", quote(c), i + 1)).collect();
-        let sql = format!("SELECT {} FROM {} WHERE {}", quote(cid), quote(table), filter.join(" AND "));
+        let filter: Vec<String> = info
+            .pk
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{} = ?{}", quote(c), i + 1))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {}",
+            quote(cid),
+            quote(table),
+            filter.join(" AND ")
+        );
         let mut stmt = self.conn.prepare_cached(&sql)?;
-        Ok(stmt.query_row(rusqlite::params_from_iter(key.iter()), |r| r.get::<_, Value>(0)).optional()?)
+        Ok(stmt
+            .query_row(rusqlite::params_from_iter(key.iter()), |r| {
+                r.get::<_, Value>(0)
+            })
+            .optional()?)
     }
 }

@@ -35,7 +35,10 @@ pub struct TableInfo {
 
 impl TableInfo {
     pub fn cid_of(&self, name: &str) -> Option<i64> {
-        self.columns.iter().find(|(_, n)| n == name).map(|(cid, _)| *cid)
+        self.columns
+            .iter()
+            .find(|(_, n)| n == name)
+            .map(|(cid, _)| *cid)
     }
 
     /// SQL for the clock's row key of the row `row` (`NEW.`, `OLD.`, `src.`).
@@ -43,7 +46,11 @@ impl TableInfo {
         if self.rowid_key {
             format!("{row}{}", quote(&self.pk[0]))
         } else {
-            format!("(SELECT __fazt_key FROM {} WHERE {})", self.pks_table(), self.pk_match("", row))
+            format!(
+                "(SELECT __fazt_key FROM {} WHERE {})",
+                self.pks_table(),
+                self.pk_match("", row)
+            )
         }
     }
 
@@ -75,7 +82,11 @@ impl TableInfo {
     }
 
     pub(crate) fn pk_list(&self, prefix: &str) -> String {
-        self.pk.iter().map(|c| format!("{prefix}{}", quote(c))).collect::<Vec<_>>().join(", ")
+        self.pk
+            .iter()
+            .map(|c| format!("{prefix}{}", quote(c)))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -90,8 +101,11 @@ fn is_rowid_key(conn: &Connection, table: &str, pk: &[String]) -> Result<bool, E
         [table, &pk[0]],
         |r| r.get(0),
     )?;
-    let without_rowid: bool =
-        conn.query_row("SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main'", [table], |r| r.get(0))?;
+    let without_rowid: bool = conn.query_row(
+        "SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main'",
+        [table],
+        |r| r.get(0),
+    )?;
     Ok(ty == "INTEGER" && !without_rowid)
 }
 
@@ -101,17 +115,26 @@ pub(crate) fn quote(name: &str) -> String {
 }
 
 pub(crate) fn load_catalog(conn: &Connection) -> Result<HashMap<String, TableInfo>, Error> {
-    let mut stmt = conn.prepare("SELECT tbl, cid, name, pk FROM fazt_sync_columns ORDER BY tbl, pk, cid")?;
+    let mut stmt =
+        conn.prepare("SELECT tbl, cid, name, pk FROM fazt_sync_columns ORDER BY tbl, pk, cid")?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, i64>(3)?,
+        ))
     })?;
     let mut tables: HashMap<String, TableInfo> = HashMap::new();
     let mut pks: HashMap<String, Vec<(i64, String)>> = HashMap::new();
     for row in rows {
         let (tbl, cid, name, pk) = row?;
-        let info = tables
-            .entry(tbl.clone())
-            .or_insert_with(|| TableInfo { name: tbl.clone(), pk: Vec::new(), columns: Vec::new(), rowid_key: false });
+        let info = tables.entry(tbl.clone()).or_insert_with(|| TableInfo {
+            name: tbl.clone(),
+            pk: Vec::new(),
+            columns: Vec::new(),
+            rowid_key: false,
+        });
         if pk > 0 {
             pks.entry(tbl).or_default().push((pk, name));
         } else {
@@ -140,8 +163,11 @@ impl Replica {
             .prepare("SELECT name, pk FROM pragma_table_info(?1) ORDER BY cid")?
             .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let mut pk: Vec<(i64, String)> =
-            columns.iter().filter(|(_, p)| *p > 0).map(|(n, p)| (*p, n.clone())).collect();
+        let mut pk: Vec<(i64, String)> = columns
+            .iter()
+            .filter(|(_, p)| *p > 0)
+            .map(|(n, p)| (*p, n.clone()))
+            .collect();
         pk.sort();
         let pk: Vec<String> = pk.into_iter().map(|(_, n)| n).collect();
 
@@ -156,7 +182,12 @@ impl Replica {
             }
         }
         let rowid_key = is_rowid_key(&self.conn, table, &pk)?;
-        let mut info = previous.unwrap_or(TableInfo { name: table.to_string(), pk: pk.clone(), columns: Vec::new(), rowid_key });
+        let mut info = previous.unwrap_or(TableInfo {
+            name: table.to_string(),
+            pk: pk.clone(),
+            columns: Vec::new(),
+            rowid_key,
+        });
         info.rowid_key = rowid_key;
         let mut next_cid = info.columns.iter().map(|(c, _)| c + 1).max().unwrap_or(0);
         for (name, p) in &columns {
@@ -197,17 +228,20 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
     let name = quote(&t.name);
     let pks = t.pks_table();
     let clock = t.clock_table();
-    let pk_defs = t
-        .pk
-        .iter()
-        .map(|c| {
-            let ty: String = conn
-                .query_row("SELECT type FROM pragma_table_info(?1) WHERE name = ?2", [&t.name, c], |r| r.get(0))
-                .unwrap_or_default();
-            format!("{} {} NOT NULL", quote(c), ty)
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let pk_defs =
+        t.pk.iter()
+            .map(|c| {
+                let ty: String = conn
+                    .query_row(
+                        "SELECT type FROM pragma_table_info(?1) WHERE name = ?2",
+                        [&t.name, c],
+                        |r| r.get(0),
+                    )
+                    .unwrap_or_default();
+                format!("{} {} NOT NULL", quote(c), ty)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
     let pk_cols = t.pk_list("");
     let idx = |suffix: &str| quote(&format!("{}__fazt_{suffix}", t.name));
     let trig = |suffix: &str| quote(&format!("{}__fazt_{suffix}", t.name));
@@ -237,12 +271,11 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
         del = trig("del"),
     );
 
-    let same_pk = t
-        .pk
-        .iter()
-        .map(|c| format!("NEW.{q} IS OLD.{q}", q = quote(c)))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let same_pk =
+        t.pk.iter()
+            .map(|c| format!("NEW.{q} IS OLD.{q}", q = quote(c)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
     let insert_body = capture_insert(t, "NEW.");
     let delete_body = capture_delete(t, "OLD.");
     let update_body: String = t
@@ -281,7 +314,12 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
 
 /// `(VALUES (0), (1), ...)` over the table's column ids.
 fn column_ids(t: &TableInfo) -> String {
-    let ids = t.columns.iter().map(|(cid, _)| format!("({cid})")).collect::<Vec<_>>().join(", ");
+    let ids = t
+        .columns
+        .iter()
+        .map(|(cid, _)| format!("({cid})"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!("(VALUES {ids})")
 }
 
@@ -296,7 +334,11 @@ fn capture_insert(t: &TableInfo, row: &str) -> String {
     let key = t.key_of(row);
     let mut sql = String::new();
     if !t.rowid_key {
-        let pk_values = t.pk.iter().map(|c| format!("{row}{}", quote(c))).collect::<Vec<_>>().join(", ");
+        let pk_values =
+            t.pk.iter()
+                .map(|c| format!("{row}{}", quote(c)))
+                .collect::<Vec<_>>()
+                .join(", ");
         sql += &format!(
             "INSERT INTO {pks} ({cols}) VALUES ({pk_values}) ON CONFLICT DO NOTHING;\n",
             pks = t.pks_table(),

@@ -61,7 +61,10 @@ impl Replica {
     }
 
     /// Runs `f` in one IMMEDIATE transaction with capture off; commits on Ok.
-    fn in_merge_transaction<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error> {
+    fn in_merge_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let capture = self.capture.clone();
         let merging = capture.merging();
@@ -91,7 +94,10 @@ impl Replica {
 
         let mut start = 0;
         while start < batch.changes.len() {
-            let (site, version) = (batch.changes[start].site_id, batch.changes[start].db_version);
+            let (site, version) = (
+                batch.changes[start].site_id,
+                batch.changes[start].db_version,
+            );
             let end = start
                 + batch.changes[start..]
                     .iter()
@@ -123,7 +129,9 @@ impl Replica {
             if self.has_pending {
                 let ord = self.ord_of(site)?;
                 self.conn
-                    .prepare_cached("DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2")?
+                    .prepare_cached(
+                        "DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2",
+                    )?
                     .execute([ord, version])?;
             }
             report.transactions += 1;
@@ -156,7 +164,9 @@ impl Replica {
 
     fn parked_versions(&self) -> Result<HashMap<SiteId, RangeSet>, Error> {
         let mut out: HashMap<SiteId, RangeSet> = HashMap::new();
-        let mut stmt = self.conn.prepare_cached("SELECT DISTINCT site_ord, db_version FROM fazt_sync_pending")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT site_ord, db_version FROM fazt_sync_pending")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
         for row in rows {
             let (ord, v) = row?;
@@ -182,7 +192,17 @@ impl Replica {
                      (site_ord, db_version, seq, tbl, pk, cid, val, col_version, cl)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )?
-                .execute(rusqlite::params![ord, c.db_version, c.seq, c.table, c.pk, c.cid, c.val, c.col_version, c.cl])?;
+                .execute(rusqlite::params![
+                    ord,
+                    c.db_version,
+                    c.seq,
+                    c.table,
+                    c.pk,
+                    c.cid,
+                    c.val,
+                    c.col_version,
+                    c.cl
+                ])?;
         }
         Ok(())
     }
@@ -202,14 +222,21 @@ impl Replica {
 
     /// Merges one change; returns whether anything changed. Winning column values are
     /// collected in `row` and written with one statement per row by [`Replica::flush_row`].
-    fn merge_one<'a>(&mut self, c: &'a Change, row: &mut Option<RowState<'a>>) -> Result<bool, Error> {
+    fn merge_one<'a>(
+        &mut self,
+        c: &'a Change,
+        row: &mut Option<RowState<'a>>,
+    ) -> Result<bool, Error> {
         let ord = self.ord_of(c.site_id)?;
         let sql = self.merge_sql(&c.table);
         // Consecutive changes usually touch the same row: look it up once.
-        let cached = row.as_ref().is_some_and(|r| r.table == c.table && r.pk_bytes == c.pk);
+        let cached = row
+            .as_ref()
+            .is_some_and(|r| r.table == c.table && r.pk_bytes == c.pk);
         if !cached {
             self.flush_row(row)?;
-            let pk = pack::unpack(&c.pk).map_err(|e| Error::Malformed(format!("{}: {e}", c.table)))?;
+            let pk =
+                pack::unpack(&c.pk).map_err(|e| Error::Malformed(format!("{}: {e}", c.table)))?;
             if pk.len() != sql.pk_len {
                 return Err(Error::Malformed(format!(
                     "{}: primary key has {} values, the table has {} key columns",
@@ -285,7 +312,13 @@ impl Replica {
                 }
                 state.fresh = true;
             }
-            conn.prepare_cached(&sql.sentinel_upsert)?.execute([key, c.cl, c.db_version, ord, c.seq])?;
+            conn.prepare_cached(&sql.sentinel_upsert)?.execute([
+                key,
+                c.cl,
+                c.db_version,
+                ord,
+                c.seq,
+            ])?;
             state.cl = c.cl;
             state.sentinel = Some((c.db_version, ord, c.seq));
             return Ok(true);
@@ -305,7 +338,8 @@ impl Replica {
                 write_pending(conn, state)?;
                 reset_row(conn, &sql, &state.pk, key)?;
                 // Until the creation itself arrives, a placeholder that loses every tie.
-                conn.prepare_cached(&sql.sentinel_upsert)?.execute([key, c.cl, 0, -1, 0])?;
+                conn.prepare_cached(&sql.sentinel_upsert)?
+                    .execute([key, c.cl, 0, -1, 0])?;
                 state.cl = c.cl;
                 state.sentinel = Some((0, -1, 0));
                 state.fresh = true;
@@ -338,7 +372,9 @@ impl Replica {
             return Ok(changed);
         }
         state.pending.push((column.cid, &c.val));
-        state.clocks.push([key, column.cid, c.col_version, c.db_version, ord, c.seq]);
+        state
+            .clocks
+            .push([key, column.cid, c.col_version, c.db_version, ord, c.seq]);
         Ok(true)
     }
 
@@ -373,8 +409,23 @@ impl Replica {
             let mut out = Vec::new();
             for row in rows {
                 let (ord, db_version, seq, table, pk, cid, val, col_version, cl) = row?;
-                let site_id = self.site_of(ord).ok_or_else(|| Error::Corrupt(format!("unknown site ordinal {ord}")))?;
-                out.push((ord, Change { table, pk, cid, val, col_version, db_version, site_id, cl, seq }));
+                let site_id = self
+                    .site_of(ord)
+                    .ok_or_else(|| Error::Corrupt(format!("unknown site ordinal {ord}")))?;
+                out.push((
+                    ord,
+                    Change {
+                        table,
+                        pk,
+                        cid,
+                        val,
+                        col_version,
+                        db_version,
+                        site_id,
+                        cl,
+                        seq,
+                    },
+                ));
             }
             out
         };
@@ -398,9 +449,9 @@ impl Replica {
             return Ok(ApplyReport::default());
         }
         let result = self.in_merge_transaction(|this| {
-            let mut delete = this
-                .conn
-                .prepare_cached("DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2")?;
+            let mut delete = this.conn.prepare_cached(
+                "DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2",
+            )?;
             for (ord, version) in ready {
                 delete.execute([ord, version])?;
             }
@@ -448,11 +499,28 @@ fn write_pending(conn: &rusqlite::Connection, state: &mut RowState<'_>) -> Resul
         let names: Vec<String> = state
             .cids
             .iter()
-            .map(|cid| quote(&state.sql.columns.values().find(|c| c.cid == *cid).expect("known column").name))
+            .map(|cid| {
+                quote(
+                    &state
+                        .sql
+                        .columns
+                        .values()
+                        .find(|c| c.cid == *cid)
+                        .expect("known column")
+                        .name,
+                )
+            })
             .collect();
         let n = state.pk.len() + names.len();
-        let placeholders = (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
-        let set = names.iter().map(|c| format!("{c} = excluded.{c}")).collect::<Vec<_>>().join(", ");
+        let placeholders = (1..=n)
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let set = names
+            .iter()
+            .map(|c| format!("{c} = excluded.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let sql = format!(
             "INSERT INTO {} ({}, {}) VALUES ({placeholders}) ON CONFLICT ({}) DO UPDATE SET {set}",
             state.sql.table,
@@ -463,15 +531,31 @@ fn write_pending(conn: &rusqlite::Connection, state: &mut RowState<'_>) -> Resul
         upserts.insert(state.cids.clone(), sql);
     }
     conn.prepare_cached(&upserts[&state.cids[..]])?
-        .execute(params_from_iter(state.pk.iter().chain(state.pending.iter().map(|(_, v)| *v))))?;
+        .execute(params_from_iter(
+            state.pk.iter().chain(state.pending.iter().map(|(_, v)| *v)),
+        ))?;
     drop(upserts);
     state.pending.clear();
     // The clock rows, in one statement.
     let n = state.clocks.len();
-    let mut inserts = state.sql.clock_inserts.lock().unwrap_or_else(|e| e.into_inner());
+    let mut inserts = state
+        .sql
+        .clock_inserts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let clock_sql = inserts.entry(n).or_insert_with(|| {
         let rows = (0..n)
-            .map(|i| format!("(?{}, ?{}, ?{}, ?{}, ?{}, ?{})", 6 * i + 1, 6 * i + 2, 6 * i + 3, 6 * i + 4, 6 * i + 5, 6 * i + 6))
+            .map(|i| {
+                format!(
+                    "(?{}, ?{}, ?{}, ?{}, ?{}, ?{})",
+                    6 * i + 1,
+                    6 * i + 2,
+                    6 * i + 3,
+                    6 * i + 4,
+                    6 * i + 5,
+                    6 * i + 6
+                )
+            })
             .collect::<Vec<_>>()
             .join(", ");
         format!(
@@ -481,14 +565,17 @@ fn write_pending(conn: &rusqlite::Connection, state: &mut RowState<'_>) -> Resul
             state.sql.clock
         )
     });
-    conn.prepare_cached(clock_sql)?.execute(params_from_iter(state.clocks.iter().flatten()))?;
+    conn.prepare_cached(clock_sql)?
+        .execute(params_from_iter(state.clocks.iter().flatten()))?;
     drop(inserts);
     state.clocks.clear();
     Ok(())
 }
 
 fn site_of_ord(sites: &[Option<SiteId>], ord: i64) -> Option<SiteId> {
-    usize::try_from(ord).ok().and_then(|i| sites.get(i).copied().flatten())
+    usize::try_from(ord)
+        .ok()
+        .and_then(|i| sites.get(i).copied().flatten())
 }
 
 /// A column's statements: read its value, write it (creating the row if needed).
@@ -530,7 +617,12 @@ impl MergeSql {
         let pks = t.pks_table();
         let clock = t.clock_table();
         let pk_where = t.pk_params("", 1);
-        let placeholders = |n: usize| (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+        let placeholders = |n: usize| {
+            (1..=n)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let n = t.pk.len();
         let upsert = |cid: &str| {
             format!(
@@ -577,11 +669,17 @@ impl MergeSql {
 }
 
 /// The small integer key of a primary key, created on first sight (then `true`).
-fn row_key(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value]) -> Result<(i64, bool), Error> {
+fn row_key(
+    conn: &rusqlite::Connection,
+    sql: &MergeSql,
+    pk: &[Value],
+) -> Result<(i64, bool), Error> {
     if sql.rowid_key {
         return match pk {
             [Value::Integer(key)] => Ok((*key, false)),
-            _ => Err(Error::Malformed("the key of an INTEGER PRIMARY KEY table is not an integer".into())),
+            _ => Err(Error::Malformed(
+                "the key of an INTEGER PRIMARY KEY table is not an integer".into(),
+            )),
         };
     }
     let found: Option<i64> = conn
@@ -591,19 +689,33 @@ fn row_key(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value]) -> Result<
     if let Some(key) = found {
         return Ok((key, false));
     }
-    conn.prepare_cached(&sql.key_insert)?.execute(params_from_iter(pk.iter()))?;
+    conn.prepare_cached(&sql.key_insert)?
+        .execute(params_from_iter(pk.iter()))?;
     Ok((conn.last_insert_rowid(), true))
 }
 
-fn delete_row(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value], key: i64) -> Result<(), Error> {
-    conn.prepare_cached(&sql.delete_base)?.execute(params_from_iter(pk.iter()))?;
-    conn.prepare_cached(&sql.delete_column_clocks)?.execute([key])?;
+fn delete_row(
+    conn: &rusqlite::Connection,
+    sql: &MergeSql,
+    pk: &[Value],
+    key: i64,
+) -> Result<(), Error> {
+    conn.prepare_cached(&sql.delete_base)?
+        .execute(params_from_iter(pk.iter()))?;
+    conn.prepare_cached(&sql.delete_column_clocks)?
+        .execute([key])?;
     Ok(())
 }
 
 /// Starts a new incarnation of a row: defaults everywhere, no column clocks.
-fn reset_row(conn: &rusqlite::Connection, sql: &MergeSql, pk: &[Value], key: i64) -> Result<(), Error> {
+fn reset_row(
+    conn: &rusqlite::Connection,
+    sql: &MergeSql,
+    pk: &[Value],
+    key: i64,
+) -> Result<(), Error> {
     delete_row(conn, sql, pk, key)?;
-    conn.prepare_cached(&sql.insert_pk_only)?.execute(params_from_iter(pk.iter()))?;
+    conn.prepare_cached(&sql.insert_pk_only)?
+        .execute(params_from_iter(pk.iter()))?;
     Ok(())
 }

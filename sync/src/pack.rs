@@ -75,11 +75,16 @@ pub fn unpack(mut data: &[u8]) -> Result<Vec<Value>, PackError> {
         }
         values.push(match tag & 7 {
             INTEGER => Value::Integer(int(take(&mut data, n)?) as i64),
-            REAL => Value::Real(f64::from_be_bytes(take(&mut data, 8)?.try_into().expect("8 bytes"))),
+            REAL => Value::Real(f64::from_be_bytes(
+                take(&mut data, 8)?.try_into().expect("8 bytes"),
+            )),
             TEXT => {
                 let len = int(take(&mut data, n)?) as usize;
                 let bytes = take(&mut data, len)?;
-                Value::Text(String::from_utf8(bytes.to_vec()).map_err(|_| PackError("text is not UTF-8"))?)
+                Value::Text(
+                    String::from_utf8(bytes.to_vec())
+                        .map_err(|_| PackError("text is not UTF-8"))?,
+                )
             }
             BLOB => {
                 let len = int(take(&mut data, n)?) as usize;
@@ -105,17 +110,28 @@ mod tests {
         assert_eq!(pack(&[Value::Integer(1)]), [0x01, 0x09, 0x01]);
         assert_eq!(pack(&[Value::Integer(0)]), [0x01, 0x01]);
         assert_eq!(pack(&[Value::Integer(256)]), [0x01, 0x11, 0x01, 0x00]);
-        assert_eq!(pack(&[Value::Integer(-1)]), [0x01, 0x41, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
-        assert_eq!(pack(&[Value::Text("ab".into())]), [0x01, 0x0b, 0x02, b'a', b'b']);
+        assert_eq!(
+            pack(&[Value::Integer(-1)]),
+            [0x01, 0x41, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]
+        );
+        assert_eq!(
+            pack(&[Value::Text("ab".into())]),
+            [0x01, 0x0b, 0x02, b'a', b'b']
+        );
         assert_eq!(pack(&[Value::Text(String::new())]), [0x01, 0x03]);
-        assert_eq!(pack(&[Value::Null, Value::Blob(vec![7])]), [0x02, 0x05, 0x0c, 0x01, 0x07]);
+        assert_eq!(
+            pack(&[Value::Null, Value::Blob(vec![7])]),
+            [0x02, 0x05, 0x0c, 0x01, 0x07]
+        );
     }
 
     fn value() -> impl Strategy<Value = Value> {
         prop_oneof![
             Just(Value::Null),
             any::<i64>().prop_map(Value::Integer),
-            any::<f64>().prop_filter("NaN never equals itself", |f| !f.is_nan()).prop_map(Value::Real),
+            any::<f64>()
+                .prop_filter("NaN never equals itself", |f| !f.is_nan())
+                .prop_map(Value::Real),
             ".{0,40}".prop_map(Value::Text),
             proptest::collection::vec(any::<u8>(), 0..300).prop_map(Value::Blob),
         ]

@@ -113,7 +113,10 @@ pub struct Replica {
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica").field("site_id", &self.site_id).field("tables", &self.tables()).finish()
+        f.debug_struct("Replica")
+            .field("site_id", &self.site_id)
+            .field("tables", &self.tables())
+            .finish()
     }
 }
 
@@ -123,17 +126,29 @@ impl Replica {
     pub fn open(conn: Connection) -> Result<Replica, Error> {
         conn.execute_batch(BOOKKEEPING)?;
         let site_id = match conn
-            .query_row("SELECT site_id FROM fazt_sync_sites WHERE ord = 0", [], |r| r.get::<_, Vec<u8>>(0))
+            .query_row(
+                "SELECT site_id FROM fazt_sync_sites WHERE ord = 0",
+                [],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
             .optional()?
         {
-            Some(bytes) => SiteId(bytes.try_into().map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?),
+            Some(bytes) => SiteId(
+                bytes
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?,
+            ),
             None => {
                 let mut id = [0u8; 16];
-                getrandom::fill(&mut id).map_err(|e| Error::Corrupt(format!("no randomness for a site id: {e}")))?;
+                getrandom::fill(&mut id)
+                    .map_err(|e| Error::Corrupt(format!("no randomness for a site id: {e}")))?;
                 // Shaped as a UUIDv4, like cr-sqlite's.
                 id[6] = (id[6] & 0x0f) | 0x40;
                 id[8] = (id[8] & 0x3f) | 0x80;
-                conn.execute("INSERT INTO fazt_sync_sites (ord, site_id) VALUES (0, ?1)", [&id[..]])?;
+                conn.execute(
+                    "INSERT INTO fazt_sync_sites (ord, site_id) VALUES (0, ?1)",
+                    [&id[..]],
+                )?;
                 SiteId(id)
             }
         };
@@ -144,7 +159,10 @@ impl Replica {
         // Plans must not depend on bound values: otherwise SQLite re-prepares a cached
         // statement whenever its bindings change, which on the merge path (`WHERE key = ?`
         // per row) cost about half the CPU time.
-        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         // Multi-statement triggers keep a statement journal; keep it off the disk.
         conn.pragma_update(None, "temp_store", "MEMORY")?;
         let mut replica = Replica {
@@ -192,11 +210,16 @@ impl Replica {
 
     /// Runs `f` in one SQLite transaction whose writes to replicated tables are captured as
     /// one origin transaction. Commits when `f` returns Ok; rolls back otherwise.
-    pub fn write<T, E>(&mut self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>) -> Result<T, E>
+    pub fn write<T, E>(
+        &mut self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E>
     where
         E: From<rusqlite::Error>,
     {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let version = read_db_version(&tx)? + 1;
         let guard = self.capture.enter(LOCAL, version);
         let result = f(&tx);
@@ -218,10 +241,19 @@ impl Replica {
         let mut stmt = self.conn.prepare_cached(
             "SELECT s.site_id, c.start, c.end FROM fazt_sync_coverage c JOIN fazt_sync_sites s ON s.ord = c.site_ord",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
         for row in rows {
             let (site, start, end) = row?;
-            let site = SiteId(site.try_into().map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?);
+            let site = SiteId(
+                site.try_into()
+                    .map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?,
+            );
             cov.insert(site, start, end);
         }
         let own = self.db_version()?;
@@ -245,8 +277,9 @@ impl Replica {
 
     pub(crate) fn save_coverage(tx: &Connection, ord: i64, set: &RangeSet) -> Result<(), Error> {
         tx.execute("DELETE FROM fazt_sync_coverage WHERE site_ord = ?1", [ord])?;
-        let mut insert =
-            tx.prepare_cached("INSERT INTO fazt_sync_coverage (site_ord, start, end) VALUES (?1, ?2, ?3)")?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO fazt_sync_coverage (site_ord, start, end) VALUES (?1, ?2, ?3)",
+        )?;
         for &(start, end) in set.ranges() {
             insert.execute([ord, start, end])?;
         }
@@ -254,17 +287,26 @@ impl Replica {
     }
 
     pub(crate) fn site_of(&self, ord: i64) -> Option<SiteId> {
-        self.sites.get(usize::try_from(ord).ok()?).copied().flatten()
+        self.sites
+            .get(usize::try_from(ord).ok()?)
+            .copied()
+            .flatten()
     }
 
     fn load_sites(&mut self) -> Result<(), Error> {
-        let mut stmt = self.conn.prepare("SELECT ord, site_id FROM fazt_sync_sites")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT ord, site_id FROM fazt_sync_sites")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
         let mut sites = Vec::new();
         let mut ords = HashMap::new();
         for row in rows {
             let (ord, bytes) = row?;
-            let id = SiteId(bytes.try_into().map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?);
+            let id = SiteId(
+                bytes
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("site id is not 16 bytes".into()))?,
+            );
             let idx = ord as usize;
             if sites.len() <= idx {
                 sites.resize(idx + 1, None);
@@ -282,7 +324,9 @@ impl Replica {
     /// looked: origin sites (merges by another process or session) and replicated tables
     /// (`replicate` run elsewhere). Cheap when nothing changed: two indexed reads.
     pub fn refresh(&mut self) -> Result<(), Error> {
-        let schema: i64 = self.conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        let schema: i64 = self
+            .conn
+            .query_row("PRAGMA schema_version", [], |r| r.get(0))?;
         if schema != self.schema_seen {
             self.tables = crate::crr::load_catalog(&self.conn)?;
             self.catalog_version += 1;
@@ -309,11 +353,15 @@ impl Replica {
         if let Some(&ord) = self.site_ords.get(&site) {
             return Ok(ord);
         }
-        let ord: i64 = self
-            .conn
-            .query_row("SELECT coalesce(max(ord), 0) + 1 FROM fazt_sync_sites", [], |r| r.get(0))?;
-        self.conn
-            .execute("INSERT INTO fazt_sync_sites (ord, site_id) VALUES (?1, ?2)", rusqlite::params![ord, &site.0[..]])?;
+        let ord: i64 = self.conn.query_row(
+            "SELECT coalesce(max(ord), 0) + 1 FROM fazt_sync_sites",
+            [],
+            |r| r.get(0),
+        )?;
+        self.conn.execute(
+            "INSERT INTO fazt_sync_sites (ord, site_id) VALUES (?1, ?2)",
+            rusqlite::params![ord, &site.0[..]],
+        )?;
         if self.sites.len() <= ord as usize {
             self.sites.resize(ord as usize + 1, None);
         }
@@ -373,9 +421,16 @@ fn register_functions(conn: &Connection, capture: &Arc<Capture>) -> Result<(), E
         }
         Ok(c.seq.fetch_add(1, Ordering::Relaxed))
     })?;
-    conn.create_scalar_function("fazt_sync_pack", -1, flags | FunctionFlags::SQLITE_DETERMINISTIC, |ctx| {
-        let values: Vec<Value> = (0..ctx.len()).map(|i| Value::from_ref(ctx.get_raw(i))).collect();
-        Ok(crate::pack::pack(&values))
-    })?;
+    conn.create_scalar_function(
+        "fazt_sync_pack",
+        -1,
+        flags | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            let values: Vec<Value> = (0..ctx.len())
+                .map(|i| Value::from_ref(ctx.get_raw(i)))
+                .collect();
+            Ok(crate::pack::pack(&values))
+        },
+    )?;
     Ok(())
 }

@@ -79,12 +79,19 @@ pub fn check_replicable(conn: &Connection, table: &str) -> Result<(), CrrRuleVio
         .map_err(sqlite_err)?;
     let indexes = stmt
         .query_map([table], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, bool>(1)?, row.get::<_, String>(2)?))
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, bool>(1)?,
+                row.get::<_, String>(2)?,
+            ))
         })
         .map_err(sqlite_err)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(sqlite_err)?;
-    if let Some((index, _, _)) = indexes.iter().find(|(_, unique, origin)| *unique && origin != "pk") {
+    if let Some((index, _, _)) = indexes
+        .iter()
+        .find(|(_, unique, origin)| *unique && origin != "pk")
+    {
         return Err(CrrRuleViolation::UniqueIndex {
             table: table.to_string(),
             index: index.clone(),
@@ -96,7 +103,11 @@ pub fn check_replicable(conn: &Connection, table: &str) -> Result<(), CrrRuleVio
     }
 
     let foreign_keys: i64 = conn
-        .query_row("SELECT count(*) FROM pragma_foreign_key_list(?1)", [table], |row| row.get(0))
+        .query_row(
+            "SELECT count(*) FROM pragma_foreign_key_list(?1)",
+            [table],
+            |row| row.get(0),
+        )
         .map_err(sqlite_err)?;
     if foreign_keys > 0 {
         return Err(CrrRuleViolation::ForeignKey(table.to_string()));
@@ -115,8 +126,9 @@ pub fn check_replicable(conn: &Connection, table: &str) -> Result<(), CrrRuleVio
 }
 
 fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<Column>> {
-    let mut stmt =
-        conn.prepare("SELECT name, \"notnull\", dflt_value IS NOT NULL, pk FROM pragma_table_info(?1)")?;
+    let mut stmt = conn.prepare(
+        "SELECT name, \"notnull\", dflt_value IS NOT NULL, pk FROM pragma_table_info(?1)",
+    )?;
     let rows = stmt.query_map([table], |row| {
         Ok(Column {
             name: row.get(0)?,
@@ -142,14 +154,22 @@ mod tests {
     fn a_well_formed_table_is_accepted() {
         check("CREATE TABLE t (id TEXT PRIMARY KEY NOT NULL, n INTEGER NOT NULL DEFAULT 0, note TEXT)")
             .unwrap();
-        check("CREATE TABLE t (a TEXT NOT NULL, b INTEGER NOT NULL, v BLOB, PRIMARY KEY (a, b))").unwrap();
-        check("CREATE TABLE t (id TEXT PRIMARY KEY NOT NULL, k TEXT); CREATE INDEX t_k ON t(k)").unwrap();
+        check("CREATE TABLE t (a TEXT NOT NULL, b INTEGER NOT NULL, v BLOB, PRIMARY KEY (a, b))")
+            .unwrap();
+        check("CREATE TABLE t (id TEXT PRIMARY KEY NOT NULL, k TEXT); CREATE INDEX t_k ON t(k)")
+            .unwrap();
     }
 
     #[test]
     fn each_rule_is_named_when_broken() {
-        assert!(matches!(check("CREATE TABLE x (a)"), Err(CrrRuleViolation::NoSuchTable(_))));
-        assert!(matches!(check("CREATE TABLE t (a TEXT)"), Err(CrrRuleViolation::NoPrimaryKey(_))));
+        assert!(matches!(
+            check("CREATE TABLE x (a)"),
+            Err(CrrRuleViolation::NoSuchTable(_))
+        ));
+        assert!(matches!(
+            check("CREATE TABLE t (a TEXT)"),
+            Err(CrrRuleViolation::NoPrimaryKey(_))
+        ));
         assert!(matches!(
             check("CREATE TABLE t (a TEXT PRIMARY KEY)"),
             Err(CrrRuleViolation::NullablePrimaryKey { .. })

@@ -81,9 +81,21 @@ mod tests {
             Value::Integer(-5),
         ];
         for w in ordered.windows(2) {
-            assert_eq!(w[0].merge_cmp(&w[1]), Ordering::Less, "{:?} < {:?}", w[0], w[1]);
+            assert_eq!(
+                w[0].merge_cmp(&w[1]),
+                Ordering::Less,
+                "{:?} < {:?}",
+                w[0],
+                w[1]
+            );
         }
-        assert_eq!(Value::Integer(5).merge_cmp(&Value::Real(100.5)), Ordering::Greater);
-        assert_eq!(Value::Text("b".into()).merge_cmp(&Value::Text("ab".into())), Ordering::Greater);
+        assert_eq!(
+            Value::Integer(5).merge_cmp(&Value::Real(100.5)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            Value::Text("b".into()).merge_cmp(&Value::Text("ab".into())),
+            Ordering::Greater
+        );
     }
 }

@@ -9,14 +9,45 @@ use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Insert { at: usize, id: i64, a: Value, b: i64, c: Value },
-    Update { at: usize, id: i64, col: &'static str, val: Value },
-    Delete { at: usize, id: i64 },
-    MoveKey { at: usize, from: i64, to: i64 },
-    Pair { at: usize, x: &'static str, y: i64, v: Value },
-    DeletePair { at: usize, x: &'static str, y: i64 },
+    Insert {
+        at: usize,
+        id: i64,
+        a: Value,
+        b: i64,
+        c: Value,
+    },
+    Update {
+        at: usize,
+        id: i64,
+        col: &'static str,
+        val: Value,
+    },
+    Delete {
+        at: usize,
+        id: i64,
+    },
+    MoveKey {
+        at: usize,
+        from: i64,
+        to: i64,
+    },
+    Pair {
+        at: usize,
+        x: &'static str,
+        y: i64,
+        v: Value,
+    },
+    DeletePair {
+        at: usize,
+        x: &'static str,
+        y: i64,
+    },
     /// Everything `to` lacks from `from`, with the delivery mangled as `how` says.
-    Sync { from: usize, to: usize, how: Delivery },
+    Sync {
+        from: usize,
+        to: usize,
+        how: Delivery,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +94,9 @@ fn deliver(replicas: &mut [Replica], from: usize, to: usize, how: Delivery) {
     if from == to {
         return;
     }
-    let batch = replicas[from].batch_since(&replicas[to].coverage().unwrap()).unwrap();
+    let batch = replicas[from]
+        .batch_since(&replicas[to].coverage().unwrap())
+        .unwrap();
     let target = &mut replicas[to];
     match how {
         Delivery::InOrder => {
@@ -76,19 +109,31 @@ fn deliver(replicas: &mut [Replica], from: usize, to: usize, how: Delivery) {
         Delivery::Reversed => {
             let mut changes = batch.changes.clone();
             changes.sort_by_key(|c| std::cmp::Reverse((c.site_id, c.db_version)));
-            target.apply(&Batch { changes, covers: batch.covers }).unwrap();
+            target
+                .apply(&Batch {
+                    changes,
+                    covers: batch.covers,
+                })
+                .unwrap();
         }
         Delivery::Partial => {
-            let mut groups: Vec<(fazt_sync::SiteId, i64)> =
-                batch.changes.iter().map(|c| (c.site_id, c.db_version)).collect();
+            let mut groups: Vec<(fazt_sync::SiteId, i64)> = batch
+                .changes
+                .iter()
+                .map(|c| (c.site_id, c.db_version))
+                .collect();
             groups.dedup();
             let keep: Vec<_> = groups.iter().step_by(2).copied().collect();
             let mut covers = Coverage::default();
             for &(site, v) in &keep {
                 covers.insert(site, v, v);
             }
-            let changes =
-                batch.changes.iter().filter(|c| keep.contains(&(c.site_id, c.db_version))).cloned().collect();
+            let changes = batch
+                .changes
+                .iter()
+                .filter(|c| keep.contains(&(c.site_id, c.db_version)))
+                .cloned()
+                .collect();
             target.apply(&Batch { changes, covers }).unwrap();
         }
     }

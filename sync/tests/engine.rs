@@ -10,9 +10,17 @@ use rusqlite::Connection;
 fn a_local_insert_reaches_another_replica() {
     let mut a = replica();
     let mut b = replica();
-    exec(&mut a, "INSERT INTO items (id, a, b) VALUES (1, 'hello', 7)", []);
+    exec(
+        &mut a,
+        "INSERT INTO items (id, a, b) VALUES (1, 'hello', 7)",
+        [],
+    );
     let batch = sync(&a, &mut b);
-    assert_eq!(batch.changes.len(), 3, "three columns; a live first incarnation needs no existence change");
+    assert_eq!(
+        batch.changes.len(),
+        3,
+        "three columns; a live first incarnation needs no existence change"
+    );
     assert_eq!(data(&a), data(&b));
     assert_eq!(clocks(&a), clocks(&b));
 }
@@ -33,9 +41,16 @@ fn change_rows_have_cr_sqlites_shape() {
 
     exec(&mut a, "DELETE FROM items WHERE id = 1", []);
     let batch = a.batch_since(&Coverage::default()).unwrap();
-    assert_eq!(batch.changes.len(), 1, "a deleted row is only its tombstone");
+    assert_eq!(
+        batch.changes.len(),
+        1,
+        "a deleted row is only its tombstone"
+    );
     let c = &batch.changes[0];
-    assert_eq!((c.cid.as_str(), c.cl, c.val.clone()), ("-1", 2, fazt_sync::Value::Null));
+    assert_eq!(
+        (c.cid.as_str(), c.cl, c.val.clone()),
+        ("-1", 2, fazt_sync::Value::Null)
+    );
 }
 
 #[test]
@@ -73,13 +88,24 @@ fn col_version_rises_only_when_the_value_changes() {
 fn concurrent_writes_converge_by_version_then_value_then_site() {
     let mut a = replica();
     let mut b = replica();
-    exec(&mut a, "INSERT INTO items (id, a, b) VALUES (1, 'from a', 5)", []);
-    exec(&mut b, "INSERT INTO items (id, a, b) VALUES (1, 'from b', 5)", []);
+    exec(
+        &mut a,
+        "INSERT INTO items (id, a, b) VALUES (1, 'from a', 5)",
+        [],
+    );
+    exec(
+        &mut b,
+        "INSERT INTO items (id, a, b) VALUES (1, 'from b', 5)",
+        [],
+    );
     sync(&a, &mut b);
     sync(&b, &mut a);
     assert_eq!(data(&a), data(&b));
     assert_eq!(clocks(&a), clocks(&b));
-    let a_value: String = a.conn().query_row("SELECT a FROM items", [], |r| r.get(0)).unwrap();
+    let a_value: String = a
+        .conn()
+        .query_row("SELECT a FROM items", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(a_value, "from b", "equal versions: the larger value wins");
 }
 
@@ -99,14 +125,22 @@ fn delete_then_reinsert_converges_in_any_order() {
     let mut reversed = all.changes.clone();
     reversed.reverse();
     reversed.sort_by_key(|ch| std::cmp::Reverse(ch.db_version));
-    c.apply(&Batch { changes: reversed, covers: all.covers.clone() }).unwrap();
+    c.apply(&Batch {
+        changes: reversed,
+        covers: all.covers.clone(),
+    })
+    .unwrap();
     for r in [&b, &c] {
         assert_eq!(data(r), data(&a));
         assert_eq!(clocks(r), clocks(&a));
     }
     let cl: i64 = a
         .conn()
-        .query_row("SELECT col_version FROM items__fazt_clock WHERE cid = -1", [], |r| r.get(0))
+        .query_row(
+            "SELECT col_version FROM items__fazt_clock WHERE cid = -1",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(cl, 3, "created, deleted, created again");
 }
@@ -115,7 +149,11 @@ fn delete_then_reinsert_converges_in_any_order() {
 fn primary_key_updates_converge() {
     let mut a = replica();
     let mut b = replica();
-    exec(&mut a, "INSERT INTO items (id, a, b) VALUES (1, 'moving', 3)", []);
+    exec(
+        &mut a,
+        "INSERT INTO items (id, a, b) VALUES (1, 'moving', 3)",
+        [],
+    );
     sync(&a, &mut b);
     exec(&mut a, "UPDATE items SET id = 2 WHERE id = 1", []);
     exec(&mut b, "UPDATE items SET b = 4 WHERE id = 1", []);
@@ -123,9 +161,19 @@ fn primary_key_updates_converge() {
     sync(&b, &mut a);
     assert_eq!(data(&a), data(&b));
     assert_eq!(clocks(&a), clocks(&b));
-    let ids: Vec<i64> =
-        a.conn().prepare("SELECT id FROM items").unwrap().query_map([], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect();
-    assert_eq!(ids, [2], "the move deleted row 1; b's concurrent update of row 1 lost to the delete");
+    let ids: Vec<i64> = a
+        .conn()
+        .prepare("SELECT id FROM items")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [2],
+        "the move deleted row 1; b's concurrent update of row 1 lost to the delete"
+    );
 }
 
 #[test]
@@ -133,7 +181,11 @@ fn changes_relay_through_a_third_replica() {
     let mut a = replica();
     let mut b = replica();
     let mut c = replica();
-    exec(&mut a, "INSERT INTO pairs (x, y, v) VALUES ('k', 1, x'00ff')", []);
+    exec(
+        &mut a,
+        "INSERT INTO pairs (x, y, v) VALUES ('k', 1, x'00ff')",
+        [],
+    );
     sync(&a, &mut b);
     sync(&b, &mut c);
     assert_eq!(data(&c), data(&a));
@@ -146,9 +198,15 @@ fn changes_relay_through_a_third_replica() {
 #[test]
 fn writes_outside_the_engine_are_refused() {
     let a = replica();
-    let err = a.conn().execute("INSERT INTO items (id) VALUES (1)", []).unwrap_err();
+    let err = a
+        .conn()
+        .execute("INSERT INTO items (id) VALUES (1)", [])
+        .unwrap_err();
     assert!(err.to_string().contains("replication engine"), "{err}");
-    let count: i64 = a.conn().query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap();
+    let count: i64 = a
+        .conn()
+        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(count, 0);
 }
 
@@ -156,7 +214,8 @@ fn writes_outside_the_engine_are_refused() {
 fn registering_records_rows_that_already_exist() {
     let conn = Connection::open_in_memory().unwrap();
     conn.execute_batch(common::SCHEMA).unwrap();
-    conn.execute_batch("INSERT INTO items (id, a) VALUES (1, 'old'), (2, 'older')").unwrap();
+    conn.execute_batch("INSERT INTO items (id, a) VALUES (1, 'old'), (2, 'older')")
+        .unwrap();
     let mut a = Replica::open(conn).unwrap();
     a.replicate("items").unwrap();
     a.replicate("pairs").unwrap();
@@ -169,7 +228,8 @@ fn registering_records_rows_that_already_exist() {
 #[test]
 fn tables_that_break_the_rules_are_refused() {
     let conn = Connection::open_in_memory().unwrap();
-    conn.execute_batch("CREATE TABLE bad (id TEXT PRIMARY KEY NOT NULL, email TEXT UNIQUE)").unwrap();
+    conn.execute_batch("CREATE TABLE bad (id TEXT PRIMARY KEY NOT NULL, email TEXT UNIQUE)")
+        .unwrap();
     let mut a = Replica::open(conn).unwrap();
     let err = a.replicate("bad").unwrap_err().to_string();
     assert!(err.contains("unique index"), "{err}");
@@ -185,7 +245,10 @@ fn changes_for_a_missing_table_wait_until_it_exists() {
     let batch = a.batch_since(&b.coverage().unwrap()).unwrap();
     let report = b.apply(&batch).unwrap();
     assert_eq!(report.pending, batch.changes.len());
-    assert!(!b.coverage().unwrap().contains(&a.site_id(), 1), "pending versions are not covered");
+    assert!(
+        !b.coverage().unwrap().contains(&a.site_id(), 1),
+        "pending versions are not covered"
+    );
     // The same changes again are kept once.
     b.apply(&batch).unwrap();
     b.conn().execute_batch(common::SCHEMA).unwrap();
@@ -194,24 +257,43 @@ fn changes_for_a_missing_table_wait_until_it_exists() {
     assert_eq!(data(&b), data(&a));
     assert_eq!(clocks(&b), clocks(&a));
     assert!(b.coverage().unwrap().contains(&a.site_id(), 1));
-    let left: i64 = b.conn().query_row("SELECT count(*) FROM fazt_sync_pending", [], |r| r.get(0)).unwrap();
+    let left: i64 = b
+        .conn()
+        .query_row("SELECT count(*) FROM fazt_sync_pending", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(left, 0);
 }
 
 #[test]
 fn changes_for_a_missing_column_wait_until_it_exists() {
     let mut a = replica();
-    a.conn().execute_batch("ALTER TABLE items ADD COLUMN extra TEXT").unwrap();
+    a.conn()
+        .execute_batch("ALTER TABLE items ADD COLUMN extra TEXT")
+        .unwrap();
     a.replicate("items").unwrap();
-    exec(&mut a, "INSERT INTO items (id, extra) VALUES (1, 'new column')", []);
+    exec(
+        &mut a,
+        "INSERT INTO items (id, extra) VALUES (1, 'new column')",
+        [],
+    );
     let mut b = replica();
-    let report = b.apply(&a.batch_since(&b.coverage().unwrap()).unwrap()).unwrap();
+    let report = b
+        .apply(&a.batch_since(&b.coverage().unwrap()).unwrap())
+        .unwrap();
     assert!(report.pending > 0);
-    let rows: i64 = b.conn().query_row("SELECT count(*) FROM items", [], |r| r.get(0)).unwrap();
+    let rows: i64 = b
+        .conn()
+        .query_row("SELECT count(*) FROM items", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(rows, 0, "no half transaction is visible");
-    b.conn().execute_batch("ALTER TABLE items ADD COLUMN extra TEXT").unwrap();
+    b.conn()
+        .execute_batch("ALTER TABLE items ADD COLUMN extra TEXT")
+        .unwrap();
     b.replicate("items").unwrap();
-    let extra: String = b.conn().query_row("SELECT extra FROM items WHERE id = 1", [], |r| r.get(0)).unwrap();
+    let extra: String = b
+        .conn()
+        .query_row("SELECT extra FROM items WHERE id = 1", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(extra, "new column");
 }
 
@@ -234,7 +316,11 @@ fn grouped_export_hands_out_whole_transactions_with_exact_coverage() {
     let mut a = replica();
     for i in 0..20 {
         // Transactions of 3 changes each (three columns of a new row)...
-        exec(&mut a, "INSERT INTO items (id, a, b) VALUES (?1, 'x', ?1)", [i]);
+        exec(
+            &mut a,
+            "INSERT INTO items (id, a, b) VALUES (?1, 'x', ?1)",
+            [i],
+        );
     }
     // ...and one whose only change is later superseded, leaving an empty version.
     exec(&mut a, "UPDATE items SET a = 'old' WHERE id = 1", []);
@@ -255,20 +341,33 @@ fn grouped_export_hands_out_whole_transactions_with_exact_coverage() {
         })
         .unwrap();
     assert!(groups.pop().unwrap().changes.is_empty());
-    assert!(groups.len() > 3, "7-change groups from 20 three-change transactions");
+    assert!(
+        groups.len() > 3,
+        "7-change groups from 20 three-change transactions"
+    );
 
     let mut covered = fazt_sync::Coverage::default();
     for (i, g) in groups.iter().enumerate() {
         // A group never splits a transaction: it starts where the previous one ended.
-        let versions: std::collections::BTreeSet<i64> = g.changes.iter().map(|c| c.db_version).collect();
+        let versions: std::collections::BTreeSet<i64> =
+            g.changes.iter().map(|c| c.db_version).collect();
         for v in &versions {
-            assert!(g.covers.contains(&a.site_id(), *v), "group {i} covers its own versions");
-            assert!(!covered.contains(&a.site_id(), *v), "version {v} appears in two groups");
+            assert!(
+                g.covers.contains(&a.site_id(), *v),
+                "group {i} covers its own versions"
+            );
+            assert!(
+                !covered.contains(&a.site_id(), *v),
+                "version {v} appears in two groups"
+            );
         }
         covered.union(&g.covers);
         b.apply(g).unwrap();
         // After each group, b holds exactly the versions handed out so far.
-        assert_eq!(b.coverage().unwrap().get(&a.site_id()), covered.get(&a.site_id()));
+        assert_eq!(
+            b.coverage().unwrap().get(&a.site_id()),
+            covered.get(&a.site_id())
+        );
     }
     assert_eq!(covered, need);
     assert_eq!(data(&a), data(&b));
@@ -281,7 +380,8 @@ fn connections_to_one_file_see_each_others_origins_and_tables() {
     let path = dir.path().join("shared.db");
     let open = || {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
         fazt_sync::Replica::open(conn).unwrap()
     };
     let mut first = open();
@@ -294,16 +394,28 @@ fn connections_to_one_file_see_each_others_origins_and_tables() {
     let mut x = replica();
     let mut y = replica();
     exec(&mut x, "INSERT INTO items (id, a) VALUES (1, 'from x')", []);
-    exec(&mut y, "INSERT INTO pairs (x, y, v) VALUES ('k', 1, 'from y')", []);
+    exec(
+        &mut y,
+        "INSERT INTO pairs (x, y, v) VALUES ('k', 1, 'from y')",
+        [],
+    );
     // Each connection registers a different new origin: no ordinal clash.
-    first.apply(&x.batch_since(&first.coverage().unwrap()).unwrap()).unwrap();
-    let report = second.apply(&y.batch_since(&second.coverage().unwrap()).unwrap()).unwrap();
-    assert_eq!(report.pending, 0, "the table registered by the other connection is used, not parked");
+    first
+        .apply(&x.batch_since(&first.coverage().unwrap()).unwrap())
+        .unwrap();
+    let report = second
+        .apply(&y.batch_since(&second.coverage().unwrap()).unwrap())
+        .unwrap();
+    assert_eq!(
+        report.pending, 0,
+        "the table registered by the other connection is used, not parked"
+    );
 
     // Either connection exports what the other merged.
     second.refresh().unwrap();
     let mut z = replica();
-    z.apply(&second.batch_since(&z.coverage().unwrap()).unwrap()).unwrap();
+    z.apply(&second.batch_since(&z.coverage().unwrap()).unwrap())
+        .unwrap();
     assert_eq!(data(&z), data(&first));
     assert_eq!(first.coverage().unwrap(), second.coverage().unwrap());
 }

@@ -43,9 +43,11 @@ type Statement = (String, Vec<Value>);
 
 /// Where the cr-sqlite extension is, or `None` (after saying so) when the test should skip.
 fn oracle() -> Option<PathBuf> {
-    let path = std::env::var_os("FAZT_CRSQLITE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/crsqlite-oracle/crsqlite.so")
-    });
+    let path = std::env::var_os("FAZT_CRSQLITE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/crsqlite-oracle/crsqlite.so")
+        });
     if path.is_file() {
         return Some(path);
     }
@@ -79,7 +81,11 @@ impl CrSqlite {
              CREATE UNIQUE INDEX crsql_site_id_site_id ON crsql_site_id (site_id);",
         )
         .unwrap();
-        conn.execute("INSERT INTO crsql_site_id (site_id, ordinal) VALUES (?1, 0)", [&site.0[..]]).unwrap();
+        conn.execute(
+            "INSERT INTO crsql_site_id (site_id, ordinal) VALUES (?1, 0)",
+            [&site.0[..]],
+        )
+        .unwrap();
         // SAFETY: the extension is cr-sqlite, built by scripts/build-crsqlite-oracle from its
         // published source; loading is switched off again right after.
         unsafe {
@@ -89,13 +95,25 @@ impl CrSqlite {
             loaded.unwrap_or_else(|e| panic!("loading {}: {e}", extension.display()));
         }
         let db = CrSqlite { conn, site };
-        let actual: Vec<u8> = db.conn.query_row("SELECT crsql_site_id()", [], |r| r.get(0)).unwrap();
-        assert_eq!(actual, site.0, "cr-sqlite did not take the site id we gave it");
+        let actual: Vec<u8> = db
+            .conn
+            .query_row("SELECT crsql_site_id()", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            actual, site.0,
+            "cr-sqlite did not take the site id we gave it"
+        );
         db.conn.execute_batch(SCHEMA).unwrap();
         for table in TABLES {
             db.as_crr(table);
         }
-        db.conn.query_row("SELECT crsql_config_set('merge-equal-values', 1)", [], |_| Ok(())).unwrap();
+        db.conn
+            .query_row(
+                "SELECT crsql_config_set('merge-equal-values', 1)",
+                [],
+                |_| Ok(()),
+            )
+            .unwrap();
         db
     }
 
@@ -103,7 +121,9 @@ impl CrSqlite {
     /// cr-sqlite's own `"main"` literal to C as if it were NUL-terminated, which built with
     /// today's Rust reads past it and fails with "out of memory".
     fn as_crr(&self, table: &str) {
-        self.conn.query_row("SELECT crsql_as_crr('main', ?1)", [table], |_| Ok(())).unwrap();
+        self.conn
+            .query_row("SELECT crsql_as_crr('main', ?1)", [table], |_| Ok(()))
+            .unwrap();
     }
 
     /// Runs `statements` as one transaction, like [`Replica::write`]: all or nothing.
@@ -126,9 +146,14 @@ impl CrSqlite {
             )
             .unwrap();
         let rows = stmt
-            .query_map(rusqlite::params![since, not_from.map(|s| s.0.to_vec())], |r| {
-                (0..9).map(|i| r.get::<_, rusqlite::types::Value>(i)).collect()
-            })
+            .query_map(
+                rusqlite::params![since, not_from.map(|s| s.0.to_vec())],
+                |r| {
+                    (0..9)
+                        .map(|i| r.get::<_, rusqlite::types::Value>(i))
+                        .collect()
+                },
+            )
             .unwrap();
         rows.map(Result::unwrap).collect()
     }
@@ -138,7 +163,13 @@ impl CrSqlite {
     /// version no change has, then falls back, and the next change reuses that version, so
     /// a puller that took it as its watermark misses that change.
     fn max_db_version(&self) -> i64 {
-        self.conn.query_row("SELECT coalesce(max(db_version), 0) FROM crsql_changes", [], |r| r.get(0)).unwrap()
+        self.conn
+            .query_row(
+                "SELECT coalesce(max(db_version), 0) FROM crsql_changes",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
     }
 
     /// Merges change rows in one transaction.
@@ -161,7 +192,9 @@ impl CrSqlite {
 
 impl Drop for CrSqlite {
     fn drop(&mut self) {
-        let _ = self.conn.query_row("SELECT crsql_finalize()", [], |_| Ok(()));
+        let _ = self
+            .conn
+            .query_row("SELECT crsql_finalize()", [], |_| Ok(()));
     }
 }
 
@@ -175,7 +208,11 @@ fn contents(conn: &Connection) -> Vec<String> {
         let mut stmt = conn.prepare(sql).unwrap();
         let n = stmt.column_count();
         let rows = stmt
-            .query_map([], |row| (0..n).map(|i| row.get::<_, String>(i)).collect::<Result<Vec<_>, _>>())
+            .query_map([], |row| {
+                (0..n)
+                    .map(|i| row.get::<_, String>(i))
+                    .collect::<Result<Vec<_>, _>>()
+            })
             .unwrap();
         out.extend(rows.map(|r| r.unwrap().join("|")));
     }
@@ -193,12 +230,24 @@ struct Clocks {
 }
 
 impl Clocks {
-    fn add(&mut self, table: String, pk: &[u8], cid: String, col_version: i64, site: &[u8], cl: i64) {
+    fn add(
+        &mut self,
+        table: String,
+        pk: &[u8],
+        cid: String,
+        col_version: i64,
+        site: &[u8],
+        cl: i64,
+    ) {
         let pk = hex::encode(pk);
         let previous = self.rows.insert((table.clone(), pk.clone()), cl);
-        assert!(previous.is_none_or(|p| p == cl), "one row, two causal lengths: {table} {pk}");
+        assert!(
+            previous.is_none_or(|p| p == cl),
+            "one row, two causal lengths: {table} {pk}"
+        );
         if cid != ROW_CID {
-            self.cells.insert((table, pk, cid), (col_version, hex::encode(site)));
+            self.cells
+                .insert((table, pk, cid), (col_version, hex::encode(site)));
         }
     }
 
@@ -229,19 +278,52 @@ impl Clocks {
 #[derive(Debug, Clone)]
 enum Op {
     /// INSERT of a whole row (fails on a duplicate key or a NULL `b`, on both sides alike).
-    Insert { at: usize, id: i64, a: Value, b: Value, c: Value },
+    Insert {
+        at: usize,
+        id: i64,
+        a: Value,
+        b: Value,
+        c: Value,
+    },
     /// INSERT of just the key: the other columns take their defaults.
-    InsertKey { at: usize, id: i64 },
+    InsertKey {
+        at: usize,
+        id: i64,
+    },
     /// UPDATE of one or two non-key columns.
-    Update { at: usize, id: i64, set: Vec<(&'static str, Value)> },
-    Delete { at: usize, id: i64 },
+    Update {
+        at: usize,
+        id: i64,
+        set: Vec<(&'static str, Value)>,
+    },
+    Delete {
+        at: usize,
+        id: i64,
+    },
     /// DELETE then INSERT of the same key in one transaction.
-    Reinsert { at: usize, id: i64, a: Value, c: Value },
+    Reinsert {
+        at: usize,
+        id: i64,
+        a: Value,
+        c: Value,
+    },
     /// Upsert into the table with a composite (text, integer) key.
-    Pair { at: usize, x: &'static str, y: i64, v: Value },
-    DeletePair { at: usize, x: &'static str, y: i64 },
+    Pair {
+        at: usize,
+        x: &'static str,
+        y: i64,
+        v: Value,
+    },
+    DeletePair {
+        at: usize,
+        x: &'static str,
+        y: i64,
+    },
     /// Everything `to` lacks from `from`.
-    Sync { from: usize, to: usize },
+    Sync {
+        from: usize,
+        to: usize,
+    },
 }
 
 impl Op {
@@ -327,12 +409,21 @@ struct World {
 impl World {
     fn new(extension: &std::path::Path) -> World {
         let fazt: Vec<Replica> = (0..REPLICAS).map(|_| common::replica()).collect();
-        let cr = fazt.iter().map(|r| CrSqlite::open(extension, r.site_id())).collect();
-        World { fazt, cr, seen: [[0; REPLICAS]; REPLICAS] }
+        let cr = fazt
+            .iter()
+            .map(|r| CrSqlite::open(extension, r.site_id()))
+            .collect();
+        World {
+            fazt,
+            cr,
+            seen: [[0; REPLICAS]; REPLICAS],
+        }
     }
 
     fn sync(&mut self, from: usize, to: usize) {
-        let batch = self.fazt[from].batch_since(&self.fazt[to].coverage().unwrap()).unwrap();
+        let batch = self.fazt[from]
+            .batch_since(&self.fazt[to].coverage().unwrap())
+            .unwrap();
         self.fazt[to].apply(&batch).unwrap();
 
         let head = self.cr[from].max_db_version();
@@ -400,11 +491,31 @@ fn differential(extension: &std::path::Path, ops: &[Op]) -> Result<(), TestCaseE
     let want = contents(world.fazt[0].conn());
     let want_clocks = Clocks::of_fazt(&world.fazt[0]);
     for n in 0..REPLICAS {
-        prop_assert_eq!(&contents(world.fazt[n].conn()), &want, "fazt replica {} vs fazt replica 0", n);
-        prop_assert_eq!(&contents(&world.cr[n].conn), &want, "cr-sqlite replica {} vs fazt replica 0", n);
-        prop_assert_eq!(&Clocks::of_fazt(&world.fazt[n]), &want_clocks, "fazt replica {} clocks vs fazt replica 0", n);
+        prop_assert_eq!(
+            &contents(world.fazt[n].conn()),
+            &want,
+            "fazt replica {} vs fazt replica 0",
+            n
+        );
+        prop_assert_eq!(
+            &contents(&world.cr[n].conn),
+            &want,
+            "cr-sqlite replica {} vs fazt replica 0",
+            n
+        );
+        prop_assert_eq!(
+            &Clocks::of_fazt(&world.fazt[n]),
+            &want_clocks,
+            "fazt replica {} clocks vs fazt replica 0",
+            n
+        );
         let clocks = Clocks::of_crsqlite(&world.cr[n]);
-        prop_assert_eq!(&clocks, &want_clocks, "cr-sqlite replica {} clocks vs fazt replica 0", n);
+        prop_assert_eq!(
+            &clocks,
+            &want_clocks,
+            "cr-sqlite replica {} clocks vs fazt replica 0",
+            n
+        );
     }
     Ok(())
 }
@@ -414,7 +525,9 @@ fn fazt_sync_merges_like_cr_sqlite() {
     let Some(extension) = oracle() else { return };
     let mut config = Config {
         // Failures are kept beside this file and replayed first next time.
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
         source_file: Some(file!()),
         max_shrink_iters: 4000,
         ..Config::default()
@@ -423,7 +536,9 @@ fn fazt_sync_merges_like_cr_sqlite() {
         config.cases = DEFAULT_CASES;
     }
     let mut runner = TestRunner::new(config);
-    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| differential(&extension, &ops));
+    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+        differential(&extension, &ops)
+    });
     match result {
         Ok(()) => {}
         Err(TestError::Fail(why, ops)) => {
@@ -443,11 +558,37 @@ fn packed_primary_keys_match_cr_sqlite_byte_for_byte() {
     let i = Value::Integer;
     let t = |s: &str| Value::Text(s.to_string());
     let mut writes: Vec<(&str, Vec<Value>)> = Vec::new();
-    for id in [0, 1, -1, 127, 128, 255, 256, 65_535, 65_536, -128, -129, 1 << 31, 1 << 32, i64::MIN, i64::MAX] {
+    for id in [
+        0,
+        1,
+        -1,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        -128,
+        -129,
+        1 << 31,
+        1 << 32,
+        i64::MIN,
+        i64::MAX,
+    ] {
         writes.push(("INSERT INTO items (id) VALUES (?1)", vec![i(id)]));
     }
-    for (x, y) in [("", 0), ("a", 1), ("a", -5), ("é✓", 256), (long.as_str(), 128), ("k", i64::MAX)] {
-        writes.push(("INSERT INTO pairs (x, y, v) VALUES (?1, ?2, 1)", vec![t(x), i(y)]));
+    for (x, y) in [
+        ("", 0),
+        ("a", 1),
+        ("a", -5),
+        ("é✓", 256),
+        (long.as_str(), 128),
+        ("k", i64::MAX),
+    ] {
+        writes.push((
+            "INSERT INTO pairs (x, y, v) VALUES (?1, ?2, 1)",
+            vec![t(x), i(y)],
+        ));
     }
     for k in [
         Value::Real(1.5),
@@ -471,7 +612,11 @@ fn packed_primary_keys_match_cr_sqlite_byte_for_byte() {
     // One write per transaction: the n-th write is db_version n on both sides, which names
     // the row without decoding either side's bytes.
     for (sql, params) in &writes {
-        fazt.write(|tx| tx.execute(sql, rusqlite::params_from_iter(params)).map(|_| ())).unwrap();
+        fazt.write(|tx| {
+            tx.execute(sql, rusqlite::params_from_iter(params))
+                .map(|_| ())
+        })
+        .unwrap();
         cr.write(&[(sql.to_string(), params.clone())]).unwrap();
     }
     let mut fazt_pks = BTreeMap::new();
@@ -496,8 +641,9 @@ fn packed_primary_keys_match_cr_sqlite_byte_for_byte() {
             hex::encode(cr_pk),
             "packed key of the row written by {sql} with {params:?}: fazt (left) vs cr-sqlite (right)"
         );
-        assert_eq!(fazt_sync::pack::unpack(cr_pk).unwrap().len(), if fazt_table == "pairs" { 2 } else { 1 });
+        assert_eq!(
+            fazt_sync::pack::unpack(cr_pk).unwrap().len(),
+            if fazt_table == "pairs" { 2 } else { 1 }
+        );
     }
 }
-
-

@@ -10,7 +10,13 @@ fn count(node: &Node, sql: &str) -> i64 {
 fn a_deploy_travels_by_bundle_and_is_served_by_the_other_node() {
     let laptop = Node::new();
     let server_node = Node::new();
-    laptop.deploy(&laptop.site("blog", &[("index.html", "written offline"), ("style.css", "p{}")]), &[]);
+    laptop.deploy(
+        &laptop.site(
+            "blog",
+            &[("index.html", "written offline"), ("style.css", "p{}")],
+        ),
+        &[],
+    );
     let bundle = laptop.path("changes.fzb");
     laptop.ok(&["sync", "export", "-o", bundle.to_str().unwrap()]);
 
@@ -41,19 +47,42 @@ fn since_exports_only_what_the_other_node_lacks() {
     a.deploy(&site, &[]);
     std::fs::write(b.path("status.json"), b.ok(&["sync", "status", "--json"])).unwrap();
     let delta = a.path("delta.fzb");
-    let r = a.run(&["sync", "export", "--since", b.path("status.json").to_str().unwrap(), "-o", delta.to_str().unwrap()]);
+    let r = a.run(&[
+        "sync",
+        "export",
+        "--since",
+        b.path("status.json").to_str().unwrap(),
+        "-o",
+        delta.to_str().unwrap(),
+    ]);
     assert!(r.status.success(), "{}", r.stderr);
     let full_size = std::fs::metadata(&full).unwrap().len();
     let delta_size = std::fs::metadata(&delta).unwrap().len();
-    assert!(delta_size < full_size, "delta {delta_size} vs full {full_size}");
+    assert!(
+        delta_size < full_size,
+        "delta {delta_size} vs full {full_size}"
+    );
     b.ok(&["sync", "import", delta.to_str().unwrap()]);
     let server = b.start(&[]);
     assert_eq!(server.text("app.localhost", "/"), "v2");
-    assert_eq!(b.json(&["app", "versions", "app", "--json"]).as_array().unwrap().len(), 2);
+    assert_eq!(
+        b.json(&["app", "versions", "app", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 
     // A delta from a node that has nothing new is empty.
     std::fs::write(b.path("status.json"), b.ok(&["sync", "status", "--json"])).unwrap();
-    let r = a.run(&["sync", "export", "--since", b.path("status.json").to_str().unwrap(), "-o", delta.to_str().unwrap()]);
+    let r = a.run(&[
+        "sync",
+        "export",
+        "--since",
+        b.path("status.json").to_str().unwrap(),
+        "-o",
+        delta.to_str().unwrap(),
+    ]);
     assert!(r.stderr.contains("exported 0 changes"), "{}", r.stderr);
 }
 
@@ -65,15 +94,24 @@ fn edits_on_both_sides_converge_through_bundles() {
         n.ok(&["sql", "CREATE TABLE notes (id TEXT PRIMARY KEY NOT NULL, body TEXT, stars INTEGER NOT NULL DEFAULT 0)"]);
         n.ok(&["db", "replicate", "notes"]);
     }
-    a.ok(&["sql", "INSERT INTO notes (id, body) VALUES ('shared', 'from a'), ('a-only', 'x')"]);
-    b.ok(&["sql", "INSERT INTO notes (id, body, stars) VALUES ('shared', 'from b', 3), ('b-only', 'y', 1)"]);
+    a.ok(&[
+        "sql",
+        "INSERT INTO notes (id, body) VALUES ('shared', 'from a'), ('a-only', 'x')",
+    ]);
+    b.ok(&[
+        "sql",
+        "INSERT INTO notes (id, body, stars) VALUES ('shared', 'from b', 3), ('b-only', 'y', 1)",
+    ]);
     let (ab, ba) = (a.path("ab.fzb"), b.path("ba.fzb"));
     a.ok(&["sync", "export", "-o", ab.to_str().unwrap()]);
     b.ok(&["sync", "export", "-o", ba.to_str().unwrap()]);
     a.ok(&["sync", "import", ba.to_str().unwrap()]);
     b.ok(&["sync", "import", ab.to_str().unwrap()]);
     let query = "SELECT id, body, stars FROM notes ORDER BY id";
-    assert_eq!(a.json(&["sql", query, "--json"]), b.json(&["sql", query, "--json"]));
+    assert_eq!(
+        a.json(&["sql", query, "--json"]),
+        b.json(&["sql", query, "--json"])
+    );
     assert_eq!(count(&a, "SELECT count(*) AS n FROM notes"), 3);
 }
 
@@ -103,11 +141,25 @@ fn truncated_corrupt_and_foreign_bundles_are_refused_and_change_nothing() {
     for (expect, content) in cases {
         std::fs::write(&bad, &content).unwrap();
         let err = b.fails(&["sync", "import", bad.to_str().unwrap()]);
-        assert!(err.contains(expect) || err.contains("corrupt"), "{expect}: {err}");
+        assert!(
+            err.contains(expect) || err.contains("corrupt"),
+            "{expect}: {err}"
+        );
         assert_eq!(b.json(&["sync", "status", "--json"]), before);
     }
-    assert!(b.fails(&["sync", "import", b.path("missing.fzb").to_str().unwrap()]).contains("no bundle"));
-    assert!(b.fails(&["sync", "export", "--since", bad.to_str().unwrap(), "-o", "/dev/null"]).contains("sync status --json"));
+    assert!(b
+        .fails(&["sync", "import", b.path("missing.fzb").to_str().unwrap()])
+        .contains("no bundle"));
+    assert!(b
+        .fails(&[
+            "sync",
+            "export",
+            "--since",
+            bad.to_str().unwrap(),
+            "-o",
+            "/dev/null"
+        ])
+        .contains("sync status --json"));
 }
 
 #[test]
@@ -130,7 +182,10 @@ fn kill_9_during_import_leaves_a_consistent_database_and_importing_again_complet
     write(&site.join("index.html"), b"big site");
     a.deploy(&site, &[]);
     for i in 0..30 {
-        a.ok(&["sql", &format!("INSERT INTO settings (key, value) VALUES ('k{i}', 'v{i}')")]);
+        a.ok(&[
+            "sql",
+            &format!("INSERT INTO settings (key, value) VALUES ('k{i}', 'v{i}')"),
+        ]);
     }
     let bundle = a.path("big.fzb");
     a.ok(&["sync", "export", "-o", bundle.to_str().unwrap()]);
@@ -139,7 +194,11 @@ fn kill_9_during_import_leaves_a_consistent_database_and_importing_again_complet
     b.ok(&["server", "init"]);
     let mut interrupted = 0;
     for delay_ms in [15u64, 40, 80, 200] {
-        let mut child = b.command().args(["sync", "import", bundle.to_str().unwrap()]).spawn().unwrap();
+        let mut child = b
+            .command()
+            .args(["sync", "import", bundle.to_str().unwrap()])
+            .spawn()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         if child.try_wait().unwrap().is_none() {
             interrupted += 1;
@@ -152,10 +211,20 @@ fn kill_9_during_import_leaves_a_consistent_database_and_importing_again_complet
     assert!(interrupted > 0, "no import was killed while running");
     b.ok(&["sync", "import", bundle.to_str().unwrap()]);
     let query = "SELECT (SELECT count(*) FROM blobs) AS blobs, (SELECT count(*) FROM settings) AS settings, (SELECT current_version FROM apps) AS v";
-    assert_eq!(b.json(&["sql", query, "--json"]), a.json(&["sql", query, "--json"]));
+    assert_eq!(
+        b.json(&["sql", query, "--json"]),
+        a.json(&["sql", query, "--json"])
+    );
     let server = b.start(&[]);
     assert_eq!(server.text("big.localhost", "/"), "big site");
-    assert_eq!(server.get("big.localhost", "/f59.bin").bytes().unwrap().len(), 200_000);
+    assert_eq!(
+        server
+            .get("big.localhost", "/f59.bin")
+            .bytes()
+            .unwrap()
+            .len(),
+        200_000
+    );
 }
 
 #[test]
@@ -163,24 +232,49 @@ fn sql_prints_rows_and_refuses_bad_statements_without_changing_anything() {
     let a = Node::new();
     a.ok(&["server", "init"]);
     a.ok(&["sql", "CREATE TABLE t (id INTEGER PRIMARY KEY NOT NULL, v)"]);
-    let err = a.fails(&["sql", "INSERT INTO t VALUES (1, 'a'); INSERT INTO nope VALUES (1)"]);
+    let err = a.fails(&[
+        "sql",
+        "INSERT INTO t VALUES (1, 'a'); INSERT INTO nope VALUES (1)",
+    ]);
     assert!(err.contains("nope"), "{err}");
-    assert_eq!(count(&a, "SELECT count(*) AS n FROM t"), 0, "the whole command rolled back");
-    let rows = a.json(&["sql", "INSERT INTO t VALUES (1, x'00ff'), (2, 2.5); SELECT * FROM t ORDER BY id", "--json"]);
+    assert_eq!(
+        count(&a, "SELECT count(*) AS n FROM t"),
+        0,
+        "the whole command rolled back"
+    );
+    let rows = a.json(&[
+        "sql",
+        "INSERT INTO t VALUES (1, x'00ff'), (2, 2.5); SELECT * FROM t ORDER BY id",
+        "--json",
+    ]);
     assert_eq!(rows[0]["v"], "00ff");
     assert_eq!(rows[1]["v"], 2.5);
     let table = a.ok(&["sql", "SELECT id, v FROM t ORDER BY id"]);
-    assert!(table.starts_with("id") && table.contains("x'00ff'"), "{table}");
+    assert!(
+        table.starts_with("id") && table.contains("x'00ff'"),
+        "{table}"
+    );
 }
 
 #[test]
 fn db_replicate_refuses_tables_that_break_the_rules_or_belong_to_the_node() {
     let a = Node::new();
-    a.ok(&["sql", "CREATE TABLE people (email TEXT PRIMARY KEY NOT NULL, name TEXT NOT NULL)"]);
+    a.ok(&[
+        "sql",
+        "CREATE TABLE people (email TEXT PRIMARY KEY NOT NULL, name TEXT NOT NULL)",
+    ]);
     let err = a.fails(&["db", "replicate", "people"]);
     assert!(err.contains("needs a DEFAULT"), "{err}");
-    assert!(a.fails(&["db", "replicate", "node_identity"]).contains("never replicates"));
-    assert!(a.fails(&["db", "replicate", "missing"]).contains("does not exist"));
+    assert!(a
+        .fails(&["db", "replicate", "node_identity"])
+        .contains("never replicates"));
+    assert!(a
+        .fails(&["db", "replicate", "missing"])
+        .contains("does not exist"));
     let status = a.json(&["sync", "status", "--json"]);
-    assert!(!status["tables"].as_array().unwrap().iter().any(|t| t == "people"));
+    assert!(!status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t == "people"));
 }

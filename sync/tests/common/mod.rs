@@ -41,7 +41,10 @@ pub fn data(r: &Replica) -> Vec<String> {
         let n = stmt.column_count();
         let rows = stmt
             .query_map([], |row| {
-                Ok((0..n).map(|i| format!("{:?}", row.get_ref(i).unwrap())).collect::<Vec<_>>().join("|"))
+                Ok((0..n)
+                    .map(|i| format!("{:?}", row.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
             })
             .unwrap();
         out.extend(rows.map(|r| r.unwrap()));
@@ -55,7 +58,11 @@ pub fn clocks(r: &Replica) -> Vec<String> {
     let mut out = Vec::new();
     for (table, pk, join) in [
         ("items", "c.key", String::new()),
-        ("pairs", "quote(p.x) || ',' || p.y", "JOIN pairs__fazt_pks p ON p.__fazt_key = c.key".to_string()),
+        (
+            "pairs",
+            "quote(p.x) || ',' || p.y",
+            "JOIN pairs__fazt_pks p ON p.__fazt_key = c.key".to_string(),
+        ),
     ] {
         let sql = format!(
             "SELECT {pk}, c.cid, c.col_version, c.db_version, coalesce(hex(s.site_id), 'placeholder'), c.seq
