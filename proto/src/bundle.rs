@@ -251,15 +251,7 @@ impl<R: Read> HashingReader<R> {
     }
 
     fn varint(&mut self) -> Result<u64, BundleError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= ((b & 0x7f) as u64) << shift;
-            if b < 0x80 {
-                return Ok(v);
-            }
-        }
-        Err(BundleError::Corrupt("varint too long"))
+        crate::codec::get_varint(|| self.byte(), BundleError::Corrupt("varint too long"))
     }
 
     fn bytes_field(&mut self) -> Result<Vec<u8>, BundleError> {

@@ -19,6 +19,22 @@ pub(crate) fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     buf.push(v as u8);
 }
 
+/// Reads a LEB128 varint one byte at a time from `next`; `too_long` when it runs past 64 bits.
+pub(crate) fn get_varint<E>(
+    mut next: impl FnMut() -> Result<u8, E>,
+    too_long: E,
+) -> Result<u64, E> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = next()?;
+        v |= ((b & 0x7f) as u64) << shift;
+        if b < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err(too_long)
+}
+
 pub(crate) fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
     put_varint(buf, b.len() as u64);
     buf.extend_from_slice(b);
@@ -67,15 +83,7 @@ impl<'a> SliceReader<'a> {
     }
 
     pub(crate) fn varint(&mut self) -> Result<u64, DecodeError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= ((b & 0x7f) as u64) << shift;
-            if b < 0x80 {
-                return Ok(v);
-            }
-        }
-        Err(DecodeError::Malformed("varint too long"))
+        get_varint(|| self.byte(), DecodeError::Malformed("varint too long"))
     }
 
     pub(crate) fn signed(&mut self) -> Result<i64, DecodeError> {
