@@ -409,9 +409,16 @@ impl Session {
         }
     }
 
+    /// Publishes the figures when they changed. Only then: the server writes them to the
+    /// peers table, and that commit wakes the exporters, which report again.
     fn report(&self, shared: &SharedRef) {
         if let Some(progress) = &self.progress {
-            progress.send_replace(lock(shared).stats.clone());
+            let stats = lock(shared).stats.clone();
+            progress.send_if_modified(|old| {
+                let changed = *old != stats;
+                *old = stats;
+                changed
+            });
         }
     }
 }
