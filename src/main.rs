@@ -6,7 +6,9 @@ mod db;
 mod hosting;
 mod identity;
 mod peer;
+mod runtime;
 mod server;
+mod storage;
 
 use clap::Parser;
 

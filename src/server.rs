@@ -38,6 +38,7 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
         let hosting = Arc::new(Hosting {
             site: Arc::new(Site::open(db_path.to_path_buf())?),
             domain: config.domain.value.as_str().to_string(),
+            runtimes: crate::runtime::Runtimes::new(db_path.to_path_buf(), crate::runtime::Limits::default()),
         });
         let app = axum::Router::new().fallback(handle).with_state(hosting);
         println!(

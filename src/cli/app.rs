@@ -61,10 +61,51 @@ pub enum AppCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show what the app's serverless code printed, and its errors, on this node
+    Logs {
+        app: String,
+        /// Keep printing new lines as they come
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the latest lines to show first
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: i64,
+        /// One JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Variables the app's code reads (fazt.env, a fetch handler's env); they replicate
+    #[command(subcommand)]
+    Env(EnvCmd),
+}
+
+#[derive(Subcommand)]
+pub enum EnvCmd {
+    /// Set a variable
+    Set {
+        app: String,
+        key: String,
+        value: String,
+    },
+    /// List an app's variables
+    List {
+        app: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a variable
+    Unset { app: String, key: String },
 }
 
 pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
     match cmd {
+        AppCmd::Logs {
+            app,
+            follow,
+            lines,
+            json,
+        } => logs(db, &app, follow, lines, json),
+        AppCmd::Env(cmd) => env(db, cmd),
         AppCmd::Deploy {
             dir,
             name,
@@ -313,4 +354,75 @@ pub fn url(conn: &Connection, alias: &str) -> Result<String> {
     } else {
         format!("http://{host}:{port}/")
     })
+}
+
+fn env(db: &Path, cmd: EnvCmd) -> Result<()> {
+    use crate::storage::env;
+    let mut database = crate::db::open_existing(db)?;
+    match cmd {
+        EnvCmd::Set { app, key, value } => {
+            let id = store::find_app(database.conn(), &app)?;
+            env::set(&mut database, &id.0, &key, &value)?;
+            println!("{app}: {key} set");
+        }
+        EnvCmd::List { app, json } => {
+            let id = store::find_app(database.conn(), &app)?;
+            let vars = env::list(database.conn(), &id.0)?;
+            if json {
+                let map: serde_json::Map<String, serde_json::Value> = vars
+                    .into_iter()
+                    .map(|(k, v)| (k, serde_json::Value::String(v)))
+                    .collect();
+                return output::json(&map);
+            }
+            for (k, v) in vars {
+                println!("{k}={v}");
+            }
+        }
+        EnvCmd::Unset { app, key } => {
+            let id = store::find_app(database.conn(), &app)?;
+            if !env::unset(&mut database, &id.0, &key)? {
+                bail!("{app} has no variable {key}");
+            }
+            println!("{app}: {key} removed");
+        }
+    }
+    Ok(())
+}
+
+fn logs(db: &Path, app: &str, follow: bool, lines: i64, json: bool) -> Result<()> {
+    use crate::storage::logs;
+    let database = crate::db::open_existing(db)?;
+    let conn = database.conn();
+    let id = store::find_app(conn, app)?;
+    let print = |line: &logs::Line| -> Result<()> {
+        if json {
+            println!("{}", serde_json::to_string(line)?);
+        } else {
+            let at =
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(line.at.max(0) as u64);
+            println!(
+                "{} {:<5} {}",
+                humantime::format_rfc3339_millis(at),
+                line.level,
+                line.message
+            );
+        }
+        Ok(())
+    };
+    let mut last = logs::newest(conn, &id.0)?;
+    for line in logs::tail(conn, &id.0, lines.max(0))? {
+        print(&line)?;
+        last = line.id;
+    }
+    if !follow {
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        for line in logs::since(conn, &id.0, last, 1000)? {
+            print(&line)?;
+            last = line.id;
+        }
+    }
 }

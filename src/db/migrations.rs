@@ -7,6 +7,7 @@ use rusqlite::Connection;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_peers.sql"),
+    include_str!("migrations/0003_app_storage.sql"),
 ];
 
 /// Tables that replicate between peers. Everything else in the schema is node-local.
@@ -17,6 +18,11 @@ pub const REPLICATED_TABLES: &[&str] = &[
     "versions",
     "version_files",
     "blobs",
+    "app_kv",
+    "app_docs",
+    "app_doc_counters",
+    "app_files",
+    "app_env",
 ];
 
 /// Tables that describe this node only; they never replicate.
@@ -27,6 +33,7 @@ pub const NODE_LOCAL_TABLES: &[&str] = &[
     "peers",
     "peer_invites",
     "peer_content",
+    "app_logs",
 ];
 
 pub fn latest_version() -> u32 {

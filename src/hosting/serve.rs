@@ -19,6 +19,8 @@ pub struct Hosting {
     pub site: Arc<Site>,
     /// The node's domain, lower-case.
     pub domain: String,
+    /// Runs apps' serverless code (`/api` and `/api/*`).
+    pub runtimes: crate::runtime::Runtimes,
 }
 
 /// What a Host header selects.
@@ -106,10 +108,20 @@ pub async fn handle(State(hosting): State<Arc<Hosting>>, req: Request) -> Respon
     }
 }
 
+/// Whether a request path is the app's API (`/api` or `/api/...`).
+fn is_api_path(path: &str) -> bool {
+    path == "/api" || path.starts_with("/api/")
+}
+
 async fn respond(hosting: &Hosting, req: Request) -> anyhow::Result<Response> {
     // Static requests ignore the body; the parts (unlike the body) can be held across awaits.
-    let (req, _body) = req.into_parts();
+    let (req, body) = req.into_parts();
     let method = req.method.clone();
+    if is_api_path(req.uri.path()) {
+        if let Some(resp) = api(hosting, &req, body).await? {
+            return Ok(resp);
+        }
+    }
     if method != Method::GET && method != Method::HEAD {
         let mut resp = (StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n").into_response();
         resp.headers_mut()
@@ -142,6 +154,110 @@ async fn respond(hosting: &Hosting, req: Request) -> anyhow::Result<Response> {
         Some(entry) => serve_file(site, &req.headers, &method, entry, StatusCode::OK).await,
         None => not_found(site, &routes, &req).await,
     }
+}
+
+/// Runs the app's serverless code for an `/api` request; None when the host has no app or
+/// the app has no `api/main.js` (the request is then answered like any other path).
+async fn api(
+    hosting: &Hosting,
+    req: &axum::http::request::Parts,
+    body: Body,
+) -> anyhow::Result<Option<Response>> {
+    let host = req
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.host())
+        .unwrap_or("");
+    let HostTarget::Alias(alias) = host_target(host, &hosting.domain) else {
+        return Ok(None);
+    };
+    let routes = hosting.site.routes()?;
+    let Some(route) = routes.get(&alias) else {
+        return Ok(None);
+    };
+    let manifest = hosting.site.manifest(&route.version).await?;
+    if !manifest.contains_key("api/main.js") {
+        return Ok(None);
+    }
+    let limit = hosting.runtimes.limits().body;
+    let declared = req
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        crate::runtime::Reply::error(
+            413,
+            &format!("request body is larger than the limit of {} bytes", limit),
+        )
+    };
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Ok(Some(into_response(too_large())));
+    }
+    let body = match axum::body::to_bytes(body, limit).await {
+        Ok(b) => b,
+        Err(_) => return Ok(Some(into_response(too_large()))),
+    };
+    let headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let content_type = req
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let multipart = if content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        Some(crate::runtime::request::read_multipart(content_type, body.clone()).await)
+    } else {
+        None
+    };
+    let call = crate::runtime::Call {
+        app_id: route.app_id.to_string(),
+        app_name: route.app_name.to_string(),
+        version: route.version.clone(),
+        method: req.method.as_str().to_string(),
+        url: format!(
+            "http://{}{}",
+            host,
+            req.uri.path_and_query().map_or("/", |p| p.as_str())
+        ),
+        path: req.uri.path().to_string(),
+        query: req.uri.query().unwrap_or("").to_string(),
+        headers,
+        body,
+        multipart,
+    };
+    let reply = hosting.runtimes.call(call).await;
+    let mut resp = into_response(reply);
+    if req.method == Method::HEAD {
+        *resp.body_mut() = Body::empty();
+    }
+    Ok(Some(resp))
+}
+
+fn into_response(reply: crate::runtime::Reply) -> Response {
+    let mut resp = Response::new(Body::from(reply.body));
+    *resp.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = resp.headers_mut();
+    for (k, v) in reply.headers {
+        if let (Ok(name), Ok(value)) = (
+            header::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    resp
 }
 
 /// The 404 page: the `404` app's index.html when deployed, else the built-in one.

@@ -54,6 +54,8 @@ impl Encoding {
 pub struct Route {
     pub version: Arc<str>,
     pub spa: bool,
+    pub app_id: Arc<str>,
+    pub app_name: Arc<str>,
 }
 
 /// One file of a version, with its response headers prepared.
@@ -200,18 +202,22 @@ impl Site {
 
 fn load_routes(conn: &Connection) -> Result<HashMap<String, Route>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT a.subdomain, v.id, v.spa FROM aliases a
+        "SELECT a.subdomain, v.id, v.spa, p.id, p.name FROM aliases a
          JOIN apps p ON p.id = a.app_id
          JOIN versions v ON v.id = p.current_version",
     )?;
     let rows = stmt.query_map([], |r| {
         let sub: String = r.get(0)?;
         let version: String = r.get(1)?;
+        let app_id: String = r.get(3)?;
+        let app_name: String = r.get(4)?;
         Ok((
             sub,
             Route {
                 version: version.into(),
                 spa: r.get(2)?,
+                app_id: app_id.into(),
+                app_name: app_name.into(),
             },
         ))
     })?;

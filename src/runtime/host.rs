@@ -1,0 +1,504 @@
+//! The host functions app code calls through the prelude (`__fazt_native`): storage, env,
+//! logs, CommonJS modules and randomness. Each works on the calling app's data only.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use rquickjs::{Array, ArrayBuffer, Ctx, Exception, Function, Object, Value};
+use serde_json::Value as Json;
+
+use super::script;
+use crate::db::Db;
+use crate::storage::{self, docs, files, kv, now_ms, Scope};
+
+/// Longest console line kept.
+const MAX_LOG_LINE: usize = 64 << 10;
+/// Console lines kept per request.
+const MAX_LOG_LINES: usize = 1000;
+
+/// One app version's code under api/, with bytecode compiled on first use.
+pub struct Code {
+    pub version: std::sync::Arc<str>,
+    pub files: HashMap<String, String>,
+    pub bytecode: RefCell<HashMap<String, Rc<Vec<u8>>>>,
+}
+
+impl Code {
+    /// Bytecode of `path` compiled as `kind`, from the cache or compiled now.
+    pub fn compiled(
+        &self,
+        key: &str,
+        path: &str,
+        compile: impl FnOnce(&str) -> Result<Vec<u8>, script::JsError>,
+    ) -> Result<Rc<Vec<u8>>, script::JsError> {
+        if let Some(b) = self.bytecode.borrow().get(key) {
+            return Ok(b.clone());
+        }
+        let source = self
+            .files
+            .get(path)
+            .ok_or_else(|| script::JsError::new(format!("{path} is not part of this version")))?;
+        let bytes = Rc::new(compile(source)?);
+        self.bytecode
+            .borrow_mut()
+            .insert(key.to_string(), bytes.clone());
+        Ok(bytes)
+    }
+
+    /// `api/x.js` for `require(name)` / `import name` from `base`; only files under api/.
+    pub fn resolve(&self, base: &str, name: &str) -> Result<String, String> {
+        if !(name.starts_with("./") || name.starts_with("../") || name.starts_with('/')) {
+            return Err(format!(
+                "cannot load module {name:?}: only files under api/ can be loaded (as \"./file.js\")"
+            ));
+        }
+        let mut parts: Vec<&str> = if name.starts_with('/') {
+            Vec::new()
+        } else {
+            let dir = base.rsplit_once('/').map_or("", |(d, _)| d);
+            dir.split('/').filter(|p| !p.is_empty()).collect()
+        };
+        for seg in name.split('/') {
+            match seg {
+                "" | "." => {}
+                ".." => {
+                    parts.pop();
+                }
+                s => parts.push(s),
+            }
+        }
+        let mut path = parts.join("/");
+        if !path.starts_with("api/") {
+            return Err(format!("cannot load module {name:?}: it is outside api/"));
+        }
+        if !self.files.contains_key(&path) && self.files.contains_key(&format!("{path}.js")) {
+            path.push_str(".js");
+        }
+        if !self.files.contains_key(&path) {
+            return Err(format!(
+                "cannot load module {name:?}: {path} does not exist"
+            ));
+        }
+        Ok(path)
+    }
+}
+
+/// What host functions share during one request.
+pub struct Host {
+    pub db: RefCell<Db>,
+    pub scope: Scope,
+    pub logs: RefCell<Vec<(i64, String, String)>>,
+    env: RefCell<Option<Vec<(String, String)>>>,
+}
+
+impl Host {
+    pub fn new(db: Db, app_id: &str) -> Host {
+        Host {
+            db: RefCell::new(db),
+            scope: Scope::app(app_id),
+            logs: RefCell::new(Vec::new()),
+            env: RefCell::new(None),
+        }
+    }
+
+    /// Forgets per-request caches (variables may change between requests).
+    pub fn begin_request(&self) {
+        *self.env.borrow_mut() = None;
+    }
+
+    pub fn log(&self, level: &str, message: &str) {
+        let mut logs = self.logs.borrow_mut();
+        if logs.len() >= MAX_LOG_LINES {
+            return;
+        }
+        let mut message = message.to_string();
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str(" [truncated]");
+        }
+        logs.push((now_ms(), level.to_string(), message));
+    }
+
+    fn env(&self) -> anyhow::Result<Vec<(String, String)>> {
+        if let Some(vars) = self.env.borrow().as_ref() {
+            return Ok(vars.clone());
+        }
+        let vars = storage::env::list(self.db.borrow().conn(), &self.scope.app_id)?;
+        *self.env.borrow_mut() = Some(vars.clone());
+        Ok(vars)
+    }
+}
+
+fn throw(ctx: &Ctx<'_>, e: anyhow::Error) -> rquickjs::Error {
+    Exception::throw_message(ctx, &format!("{e:#}"))
+}
+
+fn parse(ctx: &Ctx<'_>, text: &str) -> rquickjs::Result<Json> {
+    serde_json::from_str(text).map_err(|e| Exception::throw_type(ctx, &format!("not JSON: {e}")))
+}
+
+/// Defines `__fazt_native` in `ctx`.
+pub fn install<'js>(ctx: &Ctx<'js>, host: &Rc<Host>, code: &Rc<Code>) -> rquickjs::Result<()> {
+    let n = Object::new(ctx.clone())?;
+
+    let h = host.clone();
+    n.set(
+        "log",
+        Function::new(ctx.clone(), move |level: String, message: String| {
+            h.log(&level, &message);
+        })?,
+    )?;
+
+    let h = host.clone();
+    n.set(
+        "kv_set",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>,
+                  key: String,
+                  value: String,
+                  ttl: Option<f64>|
+                  -> rquickjs::Result<()> {
+                let value = parse(&ctx, &value)?;
+                kv::set(&mut h.db.borrow_mut(), &h.scope, &key, value, ttl, now_ms())
+                    .map_err(|e| throw(&ctx, e))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "kv_get",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<Option<String>> {
+                let entry = kv::get(h.db.borrow().conn(), &h.scope, &key, now_ms())
+                    .map_err(|e| throw(&ctx, e))?;
+                Ok(entry.map(|e| e.value.to_string()))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "kv_delete",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<bool> {
+                kv::delete(&mut h.db.borrow_mut(), &h.scope, &key, now_ms())
+                    .map_err(|e| throw(&ctx, e))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "kv_list",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, prefix: String| -> rquickjs::Result<String> {
+                let entries = kv::list(h.db.borrow().conn(), &h.scope, &prefix, now_ms())
+                    .map_err(|e| throw(&ctx, e))?;
+                let list: Vec<Json> = entries
+                    .into_iter()
+                    .map(|e| {
+                        let mut o = serde_json::json!({ "key": e.key, "value": e.value });
+                        if let Some(at) = e.expires_at {
+                            o["expiresAt"] = Json::from(at);
+                        }
+                        o
+                    })
+                    .collect();
+                Ok(Json::Array(list).to_string())
+            },
+        )?,
+    )?;
+
+    let h = host.clone();
+    n.set(
+        "ds_insert",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, coll: String, doc: String| -> rquickjs::Result<String> {
+                let doc = parse(&ctx, &doc)?;
+                docs::insert(&mut h.db.borrow_mut(), &h.scope, &coll, doc, now_ms())
+                    .map_err(|e| throw(&ctx, e))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "ds_find",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>,
+                  coll: String,
+                  query: String,
+                  opts: String|
+                  -> rquickjs::Result<String> {
+                let query = parse(&ctx, &query)?;
+                let opts = find_options(&ctx, &parse(&ctx, &opts)?)?;
+                let found = docs::find(h.db.borrow().conn(), &h.scope, &coll, &query, &opts)
+                    .map_err(|e| throw(&ctx, e))?;
+                Ok(Json::Array(found).to_string())
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "ds_find_one",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<Option<String>> {
+                let query = parse(&ctx, &query)?;
+                let found = docs::find_one(h.db.borrow().conn(), &h.scope, &coll, &query)
+                    .map_err(|e| throw(&ctx, e))?;
+                Ok(found.map(|d| d.to_string()))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "ds_update",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>,
+                  coll: String,
+                  query: String,
+                  changes: String|
+                  -> rquickjs::Result<f64> {
+                let query = parse(&ctx, &query)?;
+                let changes = parse(&ctx, &changes)?;
+                docs::update(
+                    &mut h.db.borrow_mut(),
+                    &h.scope,
+                    &coll,
+                    &query,
+                    &changes,
+                    now_ms(),
+                )
+                .map(|n| n as f64)
+                .map_err(|e| throw(&ctx, e))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "ds_delete",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<f64> {
+                let query = parse(&ctx, &query)?;
+                docs::delete(&mut h.db.borrow_mut(), &h.scope, &coll, &query)
+                    .map(|n| n as f64)
+                    .map_err(|e| throw(&ctx, e))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "ds_count",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<f64> {
+                let query = parse(&ctx, &query)?;
+                docs::count(h.db.borrow().conn(), &h.scope, &coll, &query)
+                    .map(|n| n as f64)
+                    .map_err(|e| throw(&ctx, e))
+            },
+        )?,
+    )?;
+
+    let h = host.clone();
+    n.set(
+        "s3_put",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>,
+                  path: String,
+                  data: ArrayBuffer<'js>,
+                  mime: Option<String>|
+                  -> rquickjs::Result<String> {
+                // SAFETY: no JavaScript runs while the slice is in use (put only touches SQLite).
+                let bytes = unsafe { data.as_bytes() }.ok_or_else(|| {
+                    Exception::throw_type(&ctx, "s3.put: the ArrayBuffer is detached")
+                })?;
+                let meta = files::put(
+                    &mut h.db.borrow_mut(),
+                    &h.scope,
+                    &path,
+                    bytes,
+                    mime.as_deref(),
+                    now_ms(),
+                )
+                .map_err(|e| throw(&ctx, e))?;
+                Ok(serde_json::to_string(&meta).expect("metadata serializes"))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "s3_get",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<Value<'js>> {
+                let found = files::get(h.db.borrow().conn(), &h.scope, &path)
+                    .map_err(|e| throw(&ctx, e))?;
+                let Some((meta, data)) = found else {
+                    return Ok(Value::new_null(ctx));
+                };
+                let pair = Array::new(ctx.clone())?;
+                pair.set(
+                    0,
+                    serde_json::to_string(&meta).expect("metadata serializes"),
+                )?;
+                pair.set(1, ArrayBuffer::new(ctx.clone(), data)?)?;
+                Ok(pair.into_value())
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "s3_delete",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<bool> {
+                files::delete(&mut h.db.borrow_mut(), &h.scope, &path).map_err(|e| throw(&ctx, e))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "s3_list",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, prefix: String| -> rquickjs::Result<String> {
+                let listed = files::list(h.db.borrow().conn(), &h.scope, &prefix)
+                    .map_err(|e| throw(&ctx, e))?;
+                let list: Vec<Json> = listed
+                    .into_iter()
+                    .map(|l| {
+                        let mut o = serde_json::to_value(&l.meta).expect("metadata serializes");
+                        o["path"] = Json::String(l.path);
+                        o
+                    })
+                    .collect();
+                Ok(Json::Array(list).to_string())
+            },
+        )?,
+    )?;
+
+    let h = host.clone();
+    n.set(
+        "env_get",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<Option<String>> {
+                let vars = h.env().map_err(|e| throw(&ctx, e))?;
+                Ok(vars.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v))
+            },
+        )?,
+    )?;
+    let h = host.clone();
+    n.set(
+        "env_all",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>| -> rquickjs::Result<String> {
+                let vars = h.env().map_err(|e| throw(&ctx, e))?;
+                let map: serde_json::Map<String, Json> = vars
+                    .into_iter()
+                    .map(|(k, v)| (k, Json::String(v)))
+                    .collect();
+                Ok(Json::Object(map).to_string())
+            },
+        )?,
+    )?;
+
+    n.set(
+        "random_bytes",
+        Function::new(
+            ctx.clone(),
+            |ctx: Ctx<'js>, len: f64| -> rquickjs::Result<ArrayBuffer<'js>> {
+                if !(0.0..=65536.0).contains(&len) {
+                    return Err(Exception::throw_range(
+                        &ctx,
+                        "at most 65536 random bytes at a time",
+                    ));
+                }
+                let mut bytes = vec![0u8; len as usize];
+                getrandom::fill(&mut bytes)
+                    .map_err(|e| Exception::throw_internal(&ctx, &format!("no randomness: {e}")))?;
+                ArrayBuffer::new(ctx, bytes)
+            },
+        )?,
+    )?;
+
+    let c = code.clone();
+    n.set(
+        "resolve",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, name: String| -> rquickjs::Result<String> {
+                c.resolve("api/main.js", &name)
+                    .map_err(|e| Exception::throw_message(&ctx, &e))
+            },
+        )?,
+    )?;
+    let c = code.clone();
+    n.set(
+        "module",
+        Function::new(
+            ctx.clone(),
+            move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<Value<'js>> {
+                let key = format!("cjs:{path}");
+                let bytes = c
+                    .compiled(&key, &path, |src| {
+                        // Wrapped on one line so that line numbers in errors match the file.
+                        let wrapped = format!("(function (module, exports, require) {{{src}\n}})");
+                        script::compile_classic(&ctx, &path, &wrapped)
+                    })
+                    .map_err(|e| Exception::throw_message(&ctx, &e.message))?;
+                script::run_classic(&ctx, &bytes)
+                    .map_err(|e| Exception::throw_message(&ctx, &e.message))
+            },
+        )?,
+    )?;
+
+    ctx.globals().set("__fazt_native", n)?;
+    Ok(())
+}
+
+fn find_options(ctx: &Ctx<'_>, opts: &Json) -> rquickjs::Result<docs::FindOptions> {
+    let mut out = docs::FindOptions::default();
+    let Json::Object(o) = opts else {
+        return Ok(out);
+    };
+    let count = |name: &str| -> rquickjs::Result<Option<usize>> {
+        match o.get(name) {
+            None | Some(Json::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|n| *n >= 0.0 && n.fract() == 0.0)
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| {
+                    Exception::throw_type(ctx, &format!("{name} must be a whole number"))
+                }),
+        }
+    };
+    out.limit = count("limit")?;
+    out.offset = count("offset")?.unwrap_or(0);
+    out.ascending = match o.get("order").and_then(Json::as_str) {
+        None | Some("desc") => false,
+        Some("asc") => true,
+        Some(other) => {
+            return Err(Exception::throw_type(
+                ctx,
+                &format!("order must be \"asc\" or \"desc\", not {other:?}"),
+            ))
+        }
+    };
+    Ok(out)
+}

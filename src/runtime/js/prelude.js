@@ -1,0 +1,175 @@
+// The globals every app sees, built on the host functions in `__fazt_native` (src/runtime/
+// host.rs). Run in each request's fresh context after web.js and before the app's code.
+// What the host reads back: __fazt_hooks.classic(fn) and __fazt_hooks.fetch(handler) both
+// answer { status, headers: [[name, value]], body: string | ArrayBuffer | undefined }.
+(function (global) {
+  'use strict';
+  const native = global.__fazt_native;
+  delete global.__fazt_native;
+  const info = JSON.parse(global.__fazt_call);
+  delete global.__fazt_call;
+  const files = global.__fazt_files || [];
+  delete global.__fazt_files;
+
+  const define = (obj, name, value) =>
+    Object.defineProperty(obj, name, { value, writable: true, configurable: true, enumerable: false });
+
+  // console.*: one line per call, kept in the app's log (`fazt app logs`).
+  const show = (v) => {
+    if (typeof v === 'string') return v;
+    if (v instanceof Error) return v.stack ? `${v.name}: ${v.message}\n${v.stack}` : String(v);
+    if (typeof v === 'function') return `[function ${v.name || 'anonymous'}]`;
+    if (typeof v === 'undefined') return 'undefined';
+    if (typeof v === 'bigint' || typeof v === 'symbol') return v.toString();
+    try {
+      const s = JSON.stringify(v);
+      return s === undefined ? String(v) : s;
+    } catch (e) {
+      return String(v);
+    }
+  };
+  const logger = (level) => (...args) => native.log(level, args.map(show).join(' '));
+  const console = {
+    log: logger('info'), info: logger('info'), debug: logger('debug'),
+    warn: logger('warn'), error: logger('error'), trace: logger('debug'),
+  };
+  define(global, 'console', console);
+
+  // Storage: values travel to the host as JSON text.
+  const str = (v) => JSON.stringify(v === undefined ? null : v);
+  const kv = {
+    set(key, value, ttlMs) {
+      if (value === undefined) throw new TypeError('kv.set needs a value');
+      native.kv_set(String(key), str(value), ttlMs === undefined || ttlMs === null ? undefined : Number(ttlMs));
+    },
+    get: (key) => { const v = native.kv_get(String(key)); return v == null ? null : JSON.parse(v); },
+    delete: (key) => native.kv_delete(String(key)),
+    list: (prefix) => JSON.parse(native.kv_list(prefix === undefined ? '' : String(prefix))),
+  };
+  const ds = {
+    insert: (collection, doc) => native.ds_insert(String(collection), str(doc)),
+    find: (collection, query, options) =>
+      JSON.parse(native.ds_find(String(collection), str(query), str(options || {}))),
+    findOne(collection, query) {
+      const v = native.ds_find_one(String(collection), str(query));
+      return v == null ? null : JSON.parse(v);
+    },
+    update: (collection, query, changes) => native.ds_update(String(collection), str(query), str(changes)),
+    delete: (collection, query) => native.ds_delete(String(collection), str(query)),
+    count: (collection, query) => native.ds_count(String(collection), str(query)),
+  };
+  const bytes = (data) => {
+    if (typeof data === 'string') return global.__fazt_web.toBytes(data);
+    if (data instanceof ArrayBuffer) return data;
+    if (ArrayBuffer.isView(data)) return data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength);
+    throw new TypeError('s3.put needs a string, an ArrayBuffer or a typed array');
+  };
+  const s3 = {
+    put: (path, data, mime) => JSON.parse(native.s3_put(String(path), bytes(data), mime === undefined ? undefined : String(mime))),
+    get(path) {
+      const found = native.s3_get(String(path));
+      if (found == null) return null;
+      const meta = JSON.parse(found[0]);
+      meta.data = found[1];
+      return meta;
+    },
+    delete: (path) => native.s3_delete(String(path)),
+    list: (prefix) => JSON.parse(native.s3_list(prefix === undefined ? '' : String(prefix))),
+  };
+  const loginRequired = (api) => {
+    const out = {};
+    for (const name of Object.keys(api)) {
+      out[name] = () => { throw new Error('login required: fazt.app.user.* needs a logged-in user'); };
+    }
+    return out;
+  };
+  const app = { id: info.app.id, name: info.app.name, kv, ds, s3 };
+  app.user = { kv: loginRequired(kv), ds: loginRequired(ds), s3: loginRequired(s3) };
+  const env = {
+    get(key, fallback) { const v = native.env_get(String(key)); return v == null ? (fallback === undefined ? null : fallback) : v; },
+    has: (key) => native.env_get(String(key)) != null,
+  };
+  const fazt = { app, storage: { kv, ds, s3 }, env, log: console, version: info.version };
+  define(global, 'fazt', fazt);
+
+  // The original API: `request` and `respond()`.
+  const request = info.request;
+  request.files = (request.files || []).map((f, i) => Object.assign(f, { data: files[i] }));
+  define(global, 'request', request);
+
+  class Reply {
+    constructor(status, body, headers) {
+      this.status = status;
+      this.body = body;
+      this.headers = headers || {};
+    }
+  }
+  let responded;
+  const respond = function (a, b, c) {
+    const statusFirst = typeof a === 'number' && (arguments.length >= 2 || (Number.isInteger(a) && a >= 100 && a <= 599));
+    responded = statusFirst ? new Reply(a, b, c) : new Reply(200, a, b);
+    return responded;
+  };
+  define(global, 'respond', respond);
+
+  const checkStatus = (status) => {
+    if (!Number.isInteger(status) || status < 200 || status > 599) {
+      throw new RangeError(`respond: status ${status} is not between 200 and 599`);
+    }
+  };
+  const headerPairs = (headers) => {
+    if (headers === undefined || headers === null) return [];
+    if (typeof global.Headers === 'function' && headers instanceof global.Headers) return [...headers];
+    if (Array.isArray(headers)) return headers.map(([k, v]) => [String(k), String(v)]);
+    return Object.keys(headers).map((k) => [k, String(headers[k])]);
+  };
+  const hasType = (pairs) => pairs.some(([k]) => k.toLowerCase() === 'content-type');
+  // A respond() value (or any returned value) as the host's answer.
+  const finishClassic = (value) => {
+    const reply = value instanceof Reply ? value : responded !== undefined ? responded
+      : value === undefined ? new Reply(204, undefined) : new Reply(200, value);
+    checkStatus(reply.status);
+    const headers = headerPairs(reply.headers);
+    let body = reply.body;
+    if (body === undefined) {
+      body = undefined;
+    } else if (typeof body === 'string') {
+      if (!hasType(headers)) headers.push(['content-type', 'text/plain; charset=utf-8']);
+    } else if (body instanceof ArrayBuffer || ArrayBuffer.isView(body)) {
+      body = bytes(body);
+      if (!hasType(headers)) headers.push(['content-type', 'application/octet-stream']);
+    } else {
+      body = JSON.stringify(body);
+      if (body === undefined) body = 'null';
+      if (!hasType(headers)) headers.push(['content-type', 'application/json']);
+    }
+    return { status: reply.status, headers, body };
+  };
+  const then = (value, f) => (value && typeof value.then === 'function' ? value.then(f) : f(value));
+
+  define(global, '__fazt_hooks', {
+    classic: (main) => then(main(), finishClassic),
+    fetch(handler) {
+      if (!handler || typeof handler.fetch !== 'function') {
+        throw new TypeError('api/main.js: the default export must be an object with a fetch(request, env, ctx) method');
+      }
+      const r = info.request;
+      const req = global.__fazt_web.makeRequest(r.method, info.url, info.headerPairs, global.__fazt_body || null);
+      delete global.__fazt_body;
+      const vars = JSON.parse(native.env_all());
+      const bindings = Object.assign(vars, { app, fazt });
+      const ctx = { waitUntil() {}, passThroughOnException() {} };
+      return then(handler.fetch(req, bindings, ctx), (res) => global.__fazt_web.readResponse(res));
+    },
+  });
+  // CommonJS for original apps: require('./lib.js') loads api/lib.js (once per request).
+  const modules = {};
+  define(global, 'require', function require(name) {
+    const path = native.resolve(String(name));
+    if (modules[path]) return modules[path].exports;
+    const module = { exports: {} };
+    modules[path] = module;
+    native.module(path)(module, module.exports, require);
+    return module.exports;
+  });
+})(globalThis);

@@ -1,0 +1,428 @@
+//! An app's worker thread: its QuickJS runtime, its code, and one request at a time.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use rquickjs::loader::{Loader, Resolver};
+use rquickjs::module::Declared;
+use rquickjs::{Array, ArrayBuffer, Context, Ctx, Function, Module, Object, Promise, Value};
+
+use super::host::{self, Code, Host};
+use super::script::{self, JsError};
+use super::{request, Call, Job, Limits, Reply};
+
+const WEB_JS: &str = include_str!("js/web.js");
+const PRELUDE_JS: &str = include_str!("js/prelude.js");
+/// A worker with nothing to do for this long exits (its memory goes back to the system).
+const IDLE_EXIT: Duration = Duration::from_secs(300);
+/// Console lines wait at most this long before being written to the log table.
+const LOG_FLUSH: Duration = Duration::from_millis(200);
+
+pub(super) fn run(app_id: String, db_path: PathBuf, limits: Limits, rx: Receiver<Job>) {
+    let mut worker = match Worker::open(&app_id, &db_path, limits) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(app = %app_id, error = %format!("{e:#}"), "cannot start the app's runtime");
+            while let Ok(job) = rx.try_recv() {
+                let _ = job
+                    .reply
+                    .send(Reply::error(500, "the app's runtime could not be started"));
+            }
+            return;
+        }
+    };
+    let mut last_job = Instant::now();
+    loop {
+        let wait = if worker.host.logs.borrow().is_empty() {
+            IDLE_EXIT
+        } else {
+            LOG_FLUSH
+        };
+        match rx.recv_timeout(wait) {
+            Ok(job) => {
+                let reply = worker.handle(job.call, job.queued);
+                let _ = job.reply.send(reply);
+                last_job = Instant::now();
+                if worker.log_age().is_some_and(|age| age >= LOG_FLUSH) {
+                    worker.flush_logs();
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                worker.flush_logs();
+                if last_job.elapsed() >= IDLE_EXIT {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    worker.flush_logs();
+}
+
+/// The QuickJS side of a worker: one runtime, rebuilt when the app's version changes (so
+/// bytecode of an old version never outlives it) or after the heap overflowed.
+struct Engine {
+    rt: rquickjs::Runtime,
+    code: Rc<Code>,
+    web: Vec<u8>,
+    prelude: Vec<u8>,
+}
+
+struct Worker {
+    app_id: String,
+    limits: Limits,
+    host: Rc<Host>,
+    logs_db: rusqlite::Connection,
+    engine: Option<Engine>,
+    /// Nanoseconds after `epoch` when the running request must stop (0: none running).
+    deadline: Arc<AtomicU64>,
+    epoch: Instant,
+    oldest_log: Option<Instant>,
+}
+
+/// Why a request failed, and how it is answered.
+enum Failure {
+    Script(JsError),
+    Timeout,
+    OutOfMemory,
+}
+
+impl Worker {
+    fn open(app_id: &str, db_path: &std::path::Path, limits: Limits) -> Result<Worker> {
+        let db = crate::db::open_existing(db_path)?;
+        let logs_db = rusqlite::Connection::open(db_path).context("opening the log table")?;
+        logs_db.busy_timeout(Duration::from_secs(10))?;
+        logs_db.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(Worker {
+            app_id: app_id.to_string(),
+            limits,
+            host: Rc::new(Host::new(db, app_id)),
+            logs_db,
+            engine: None,
+            deadline: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+            oldest_log: None,
+        })
+    }
+
+    fn log_age(&self) -> Option<Duration> {
+        self.oldest_log.map(|t| t.elapsed())
+    }
+
+    fn flush_logs(&mut self) {
+        let lines = std::mem::take(&mut *self.host.logs.borrow_mut());
+        self.oldest_log = None;
+        if let Err(e) = crate::storage::logs::append(&mut self.logs_db, &self.app_id, &lines) {
+            tracing::warn!(app = %self.app_id, error = %format!("{e:#}"), "app log lines were not saved");
+        }
+    }
+
+    fn handle(&mut self, call: Call, queued: Instant) -> Reply {
+        if queued.elapsed() >= self.limits.time {
+            return Reply::error(
+                503,
+                "the app is busy: the request waited longer than its time limit",
+            );
+        }
+        let had_logs = !self.host.logs.borrow().is_empty();
+        let reply = match self.answer(call) {
+            Ok(reply) => reply,
+            Err(Failure::Script(e)) => {
+                let detail = match e.stack.as_deref().map(str::trim_end) {
+                    Some(stack) => format!("{}\n{stack}", e.message),
+                    None => e.message.clone(),
+                };
+                self.host.log("error", &detail);
+                Reply::error(500, &e.message)
+            }
+            Err(Failure::Timeout) => {
+                let msg = format!(
+                    "the request ran longer than the app's time limit ({} s)",
+                    self.limits.time.as_secs_f64()
+                );
+                self.host.log("error", &msg);
+                Reply::error(503, &msg)
+            }
+            Err(Failure::OutOfMemory) => {
+                // The heap may be in any state: start from a fresh runtime.
+                self.engine = None;
+                let msg = format!(
+                    "the app ran out of memory (limit {} MB)",
+                    self.limits.memory >> 20
+                );
+                self.host.log("error", &msg);
+                Reply::error(500, &msg)
+            }
+        };
+        if !had_logs && !self.host.logs.borrow().is_empty() {
+            self.oldest_log = Some(Instant::now());
+        }
+        reply
+    }
+
+    /// The engine for `version`, loading its code when the version changed.
+    fn engine(&mut self, version: &Arc<str>) -> Result<&Engine, JsError> {
+        if self
+            .engine
+            .as_ref()
+            .is_some_and(|e| &e.code.version != version)
+        {
+            self.engine = None;
+        }
+        if self.engine.is_none() {
+            let files = load_code(self.host.db.borrow().conn(), version)
+                .map_err(|e| JsError::new(format!("loading the app's code: {e:#}")))?;
+            let code = Rc::new(Code {
+                version: version.clone(),
+                files,
+                bytecode: RefCell::new(HashMap::new()),
+            });
+            self.engine = Some(new_engine(&self.limits, code, &self.deadline, self.epoch)?);
+        }
+        Ok(self.engine.as_ref().expect("just made"))
+    }
+
+    fn answer(&mut self, mut call: Call) -> Result<Reply, Failure> {
+        let version = call.version.clone();
+        let deadline = self.deadline.clone();
+        let epoch = self.epoch;
+        let time = self.limits.time;
+        let memory = self.limits.memory;
+        let host = self.host.clone();
+        host.begin_request();
+        let engine = self.engine(&version).map_err(Failure::Script)?;
+        let main = engine
+            .code
+            .files
+            .get("api/main.js")
+            .ok_or_else(|| Failure::Script(JsError::new("api/main.js is missing")))?;
+        let module = script::is_module(main);
+        let multipart = call.multipart.take();
+        let (info, files) = match request::describe(&call, multipart, !module) {
+            Ok(v) => v,
+            Err(reply) => return Ok(reply),
+        };
+        let ctx = Context::full(&engine.rt)
+            .map_err(|e| Failure::Script(JsError::new(format!("creating a context: {e}"))))?;
+        // Past this point the interrupt handler stops the script (its exception says only
+        // "interrupted", so a failure after the deadline is reported as a timeout).
+        let started = epoch.elapsed() + time;
+        deadline.store(started.as_nanos() as u64, Ordering::Relaxed);
+        let result = ctx.with(|ctx| -> Result<Reply, JsError> {
+            let fail = |e: rquickjs::Error| script::caught(&ctx, e);
+            host::install(&ctx, &host, &engine.code).map_err(fail)?;
+            let globals = ctx.globals();
+            globals.set("__fazt_call", info).map_err(fail)?;
+            let list = Array::new(ctx.clone()).map_err(fail)?;
+            for (i, f) in files.iter().enumerate() {
+                list.set(i, ArrayBuffer::new_copy(ctx.clone(), &f[..]).map_err(fail)?)
+                    .map_err(fail)?;
+            }
+            globals.set("__fazt_files", list).map_err(fail)?;
+            if module && !call.body.is_empty() {
+                globals
+                    .set(
+                        "__fazt_body",
+                        ArrayBuffer::new_copy(ctx.clone(), &call.body[..]).map_err(fail)?,
+                    )
+                    .map_err(fail)?;
+            }
+            script::run_classic(&ctx, &engine.web)?;
+            script::run_classic(&ctx, &engine.prelude)?;
+            let hooks: Object = globals.get("__fazt_hooks").map_err(fail)?;
+            let result: Value = if module {
+                let bytes = engine
+                    .code
+                    .compiled("esm:api/main.js", "api/main.js", |src| {
+                        script::compile_module(&ctx, "api/main.js", src)
+                    })?;
+                // SAFETY: the bytecode was compiled in this process from the app's source and
+                // lives in `engine.code` as long as the runtime does (the engine is dropped
+                // whole when the version changes).
+                let declared = unsafe { Module::load(ctx.clone(), &bytes) }.map_err(fail)?;
+                let (evaluated, done) = declared.eval().map_err(fail)?;
+                settle(&ctx, done.into_value())?;
+                let default: Value = evaluated.get("default").map_err(fail)?;
+                let fetch: Function = hooks.get("fetch").map_err(fail)?;
+                fetch.call((default,)).map_err(fail)?
+            } else {
+                let bytes = engine.code.compiled("main", "api/main.js", |src| {
+                    // The body runs as a function, so a top-level `return` works.
+                    let wrapped = format!("(function () {{{src}\n}})");
+                    script::compile_classic(&ctx, "api/main.js", &wrapped)
+                })?;
+                let main = script::run_classic(&ctx, &bytes)?;
+                let classic: Function = hooks.get("classic").map_err(fail)?;
+                classic.call((main,)).map_err(fail)?
+            };
+            let answer = settle(&ctx, result)?;
+            read_reply(&ctx, answer)
+        });
+        deadline.store(0, Ordering::Relaxed);
+        let over_memory =
+            engine.rt.memory_usage().malloc_size as usize >= memory.saturating_sub(64 << 10);
+        drop(ctx);
+        match result {
+            Ok(reply) => Ok(reply),
+            Err(_) if epoch.elapsed() >= started => Err(Failure::Timeout),
+            Err(e) if e.message.contains("out of memory") || over_memory => {
+                Err(Failure::OutOfMemory)
+            }
+            Err(e) => Err(Failure::Script(e)),
+        }
+    }
+}
+
+/// Runs queued jobs until `value` (if a promise) settles; returns what it resolved to.
+fn settle<'js>(ctx: &Ctx<'js>, value: Value<'js>) -> Result<Value<'js>, JsError> {
+    let Some(promise) = value.as_promise().cloned() else {
+        return Ok(value);
+    };
+    settle_promise(ctx, promise)
+}
+
+fn settle_promise<'js>(ctx: &Ctx<'js>, promise: Promise<'js>) -> Result<Value<'js>, JsError> {
+    match promise.finish::<Value>() {
+        Ok(v) => Ok(v),
+        Err(rquickjs::Error::WouldBlock) => {
+            Err(JsError::new("the handler's promise never settled"))
+        }
+        Err(e) => Err(script::caught(ctx, e)),
+    }
+}
+
+/// `{ status, headers: [[k, v]], body }` from the prelude, as a reply.
+fn read_reply<'js>(ctx: &Ctx<'js>, answer: Value<'js>) -> Result<Reply, JsError> {
+    let fail = |e: rquickjs::Error| script::caught(ctx, e);
+    let obj = answer
+        .as_object()
+        .ok_or_else(|| JsError::new("the app's answer is not an object"))?;
+    let status: f64 = obj.get("status").map_err(fail)?;
+    let pairs: Vec<Vec<String>> = obj.get("headers").map_err(fail)?;
+    let mut headers = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        if let [k, v] = &pair[..] {
+            headers.push((k.clone(), v.clone()));
+        }
+    }
+    let body: Value = obj.get("body").map_err(fail)?;
+    let body = if body.is_undefined() || body.is_null() {
+        Vec::new()
+    } else if let Some(s) = body.as_string() {
+        s.to_string().map_err(fail)?.into_bytes()
+    } else if let Some(buf) = ArrayBuffer::from_value(body.clone()) {
+        // SAFETY: the bytes are copied before any JavaScript runs again.
+        unsafe { buf.as_bytes() }
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    } else {
+        return Err(JsError::new("the response body must be a string or bytes"));
+    };
+    Ok(Reply {
+        status: status as u16,
+        headers,
+        body,
+    })
+}
+
+fn new_engine(
+    limits: &Limits,
+    code: Rc<Code>,
+    deadline: &Arc<AtomicU64>,
+    epoch: Instant,
+) -> Result<Engine, JsError> {
+    let rt =
+        rquickjs::Runtime::new().map_err(|e| JsError::new(format!("creating a runtime: {e}")))?;
+    rt.set_memory_limit(limits.memory);
+    rt.set_max_stack_size(1 << 20);
+    let d = deadline.clone();
+    rt.set_interrupt_handler(Some(Box::new(move || {
+        let at = d.load(Ordering::Relaxed);
+        at != 0 && epoch.elapsed().as_nanos() as u64 >= at
+    })));
+    rt.set_loader(
+        ApiResolver { code: code.clone() },
+        ApiLoader { code: code.clone() },
+    );
+    // The shared scripts are compiled once per runtime.
+    let ctx = Context::full(&rt).map_err(|e| JsError::new(format!("creating a context: {e}")))?;
+    let (web, prelude) = ctx.with(|ctx| -> Result<_, JsError> {
+        Ok((
+            script::compile_classic(&ctx, "fazt:web.js", WEB_JS)?,
+            script::compile_classic(&ctx, "fazt:prelude.js", PRELUDE_JS)?,
+        ))
+    })?;
+    drop(ctx);
+    Ok(Engine {
+        rt,
+        code,
+        web,
+        prelude,
+    })
+}
+
+/// The app's api/ files of one version.
+fn load_code(conn: &rusqlite::Connection, version: &str) -> Result<HashMap<String, String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT f.path, b.data FROM version_files f JOIN blobs b ON b.hash = f.hash
+         WHERE f.version_id = ?1 AND f.path LIKE 'api/%' AND (f.path LIKE '%.js' OR f.path LIKE '%.mjs')",
+    )?;
+    let rows = stmt.query_map([version], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    let mut files = HashMap::new();
+    for row in rows {
+        let (path, data) = row?;
+        let text = String::from_utf8(data).with_context(|| format!("{path} is not UTF-8 text"))?;
+        files.insert(path, text);
+    }
+    Ok(files)
+}
+
+/// `import "./x.js"` from app code: files under api/ of the same version only.
+struct ApiResolver {
+    code: Rc<Code>,
+}
+
+impl Resolver for ApiResolver {
+    fn resolve<'js>(
+        &mut self,
+        _ctx: &Ctx<'js>,
+        base: &str,
+        name: &str,
+        _attributes: Option<rquickjs::loader::ImportAttributes<'js>>,
+    ) -> rquickjs::Result<String> {
+        self.code
+            .resolve(base, name)
+            .map_err(|msg| rquickjs::Error::new_resolving_message(base, name, msg))
+    }
+}
+
+struct ApiLoader {
+    code: Rc<Code>,
+}
+
+impl Loader for ApiLoader {
+    fn load<'js>(
+        &mut self,
+        ctx: &Ctx<'js>,
+        name: &str,
+        _attributes: Option<rquickjs::loader::ImportAttributes<'js>>,
+    ) -> rquickjs::Result<Module<'js, Declared>> {
+        let bytes = self
+            .code
+            .compiled(&format!("esm:{name}"), name, |src| {
+                script::compile_module(ctx, name, src)
+            })
+            .map_err(|e| rquickjs::Error::new_loading_message(name, e.message))?;
+        // SAFETY: bytecode compiled in this process, kept by `code` for the runtime's life.
+        unsafe { Module::load(ctx.clone(), &bytes) }
+    }
+}

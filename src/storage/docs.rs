@@ -1,0 +1,825 @@
+//! `fazt.app.ds`: JSON documents in collections, with a small query language.
+//!
+//! Merging: a document is one JSON column, so concurrent edits of the same document on two
+//! nodes merge per document — one whole version wins, the same on every node. Fields
+//! changed with `$inc` are counters and merge by adding up: each node keeps its own running
+//! total per field in `app_doc_counters`, and a field's value is its stored value plus every
+//! node's total. `$set`/`$unset` of a counter field starts it afresh: the document keeps a
+//! stamp per counter field (under the reserved key `$fazt`), and only totals made on top of
+//! the current stamp count. A set and a concurrent increment: the set wins.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Result};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{Map, Number, Value};
+
+use super::{check_name, Scope};
+use crate::db::Db;
+
+/// The key under which a document keeps its counter stamps; never shown to apps.
+const STAMPS: &str = "$fazt";
+/// Largest document, as JSON text.
+pub const MAX_DOC_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, Default)]
+pub struct FindOptions {
+    pub limit: Option<usize>,
+    pub offset: usize,
+    /// Newest first (the default) or oldest first, by creation time.
+    pub ascending: bool,
+}
+
+/// A stored document with its counters applied.
+struct Stored {
+    id: String,
+    data: Map<String, Value>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl Stored {
+    /// The document as apps see it: fields, `id`, `_createdAt`, `_updatedAt`.
+    fn public(&self) -> Value {
+        let mut out = self.data.clone();
+        out.remove(STAMPS);
+        out.insert("id".into(), Value::String(self.id.clone()));
+        out.insert("_createdAt".into(), Value::from(self.created_at));
+        out.insert("_updatedAt".into(), Value::from(self.updated_at));
+        Value::Object(out)
+    }
+
+    fn stamp(&self, path: &str) -> String {
+        self.data
+            .get(STAMPS)
+            .and_then(|s| s.get(path))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the system has randomness");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+fn check_doc_size(data: &Map<String, Value>) -> Result<String> {
+    let text = serde_json::to_string(data)?;
+    if text.len() > MAX_DOC_BYTES {
+        bail!("document is larger than {MAX_DOC_BYTES} bytes as JSON");
+    }
+    Ok(text)
+}
+
+/// Stores a new document; returns its id (the document's `id` field, or a new UUID).
+pub fn insert(
+    db: &mut Db,
+    scope: &Scope,
+    collection: &str,
+    doc: Value,
+    now: i64,
+) -> Result<String> {
+    check_name("a collection name", collection)?;
+    let Value::Object(mut data) = doc else {
+        bail!("a document must be an object");
+    };
+    if data.contains_key(STAMPS) {
+        bail!("field name {STAMPS} is reserved");
+    }
+    let id = match data.remove("id") {
+        None | Some(Value::Null) => new_id(),
+        Some(Value::String(s)) => {
+            check_name("a document id", &s)?;
+            s
+        }
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => bail!("a document id must be a string or a number"),
+    };
+    data.remove("_createdAt");
+    data.remove("_updatedAt");
+    let text = check_doc_size(&data)?;
+    db.write(|tx| {
+        let exists: Option<i64> = tx
+            .prepare_cached(
+                "SELECT 1 FROM app_docs WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND id = ?4",
+            )?
+            .query_row(params![scope.app_id, scope.user_id, collection, id], |r| r.get(0))
+            .optional()?;
+        if exists.is_some() {
+            bail!("collection {collection} already has a document with id {id:?}");
+        }
+        tx.prepare_cached(
+            "INSERT INTO app_docs (app_id, user_id, collection, id, data, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        )?
+        .execute(params![scope.app_id, scope.user_id, collection, id, text, now])?;
+        Ok(())
+    })?;
+    Ok(id)
+}
+
+/// Every document of a collection, counters applied, in creation order.
+fn load(
+    conn: &Connection,
+    scope: &Scope,
+    collection: &str,
+    only_id: Option<&str>,
+) -> Result<Vec<Stored>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, data, created_at, updated_at FROM app_docs
+         WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND (?4 IS NULL OR id = ?4)
+         ORDER BY created_at, id",
+    )?;
+    let rows = stmt.query_map(
+        params![scope.app_id, scope.user_id, collection, only_id],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        },
+    )?;
+    let mut docs = Vec::new();
+    for row in rows {
+        let (id, data, created_at, updated_at) = row?;
+        let data = match serde_json::from_str(&data) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        docs.push(Stored {
+            id,
+            data,
+            created_at,
+            updated_at,
+        });
+    }
+    // Counter totals per (document, field, stamp).
+    let mut totals: HashMap<(String, String), Vec<(String, f64)>> = HashMap::new();
+    let mut stmt = conn.prepare_cached(
+        "SELECT doc_id, field, base, sum(amount) FROM app_doc_counters
+         WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND (?4 IS NULL OR doc_id = ?4)
+         GROUP BY doc_id, field, base",
+    )?;
+    let rows = stmt.query_map(
+        params![scope.app_id, scope.user_id, collection, only_id],
+        |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, f64>(3)?,
+            ))
+        },
+    )?;
+    for row in rows {
+        let (doc, field, base, sum) = row?;
+        totals.entry((doc, field)).or_default().push((base, sum));
+    }
+    if totals.is_empty() {
+        return Ok(docs);
+    }
+    for doc in &mut docs {
+        let fields: Vec<String> = totals
+            .keys()
+            .filter(|(d, _)| *d == doc.id)
+            .map(|(_, f)| f.clone())
+            .collect();
+        for field in fields {
+            let stamp = doc.stamp(&field);
+            let added: f64 = totals[&(doc.id.clone(), field.clone())]
+                .iter()
+                .filter(|(base, _)| *base == stamp)
+                .map(|(_, s)| s)
+                .sum();
+            if added != 0.0 {
+                let start = lookup(&doc.data, &field)
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0);
+                set_path(&mut doc.data, &field, number(start + added))?;
+            }
+        }
+    }
+    Ok(docs)
+}
+
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.007_199_254_740_992e15 {
+        Value::from(x as i64)
+    } else {
+        Number::from_f64(x)
+            .map(Value::Number)
+            .unwrap_or(Value::Null)
+    }
+}
+
+/// Documents matching `query`, as apps see them.
+pub fn find(
+    conn: &Connection,
+    scope: &Scope,
+    collection: &str,
+    query: &Value,
+    opts: &FindOptions,
+) -> Result<Vec<Value>> {
+    let mut docs = matching(conn, scope, collection, query)?;
+    if !opts.ascending {
+        docs.reverse();
+    }
+    Ok(docs
+        .iter()
+        .skip(opts.offset)
+        .take(opts.limit.unwrap_or(usize::MAX))
+        .map(Stored::public)
+        .collect())
+}
+
+/// The first match (newest first), or the document with that id when `query` is an id.
+pub fn find_one(
+    conn: &Connection,
+    scope: &Scope,
+    collection: &str,
+    query: &Value,
+) -> Result<Option<Value>> {
+    let opts = FindOptions {
+        limit: Some(1),
+        ..Default::default()
+    };
+    Ok(find(conn, scope, collection, query, &opts)?
+        .into_iter()
+        .next())
+}
+
+pub fn count(conn: &Connection, scope: &Scope, collection: &str, query: &Value) -> Result<usize> {
+    Ok(matching(conn, scope, collection, query)?.len())
+}
+
+fn matching(
+    conn: &Connection,
+    scope: &Scope,
+    collection: &str,
+    query: &Value,
+) -> Result<Vec<Stored>> {
+    let query = normalize_query(query)?;
+    let only_id = match query.get("id") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for doc in load(conn, scope, collection, only_id.as_deref())? {
+        let public = doc.public();
+        if matches(&public, &query)? {
+            out.push(doc);
+        }
+    }
+    Ok(out)
+}
+
+/// A query object; a bare string or number means "the document with this id"; null or
+/// undefined means "every document".
+fn normalize_query(query: &Value) -> Result<Map<String, Value>> {
+    match query {
+        Value::Null => Ok(Map::new()),
+        Value::Object(m) => Ok(m.clone()),
+        Value::String(_) | Value::Number(_) => {
+            let id = match query {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            Ok(Map::from_iter([("id".to_string(), Value::String(id))]))
+        }
+        _ => bail!("a query must be an object (or a document id)"),
+    }
+}
+
+/// The value at a dotted path (`a.b.0.c`: object keys and array indexes).
+fn lookup<'a>(data: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
+    let mut parts = path.split('.');
+    let mut cur = data.get(parts.next()?)?;
+    for part in parts {
+        cur = match cur {
+            Value::Object(m) => m.get(part)?,
+            Value::Array(a) => a.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(cur)
+}
+
+fn set_path(data: &mut Map<String, Value>, path: &str, value: Value) -> Result<()> {
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("invalid field path {path:?}");
+    }
+    let mut cur = data;
+    for part in &parts[..parts.len() - 1] {
+        let next = cur
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !next.is_object() {
+            *next = Value::Object(Map::new());
+        }
+        cur = next.as_object_mut().expect("just made an object");
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn unset_path(data: &mut Map<String, Value>, path: &str) {
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut cur = data;
+    for part in &parts[..parts.len() - 1] {
+        match cur.get_mut(*part).and_then(Value::as_object_mut) {
+            Some(next) => cur = next,
+            None => return,
+        }
+    }
+    cur.remove(parts[parts.len() - 1]);
+}
+
+/// JSON equality with numbers compared by value (1 equals 1.0).
+fn json_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+/// Order between two numbers or two strings; None for anything else.
+fn json_cmp(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
+        _ => None,
+    }
+}
+
+fn is_operator_object(v: &Value) -> bool {
+    matches!(v, Value::Object(m) if !m.is_empty() && m.keys().all(|k| k.starts_with('$')))
+}
+
+fn matches(doc: &Value, query: &Map<String, Value>) -> Result<bool> {
+    let data = doc.as_object().expect("documents are objects");
+    for (path, cond) in query {
+        let actual = lookup(data, path);
+        let ok = if is_operator_object(cond) {
+            let mut all = true;
+            for (op, arg) in cond.as_object().expect("checked") {
+                if !operator(op, actual, arg)? {
+                    all = false;
+                    break;
+                }
+            }
+            all
+        } else {
+            equals(actual, cond)
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Field equality: a missing field equals null; an array field matches any of its elements.
+fn equals(actual: Option<&Value>, want: &Value) -> bool {
+    match actual {
+        None => want.is_null(),
+        Some(v) if json_eq(v, want) => true,
+        Some(Value::Array(items)) => items.iter().any(|i| json_eq(i, want)),
+        Some(_) => false,
+    }
+}
+
+fn operator(op: &str, actual: Option<&Value>, arg: &Value) -> Result<bool> {
+    use std::cmp::Ordering::*;
+    let cmp = |accept: &[std::cmp::Ordering]| {
+        actual
+            .and_then(|a| json_cmp(a, arg))
+            .is_some_and(|o| accept.contains(&o))
+    };
+    let list = || arg.as_array().ok_or_else(|| anyhow!("{op} needs an array"));
+    Ok(match op {
+        "$eq" => equals(actual, arg),
+        "$ne" => !equals(actual, arg),
+        "$gt" => cmp(&[Greater]),
+        "$gte" => cmp(&[Greater, Equal]),
+        "$lt" => cmp(&[Less]),
+        "$lte" => cmp(&[Less, Equal]),
+        "$in" => list()?.iter().any(|w| equals(actual, w)),
+        "$nin" => !list()?.iter().any(|w| equals(actual, w)),
+        "$contains" => match (actual, arg) {
+            (Some(Value::Array(items)), _) => items.iter().any(|i| json_eq(i, arg)),
+            (Some(Value::String(s)), Value::String(sub)) => s.contains(sub.as_str()),
+            _ => false,
+        },
+        "$exists" => actual.is_some() == arg.as_bool().unwrap_or(true),
+        other => bail!("unknown query operator {other} (supported: $eq $ne $gt $gte $lt $lte $in $nin $contains $exists)"),
+    })
+}
+
+/// What an update does, from `{"$set": {...}, "$unset": {...}, "$inc": {...}}` (bare fields
+/// mean `$set`).
+#[derive(Default)]
+struct Changes {
+    set: Vec<(String, Value)>,
+    unset: Vec<String>,
+    inc: Vec<(String, f64)>,
+}
+
+fn parse_changes(changes: &Value) -> Result<Changes> {
+    let Value::Object(map) = changes else {
+        bail!("changes must be an object");
+    };
+    let mut out = Changes::default();
+    let check = |path: &str| -> Result<()> {
+        if path == "id"
+            || path == "_createdAt"
+            || path == "_updatedAt"
+            || path.split('.').next() == Some(STAMPS)
+        {
+            bail!("field {path} cannot be changed");
+        }
+        if path.is_empty() || path.split('.').any(str::is_empty) {
+            bail!("invalid field path {path:?}");
+        }
+        Ok(())
+    };
+    for (key, value) in map {
+        match key.as_str() {
+            "$set" => {
+                let fields = value
+                    .as_object()
+                    .ok_or_else(|| anyhow!("$set needs an object"))?;
+                for (path, v) in fields {
+                    check(path)?;
+                    out.set.push((path.clone(), v.clone()));
+                }
+            }
+            "$unset" => match value {
+                Value::Object(fields) => {
+                    for path in fields.keys() {
+                        check(path)?;
+                        out.unset.push(path.clone());
+                    }
+                }
+                Value::Array(paths) => {
+                    for p in paths {
+                        let path = p
+                            .as_str()
+                            .ok_or_else(|| anyhow!("$unset lists field names"))?;
+                        check(path)?;
+                        out.unset.push(path.to_string());
+                    }
+                }
+                _ => bail!("$unset needs an object or an array of field names"),
+            },
+            "$inc" => {
+                let fields = value
+                    .as_object()
+                    .ok_or_else(|| anyhow!("$inc needs an object"))?;
+                for (path, v) in fields {
+                    check(path)?;
+                    let n = v
+                        .as_f64()
+                        .filter(|n| n.is_finite())
+                        .ok_or_else(|| anyhow!("$inc of {path} needs a number"))?;
+                    out.inc.push((path.clone(), n));
+                }
+            }
+            op if op.starts_with('$') => {
+                bail!("unknown update operator {op} (supported: $set $unset $inc)")
+            }
+            path => {
+                check(path)?;
+                out.set.push((path.to_string(), value.clone()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Applies `changes` to every matching document in one transaction; returns how many.
+pub fn update(
+    db: &mut Db,
+    scope: &Scope,
+    collection: &str,
+    query: &Value,
+    changes: &Value,
+    now: i64,
+) -> Result<usize> {
+    let changes = parse_changes(changes)?;
+    let node = hex::encode(db.site_id().0);
+    let docs = matching(db.conn(), scope, collection, query)?;
+    if docs.is_empty() {
+        return Ok(0);
+    }
+    // Counter fields each matched document has, to restart those that are set or unset.
+    let counter_fields = |conn: &Connection, id: &str| -> Result<Vec<String>> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT field FROM app_doc_counters
+             WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND doc_id = ?4",
+        )?;
+        let rows = stmt.query_map(params![scope.app_id, scope.user_id, collection, id], |r| {
+            r.get(0)
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    };
+    let mut plans = Vec::new();
+    for doc in &docs {
+        // What the stored document becomes: stored values (without counter totals) changed.
+        let stored = load_raw(db.conn(), scope, collection, &doc.id)?;
+        let mut data = stored.clone();
+        let counters = counter_fields(db.conn(), &doc.id)?;
+        let mut touched = Vec::new();
+        for (path, value) in &changes.set {
+            set_path(&mut data, path, value.clone())?;
+            touched.push(path.clone());
+        }
+        for path in &changes.unset {
+            unset_path(&mut data, path);
+            touched.push(path.clone());
+        }
+        for field in &counters {
+            if touched
+                .iter()
+                .any(|t| field == t || field.starts_with(&format!("{t}.")))
+            {
+                let stamps = data
+                    .entry(STAMPS.to_string())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(s) = stamps {
+                    s.insert(field.clone(), Value::String(new_id()));
+                }
+            }
+        }
+        let mut incs = Vec::new();
+        for (path, n) in &changes.inc {
+            // The field as the app sees it must be a number (or absent).
+            match lookup(&doc.data, path) {
+                None | Some(Value::Number(_)) | Some(Value::Null) => {}
+                Some(other) => bail!(
+                    "cannot $inc {path} of document {:?}: it holds {}",
+                    doc.id,
+                    kind(other)
+                ),
+            }
+            if changes.set.iter().any(|(p, _)| p == path) {
+                // Set and incremented at once: the sum is the new stored value.
+                let base = lookup(&data, path).and_then(Value::as_f64).unwrap_or(0.0);
+                set_path(&mut data, path, number(base + n))?;
+                continue;
+            }
+            let stamp = data
+                .get(STAMPS)
+                .and_then(|s| s.get(path.as_str()))
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            incs.push((path.clone(), stamp, *n));
+        }
+        let text = (data != stored)
+            .then(|| check_doc_size(&data))
+            .transpose()?;
+        plans.push((doc.id.clone(), text, incs));
+    }
+    db.write(|tx| {
+        for (id, text, incs) in &plans {
+            if let Some(text) = text {
+                tx.prepare_cached(
+                    "UPDATE app_docs SET data = ?5, updated_at = ?6
+                     WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND id = ?4",
+                )?
+                .execute(params![scope.app_id, scope.user_id, collection, id, text, now])?;
+            } else {
+                tx.prepare_cached(
+                    "UPDATE app_docs SET updated_at = ?5
+                     WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND id = ?4",
+                )?
+                .execute(params![scope.app_id, scope.user_id, collection, id, now])?;
+            }
+            for (field, stamp, n) in incs {
+                // This node's total restarts when the field was set since it last counted.
+                tx.prepare_cached(
+                    "INSERT INTO app_doc_counters (app_id, user_id, collection, doc_id, field, node, base, amount)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (app_id, user_id, collection, doc_id, field, node) DO UPDATE SET
+                       amount = CASE WHEN base = excluded.base THEN amount + excluded.amount ELSE excluded.amount END,
+                       base = excluded.base",
+                )?
+                .execute(params![scope.app_id, scope.user_id, collection, id, field, node, stamp, n])?;
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(plans.len())
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A document's stored fields (stamps included, counter totals not applied).
+fn load_raw(
+    conn: &Connection,
+    scope: &Scope,
+    collection: &str,
+    id: &str,
+) -> Result<Map<String, Value>> {
+    let data: String = conn
+        .prepare_cached("SELECT data FROM app_docs WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND id = ?4")?
+        .query_row(params![scope.app_id, scope.user_id, collection, id], |r| r.get(0))?;
+    Ok(match serde_json::from_str(&data) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    })
+}
+
+/// Deletes every matching document (and its counters); returns how many.
+pub fn delete(db: &mut Db, scope: &Scope, collection: &str, query: &Value) -> Result<usize> {
+    let ids: Vec<String> = matching(db.conn(), scope, collection, query)?
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    db.write(|tx| {
+        for id in &ids {
+            tx.prepare_cached("DELETE FROM app_docs WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND id = ?4")?
+                .execute(params![scope.app_id, scope.user_id, collection, id])?;
+            tx.prepare_cached(
+                "DELETE FROM app_doc_counters WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND doc_id = ?4",
+            )?
+            .execute(params![scope.app_id, scope.user_id, collection, id])?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(ids.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = crate::db::create(&dir.path().join("data.db")).unwrap();
+        (dir, db)
+    }
+
+    #[test]
+    fn queries_use_every_operator_and_dotted_paths() {
+        let (_d, mut db) = db();
+        let s = Scope::app("a");
+        for (i, (name, tags)) in [("ann", vec!["x"]), ("bob", vec!["y", "z"]), ("cy", vec![])]
+            .iter()
+            .enumerate()
+        {
+            insert(
+                &mut db,
+                &s,
+                "p",
+                json!({"name": name, "n": i, "tags": tags, "addr": {"city": format!("c{i}")}}),
+                i as i64,
+            )
+            .unwrap();
+        }
+        let names = |q: Value| -> Vec<String> {
+            let opts = FindOptions {
+                ascending: true,
+                ..Default::default()
+            };
+            find(db.conn(), &s, "p", &q, &opts)
+                .unwrap()
+                .iter()
+                .map(|d| d["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(names(json!({"name": "bob"})), ["bob"]);
+        assert_eq!(names(json!({"n": {"$gte": 1}})), ["bob", "cy"]);
+        assert_eq!(names(json!({"n": {"$gt": 0, "$lt": 2}})), ["bob"]);
+        assert_eq!(names(json!({"n": {"$lte": 0}})), ["ann"]);
+        assert_eq!(names(json!({"name": {"$ne": "ann"}})), ["bob", "cy"]);
+        assert_eq!(
+            names(json!({"name": {"$in": ["ann", "cy"]}})),
+            ["ann", "cy"]
+        );
+        assert_eq!(names(json!({"name": {"$nin": ["ann", "cy"]}})), ["bob"]);
+        assert_eq!(names(json!({"tags": {"$contains": "z"}})), ["bob"]);
+        assert_eq!(names(json!({"name": {"$contains": "o"}})), ["bob"]);
+        assert_eq!(names(json!({"addr.city": "c2"})), ["cy"]);
+        assert_eq!(names(json!({"missing": null})).len(), 3);
+        assert_eq!(names(json!({"n": 1.0})), ["bob"]);
+        assert!(find(
+            db.conn(),
+            &s,
+            "p",
+            &json!({"n": {"$near": 1}}),
+            &FindOptions::default()
+        )
+        .is_err());
+        assert_eq!(count(db.conn(), &s, "p", &json!({})).unwrap(), 3);
+        assert_eq!(
+            count(db.conn(), &Scope::app("b"), "p", &json!({})).unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn updates_set_unset_and_count_up() {
+        let (_d, mut db) = db();
+        let s = Scope::app("a");
+        let id = insert(
+            &mut db,
+            &s,
+            "c",
+            json!({"n": 1, "keep": true, "drop": 1}),
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            update(
+                &mut db,
+                &s,
+                "c",
+                &json!(id.clone()),
+                &json!({"$inc": {"n": 2}, "$unset": {"drop": 1}, "label": "x"}),
+                2
+            )
+            .unwrap(),
+            1
+        );
+        let doc = find_one(db.conn(), &s, "c", &json!(id.clone()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(doc["n"], json!(3));
+        assert_eq!(doc["label"], json!("x"));
+        assert!(doc.get("drop").is_none());
+        assert!(doc.get(STAMPS).is_none());
+        update(
+            &mut db,
+            &s,
+            "c",
+            &json!({}),
+            &json!({"$inc": {"n": 0.5}}),
+            3,
+        )
+        .unwrap();
+        assert_eq!(
+            find_one(db.conn(), &s, "c", &json!(id.clone()))
+                .unwrap()
+                .unwrap()["n"],
+            json!(3.5)
+        );
+        // Setting a counter starts it afresh.
+        update(&mut db, &s, "c", &json!({}), &json!({"$set": {"n": 10}}), 4).unwrap();
+        update(&mut db, &s, "c", &json!({}), &json!({"$inc": {"n": 1}}), 5).unwrap();
+        assert_eq!(
+            find_one(db.conn(), &s, "c", &json!(id.clone()))
+                .unwrap()
+                .unwrap()["n"],
+            json!(11)
+        );
+        assert!(update(
+            &mut db,
+            &s,
+            "c",
+            &json!({}),
+            &json!({"$inc": {"label": 1}}),
+            6
+        )
+        .is_err());
+        assert!(update(&mut db, &s, "c", &json!({}), &json!({"$push": {"a": 1}}), 6).is_err());
+        assert_eq!(delete(&mut db, &s, "c", &json!({"keep": true})).unwrap(), 1);
+        assert_eq!(count(db.conn(), &s, "c", &json!({})).unwrap(), 0);
+    }
+}
