@@ -7,5 +7,6 @@ mod bad_input;
 mod bundles;
 mod database;
 mod peers;
+mod serverless;
 mod serving;
 mod versions;

@@ -13,7 +13,7 @@ use crate::harness::{write, Node, Run, Server};
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Polls `check` every 50 ms until it gives a value; panics naming `what` after [`PATIENCE`].
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = check() {
@@ -159,14 +159,14 @@ fn wait_connected(node: &Node) {
 }
 
 /// Two nodes with running servers: `zyt` invited, `local` joined, each under those names.
-struct Pair {
-    local: Node,
-    local_server: Server,
-    zyt: Node,
-    zyt_server: Server,
+pub(crate) struct Pair {
+    pub local: Node,
+    pub local_server: Server,
+    pub zyt: Node,
+    pub zyt_server: Server,
 }
 
-fn joined_pair() -> Pair {
+pub(crate) fn joined_pair() -> Pair {
     let zyt = Node::new();
     let zyt_server = zyt.start(&[]);
     let local = Node::new();

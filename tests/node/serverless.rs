@@ -1,0 +1,751 @@
+//! Serverless apps: api/main.js answering /api on the app's host, in the original fazt API
+//! and as a web-standard fetch handler, with storage, variables, logs and limits.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::harness::{Node, Server};
+use crate::peers::{eventually, joined_pair, Pair};
+
+/// A node serving one app `name` whose api/main.js is `main` (plus other files).
+fn app(node: &Node, name: &str, main: &str, more: &[(&str, &str)]) -> std::path::PathBuf {
+    let mut files = vec![("index.html", "static"), ("api/main.js", main)];
+    files.extend_from_slice(more);
+    let dir = node.site(name, &files);
+    node.deploy(&dir, &["--name", name]);
+    dir
+}
+
+fn call(
+    server: &Server,
+    app: &str,
+    method: Method,
+    path: &str,
+) -> reqwest::blocking::RequestBuilder {
+    server.request(method, &format!("{app}.localhost"), path)
+}
+
+/// Status and JSON body of a request.
+fn send(req: reqwest::blocking::RequestBuilder) -> (u16, Value) {
+    let resp = req.send().expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
+
+fn get(server: &Server, app: &str, path: &str) -> (u16, Value) {
+    send(call(server, app, Method::GET, path))
+}
+
+fn post_json(server: &Server, app: &str, path: &str, body: &Value) -> (u16, Value) {
+    send(call(server, app, Method::POST, path).json(body))
+}
+
+/// The app's log lines on this node, as `fazt app logs --json` prints them.
+fn logs(node: &Node, app: &str) -> Vec<Value> {
+    node.ok(&["app", "logs", app, "--json", "-n", "1000"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn wait_for_log(node: &Node, app: &str, needle: &str) -> Vec<Value> {
+    eventually(&format!("{app}'s log mentions {needle:?}"), || {
+        let lines = logs(node, app);
+        lines
+            .iter()
+            .any(|l| l["message"].as_str().unwrap().contains(needle))
+            .then_some(lines)
+    })
+}
+
+const ORIGINAL_API: &str = r#"
+console.log('called', request.method, request.path);
+var route = request.path.replace(/^\/api\/?/, '');
+if (route === 'request') {
+  return respond({ method: request.method, path: request.path, query: request.query,
+                   agent: request.headers['x-agent'], body: request.body,
+                   files: (request.files || []).map(function (f) {
+                     return { name: f.name, type: f.type, size: f.size, bytes: f.data.byteLength, field: f.field };
+                   }) });
+}
+if (route === 'status') return respond(201, { made: true }, { 'X-Extra': 'yes' });
+if (route === 'text') return respond('plain words');
+if (route === 'bytes') return respond(200, new Uint8Array([1, 2, 3]).buffer, { 'content-type': 'application/x-thing' });
+if (route === 'value') return { returned: 'as JSON' };
+if (route === 'noreturn') { respond(202, 'no return needed'); }
+else if (route === 'throw') { throw new Error('broken on purpose'); }
+else if (route === 'sloppy') { implicitGlobal = 41; respond({ value: implicitGlobal + 1 }); }
+else if (route === 'require') { var lib = require('./lib/helper.js'); respond({ sum: lib.add(2, 3), again: require('./lib/helper').add(1, 1) }); }
+else if (route === 'empty') { }
+else respond(404, { error: 'no route ' + route });
+"#;
+
+const HELPER: &str = "exports.add = function (a, b) { return a + b; };";
+
+#[test]
+fn original_api_apps_run_unchanged() {
+    let node = Node::new();
+    app(
+        &node,
+        "orig",
+        ORIGINAL_API,
+        &[("api/lib/helper.js", HELPER)],
+    );
+    let server = node.start(&[]);
+
+    let (status, body) = send(
+        call(&server, "orig", Method::POST, "/api/request?a=1&b=two&a=3")
+            .header("X-Agent", "tester")
+            .json(&json!({"n": 1, "list": [1, 2]})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"method": "POST", "path": "/api/request", "query": {"a": "1", "b": "two"},
+               "agent": "tester", "body": {"n": 1, "list": [1, 2]}, "files": []})
+    );
+
+    // Form bodies become fields; multipart files arrive as ArrayBuffers.
+    let (_, body) = send(
+        call(&server, "orig", Method::POST, "/api/request").form(&[("name", "ann"), ("age", "7")]),
+    );
+    assert_eq!(body["body"], json!({"name": "ann", "age": "7"}));
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("title", "holiday")
+        .part(
+            "photo",
+            reqwest::blocking::multipart::Part::bytes(vec![7u8; 1000])
+                .file_name("beach.jpg")
+                .mime_str("image/jpeg")
+                .unwrap(),
+        );
+    let (status, body) = send(call(&server, "orig", Method::POST, "/api/request").multipart(form));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["body"], json!({"title": "holiday"}));
+    assert_eq!(
+        body["files"],
+        json!([{"name": "beach.jpg", "type": "image/jpeg", "size": 1000, "bytes": 1000, "field": "photo"}])
+    );
+
+    let resp = call(&server, "orig", Method::GET, "/api/status")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    assert_eq!(resp.headers()["x-extra"], "yes");
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(resp.json::<Value>().unwrap(), json!({"made": true}));
+
+    let resp = call(&server, "orig", Method::GET, "/api/text")
+        .send()
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(resp.text().unwrap(), "plain words");
+    let resp = call(&server, "orig", Method::GET, "/api/bytes")
+        .send()
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/x-thing");
+    assert_eq!(resp.bytes().unwrap().to_vec(), vec![1, 2, 3]);
+
+    assert_eq!(
+        get(&server, "orig", "/api/value"),
+        (200, json!({"returned": "as JSON"}))
+    );
+    assert_eq!(
+        get(&server, "orig", "/api/noreturn"),
+        (202, json!("no return needed"))
+    );
+    assert_eq!(
+        get(&server, "orig", "/api/sloppy"),
+        (200, json!({"value": 42}))
+    );
+    assert_eq!(
+        get(&server, "orig", "/api/require"),
+        (200, json!({"sum": 5, "again": 2}))
+    );
+    assert_eq!(get(&server, "orig", "/api/empty").0, 204);
+    // `/api` itself is the app's too; other paths stay static.
+    assert_eq!(get(&server, "orig", "/api").1["error"], "no route ");
+    assert_eq!(server.text("orig.localhost", "/"), "static");
+
+    // A thrown error: 500 with a JSON message; the stack goes to the log only.
+    let (status, body) = get(&server, "orig", "/api/throw");
+    assert_eq!(status, 500);
+    assert_eq!(body, json!({"error": "Error: broken on purpose"}));
+    let lines = wait_for_log(&node, "orig", "broken on purpose");
+    let error = lines.iter().find(|l| l["level"] == "error").unwrap();
+    assert!(
+        error["message"].as_str().unwrap().contains("api/main.js"),
+        "{error}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "called GET /api/throw"),
+        "{lines:?}"
+    );
+    let text = node.ok(&["app", "logs", "orig", "-n", "2"]);
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains(" error ") || l.contains(" info "))
+            .count(),
+        2,
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_before_the_app_runs() {
+    let node = Node::new();
+    app(
+        &node,
+        "strict",
+        "console.log('ran'); respond({ ok: true });",
+        &[],
+    );
+    let server = node.start(&[]);
+    let (status, body) = send(
+        call(&server, "strict", Method::POST, "/api/x")
+            .header("content-type", "application/json")
+            .body("{not json"),
+    );
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("request body is not valid JSON"),
+        "{body}"
+    );
+    let (status, body) = send(
+        call(&server, "strict", Method::POST, "/api/x")
+            .header("content-type", "multipart/form-data; boundary=zz")
+            .body("--zz\r\ngarbage"),
+    );
+    assert_eq!(status, 400, "{body}");
+    // Over the body limit (10 MiB): 413, whether the length is declared or streamed.
+    let big = vec![b'x'; 10 * 1024 * 1024 + 1];
+    let (status, body) = send(call(&server, "strict", Method::POST, "/api/x").body(big.clone()));
+    assert_eq!(status, 413, "{body}");
+    assert!(logs(&node, "strict").is_empty());
+    assert_eq!(get(&server, "strict", "/api/x"), (200, json!({"ok": true})));
+}
+
+const STORAGE_APP: &str = r#"
+var kv = fazt.app.kv, ds = fazt.app.ds, s3 = fazt.app.s3;
+var r = request.path.slice(5), b = request.body || {};
+if (r === 'kv/set') { kv.set(b.key, b.value, b.ttl); return respond({ ok: true }); }
+if (r === 'kv/get') return respond({ value: kv.get(request.query.key) });
+if (r === 'kv/delete') return respond({ deleted: kv.delete(request.query.key) });
+if (r === 'kv/list') return respond(kv.list(request.query.prefix));
+if (r === 'ds/insert') return respond({ id: ds.insert(b.collection, b.doc) });
+if (r === 'ds/find') return respond(ds.find(b.collection, b.query, b.options));
+if (r === 'ds/findOne') return respond({ doc: ds.findOne(b.collection, b.query) });
+if (r === 'ds/update') return respond({ n: ds.update(b.collection, b.query, b.changes) });
+if (r === 'ds/delete') return respond({ n: ds.delete(b.collection, b.query) });
+if (r === 'ds/count') return respond({ n: ds.count(b.collection, b.query) });
+if (r === 's3/put') return respond(s3.put(b.path, b.text, b.mime));
+if (r === 's3/putBytes') return respond(s3.put(b.path, new Uint8Array(b.bytes)));
+if (r === 's3/get') {
+  var f = s3.get(request.query.path);
+  return respond(f === null ? { found: false } : { mime: f.mime, size: f.size, hash: f.hash,
+    isBuffer: f.data instanceof ArrayBuffer, bytes: Array.from(new Uint8Array(f.data)) });
+}
+if (r === 's3/raw') { var g = s3.get(request.query.path); return respond(200, g.data, { 'content-type': g.mime }); }
+if (r === 's3/list') return respond(s3.list(request.query.prefix));
+if (r === 's3/delete') return respond({ deleted: s3.delete(request.query.path) });
+if (r === 'legacy') { fazt.storage.kv.set('old', 1); return respond({ same: fazt.app.kv.get('old') }); }
+if (r === 'user') { try { fazt.app.user.kv.get('x'); } catch (e) { return respond(401, { error: e.message }); } }
+if (r === 'error') { try { ds.update('c', {}, { $push: { a: 1 } }); } catch (e) { return respond(400, { error: e.message }); } }
+respond(404, { error: 'no route ' + r });
+"#;
+
+#[test]
+fn kv_documents_and_blobs_work_as_the_original_api_describes() {
+    let node = Node::new();
+    app(&node, "store", STORAGE_APP, &[]);
+    let server = node.start(&[]);
+    let s = &server;
+
+    // Key-value: JSON values, prefixes, deletes, time to live.
+    post_json(
+        s,
+        "store",
+        "/api/kv/set",
+        &json!({"key": "user:1", "value": {"name": "ann", "tags": [1]}}),
+    );
+    post_json(
+        s,
+        "store",
+        "/api/kv/set",
+        &json!({"key": "user:2", "value": 2}),
+    );
+    post_json(
+        s,
+        "store",
+        "/api/kv/set",
+        &json!({"key": "other", "value": "x"}),
+    );
+    post_json(
+        s,
+        "store",
+        "/api/kv/set",
+        &json!({"key": "brief", "value": true, "ttl": 50}),
+    );
+    assert_eq!(
+        get(s, "store", "/api/kv/get?key=user:1").1,
+        json!({"value": {"name": "ann", "tags": [1]}})
+    );
+    assert_eq!(
+        get(s, "store", "/api/kv/get?key=missing").1,
+        json!({"value": null})
+    );
+    let (_, list) = get(s, "store", "/api/kv/list?prefix=user:");
+    assert_eq!(
+        list,
+        json!([{"key": "user:1", "value": {"name": "ann", "tags": [1]}}, {"key": "user:2", "value": 2}])
+    );
+    std::thread::sleep(Duration::from_millis(120));
+    assert_eq!(
+        get(s, "store", "/api/kv/get?key=brief").1,
+        json!({"value": null})
+    );
+    assert_eq!(
+        get(s, "store", "/api/kv/delete?key=user:2").1,
+        json!({"deleted": true})
+    );
+    assert_eq!(
+        get(s, "store", "/api/kv/delete?key=user:2").1,
+        json!({"deleted": false})
+    );
+    assert_eq!(get(s, "store", "/api/legacy").1, json!({"same": 1}));
+
+    // Documents.
+    let ids: Vec<String> = [("ann", 30, "oslo"), ("bob", 25, "rome"), ("cy", 35, "oslo")]
+        .iter()
+        .map(|(n, age, city)| {
+            let (_, r) = post_json(s, "store", "/api/ds/insert",
+                &json!({"collection": "people", "doc": {"name": n, "age": age, "home": {"city": city}, "tags": [n]}}));
+            r["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids[0].len(), 36, "a UUID: {}", ids[0]);
+    let names = |query: Value, options: Value| -> Vec<String> {
+        let (status, docs) = post_json(
+            s,
+            "store",
+            "/api/ds/find",
+            &json!({"collection": "people", "query": query, "options": options}),
+        );
+        assert_eq!(status, 200, "{docs}");
+        docs.as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names(json!({}), json!({"order": "asc"})),
+        ["ann", "bob", "cy"]
+    );
+    assert_eq!(
+        names(json!({}), json!({})),
+        ["cy", "bob", "ann"],
+        "newest first by default"
+    );
+    assert_eq!(
+        names(json!({"age": {"$gte": 30}}), json!({"order": "asc"})),
+        ["ann", "cy"]
+    );
+    assert_eq!(
+        names(json!({"home.city": "oslo", "age": {"$lt": 32}}), json!({})),
+        ["ann"]
+    );
+    assert_eq!(
+        names(
+            json!({"name": {"$in": ["bob", "cy"]}}),
+            json!({"order": "asc"})
+        ),
+        ["bob", "cy"]
+    );
+    assert_eq!(
+        names(json!({"name": {"$nin": ["bob", "cy"]}}), json!({})),
+        ["ann"]
+    );
+    assert_eq!(
+        names(json!({"tags": {"$contains": "bob"}}), json!({})),
+        ["bob"]
+    );
+    assert_eq!(
+        names(
+            json!({"age": {"$ne": 30}, "name": {"$eq": "cy"}}),
+            json!({})
+        ),
+        ["cy"]
+    );
+    assert_eq!(
+        names(
+            json!({"age": {"$gt": 20, "$lte": 30}}),
+            json!({"order": "asc"})
+        ),
+        ["ann", "bob"]
+    );
+    assert_eq!(
+        names(json!({}), json!({"order": "asc", "limit": 1, "offset": 1})),
+        ["bob"]
+    );
+    let (_, one) = post_json(
+        s,
+        "store",
+        "/api/ds/findOne",
+        &json!({"collection": "people", "query": ids[1]}),
+    );
+    assert_eq!(one["doc"]["name"], "bob");
+    assert_eq!(one["doc"]["id"], ids[1].as_str());
+    assert!(one["doc"]["_createdAt"].as_i64().unwrap() > 0);
+    let (_, n) = post_json(
+        s,
+        "store",
+        "/api/ds/update",
+        &json!({"collection": "people", "query": {"home.city": "oslo"},
+        "changes": {"$inc": {"visits": 2}, "$set": {"home.zip": "0150"}, "$unset": {"tags": 1}, "seen": true}}),
+    );
+    assert_eq!(n, json!({"n": 2}));
+    post_json(
+        s,
+        "store",
+        "/api/ds/update",
+        &json!({"collection": "people", "query": {"name": "ann"}, "changes": {"$inc": {"visits": 1}}}),
+    );
+    let (_, one) = post_json(
+        s,
+        "store",
+        "/api/ds/findOne",
+        &json!({"collection": "people", "query": {"name": "ann"}}),
+    );
+    let doc = &one["doc"];
+    assert_eq!(
+        (
+            doc["visits"].clone(),
+            doc["home"].clone(),
+            doc["seen"].clone()
+        ),
+        (
+            json!(3),
+            json!({"city": "oslo", "zip": "0150"}),
+            json!(true)
+        )
+    );
+    assert!(doc.get("tags").is_none(), "{doc}");
+    assert_eq!(
+        post_json(
+            s,
+            "store",
+            "/api/ds/count",
+            &json!({"collection": "people", "query": {"seen": true}})
+        )
+        .1,
+        json!({"n": 2})
+    );
+    assert_eq!(
+        post_json(
+            s,
+            "store",
+            "/api/ds/delete",
+            &json!({"collection": "people", "query": {"age": {"$gt": 26}}})
+        )
+        .1,
+        json!({"n": 2})
+    );
+    assert_eq!(
+        post_json(
+            s,
+            "store",
+            "/api/ds/count",
+            &json!({"collection": "people", "query": {}})
+        )
+        .1,
+        json!({"n": 1})
+    );
+    let (status, body) = get(s, "store", "/api/error");
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown update operator $push"),
+        "{body}"
+    );
+
+    // Blobs: strings and bytes in, ArrayBuffers out.
+    let (_, meta) = post_json(
+        s,
+        "store",
+        "/api/s3/put",
+        &json!({"path": "notes/a.txt", "text": "hello", "mime": "text/plain"}),
+    );
+    assert_eq!(
+        (meta["size"].clone(), meta["mime"].clone()),
+        (json!(5), json!("text/plain"))
+    );
+    post_json(
+        s,
+        "store",
+        "/api/s3/putBytes",
+        &json!({"path": "notes/b.bin", "bytes": [0, 255, 7]}),
+    );
+    post_json(
+        s,
+        "store",
+        "/api/s3/put",
+        &json!({"path": "top.txt", "text": "x"}),
+    );
+    let (_, f) = get(s, "store", "/api/s3/get?path=notes/b.bin");
+    assert_eq!(f["bytes"], json!([0, 255, 7]));
+    assert_eq!(f["isBuffer"], true);
+    assert_eq!(f["hash"].as_str().unwrap().len(), 64);
+    let raw = call(s, "store", Method::GET, "/api/s3/raw?path=notes/a.txt")
+        .send()
+        .unwrap();
+    assert_eq!(raw.headers()["content-type"], "text/plain");
+    assert_eq!(raw.text().unwrap(), "hello");
+    let (_, list) = get(s, "store", "/api/s3/list?prefix=notes/");
+    let paths: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["notes/a.txt", "notes/b.bin"]);
+    assert_eq!(
+        get(s, "store", "/api/s3/delete?path=notes/a.txt").1,
+        json!({"deleted": true})
+    );
+    assert_eq!(
+        get(s, "store", "/api/s3/get?path=notes/a.txt").1,
+        json!({"found": false})
+    );
+
+    // Per-user storage needs a login, which this node does not have yet.
+    let (status, body) = get(s, "store", "/api/user");
+    assert_eq!(status, 401);
+    assert!(
+        body["error"].as_str().unwrap().contains("login required"),
+        "{body}"
+    );
+}
+
+#[test]
+fn variables_are_set_from_the_cli_and_read_by_the_app() {
+    let node = Node::new();
+    app(
+        &node,
+        "conf",
+        r#"respond({ greeting: fazt.env.get('GREETING'), fallback: fazt.env.get('NOPE', 'dflt'),
+        has: fazt.env.has('GREETING'), missing: fazt.env.get('NOPE'), id: fazt.app.id, name: fazt.app.name })"#,
+        &[],
+    );
+    let server = node.start(&[]);
+    node.ok(&["app", "env", "set", "conf", "GREETING", "hej hej"]);
+    node.ok(&["app", "env", "set", "conf", "OTHER", "2"]);
+    let (_, body) = get(&server, "conf", "/api");
+    assert_eq!(body["greeting"], "hej hej");
+    assert_eq!(body["fallback"], "dflt");
+    assert_eq!(body["has"], true);
+    assert_eq!(body["missing"], Value::Null);
+    assert_eq!(body["name"], "conf");
+    assert!(body["id"].as_str().unwrap().starts_with("app_"));
+    assert_eq!(
+        node.ok(&["app", "env", "list", "conf"]),
+        "GREETING=hej hej\nOTHER=2\n"
+    );
+    assert_eq!(
+        node.json(&["app", "env", "list", "conf", "--json"]),
+        json!({"GREETING": "hej hej", "OTHER": "2"})
+    );
+    node.ok(&["app", "env", "unset", "conf", "GREETING"]);
+    assert_eq!(get(&server, "conf", "/api").1["has"], false);
+    assert!(node
+        .fails(&["app", "env", "unset", "conf", "GREETING"])
+        .contains("no variable GREETING"));
+    assert!(node
+        .fails(&["app", "env", "set", "nope", "A", "1"])
+        .contains("no app named"));
+    assert!(node
+        .fails(&["app", "env", "set", "conf", "bad key", "1"])
+        .contains("invalid variable name"));
+    assert!(node
+        .fails(&["app", "logs", "nope"])
+        .contains("no app named"));
+}
+
+#[test]
+fn apps_and_requests_are_isolated() {
+    let node = Node::new();
+    let leaky = r#"
+        var before = typeof globalThis.counter === 'undefined' ? null : globalThis.counter;
+        globalThis.counter = (globalThis.counter || 0) + 1;
+        Object.prototype.polluted = 'yes';
+        fazt.app.kv.set('mine', 'a');
+        respond({ before: before, seenPollution: ({}).polluted === 'yes' ? 'only after setting it' : 'no' })"#;
+    let other = r#"respond({ counter: typeof globalThis.counter, polluted: ({}).polluted === undefined ? 'clean' : 'dirty', kv: fazt.app.kv.get('mine') })"#;
+    app(&node, "a", leaky, &[]);
+    app(&node, "b", other, &[]);
+    let server = node.start(&[]);
+    for _ in 0..3 {
+        let (_, body) = get(&server, "a", "/api");
+        assert_eq!(
+            body["before"],
+            Value::Null,
+            "a global survived a request: {body}"
+        );
+        let (_, body) = get(&server, "b", "/api");
+        assert_eq!(
+            body,
+            json!({"counter": "undefined", "polluted": "clean", "kv": null})
+        );
+    }
+}
+
+#[test]
+fn limits_fail_one_request_and_leave_the_node_and_other_apps_running() {
+    let node = Node::new();
+    app(
+        &node,
+        "spin",
+        r#"
+        if (request.path === '/api/loop') { while (true) {} }
+        if (request.path === '/api/memory') { var keep = []; while (true) keep.push(new Array(1e5).fill(keep.length)); }
+        if (request.path === '/api/deep') { var f = function (n) { return f(n + 1) + 1; }; f(0); }
+        respond({ alive: true })"#,
+        &[],
+    );
+    app(&node, "calm", "respond({ calm: true })", &[]);
+    let server = node.start(&[]);
+    let port = server.port;
+    let looping = std::thread::spawn(move || {
+        let started = Instant::now();
+        let resp = reqwest::blocking::Client::new()
+            .get(format!("http://127.0.0.1:{port}/api/loop"))
+            .header("Host", "spin.localhost")
+            .timeout(Duration::from_secs(60))
+            .send()
+            .unwrap();
+        (
+            resp.status().as_u16(),
+            resp.text().unwrap(),
+            started.elapsed(),
+        )
+    });
+    // While one app spins, another answers.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(get(&server, "calm", "/api"), (200, json!({"calm": true})));
+    assert!(
+        !looping.is_finished(),
+        "the loop ended before the other app answered"
+    );
+    let (status, body, took) = looping.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("time limit"), "{body}");
+    assert!(
+        took >= Duration::from_secs(4),
+        "stopped after {took:?}, before its limit"
+    );
+
+    let (status, body) = get(&server, "spin", "/api/memory");
+    assert_eq!(status, 500);
+    assert!(
+        body["error"].as_str().unwrap().contains("out of memory"),
+        "{body}"
+    );
+    let (status, body) = get(&server, "spin", "/api/deep");
+    assert_eq!(status, 500);
+    assert!(body["error"].as_str().unwrap().contains("stack"), "{body}");
+    assert_eq!(get(&server, "spin", "/api"), (200, json!({"alive": true})));
+    wait_for_log(&node, "spin", "time limit");
+}
+
+#[test]
+fn app_storage_replicates_between_peers() {
+    let Pair {
+        local,
+        local_server,
+        zyt,
+        zyt_server,
+    } = joined_pair();
+    let dir = app(&local, "store", STORAGE_APP, &[]);
+    local.deploy(&dir, &["--name", "store", "--to", "zyt"]);
+
+    // Written on zyt, read on local.
+    post_json(
+        &zyt_server,
+        "store",
+        "/api/kv/set",
+        &json!({"key": "from", "value": "zyt"}),
+    );
+    post_json(
+        &zyt_server,
+        "store",
+        "/api/ds/insert",
+        &json!({"collection": "c", "doc": {"id": "d1", "n": 1}}),
+    );
+    post_json(
+        &zyt_server,
+        "store",
+        "/api/s3/putBytes",
+        &json!({"path": "p.bin", "bytes": [9, 8, 7]}),
+    );
+    eventually("local sees zyt's writes", || {
+        let kv = get(&local_server, "store", "/api/kv/get?key=from").1;
+        let doc = post_json(
+            &local_server,
+            "store",
+            "/api/ds/findOne",
+            &json!({"collection": "c", "query": "d1"}),
+        )
+        .1;
+        let blob = get(&local_server, "store", "/api/s3/get?path=p.bin").1;
+        (kv == json!({"value": "zyt"}) && doc["doc"]["n"] == 1 && blob["bytes"] == json!([9, 8, 7]))
+            .then_some(())
+    });
+
+    // Counters add up across nodes: both sides increment, every increment counts.
+    for server in [&local_server, &zyt_server, &local_server] {
+        post_json(
+            server,
+            "store",
+            "/api/ds/update",
+            &json!({"collection": "c", "query": "d1", "changes": {"$inc": {"n": 10}}}),
+        );
+    }
+    for server in [&local_server, &zyt_server] {
+        eventually("the counter adds up on both nodes", || {
+            let doc = post_json(
+                server,
+                "store",
+                "/api/ds/findOne",
+                &json!({"collection": "c", "query": "d1"}),
+            )
+            .1;
+            (doc["doc"]["n"] == 31).then_some(())
+        });
+    }
+    // Written on local, read on zyt; logs stay on the node that ran the code.
+    post_json(
+        &local_server,
+        "store",
+        "/api/kv/set",
+        &json!({"key": "from", "value": "local"}),
+    );
+    eventually("zyt sees local's write", || {
+        (get(&zyt_server, "store", "/api/kv/get?key=from").1 == json!({"value": "local"}))
+            .then_some(())
+    });
+    local.ok(&["app", "env", "set", "store", "MODE", "prod"]);
+    eventually("the variable reaches zyt", || {
+        (zyt.ok(&["app", "env", "list", "store"]) == "MODE=prod\n").then_some(())
+    });
+}
