@@ -143,8 +143,23 @@ fn parse(ctx: &Ctx<'_>, text: &str) -> rquickjs::Result<Json> {
 }
 
 /// Defines `__fazt_native` in `ctx`.
-pub fn install<'js>(ctx: &Ctx<'js>, host: &Rc<Host>, code: &Rc<Code>) -> rquickjs::Result<()> {
+pub fn install<'js>(
+    ctx: &Ctx<'js>,
+    host: &Rc<Host>,
+    code: &Rc<Code>,
+    web: &Rc<Vec<u8>>,
+) -> rquickjs::Result<()> {
     let n = Object::new(ctx.clone())?;
+
+    let w = web.clone();
+    n.set(
+        "load_web",
+        Function::new(ctx.clone(), move |ctx: Ctx<'js>| -> rquickjs::Result<()> {
+            script::run_classic(&ctx, &w)
+                .map_err(|e| Exception::throw_message(&ctx, &e.message))?;
+            Ok(())
+        })?,
+    )?;
 
     let h = host.clone();
     n.set(
@@ -434,6 +449,13 @@ pub fn install<'js>(ctx: &Ctx<'js>, host: &Rc<Host>, code: &Rc<Code>) -> rquickj
                 ArrayBuffer::new(ctx, bytes)
             },
         )?,
+    )?;
+
+    n.set(
+        "utf8",
+        Function::new(ctx.clone(), |ctx: Ctx<'js>, text: String| {
+            ArrayBuffer::new(ctx, text.into_bytes())
+        })?,
     )?;
 
     let c = code.clone();

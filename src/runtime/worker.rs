@@ -49,6 +49,7 @@ pub(super) fn run(app_id: String, db_path: PathBuf, limits: Limits, rx: Receiver
             Ok(job) => {
                 let reply = worker.handle(job.call, job.queued);
                 let _ = job.reply.send(reply);
+                worker.prepare_next();
                 last_job = Instant::now();
                 if worker.log_age().is_some_and(|age| age >= LOG_FLUSH) {
                     worker.flush_logs();
@@ -71,8 +72,23 @@ pub(super) fn run(app_id: String, db_path: PathBuf, limits: Limits, rx: Receiver
 struct Engine {
     rt: rquickjs::Runtime,
     code: Rc<Code>,
-    web: Vec<u8>,
+    web: Rc<Vec<u8>>,
     prelude: Vec<u8>,
+    /// A context made ahead of the next request (fresh: no request has run in it).
+    ready: RefCell<Option<Context>>,
+}
+
+/// A fresh context with the host functions and the prelude, waiting for a request.
+fn prepare(engine: &Engine, host: &Rc<Host>) -> Result<Context, JsError> {
+    let ctx =
+        Context::full(&engine.rt).map_err(|e| JsError::new(format!("creating a context: {e}")))?;
+    ctx.with(|ctx| -> Result<(), JsError> {
+        host::install(&ctx, host, &engine.code, &engine.web)
+            .map_err(|e| script::caught(&ctx, e))?;
+        script::run_classic(&ctx, &engine.prelude)?;
+        Ok(())
+    })?;
+    Ok(ctx)
 }
 
 struct Worker {
@@ -110,6 +126,18 @@ impl Worker {
             epoch: Instant::now(),
             oldest_log: None,
         })
+    }
+
+    /// Makes the next request's context now, while no request waits on it.
+    fn prepare_next(&mut self) {
+        if let Some(engine) = &self.engine {
+            if engine.ready.borrow().is_none() {
+                match prepare(engine, &self.host) {
+                    Ok(ctx) => *engine.ready.borrow_mut() = Some(ctx),
+                    Err(e) => tracing::warn!(app = %self.app_id, error = %e, "preparing a context"),
+                }
+            }
+        }
     }
 
     fn log_age(&self) -> Option<Duration> {
@@ -209,34 +237,32 @@ impl Worker {
             Ok(v) => v,
             Err(reply) => return Ok(reply),
         };
-        let ctx = Context::full(&engine.rt)
-            .map_err(|e| Failure::Script(JsError::new(format!("creating a context: {e}"))))?;
+        let ctx = match engine.ready.borrow_mut().take() {
+            Some(ctx) => ctx,
+            None => prepare(engine, &host).map_err(Failure::Script)?,
+        };
         // Past this point the interrupt handler stops the script (its exception says only
         // "interrupted", so a failure after the deadline is reported as a timeout).
         let started = epoch.elapsed() + time;
         deadline.store(started.as_nanos() as u64, Ordering::Relaxed);
         let result = ctx.with(|ctx| -> Result<Reply, JsError> {
             let fail = |e: rquickjs::Error| script::caught(&ctx, e);
-            host::install(&ctx, &host, &engine.code).map_err(fail)?;
             let globals = ctx.globals();
-            globals.set("__fazt_call", info).map_err(fail)?;
             let list = Array::new(ctx.clone()).map_err(fail)?;
             for (i, f) in files.iter().enumerate() {
                 list.set(i, ArrayBuffer::new_copy(ctx.clone(), &f[..]).map_err(fail)?)
                     .map_err(fail)?;
             }
-            globals.set("__fazt_files", list).map_err(fail)?;
-            if module && !call.body.is_empty() {
-                globals
-                    .set(
-                        "__fazt_body",
-                        ArrayBuffer::new_copy(ctx.clone(), &call.body[..]).map_err(fail)?,
-                    )
-                    .map_err(fail)?;
-            }
-            script::run_classic(&ctx, &engine.web)?;
-            script::run_classic(&ctx, &engine.prelude)?;
+            let body = if module && !call.body.is_empty() {
+                ArrayBuffer::new_copy(ctx.clone(), &call.body[..])
+                    .map_err(fail)?
+                    .into_value()
+            } else {
+                Value::new_null(ctx.clone())
+            };
             let hooks: Object = globals.get("__fazt_hooks").map_err(fail)?;
+            let begin: Function = hooks.get("begin").map_err(fail)?;
+            begin.call::<_, ()>((info, list, body)).map_err(fail)?;
             let result: Value = if module {
                 let bytes = engine
                     .code
@@ -305,6 +331,11 @@ fn read_reply<'js>(ctx: &Ctx<'js>, answer: Value<'js>) -> Result<Reply, JsError>
         .as_object()
         .ok_or_else(|| JsError::new("the app's answer is not an object"))?;
     let status: f64 = obj.get("status").map_err(fail)?;
+    if !(200.0..=599.0).contains(&status) {
+        return Err(JsError::new(format!(
+            "the app answered status {status}, not a status between 200 and 599 (Response.error()?)"
+        )));
+    }
     let pairs: Vec<Vec<String>> = obj.get("headers").map_err(fail)?;
     let mut headers = Vec::with_capacity(pairs.len());
     for pair in pairs {
@@ -363,8 +394,9 @@ fn new_engine(
     Ok(Engine {
         rt,
         code,
-        web,
+        web: Rc::new(web),
         prelude,
+        ready: RefCell::new(None),
     })
 }
 

@@ -1,18 +1,38 @@
 // The globals every app sees, built on the host functions in `__fazt_native` (src/runtime/
-// host.rs). Run in each request's fresh context after web.js and before the app's code.
+// host.rs). Run in each fresh context before any request; the host then hands the request
+// to __fazt_hooks.begin(callJson, files, body) and runs the app's code.
 // What the host reads back: __fazt_hooks.classic(fn) and __fazt_hooks.fetch(handler) both
 // answer { status, headers: [[name, value]], body: string | ArrayBuffer | undefined }.
 (function (global) {
   'use strict';
   const native = global.__fazt_native;
   delete global.__fazt_native;
-  const info = JSON.parse(global.__fazt_call);
-  delete global.__fazt_call;
-  const files = global.__fazt_files || [];
-  delete global.__fazt_files;
+  let info;
+  let files = [];
+  let rawBody = null;
 
   const define = (obj, name, value) =>
     Object.defineProperty(obj, name, { value, writable: true, configurable: true, enumerable: false });
+
+  // The web classes (web.js) are loaded on first use: most original-style apps never touch
+  // them, and loading them costs more than the rest of a request.
+  const webNames = ['URL', 'URLSearchParams', 'Headers', 'Request', 'Response', 'TextEncoder',
+    'TextDecoder', 'crypto', '__fazt_web'];
+  let webLoaded = false;
+  const loadWeb = () => {
+    webLoaded = true;
+    for (const name of webNames) delete global[name];
+    global.__fazt_native = { randomBytes: native.random_bytes };
+    try { native.load_web(); } finally { delete global.__fazt_native; }
+  };
+  for (const name of webNames) {
+    Object.defineProperty(global, name, {
+      configurable: true,
+      enumerable: false,
+      get() { loadWeb(); return global[name]; },
+      set(value) { loadWeb(); global[name] = value; },
+    });
+  }
 
   // console.*: one line per call, kept in the app's log (`fazt app logs`).
   const show = (v) => {
@@ -59,7 +79,7 @@
     count: (collection, query) => native.ds_count(String(collection), str(query)),
   };
   const bytes = (data) => {
-    if (typeof data === 'string') return global.__fazt_web.toBytes(data);
+    if (typeof data === 'string') return native.utf8(data);
     if (data instanceof ArrayBuffer) return data;
     if (ArrayBuffer.isView(data)) return data.buffer.slice(data.byteOffset, data.byteOffset + data.byteLength);
     throw new TypeError('s3.put needs a string, an ArrayBuffer or a typed array');
@@ -83,19 +103,14 @@
     }
     return out;
   };
-  const app = { id: info.app.id, name: info.app.name, kv, ds, s3 };
+  const app = { id: '', name: '', kv, ds, s3 };
   app.user = { kv: loginRequired(kv), ds: loginRequired(ds), s3: loginRequired(s3) };
   const env = {
     get(key, fallback) { const v = native.env_get(String(key)); return v == null ? (fallback === undefined ? null : fallback) : v; },
     has: (key) => native.env_get(String(key)) != null,
   };
-  const fazt = { app, storage: { kv, ds, s3 }, env, log: console, version: info.version };
+  const fazt = { app, storage: { kv, ds, s3 }, env, log: console, version: '' };
   define(global, 'fazt', fazt);
-
-  // The original API: `request` and `respond()`.
-  const request = info.request;
-  request.files = (request.files || []).map((f, i) => Object.assign(f, { data: files[i] }));
-  define(global, 'request', request);
 
   class Reply {
     constructor(status, body, headers) {
@@ -119,7 +134,7 @@
   };
   const headerPairs = (headers) => {
     if (headers === undefined || headers === null) return [];
-    if (typeof global.Headers === 'function' && headers instanceof global.Headers) return [...headers];
+    if (webLoaded && headers instanceof global.Headers) return [...headers];
     if (Array.isArray(headers)) return headers.map(([k, v]) => [String(k), String(v)]);
     return Object.keys(headers).map((k) => [k, String(headers[k])]);
   };
@@ -148,14 +163,25 @@
   const then = (value, f) => (value && typeof value.then === 'function' ? value.then(f) : f(value));
 
   define(global, '__fazt_hooks', {
+    // The request: the original API's `request` global, and what the fetch handler gets.
+    begin(callJson, uploads, body) {
+      info = JSON.parse(callJson);
+      files = uploads || [];
+      rawBody = body || null;
+      app.id = info.app.id;
+      app.name = info.app.name;
+      fazt.version = info.version;
+      const request = info.request;
+      request.files = (request.files || []).map((f, i) => Object.assign(f, { data: files[i] }));
+      define(global, 'request', request);
+    },
     classic: (main) => then(main(), finishClassic),
     fetch(handler) {
       if (!handler || typeof handler.fetch !== 'function') {
         throw new TypeError('api/main.js: the default export must be an object with a fetch(request, env, ctx) method');
       }
       const r = info.request;
-      const req = global.__fazt_web.makeRequest(r.method, info.url, info.headerPairs, global.__fazt_body || null);
-      delete global.__fazt_body;
+      const req = global.__fazt_web.makeRequest(r.method, info.url, info.headerPairs, rawBody);
       const vars = JSON.parse(native.env_all());
       const bindings = Object.assign(vars, { app, fazt });
       const ctx = { waitUntil() {}, passThroughOnException() {} };
