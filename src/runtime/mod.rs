@@ -1,10 +1,11 @@
 //! Serverless apps: each app's `api/main.js` answers `/api` and `/api/*` on its hosts.
 //!
-//! Every app gets its own worker thread owning its own QuickJS runtime (its own heap, with
-//! its own memory cap), so apps never share state and one app's busy loop never holds up
-//! another. Each request runs in a fresh context of that runtime: nothing but what the app
-//! stores survives from one request to the next. Compiled bytecode is cached per app version
-//! in the worker; a worker idle for a while exits and frees its memory.
+//! Every app gets its own worker threads (one per core, sharing the app's queue), each owning
+//! its own QuickJS runtime (its own heap, with its own memory cap), so apps never share state
+//! and one app's busy loop never holds up another. Each request runs in a fresh context made
+//! ahead of time: nothing but what the app stores survives from one request to the next.
+//! Compiled bytecode is cached per app version in each worker; workers idle for a while exit
+//! and free their memory. Console output goes to the app's log through one writer thread.
 
 mod host;
 pub mod request;
@@ -91,15 +92,28 @@ struct Job {
 pub struct Runtimes {
     db_path: PathBuf,
     limits: Limits,
+    /// Worker threads per app (each with its own runtime), sharing the app's queue.
+    per_app: usize,
     workers: Mutex<HashMap<String, std::sync::mpsc::SyncSender<Job>>>,
+    logs: Mutex<std::sync::mpsc::Sender<worker::LogBatch>>,
 }
 
 impl Runtimes {
     pub fn new(db_path: PathBuf, limits: Limits) -> Runtimes {
+        let (logs, rx) = std::sync::mpsc::channel();
+        let path = db_path.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("fazt-app-logs".into())
+            .spawn(move || worker::write_logs(path, rx))
+        {
+            tracing::error!(error = %e, "cannot start the app log writer");
+        }
         Runtimes {
             db_path,
             limits,
+            per_app: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             workers: Mutex::new(HashMap::new()),
+            logs: Mutex::new(logs),
         }
     }
 
@@ -146,15 +160,22 @@ impl Runtimes {
             return s.clone();
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(self.limits.queue);
-        let db_path = self.db_path.clone();
-        let limits = self.limits.clone();
-        let id = app_id.to_string();
-        let spawned = std::thread::Builder::new()
-            .name(format!("fazt-js-{}", &app_id[..app_id.len().min(12)]))
-            .stack_size(8 << 20)
-            .spawn(move || worker::run(id, db_path, limits, rx));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start an app worker thread");
+        let queue = Arc::new(Mutex::new(rx));
+        let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for _ in 0..self.per_app {
+            let (db_path, limits, id) = (
+                self.db_path.clone(),
+                self.limits.clone(),
+                app_id.to_string(),
+            );
+            let (queue, logs) = (queue.clone(), logs.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("fazt-js-{}", &app_id[..app_id.len().min(12)]))
+                .stack_size(8 << 20)
+                .spawn(move || worker::run(id, db_path, limits, queue, logs));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start an app worker thread");
+            }
         }
         workers.insert(app_id.to_string(), tx.clone());
         tx

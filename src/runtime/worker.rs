@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -25,11 +25,18 @@ const IDLE_EXIT: Duration = Duration::from_secs(300);
 /// Console lines wait at most this long before being written to the log table.
 const LOG_FLUSH: Duration = Duration::from_millis(200);
 
-pub(super) fn run(app_id: String, db_path: PathBuf, limits: Limits, rx: Receiver<Job>) {
+pub(super) fn run(
+    app_id: String,
+    db_path: PathBuf,
+    limits: Limits,
+    queue: Arc<Mutex<Receiver<Job>>>,
+    logs: Sender<LogBatch>,
+) {
     let mut worker = match Worker::open(&app_id, &db_path, limits) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(app = %app_id, error = %format!("{e:#}"), "cannot start the app's runtime");
+            let rx = queue.lock().unwrap_or_else(|e| e.into_inner());
             while let Ok(job) = rx.try_recv() {
                 let _ = job
                     .reply
@@ -38,33 +45,64 @@ pub(super) fn run(app_id: String, db_path: PathBuf, limits: Limits, rx: Receiver
             return;
         }
     };
-    let mut last_job = Instant::now();
     loop {
-        let wait = if worker.host.logs.borrow().is_empty() {
-            IDLE_EXIT
-        } else {
-            LOG_FLUSH
+        // The workers of an app take turns waiting on its queue.
+        let next = queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recv_timeout(IDLE_EXIT);
+        let Ok(job) = next else {
+            break;
         };
-        match rx.recv_timeout(wait) {
-            Ok(job) => {
-                let reply = worker.handle(job.call, job.queued);
-                let _ = job.reply.send(reply);
-                worker.prepare_next();
-                last_job = Instant::now();
-                if worker.log_age().is_some_and(|age| age >= LOG_FLUSH) {
-                    worker.flush_logs();
-                }
+        let reply = worker.handle(job.call, job.queued);
+        let _ = job.reply.send(reply);
+        let lines = std::mem::take(&mut *worker.host.logs.borrow_mut());
+        if !lines.is_empty() {
+            let _ = logs.send(LogBatch {
+                app_id: app_id.clone(),
+                lines,
+            });
+        }
+        worker.prepare_next();
+    }
+}
+
+/// Console lines of one request, on their way to the log table.
+pub(super) struct LogBatch {
+    app_id: String,
+    lines: Vec<(i64, String, String)>,
+}
+
+/// Writes app log lines in batches (at most every `LOG_FLUSH`), off the request path.
+pub(super) fn write_logs(db_path: PathBuf, rx: Receiver<LogBatch>) {
+    let mut conn = match rusqlite::Connection::open(&db_path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the database for app logs");
+            return;
+        }
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(10));
+    let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+    while let Ok(first) = rx.recv() {
+        let mut batches = vec![first];
+        let until = Instant::now() + LOG_FLUSH;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(b) => batches.push(b),
+                Err(_) => break,
             }
-            Err(RecvTimeoutError::Timeout) => {
-                worker.flush_logs();
-                if last_job.elapsed() >= IDLE_EXIT {
-                    break;
-                }
+        }
+        let mut by_app: HashMap<String, Vec<(i64, String, String)>> = HashMap::new();
+        for b in batches {
+            by_app.entry(b.app_id).or_default().extend(b.lines);
+        }
+        for (app, lines) in by_app {
+            if let Err(e) = crate::storage::logs::append(&mut conn, &app, &lines) {
+                tracing::warn!(app = %app, error = %format!("{e:#}"), "app log lines were not saved");
             }
-            Err(RecvTimeoutError::Disconnected) => break,
         }
     }
-    worker.flush_logs();
 }
 
 /// The QuickJS side of a worker: one runtime, rebuilt when the app's version changes (so
@@ -95,12 +133,10 @@ struct Worker {
     app_id: String,
     limits: Limits,
     host: Rc<Host>,
-    logs_db: rusqlite::Connection,
     engine: Option<Engine>,
     /// Nanoseconds after `epoch` when the running request must stop (0: none running).
     deadline: Arc<AtomicU64>,
     epoch: Instant,
-    oldest_log: Option<Instant>,
 }
 
 /// Why a request failed, and how it is answered.
@@ -113,18 +149,13 @@ enum Failure {
 impl Worker {
     fn open(app_id: &str, db_path: &std::path::Path, limits: Limits) -> Result<Worker> {
         let db = crate::db::open_existing(db_path)?;
-        let logs_db = rusqlite::Connection::open(db_path).context("opening the log table")?;
-        logs_db.busy_timeout(Duration::from_secs(10))?;
-        logs_db.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(Worker {
             app_id: app_id.to_string(),
             limits,
             host: Rc::new(Host::new(db, app_id)),
-            logs_db,
             engine: None,
             deadline: Arc::new(AtomicU64::new(0)),
             epoch: Instant::now(),
-            oldest_log: None,
         })
     }
 
@@ -140,18 +171,6 @@ impl Worker {
         }
     }
 
-    fn log_age(&self) -> Option<Duration> {
-        self.oldest_log.map(|t| t.elapsed())
-    }
-
-    fn flush_logs(&mut self) {
-        let lines = std::mem::take(&mut *self.host.logs.borrow_mut());
-        self.oldest_log = None;
-        if let Err(e) = crate::storage::logs::append(&mut self.logs_db, &self.app_id, &lines) {
-            tracing::warn!(app = %self.app_id, error = %format!("{e:#}"), "app log lines were not saved");
-        }
-    }
-
     fn handle(&mut self, call: Call, queued: Instant) -> Reply {
         if queued.elapsed() >= self.limits.time {
             return Reply::error(
@@ -159,7 +178,6 @@ impl Worker {
                 "the app is busy: the request waited longer than its time limit",
             );
         }
-        let had_logs = !self.host.logs.borrow().is_empty();
         let reply = match self.answer(call) {
             Ok(reply) => reply,
             Err(Failure::Script(e)) => {
@@ -189,9 +207,6 @@ impl Worker {
                 Reply::error(500, &msg)
             }
         };
-        if !had_logs && !self.host.logs.borrow().is_empty() {
-            self.oldest_log = Some(Instant::now());
-        }
         reply
     }
 
