@@ -20,6 +20,23 @@ use super::{request, Call, Job, Limits, Reply};
 
 const WEB_JS: &str = include_str!("js/web.js");
 const PRELUDE_JS: &str = include_str!("js/prelude.js");
+/// The built-in scripts as bytecode, compiled once per process (bytecode is plain bytes that
+/// any runtime reads).
+static WEB: std::sync::OnceLock<Result<Vec<u8>, JsError>> = std::sync::OnceLock::new();
+static PRELUDE: std::sync::OnceLock<Result<Vec<u8>, JsError>> = std::sync::OnceLock::new();
+
+fn shared_bytecode(
+    cell: &'static std::sync::OnceLock<Result<Vec<u8>, JsError>>,
+    name: &str,
+    source: &str,
+) -> Result<Rc<Vec<u8>>, JsError> {
+    let compiled = cell.get_or_init(|| {
+        let rt = rquickjs::Runtime::new().map_err(|e| JsError::new(e.to_string()))?;
+        let ctx = Context::full(&rt).map_err(|e| JsError::new(e.to_string()))?;
+        ctx.with(|ctx| script::compile_classic(&ctx, name, source))
+    });
+    compiled.clone().map(Rc::new)
+}
 /// A worker with nothing to do for this long exits (its memory goes back to the system).
 const IDLE_EXIT: Duration = Duration::from_secs(300);
 /// Console lines wait at most this long before being written to the log table.
@@ -111,7 +128,7 @@ struct Engine {
     rt: rquickjs::Runtime,
     code: Rc<Code>,
     web: Rc<Vec<u8>>,
-    prelude: Vec<u8>,
+    prelude: Rc<Vec<u8>>,
     /// A context made ahead of the next request (fresh: no request has run in it).
     ready: RefCell<Option<Context>>,
 }
@@ -397,20 +414,11 @@ fn new_engine(
         ApiResolver { code: code.clone() },
         ApiLoader { code: code.clone() },
     );
-    // The shared scripts are compiled once per runtime.
-    let ctx = Context::full(&rt).map_err(|e| JsError::new(format!("creating a context: {e}")))?;
-    let (web, prelude) = ctx.with(|ctx| -> Result<_, JsError> {
-        Ok((
-            script::compile_classic(&ctx, "fazt:web.js", WEB_JS)?,
-            script::compile_classic(&ctx, "fazt:prelude.js", PRELUDE_JS)?,
-        ))
-    })?;
-    drop(ctx);
     Ok(Engine {
         rt,
         code,
-        web: Rc::new(web),
-        prelude,
+        web: shared_bytecode(&WEB, "fazt:web.js", WEB_JS)?,
+        prelude: shared_bytecode(&PRELUDE, "fazt:prelude.js", PRELUDE_JS)?,
         ready: RefCell::new(None),
     })
 }
