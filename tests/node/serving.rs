@@ -358,15 +358,24 @@ fn private_and_api_paths_are_never_served_as_files() {
         ],
     );
     node.deploy(&dir, &[]);
+    let plain = node.site(
+        "q",
+        &[("index.html", "pub"), ("api/helper.js", "secret code")],
+    );
+    node.deploy(&plain, &[]);
     let server = node.start(&[]);
-    for path in [
-        "/private/secret.txt",
-        "/api/main.js",
-        "/api",
-        "/private",
-        "/%70rivate/secret.txt",
-    ] {
+    for path in ["/private/secret.txt", "/private", "/%70rivate/secret.txt"] {
         let r = server.get("p.localhost", path);
+        assert_eq!(r.status(), 404, "{path}");
+        assert!(!r.text().unwrap().contains("secret"));
+    }
+    // With api/main.js, /api paths run the code; its source is never the answer.
+    for path in ["/api/main.js", "/api"] {
+        assert_eq!(server.text("p.localhost", path), "1", "{path}");
+    }
+    // Without it, api/ files are not served either.
+    for path in ["/api/helper.js", "/api"] {
+        let r = server.get("q.localhost", path);
         assert_eq!(r.status(), 404, "{path}");
         assert!(!r.text().unwrap().contains("secret"));
     }
