@@ -21,6 +21,8 @@ const MAX_LOG_LINES: usize = 1000;
 pub struct Code {
     pub version: std::sync::Arc<str>,
     pub files: HashMap<String, String>,
+    /// api/main.js is an ES module (a fetch handler) rather than a script.
+    pub module: bool,
     pub bytecode: RefCell<HashMap<String, Rc<Vec<u8>>>>,
 }
 
@@ -478,8 +480,11 @@ pub fn install<'js>(
                 let key = format!("cjs:{path}");
                 let bytes = c
                     .compiled(&key, &path, |src| {
-                        // Wrapped on one line so that line numbers in errors match the file.
-                        let wrapped = format!("(function (module, exports, require) {{{src}\n}})");
+                        // Wrapped on one line so that line numbers in errors match the
+                        // file, and run in the request's scope like the main script.
+                        let wrapped = format!(
+                            "(function (__fazt_scope) {{ with (__fazt_scope) {{ return function (module, exports, require) {{{src}\n}}; }} }})"
+                        );
                         script::compile_classic(&ctx, &path, &wrapped)
                     })
                     .map_err(|e| Exception::throw_message(&ctx, &e.message))?;

@@ -611,27 +611,51 @@ fn variables_are_set_from_the_cli_and_read_by_the_app() {
 #[test]
 fn apps_and_requests_are_isolated() {
     let node = Node::new();
+    // Every way a script might leave something behind for the next request.
     let leaky = r#"
-        var before = typeof globalThis.counter === 'undefined' ? null : globalThis.counter;
+        var seen = {
+          counter: typeof globalThis.counter === 'undefined' ? null : globalThis.counter,
+          implicit: typeof implicitGlobal === 'undefined' ? null : implicitGlobal,
+          viaThis: typeof viaThis === 'undefined' ? null : viaThis,
+          viaFunction: Function('return this')().leaked === undefined ? null : 'leaked',
+          polluted: ({}).polluted === undefined ? null : ({}).polluted,
+          pushWorks: (function () { var a = []; a.push(1); return a.length === 1; })(),
+          kvIntact: typeof fazt.app.kv.get === 'function',
+          module: require('./state.js').bump(),
+        };
         globalThis.counter = (globalThis.counter || 0) + 1;
-        Object.prototype.polluted = 'yes';
+        implicitGlobal = 'set';
+        this.viaThis = 'set';
+        try { Function('return this')().leaked = 'yes'; } catch (e) {}
+        try { Object.prototype.polluted = 'yes'; } catch (e) {}
+        try { Array.prototype.push = function () { return -1; }; } catch (e) {}
+        try { fazt.app.kv.get = null; } catch (e) {}
         fazt.app.kv.set('mine', 'a');
-        respond({ before: before, seenPollution: ({}).polluted === 'yes' ? 'only after setting it' : 'no' })"#;
-    let other = r#"respond({ counter: typeof globalThis.counter, polluted: ({}).polluted === undefined ? 'clean' : 'dirty', kv: fazt.app.kv.get('mine') })"#;
-    app(&node, "a", leaky, &[]);
-    app(&node, "b", other, &[]);
+        respond(seen)"#;
+    let state = "var count = 0; exports.bump = function () { count += 1; return count; };";
+    // What programs commonly do to objects that inherit from built-ins still works.
+    let ordinary = r#"
+        class NotFound extends Error { constructor(m) { super(m); this.name = 'NotFound'; } }
+        var e = new NotFound('gone');
+        var o = { toString: null }; o.toString = function () { return 'custom'; };
+        function Old() {} Old.prototype = Object.create(Error.prototype); Old.prototype.constructor = Old;
+        respond({ counter: typeof globalThis.counter, kv: fazt.app.kv.get('mine'),
+                  error: e.name + ': ' + e.message, isError: e instanceof Error, custom: String(o),
+                  old: new Old() instanceof Old })"#;
+    app(&node, "a", leaky, &[("api/state.js", state)]);
+    app(&node, "b", ordinary, &[]);
     let server = node.start(&[]);
+    let clean = json!({"counter": null, "implicit": null, "viaThis": null, "viaFunction": null,
+        "polluted": null, "pushWorks": true, "kvIntact": true, "module": 1});
     for _ in 0..3 {
-        let (_, body) = get(&server, "a", "/api");
-        assert_eq!(
-            body["before"],
-            Value::Null,
-            "a global survived a request: {body}"
-        );
+        let (status, body) = get(&server, "a", "/api");
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body, clean, "something survived a request");
         let (_, body) = get(&server, "b", "/api");
         assert_eq!(
             body,
-            json!({"counter": "undefined", "polluted": "clean", "kv": null})
+            json!({"counter": "undefined", "kv": null, "error": "NotFound: gone", "isError": true,
+                   "custom": "custom", "old": true})
         );
     }
 }

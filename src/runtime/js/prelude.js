@@ -1,7 +1,13 @@
 // The globals every app sees, built on the host functions in `__fazt_native` (src/runtime/
-// host.rs). Run in each fresh context before any request; the host then hands the request
+// host.rs). Run once in each context before any request; the host then hands each request
 // to __fazt_hooks.begin(callJson, files, body) and runs the app's code.
-// What the host reads back: __fazt_hooks.classic(fn) and __fazt_hooks.fetch(handler) both
+//
+// Two ways to run: ES modules (fetch handlers) get a fresh context per request. Scripts in
+// the original style share one context per runtime that is locked down first
+// (__fazt_hooks.lockdown): every object reachable from the global object is frozen, and each
+// request's code runs inside its own scope object, where its global variables live. So no
+// request can leave anything behind for the next one, yet no context is made per request.
+// What the host reads back: __fazt_hooks.classic() and __fazt_hooks.fetch(handler) both
 // answer { status, headers: [[name, value]], body: string | ArrayBuffer | undefined }.
 (function (global) {
   'use strict';
@@ -103,14 +109,19 @@
     }
     return out;
   };
-  const app = { id: '', name: '', kv, ds, s3 };
+  const app = { kv, ds, s3 };
+  Object.defineProperty(app, 'id', { get: () => info.app.id, enumerable: true });
+  Object.defineProperty(app, 'name', { get: () => info.app.name, enumerable: true });
   app.user = { kv: loginRequired(kv), ds: loginRequired(ds), s3: loginRequired(s3) };
   const env = {
     get(key, fallback) { const v = native.env_get(String(key)); return v == null ? (fallback === undefined ? null : fallback) : v; },
     has: (key) => native.env_get(String(key)) != null,
   };
-  const fazt = { app, storage: { kv, ds, s3 }, env, log: console, version: '' };
+  const fazt = { app, storage: { kv, ds, s3 }, env, log: console };
+  Object.defineProperty(fazt, 'version', { get: () => info.version, enumerable: true });
   define(global, 'fazt', fazt);
+  let request;
+  Object.defineProperty(global, 'request', { get: () => request, enumerable: false, configurable: false });
 
   class Reply {
     constructor(status, body, headers) {
@@ -162,20 +173,25 @@
   };
   const then = (value, f) => (value && typeof value.then === 'function' ? value.then(f) : f(value));
 
-  define(global, '__fazt_hooks', {
+  const __fazt_hooks_object = {
     // The request: the original API's `request` global, and what the fetch handler gets.
     begin(callJson, uploads, body) {
       info = JSON.parse(callJson);
       files = uploads || [];
       rawBody = body || null;
-      app.id = info.app.id;
-      app.name = info.app.name;
-      fazt.version = info.version;
-      const request = info.request;
+      responded = undefined;
+      modules = {};
+      request = info.request;
       request.files = (request.files || []).map((f, i) => Object.assign(f, { data: files[i] }));
-      define(global, 'request', request);
+      scope = makeScope();
     },
-    classic: (main) => then(main(), finishClassic),
+    // Runs the app's script (compiled as `(function (scope) { with (scope) return function
+    // () { ...body... }; })`) in this request's scope.
+    classic() {
+      const body = main(scope.proxy);
+      return then(body.call(scope.proxy), finishClassic);
+    },
+    lockdown,
     fetch(handler) {
       if (!handler || typeof handler.fetch !== 'function') {
         throw new TypeError('api/main.js: the default export must be an object with a fetch(request, env, ctx) method');
@@ -187,15 +203,93 @@
       const ctx = { waitUntil() {}, passThroughOnException() {} };
       return then(handler.fetch(req, bindings, ctx), (res) => global.__fazt_web.readResponse(res));
     },
-  });
-  // CommonJS for original apps: require('./lib.js') loads api/lib.js (once per request).
-  const modules = {};
+  };
+  define(global, '__fazt_hooks', __fazt_hooks_object);
+  // CommonJS for original apps: require('./lib.js') loads api/lib.js (once per request, in
+  // the request's scope like the main script).
+  let modules = {};
   define(global, 'require', function require(name) {
     const path = native.resolve(String(name));
     if (modules[path]) return modules[path].exports;
     const module = { exports: {} };
     modules[path] = module;
-    native.module(path)(module, module.exports, require);
+    native.module(path)(scope.proxy).call(scope.proxy, module, module.exports, require);
     return module.exports;
   });
+
+  // A request's global scope: names the script assigns without declaring them, and what it
+  // puts on `globalThis`, live here; everything else reads through to the (frozen) global.
+  let scope;
+  const makeScope = () => {
+    const own = Object.create(null);
+    const out = {};
+    out.proxy = new Proxy(own, {
+      has: (target, key) => key !== Symbol.unscopables,
+      get(target, key) {
+        if (key === Symbol.unscopables) return undefined;
+        if (key in own) return own[key];
+        if (key === 'globalThis' || key === 'self' || key === 'global') return out.proxy;
+        return global[key];
+      },
+      set(target, key, value) { own[key] = value; return true; },
+      deleteProperty(target, key) { return delete own[key]; },
+      defineProperty(target, key, desc) { return Reflect.defineProperty(own, key, desc); },
+      getOwnPropertyDescriptor(target, key) { return Reflect.getOwnPropertyDescriptor(own, key); },
+      ownKeys() { return Reflect.ownKeys(own); },
+    });
+    return out;
+  };
+
+  // Freezes everything reachable from the global object (and `extra`), so that requests
+  // sharing this context cannot change what the next one sees. Assigning to a property that
+  // a frozen prototype also has (`err.name = ...` in an Error subclass, `obj.toString = ...`)
+  // would then fail; for the properties programs commonly set that way, the prototype's
+  // property becomes an accessor that defines the property on the object being assigned to.
+  let main;
+  function lockdown(script) {
+    if (!webLoaded) loadWeb();
+    main = script;
+    const overridable = (proto, names) => {
+      for (const name of names) {
+        const d = Object.getOwnPropertyDescriptor(proto, name);
+        if (!d || !('value' in d) || !d.configurable) continue;
+        const value = d.value;
+        Object.defineProperty(proto, name, {
+          configurable: false,
+          enumerable: d.enumerable,
+          get() { return value; },
+          set(v) {
+            if (this === proto) throw new TypeError(`cannot change built-in ${name}`);
+            Object.defineProperty(this, name, { value: v, writable: true, enumerable: true, configurable: true });
+          },
+        });
+      }
+    };
+    overridable(Object.prototype, Reflect.ownKeys(Object.prototype).filter((k) => k !== '__proto__'));
+    for (const E of [Error, TypeError, RangeError, SyntaxError, ReferenceError, EvalError, URIError, AggregateError]) {
+      overridable(E.prototype, ['constructor', 'name', 'message', 'toString']);
+    }
+    overridable(Function.prototype, ['constructor', 'name', 'toString', 'apply', 'call', 'bind']);
+    for (const name of Reflect.ownKeys(global)) {
+      const v = Object.getOwnPropertyDescriptor(global, name).value;
+      if (typeof v === 'function' && v.prototype && v.prototype !== Object.prototype && v.prototype !== Function.prototype) {
+        overridable(v.prototype, ['constructor', 'toString']);
+      }
+    }
+    const seen = new Set();
+    const stack = [global, script, __fazt_hooks_object];
+    while (stack.length > 0) {
+      const o = stack.pop();
+      if (o === null || (typeof o !== 'object' && typeof o !== 'function') || seen.has(o)) continue;
+      seen.add(o);
+      Object.freeze(o);
+      stack.push(Object.getPrototypeOf(o));
+      for (const key of Reflect.ownKeys(o)) {
+        const d = Object.getOwnPropertyDescriptor(o, key);
+        if (!d) continue;
+        if ('value' in d) stack.push(d.value);
+        else stack.push(d.get, d.set);
+      }
+    }
+  }
 })(globalThis);
