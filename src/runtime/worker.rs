@@ -173,6 +173,13 @@ fn prepare(engine: &Engine, host: &Rc<Host>) -> Result<Context, JsError> {
         host::install(&ctx, host, &engine.code, &engine.web)
             .map_err(|e| script::caught(&ctx, e))?;
         script::run_classic(&ctx, &engine.prelude)?;
+        if engine.code.module {
+            // Fetch handlers always use the web classes: load them now, ahead of the request.
+            let _: Value = ctx
+                .globals()
+                .get("__fazt_web")
+                .map_err(|e| script::caught(&ctx, e))?;
+        }
         Ok(())
     })?;
     Ok(ctx)
