@@ -148,11 +148,15 @@ pub fn describe(
             request.insert("body".into(), body);
         }
     }
-    let header_pairs: Vec<Value> = call
-        .headers
-        .iter()
-        .map(|(k, v)| Value::Array(vec![Value::String(k.clone()), Value::String(v.clone())]))
-        .collect();
+    // The fetch handler's Request takes the headers as they came.
+    let header_pairs: Vec<Value> = if parse_body {
+        Vec::new()
+    } else {
+        call.headers
+            .iter()
+            .map(|(k, v)| Value::Array(vec![Value::String(k.clone()), Value::String(v.clone())]))
+            .collect()
+    };
     let info = serde_json::json!({
         "app": { "id": call.app_id, "name": call.app_name },
         "version": env!("CARGO_PKG_VERSION"),

@@ -341,11 +341,16 @@ impl Worker {
         deadline.store(started.as_nanos() as u64, Ordering::Relaxed);
         let result = ctx.with(|ctx| -> Result<Reply, JsError> {
             let fail = |e: rquickjs::Error| script::caught(&ctx, e);
-            let list = Array::new(ctx.clone()).map_err(fail)?;
-            for (i, f) in files.iter().enumerate() {
-                list.set(i, ArrayBuffer::new_copy(ctx.clone(), &f[..]).map_err(fail)?)
-                    .map_err(fail)?;
-            }
+            let list = if files.is_empty() {
+                Value::new_null(ctx.clone())
+            } else {
+                let list = Array::new(ctx.clone()).map_err(fail)?;
+                for (i, f) in files.iter().enumerate() {
+                    list.set(i, ArrayBuffer::new_copy(ctx.clone(), &f[..]).map_err(fail)?)
+                        .map_err(fail)?;
+                }
+                list.into_value()
+            };
             let body = if module && !call.body.is_empty() {
                 ArrayBuffer::new_copy(ctx.clone(), &call.body[..])
                     .map_err(fail)?

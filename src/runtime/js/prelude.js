@@ -220,25 +220,23 @@
   // A request's global scope: names the script assigns without declaring them, and what it
   // puts on `globalThis`, live here; everything else reads through to the (frozen) global.
   let scope;
-  const makeScope = () => {
-    const own = Object.create(null);
-    const out = {};
-    out.proxy = new Proxy(own, {
-      has: (target, key) => key !== Symbol.unscopables,
-      get(target, key) {
-        if (key === Symbol.unscopables) return undefined;
-        if (key in own) return own[key];
-        if (key === 'globalThis' || key === 'self' || key === 'global') return out.proxy;
-        return global[key];
-      },
-      set(target, key, value) { own[key] = value; return true; },
-      deleteProperty(target, key) { return delete own[key]; },
-      defineProperty(target, key, desc) { return Reflect.defineProperty(own, key, desc); },
-      getOwnPropertyDescriptor(target, key) { return Reflect.getOwnPropertyDescriptor(own, key); },
-      ownKeys() { return Reflect.ownKeys(own); },
-    });
-    return out;
+  // One handler for every scope; each request's scope is a new Proxy over a new object (a
+  // scope kept past its request never sees another request's variables).
+  const scopeHandler = {
+    has: (own, key) => key !== Symbol.unscopables,
+    get(own, key, proxy) {
+      if (key === Symbol.unscopables) return undefined;
+      if (key in own) return own[key];
+      if (key === 'globalThis' || key === 'self' || key === 'global') return proxy;
+      return global[key];
+    },
+    set(own, key, value) { own[key] = value; return true; },
+    deleteProperty: (own, key) => delete own[key],
+    defineProperty: (own, key, desc) => Reflect.defineProperty(own, key, desc),
+    getOwnPropertyDescriptor: (own, key) => Reflect.getOwnPropertyDescriptor(own, key),
+    ownKeys: (own) => Reflect.ownKeys(own),
   };
+  const makeScope = () => ({ proxy: new Proxy(Object.create(null), scopeHandler) });
 
   // Freezes everything reachable from the global object (and `extra`), so that requests
   // sharing this context cannot change what the next one sees. Assigning to a property that
@@ -277,7 +275,7 @@
       }
     }
     const seen = new Set();
-    const stack = [global, script, __fazt_hooks_object];
+    const stack = [global, script, __fazt_hooks_object, scopeHandler];
     while (stack.length > 0) {
       const o = stack.pop();
       if (o === null || (typeof o !== 'object' && typeof o !== 'function') || seen.has(o)) continue;
