@@ -948,3 +948,44 @@ fn a_broken_script_answers_500_and_says_why_in_the_log() {
     app(&node, "broken", "respond({ ok: true })", &[]);
     assert_eq!(get(&server, "broken", "/api"), (200, json!({"ok": true})));
 }
+
+#[test]
+fn logs_can_be_followed_as_they_are_written() {
+    use std::io::{BufRead, BufReader};
+    let node = Node::new();
+    app(
+        &node,
+        "chatty",
+        "console.warn('visit', request.query.n); respond({ ok: true })",
+        &[],
+    );
+    let server = node.start(&[]);
+    get(&server, "chatty", "/api?n=1");
+    wait_for_log(&node, "chatty", "visit 1");
+    let mut follow = node
+        .command()
+        .args(["app", "logs", "chatty", "-f", "--json", "-n", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    get(&server, "chatty", "/api?n=2");
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a followed line");
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let line: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (line["level"].clone(), line["message"].clone()),
+        (json!("warn"), json!("visit 2"))
+    );
+}
