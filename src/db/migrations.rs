@@ -8,6 +8,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_init.sql"),
     include_str!("migrations/0002_peers.sql"),
     include_str!("migrations/0003_app_storage.sql"),
+    include_str!("migrations/0004_kv_expiry.sql"),
 ];
 
 /// Tables that replicate between peers. Everything else in the schema is node-local.

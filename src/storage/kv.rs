@@ -2,7 +2,7 @@
 //!
 //! A row's `data` is `{"value": V}` or `{"value": V, "expiresAt": MS}`: value and expiry are
 //! one column, so concurrent writes on two nodes never pair one write's value with the
-//! other's expiry. Expired entries read as absent; a later write replaces them.
+//! other's expiry. Expired entries read as absent and are removed by later writes.
 
 use anyhow::{bail, Result};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -10,6 +10,9 @@ use serde_json::Value;
 
 use super::{check_name, Scope};
 use crate::db::Db;
+
+/// Expired entries removed by one write, at most.
+const PURGE_PER_WRITE: i64 = 100;
 
 /// Largest value, as JSON text.
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
@@ -51,6 +54,15 @@ pub fn set(
              ON CONFLICT (app_id, user_id, key) DO UPDATE SET data = excluded.data",
         )?
         .execute(params![scope.app_id, scope.user_id, key, data])?;
+        // Entries past their expiry read as absent; writes remove them, a bounded number at a
+        // time, so storage does not grow with dead entries. (Every node may remove the same
+        // entry: the deletes converge.)
+        tx.prepare_cached(
+            "DELETE FROM app_kv WHERE rowid IN (SELECT rowid FROM app_kv
+               WHERE json_extract(data, '$.expiresAt') IS NOT NULL
+                 AND json_extract(data, '$.expiresAt') <= ?1 LIMIT ?2)",
+        )?
+        .execute(params![now, PURGE_PER_WRITE])?;
         Ok::<_, anyhow::Error>(())
     })
 }

@@ -339,6 +339,19 @@ fn kv_documents_and_blobs_work_as_the_original_api_describes() {
         get(s, "store", "/api/kv/get?key=brief").1,
         json!({"value": null})
     );
+    // The next write removes the expired entry from storage.
+    let stored = |key: &str| {
+        let q = format!("SELECT count(*) AS n FROM app_kv WHERE key = '{key}'");
+        node.json(&["sql", &q, "--json"])[0]["n"].clone()
+    };
+    assert_eq!(stored("brief"), json!(1));
+    post_json(
+        s,
+        "store",
+        "/api/kv/set",
+        &json!({"key": "later", "value": 1}),
+    );
+    assert_eq!(stored("brief"), json!(0));
     assert_eq!(
         get(s, "store", "/api/kv/delete?key=user:2").1,
         json!({"deleted": true})
