@@ -792,6 +792,7 @@ async fn apply_loop(
         let mut unstaged: Vec<([u8; 32], Arc<Vec<u8>>)> = Vec::new();
         let mut unstaged_bytes = 0usize;
         let mut missing: HashSet<[u8; 32]> = HashSet::new();
+        let mut staging = Vec::new();
         let mut changes: Vec<NetChange> = Vec::new();
         let mut next = Some(first);
         let covers = loop {
@@ -872,17 +873,22 @@ async fn apply_loop(
                     received.insert(c.digest, bytes);
                     // A long transfer is kept as it arrives, in batches: cut off, it resumes
                     // from here instead of fetching everything again.
+                    // Written in the background while more content arrives.
                     if unstaged_bytes >= STAGE_BYTES && !missing.is_empty() {
                         let batch = std::mem::take(&mut unstaged);
                         unstaged_bytes = 0;
                         let store_db = db.clone();
-                        tokio::task::spawn_blocking(move || stage_content(&store_db, &batch))
-                            .await??;
+                        staging.push(tokio::task::spawn_blocking(move || {
+                            stage_content(&store_db, &batch)
+                        }));
                     }
                 }
             }
         }
         unstaged.clear();
+        for task in staging {
+            task.await??;
+        }
         tracing::debug!(fetched = received.len(), "a group's content is complete");
 
         let apply_db = db.clone();
@@ -976,6 +982,16 @@ fn stage_content(db: &Mutex<Replica>, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Res
 }
 
 fn stage_rows(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
+    // Staged content is a cache of what the peer still holds: a power cut that loses it only
+    // means fetching it again, so its commits skip the fsync (the group's own commit, with
+    // full durability, syncs the log they share).
+    db.conn().pragma_update(None, "synchronous", "OFF")?;
+    let staged = stage_in_transaction(db, batch);
+    db.conn().pragma_update(None, "synchronous", "FULL")?;
+    staged
+}
+
+fn stage_in_transaction(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
     let tx = db.conn().unchecked_transaction()?;
     {
         let mut insert = tx.prepare_cached(
