@@ -944,11 +944,15 @@ async fn apply_loop(
                 if crate::peer::store::by_key(db.conn(), &peer)?.is_none() {
                     bail!("this node no longer trusts the peer (it was removed)");
                 }
-                let report = db.apply(&Batch { changes, covers })?;
-                for digest in used {
-                    db.conn()
-                        .execute("DELETE FROM peer_content WHERE digest = ?1", [&digest[..]])?;
-                }
+                // Staged copies go in the same transaction as the cells they became.
+                let report = db.apply_then(&Batch { changes, covers }, |tx| {
+                    let mut delete =
+                        tx.prepare_cached("DELETE FROM peer_content WHERE digest = ?1")?;
+                    for digest in &used {
+                        delete.execute([&digest[..]])?;
+                    }
+                    Ok(())
+                })?;
                 Ok((report, db.coverage()?))
             })
             .await??;

@@ -11,7 +11,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params_from_iter, OptionalExtension};
+use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 use crate::changes::{Batch, Change, ROW_CID};
 use crate::coverage::{RangeSet, SiteId};
@@ -44,20 +44,29 @@ impl Replica {
     /// Applies a batch in one SQLite transaction: all of it, or (on error) none of it.
     /// Idempotent: origin transactions already held are skipped.
     pub fn apply(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
-        let result = self.apply_in_transaction(batch);
+        self.apply_then(batch, |_| Ok(()))
+    }
+
+    /// [`Replica::apply`], then `then` in the same transaction, for bookkeeping of the
+    /// caller's that must commit with the batch (it runs with capture off: it must not write
+    /// replicated tables).
+    pub fn apply_then(
+        &mut self,
+        batch: &Batch,
+        then: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+    ) -> Result<ApplyReport, Error> {
+        // Inside the write transaction, the catalog and site list catch up with other
+        // connections before anything is decided from them.
+        let result = self.in_merge_transaction(|this| {
+            this.refresh()?;
+            let report = this.merge_batch(batch)?;
+            then(&this.conn)?;
+            Ok(report)
+        });
         if result.is_err() {
             self.reload_sites()?;
         }
         result
-    }
-
-    fn apply_in_transaction(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
-        // Inside the write transaction, the catalog and site list catch up with other
-        // connections before anything is decided from them.
-        self.in_merge_transaction(|this| {
-            this.refresh()?;
-            this.merge_batch(batch)
-        })
     }
 
     /// Runs `f` in one IMMEDIATE transaction with capture off; commits on Ok.
