@@ -92,6 +92,7 @@ impl Replica {
     }
 
     fn merge_batch(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
+        let own_version = self.db_version()?;
         let held = self.coverage()?;
         self.has_pending = self
             .conn
@@ -166,8 +167,11 @@ impl Replica {
                 Replica::save_coverage(&self.conn, ord, &merged)?;
             }
         }
-        // Lamport: the next local write is numbered after everything seen.
-        set_db_version(&self.conn, max_version)?;
+        // Lamport: the next local write is numbered after everything seen. What this
+        // replica made itself is stored too: a merged change may just have replaced the
+        // clock row that held its newest version.
+        set_db_version(&self.conn, max_version.max(own_version))?;
+        self.version_cache.set(None);
         Ok(report)
     }
 

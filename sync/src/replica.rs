@@ -3,9 +3,20 @@
 //! Every write to a replicated table happens inside [`Replica::write`], which takes SQLite's
 //! write lock, allocates the transaction's db_version (a Lamport clock: one more than the
 //! highest version this replica has made or merged) and numbers each captured change with
-//! `seq`. The triggers on replicated tables ask the connection for those numbers; outside a
+//! `seq`.
+//!
+//! The db_version is not stored by local writes: the highest version this replica made is
+//! the highest `db_version` among its own clock rows (site ordinal 0, found through each
+//! clock's origin index), and a local change's clock row only ever gives way to a newer
+//! version of the same cell, or to a merged change. Merges store the Lamport clock
+//! (`fazt_sync_state`) as the maximum of everything merged and everything made, so a merged
+//! change that replaces this replica's newest clock row cannot make a version number come
+//! round again. A one-row write then commits one page fewer. The value is cached per
+//! connection and derived again whenever another connection has committed
+//! (`PRAGMA data_version`) or this one merged. The triggers on replicated tables ask the connection for those numbers; outside a
 //! `write` they refuse, so no write can slip past the engine. Merges run with capture off.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -109,6 +120,8 @@ pub struct Replica {
     pub(crate) has_pending: bool,
     /// The merge path's statements per table, for `catalog_version`.
     pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
+    /// (`PRAGMA data_version`, db_version) as last derived or allocated on this connection.
+    pub(crate) version_cache: Cell<Option<(i64, i64)>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -176,6 +189,7 @@ impl Replica {
             schema_seen: -1,
             has_pending: false,
             merge_sql: (0, HashMap::new()),
+            version_cache: Cell::new(None),
         };
         replica.refresh()?;
         Ok(replica)
@@ -205,7 +219,7 @@ impl Replica {
 
     /// The highest db_version this replica has made or merged.
     pub fn db_version(&self) -> Result<i64, Error> {
-        db_version(&self.conn)
+        Ok(current_db_version(&self.conn, &self.version_cache)?.1)
     }
 
     /// Runs `f` in one SQLite transaction whose writes to replicated tables are captured as
@@ -217,19 +231,22 @@ impl Replica {
     where
         E: From<rusqlite::Error>,
     {
+        let cache = &self.version_cache;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let version = read_db_version(&tx)? + 1;
+        let (data_version, current) = current_db_version(&tx, cache)?;
+        let version = current + 1;
         let guard = self.capture.enter(LOCAL, version);
         let result = f(&tx);
         let captured = self.capture.captured();
         drop(guard);
         let value = result?;
-        if captured > 0 {
-            set_db_version(&tx, version)?;
-        }
         tx.commit()?;
+        // This connection's own commits leave its data_version as it was.
+        if captured > 0 {
+            cache.set(Some((data_version, version)));
+        }
         Ok(value)
     }
 
@@ -376,16 +393,52 @@ impl Replica {
     }
 }
 
-pub(crate) fn db_version(conn: &Connection) -> Result<i64, Error> {
-    Ok(read_db_version(conn)?)
+/// (`PRAGMA data_version`, the highest db_version made or merged), from `cache` while no
+/// other connection has committed since it was filled.
+fn current_db_version(
+    conn: &Connection,
+    cache: &Cell<Option<(i64, i64)>>,
+) -> rusqlite::Result<(i64, i64)> {
+    let data_version: i64 = conn
+        .prepare_cached("PRAGMA data_version")?
+        .query_row([], |r| r.get(0))?;
+    if let Some((seen, version)) = cache.get() {
+        if seen == data_version {
+            return Ok((seen, version));
+        }
+    }
+    let version = derive_db_version(conn)?;
+    cache.set(Some((data_version, version)));
+    Ok((data_version, version))
 }
 
-fn read_db_version(conn: &Connection) -> rusqlite::Result<i64> {
-    Ok(conn
+/// The stored Lamport clock (what merges saw), or the newest version among this replica's
+/// own clock rows if that is higher. Every clock table counts, also one whose table another
+/// connection registered since this one loaded its catalog.
+fn derive_db_version(conn: &Connection) -> rusqlite::Result<i64> {
+    let mut version: i64 = conn
         .prepare_cached("SELECT value FROM fazt_sync_state WHERE key = 'db_version'")?
         .query_row([], |r| r.get(0))
         .optional()?
-        .unwrap_or(0))
+        .unwrap_or(0);
+    let clocks: Vec<String> = conn
+        .prepare_cached(
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, -12) = '__fazt_clock'",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for clock in clocks {
+        let own: Option<i64> = conn.query_row(
+            &format!(
+                "SELECT max(db_version) FROM {} WHERE site_ord = 0",
+                crate::crr::quote(&clock)
+            ),
+            [],
+            |r| r.get(0),
+        )?;
+        version = version.max(own.unwrap_or(0));
+    }
+    Ok(version)
 }
 
 pub(crate) fn set_db_version(conn: &Connection, version: i64) -> rusqlite::Result<()> {

@@ -419,3 +419,116 @@ fn connections_to_one_file_see_each_others_origins_and_tables() {
     assert_eq!(data(&z), data(&first));
     assert_eq!(first.coverage().unwrap(), second.coverage().unwrap());
 }
+
+/// Local writes do not store the db_version: it is read back from the replica's own clock
+/// rows. A merged change that replaces the clock row of the newest local version must not
+/// let that version number be handed out again.
+#[test]
+fn a_version_is_never_reused_after_a_merge_replaces_the_newest_local_clock() {
+    let mut a = replica();
+    let mut b = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'start')", []); // a: v1
+    sync(&a, &mut b);
+    exec(&mut a, "UPDATE items SET a = 'a1' WHERE id = 1", []); // a: v2
+    exec(&mut a, "UPDATE items SET a = 'a2' WHERE id = 1", []); // a: v3, col_version 3
+    assert_eq!(a.db_version().unwrap(), 3);
+    // b changes the same cell three times in one transaction: col_version 4 at b's v2.
+    b.write(|tx| {
+        for v in ["b1", "b2", "b3"] {
+            tx.execute("UPDATE items SET a = ?1 WHERE id = 1", [v])?;
+        }
+        Ok::<_, rusqlite::Error>(())
+    })
+    .unwrap();
+    assert_eq!(b.db_version().unwrap(), 2);
+    sync(&b, &mut a);
+    assert_eq!(data(&a), data(&b), "b's cell wins on col_version");
+    // a's clock rows now hold no version above 1, yet a made 3.
+    let own_max: i64 = a
+        .conn()
+        .query_row(
+            "SELECT max(db_version) FROM items__fazt_clock WHERE site_ord = 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(own_max, 1);
+    assert_eq!(a.db_version().unwrap(), 3);
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (2, 'next')", []);
+    assert_eq!(a.db_version().unwrap(), 4);
+    let mine = a.batch_since(&Coverage::default()).unwrap();
+    let versions: Vec<i64> = mine
+        .changes
+        .iter()
+        .filter(|c| c.site_id == a.site_id())
+        .map(|c| c.db_version)
+        .collect();
+    assert!(versions.contains(&4), "{versions:?}");
+    sync(&a, &mut b);
+    assert_eq!(data(&a), data(&b));
+    assert_eq!(clocks(&a), clocks(&b));
+}
+
+/// Two connections to one file (a server and a `fazt sql`) take turns: each write is
+/// numbered after the other connection's, also when the other registered a new table.
+#[test]
+fn connections_to_one_file_number_their_writes_after_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.db");
+    let open = || {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            common::SCHEMA
+                .replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS")
+                .as_str(),
+        )
+        .unwrap();
+        Replica::open(conn).unwrap()
+    };
+    let mut one = open();
+    one.replicate("items").unwrap();
+    let mut two = open();
+    let start = one.db_version().unwrap();
+    for i in 0..3 {
+        exec(
+            &mut one,
+            "INSERT INTO items (id, a) VALUES (?1, 'one')",
+            [i * 2],
+        );
+        exec(
+            &mut two,
+            "INSERT INTO items (id, a) VALUES (?1, 'two')",
+            [i * 2 + 1],
+        );
+    }
+    assert_eq!(one.db_version().unwrap(), start + 6);
+    assert_eq!(two.db_version().unwrap(), start + 6);
+    // `two` registers a table and writes to it; `one` has never loaded it.
+    two.replicate("pairs").unwrap();
+    exec(
+        &mut two,
+        "INSERT INTO pairs (x, y, v) VALUES ('p', 1, 'two')",
+        [],
+    );
+    let after_two = two.db_version().unwrap();
+    assert!(after_two > start + 6);
+    exec(
+        &mut one,
+        "INSERT INTO items (id, a) VALUES (100, 'one')",
+        [],
+    );
+    assert_eq!(one.db_version().unwrap(), after_two + 1);
+    // Eight writes, eight versions (the three columns of an insert share theirs).
+    one.refresh().unwrap();
+    let all = one.batch_since(&Coverage::default()).unwrap();
+    let mut versions: Vec<i64> = all.changes.iter().map(|c| c.db_version).collect();
+    versions.sort();
+    versions.dedup();
+    assert_eq!(versions.len(), 8, "{versions:?}");
+    drop((one, two));
+    assert_eq!(
+        open().db_version().unwrap(),
+        after_two + 1,
+        "derived again after reopening"
+    );
+}
