@@ -4,8 +4,10 @@
 //! each figure measures and the recorded results are in docs/performance.md.
 //!
 //! Every database is a real file in a temporary directory, opened with the same pragmas
-//! (WAL, synchronous=NORMAL) whoever the contender is, so the figures differ only by what
-//! each system does per write. cr-sqlite is the extension `scripts/build-crsqlite-oracle`
+//! (WAL, synchronous=NORMAL; figure 1b FULL, as the node runs) whoever the contender is, so
+//! the figures differ only by what each system does per write. Figure 8 is no contender: it
+//! times plain SQLite with the least a trigger-captured design writes, the floor under
+//! figures 1 and 2. cr-sqlite is the extension `scripts/build-crsqlite-oracle`
 //! builds (`FAZT_CRSQLITE` points elsewhere); without it its column is skipped.
 //!
 //! A benchmark, not a test: a missed target prints MISS and the program still exits 0.
@@ -28,6 +30,10 @@ const SCHEMA: &str =
 const INSERT: &str = "INSERT INTO items (id, a, b, c) VALUES (?1, ?2, ?3, ?4)";
 /// Figure 1: transactions of one row each.
 const SMALL_TXS: i64 = 5_000;
+/// Figure 1b: one-row transactions with a full fsync per commit (fewer: each waits on the disk).
+const DURABLE_TXS: i64 = 1_000;
+/// Figure 1b: unsynced one-row commits before the timed ones, past the first checkpoint.
+const WARM_TXS: i64 = 1_200;
 /// Figure 2 and everything after it: rows inserted in one transaction.
 const BULK_ROWS: i64 = 100_000;
 /// Changes per `apply` (and per cr-sqlite merge transaction).
@@ -156,20 +162,60 @@ fn insert_rows(conn: &Connection, ids: std::ops::RangeInclusive<i64>) -> rusqlit
 
 /// A database file with the pragmas every contender gets, and the `items` table.
 fn open_file(path: &Path) -> Res<Connection> {
+    open_file_with(path, "NORMAL")
+}
+
+/// [`open_file`] with another `synchronous` setting (figure 1b uses the node's, FULL).
+fn open_file_with(path: &Path, synchronous: &str) -> Res<Connection> {
     let conn = Connection::open(path)?;
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if mode != "wal" {
         return Err(format!("{}: journal_mode is {mode}, not wal", path.display()).into());
     }
-    conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+    conn.execute_batch(&format!("PRAGMA synchronous = {synchronous}"))?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
 }
 
 fn open_replica(path: &Path) -> Res<Replica> {
-    let mut r = Replica::open(open_file(path)?)?;
+    open_replica_with(path, "NORMAL")
+}
+
+fn open_replica_with(path: &Path, synchronous: &str) -> Res<Replica> {
+    let mut r = Replica::open(open_file_with(path, synchronous)?)?;
     r.replicate("items")?;
     Ok(r)
+}
+
+/// One-row write transactions, one per key in `ids`, on a plain connection (or a cr-sqlite
+/// one).
+fn one_row_transactions(
+    conn: &mut Connection,
+    ids: std::ops::RangeInclusive<i64>,
+) -> Res<Duration> {
+    let start = Instant::now();
+    for i in ids {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        insert_rows(&tx, i..=i)?;
+        tx.commit()?;
+    }
+    Ok(start.elapsed())
+}
+
+/// The side table of figure 8: shaped like a clock table, optionally with an origin index.
+fn floor_schema(with_index: bool) -> String {
+    let mut sql = String::from(
+        "CREATE TABLE side (key INTEGER NOT NULL, cid INTEGER NOT NULL, col_version INTEGER NOT NULL,
+           db_version INTEGER NOT NULL, site_ord INTEGER NOT NULL, seq INTEGER NOT NULL,
+           PRIMARY KEY (key, cid)) WITHOUT ROWID;
+         CREATE TRIGGER items_side AFTER INSERT ON items BEGIN
+           INSERT INTO side VALUES (NEW.id, -1, 1, 1, 0, NEW.id);
+         END;",
+    );
+    if with_index {
+        sql += "CREATE INDEX side_origin ON side (site_ord, db_version, seq, col_version);";
+    }
+    sql
 }
 
 /// A cr-sqlite database with `items` as a CRR. Says goodbye to cr-sqlite (`crsql_finalize`)
@@ -413,6 +459,7 @@ impl Bench {
         self.merge(&bulk)?;
         self.merge_small_transactions(&small)?;
         self.metadata_size(&bulk)?;
+        self.capture_floor()?;
         Ok(())
     }
 
@@ -420,21 +467,54 @@ impl Bench {
     /// cr-sqlite databases (5,000 origin transactions) for the merge of small transactions.
     fn small_transactions(&mut self) -> Res<(Replica, Option<CrSqlite>)> {
         println!("\n1. Small write transactions: {SMALL_TXS} transactions of one row each");
+        let kept = self.one_row_figure("1", "NORMAL", SMALL_TXS)?;
+        println!(
+            "\n1b. The same with synchronous=FULL, as the node opens its database: {DURABLE_TXS} transactions"
+        );
+        self.one_row_figure("1b", "FULL", DURABLE_TXS)?;
+        Ok(kept)
+    }
+
+    /// Times `n` one-row write transactions per contender with `synchronous` set as given,
+    /// prints and records the figure, and returns the last round's fazt and cr-sqlite
+    /// databases.
+    fn one_row_figure(
+        &mut self,
+        figure: &str,
+        synchronous: &str,
+        n: i64,
+    ) -> Res<(Replica, Option<CrSqlite>)> {
         let (mut plain_t, mut fazt_t, mut cr_t) = (Vec::new(), Vec::new(), Vec::new());
         let mut kept = None;
+        // With a sync per commit, appending to a WAL file that still grows costs more than
+        // overwriting one already full size (the file system also commits the new size), and
+        // the engine's larger commits get to the first checkpoint sooner. So with FULL every
+        // contender first makes WARM_TXS unsynced commits, past its first checkpoint, and is
+        // timed in that steady state.
+        let warm = synchronous != "NORMAL";
+        let warm_ids = 1_000_001..=1_000_000 + WARM_TXS;
+        let set_sync = |conn: &Connection, value: &str| {
+            conn.execute_batch(&format!("PRAGMA synchronous = {value}"))
+        };
         for _ in 0..self.rounds {
-            let mut plain = open_file(&self.path("small-plain"))?;
-            let start = Instant::now();
-            for i in 1..=SMALL_TXS {
-                let tx = plain.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                insert_rows(&tx, i..=i)?;
-                tx.commit()?;
+            let mut plain = open_file_with(&self.path("small-plain"), synchronous)?;
+            if warm {
+                set_sync(&plain, "OFF")?;
+                one_row_transactions(&mut plain, warm_ids.clone())?;
+                set_sync(&plain, synchronous)?;
             }
-            plain_t.push(start.elapsed());
+            plain_t.push(one_row_transactions(&mut plain, 1..=n)?);
 
-            let mut fazt = open_replica(&self.path("small-fazt"))?;
+            let mut fazt = open_replica_with(&self.path("small-fazt"), synchronous)?;
+            if warm {
+                set_sync(fazt.conn(), "OFF")?;
+                for i in warm_ids.clone() {
+                    fazt.write(|tx| insert_rows(tx, i..=i))?;
+                }
+                set_sync(fazt.conn(), synchronous)?;
+            }
             let start = Instant::now();
-            for i in 1..=SMALL_TXS {
+            for i in 1..=n {
                 fazt.write(|tx| insert_rows(tx, i..=i))?;
             }
             fazt_t.push(start.elapsed());
@@ -442,20 +522,17 @@ impl Bench {
             let mut cr = None;
             if let Some(ext) = self.crsqlite.clone() {
                 let mut db = CrSqlite::open(&ext, &self.path("small-crsqlite"))?;
-                let start = Instant::now();
-                for i in 1..=SMALL_TXS {
-                    let tx = db
-                        .conn
-                        .transaction_with_behavior(TransactionBehavior::Immediate)?;
-                    insert_rows(&tx, i..=i)?;
-                    tx.commit()?;
+                if warm {
+                    set_sync(&db.conn, "OFF")?;
+                    one_row_transactions(&mut db.conn, warm_ids.clone())?;
                 }
-                cr_t.push(start.elapsed());
+                set_sync(&db.conn, synchronous)?;
+                cr_t.push(one_row_transactions(&mut db.conn, 1..=n)?);
                 cr = Some(db);
             }
             kept = Some((fazt, cr));
         }
-        let rate = |t: Duration| SMALL_TXS as f64 / secs(t);
+        let rate = |t: Duration| n as f64 / secs(t);
         let plain = rate(median(plain_t));
         let fazt = rate(median(fazt_t));
         let cr = (!cr_t.is_empty()).then(|| rate(median(cr_t)));
@@ -474,8 +551,19 @@ impl Bench {
                 cr / plain
             );
         }
+        let label = if synchronous == "NORMAL" {
+            format!(
+                "{figure}. one-row write transactions ({})",
+                thousands(n as f64)
+            )
+        } else {
+            format!(
+                "{figure}. one-row write transactions, synchronous={synchronous} ({})",
+                thousands(n as f64)
+            )
+        };
         self.summary.push(Line {
-            figure: format!("1. one-row write transactions ({SMALL_TXS})"),
+            figure: label,
             fazt: format!("{} tx/s", thousands(fazt)),
             plain: format!("{} tx/s", thousands(plain)),
             crsqlite: cr.map_or("—".into(), |c| format!("{} tx/s", thousands(c))),
@@ -486,8 +574,79 @@ impl Bench {
             target: "fazt ≥ 0.6x plain".into(),
             verdict: verdict(pass),
         });
-        let (fazt, cr) = kept.expect("at least one round");
-        Ok((fazt, cr))
+        Ok(kept.expect("at least one round"))
+    }
+
+    /// Figure 8: what capturing writes with a trigger into a lookaside table costs by itself,
+    /// before any replication logic: plain SQLite plus an AFTER INSERT trigger that writes one
+    /// constant row per inserted row into a clock-shaped side table (no function calls, no
+    /// db_version row), with and without the origin index. Plain SQLite is timed again in
+    /// the same rounds.
+    fn capture_floor(&mut self) -> Res<()> {
+        println!(
+            "\n8. Capture floor: plain SQLite plus a trigger writing one side row per inserted row"
+        );
+        for (figure, with_index, what) in [
+            ("8a", false, "one side row per row, no index"),
+            ("8b", true, "one side row per row and its origin index"),
+        ] {
+            let (mut plain_bulk, mut floor_bulk, mut plain_small, mut floor_small) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..self.rounds {
+                for floor in [false, true] {
+                    let mut conn = open_file(&self.path("floor-bulk"))?;
+                    if floor {
+                        conn.execute_batch(&floor_schema(with_index))?;
+                    }
+                    let start = Instant::now();
+                    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                    insert_rows(&tx, 1..=BULK_ROWS)?;
+                    tx.commit()?;
+                    (if floor {
+                        &mut floor_bulk
+                    } else {
+                        &mut plain_bulk
+                    })
+                    .push(start.elapsed());
+
+                    let mut conn = open_file(&self.path("floor-small"))?;
+                    if floor {
+                        conn.execute_batch(&floor_schema(with_index))?;
+                    }
+                    let t = one_row_transactions(&mut conn, 1..=SMALL_TXS)?;
+                    (if floor {
+                        &mut floor_small
+                    } else {
+                        &mut plain_small
+                    })
+                    .push(t);
+                }
+            }
+            let bulk_ratio = secs(median(floor_bulk.clone())) / secs(median(plain_bulk.clone()));
+            let small_ratio = secs(median(plain_small.clone())) / secs(median(floor_small.clone()));
+            let rate = |t: Duration| SMALL_TXS as f64 / secs(t);
+            println!(
+                "   {what}: bulk {:.3} s vs plain {:.3} s = {bulk_ratio:.2}x plain; one-row transactions {} vs {} tx/s = {small_ratio:.2}x plain",
+                secs(median(floor_bulk.clone())),
+                secs(median(plain_bulk.clone())),
+                thousands(rate(median(floor_small.clone()))),
+                thousands(rate(median(plain_small.clone()))),
+            );
+            self.summary.push(Line {
+                figure: format!("{figure}. capture floor: plain SQLite + trigger, {what}"),
+                fazt: "—".into(),
+                plain: format!(
+                    "bulk {:.3} s; {} tx/s",
+                    secs(median(plain_bulk)),
+                    thousands(rate(median(plain_small)))
+                ),
+                crsqlite: "—".into(),
+                ratios: format!("bulk {bulk_ratio:.2}x plain; one-row tx {small_ratio:.2}x plain"),
+                target: "(none: the least figures 1 and 2 can cost)".into(),
+                verdict: "—",
+            });
+        }
+        Ok(())
     }
 
     /// Figure 2: one transaction inserting `BULK_ROWS` rows.
