@@ -5,8 +5,9 @@
 //! 2. each exports what the other lacks as groups of whole origin transactions, at most
 //!    [`WINDOW`] groups ahead of the other's `Applied` acknowledgements;
 //! 3. large blobs travel as content references; the receiver fetches (`Want`/`Content`)
-//!    only the content it does not hold, stores it in `peer_content` as it arrives, and
-//!    applies each group in one transaction once its content is complete;
+//!    only the content it does not hold, keeps it in `peer_content` as it arrives once the
+//!    transfer has lasted a second, and applies each group in one transaction once its
+//!    content is complete;
 //! 4. live: every local commit (noticed by [`crate::peer::watch`]) starts another export.
 //!
 //! SQLite work runs on blocking threads, each task with its own connection, so a slow
@@ -35,8 +36,22 @@ const KEEP_OFFERED_BYTES: usize = 64 << 20;
 const PIECE_CONTENT_BYTES: usize = 4 << 20;
 /// Groups sent ahead of the peer's acknowledgements.
 const WINDOW: u64 = 4;
-/// Fetched content is kept in `peer_content` in batches of about this many bytes.
+/// Fetched content is kept in `peer_content` in batches of about this many bytes...
 const STAGE_BYTES: usize = 16 << 20;
+/// ... once a group's content has been arriving for this long. A faster transfer is applied
+/// straight from memory: writing it twice would slow it more than fetching it again after
+/// a cut would cost. `FAZT_STAGE_AFTER_MS` overrides it (tests cut transfers on loopback).
+const STAGE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn stage_after() -> std::time::Duration {
+    static AFTER: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+    *AFTER.get_or_init(|| {
+        std::env::var("FAZT_STAGE_AFTER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(STAGE_AFTER, std::time::Duration::from_millis)
+    })
+}
 /// Digests per Want message.
 const WANT_BATCH: usize = 1_000;
 
@@ -792,6 +807,8 @@ async fn apply_loop(
         let mut unstaged: Vec<([u8; 32], Arc<Vec<u8>>)> = Vec::new();
         let mut unstaged_bytes = 0usize;
         let mut missing: HashSet<[u8; 32]> = HashSet::new();
+        // When this group's first content was asked for.
+        let mut wanted_since: Option<std::time::Instant> = None;
         let mut staging = Vec::new();
         let mut changes: Vec<NetChange> = Vec::new();
         let mut next = Some(first);
@@ -833,6 +850,9 @@ async fn apply_loop(
                 .await??;
                 let list: Vec<[u8; 32]> =
                     lacking.into_iter().filter(|d| missing.insert(*d)).collect();
+                if !list.is_empty() {
+                    wanted_since.get_or_insert_with(std::time::Instant::now);
+                }
                 for chunk in list.chunks(WANT_BATCH) {
                     out.send(Message::Want(chunk.to_vec()))
                         .await
@@ -874,7 +894,8 @@ async fn apply_loop(
                     // A long transfer is kept as it arrives, in batches: cut off, it resumes
                     // from here instead of fetching everything again.
                     // Written in the background while more content arrives.
-                    if unstaged_bytes >= STAGE_BYTES && !missing.is_empty() {
+                    let long = wanted_since.is_some_and(|t| t.elapsed() >= stage_after());
+                    if long && unstaged_bytes >= STAGE_BYTES && !missing.is_empty() {
                         let batch = std::mem::take(&mut unstaged);
                         unstaged_bytes = 0;
                         let store_db = db.clone();
