@@ -462,9 +462,29 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
         socket.set_only_v6(false)?;
     }
     socket.set_nonblocking(true)?;
+    // A large transfer arrives in bursts faster than a busy receiver drains them; with the
+    // usual 208 KiB default the kernel drops datagrams, and QUIC takes each loss as
+    // congestion and slows down. Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    // Linux reports twice what it grants (the other half is its bookkeeping).
+    if let Ok(granted) = socket.recv_buffer_size() {
+        if granted < UDP_BUFFER_BYTES {
+            tracing::info!(
+                granted_bytes = granted,
+                asked_bytes = UDP_BUFFER_BYTES,
+                "the UDP receive buffer is small, so large transfers between peers may lose \
+                 packets and slow down; raise the limit with `sysctl -w net.core.rmem_max={}`",
+                UDP_BUFFER_BYTES
+            );
+        }
+    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
+
+/// Socket buffers asked for the QUIC endpoint's UDP socket, each way.
+const UDP_BUFFER_BYTES: usize = 4 << 20;
 
 /// Errors that IPv4 would hit just the same, so falling back to it would only hide them.
 fn port_problem(e: &io::Error) -> bool {
