@@ -413,8 +413,9 @@ fn current_db_version(
 }
 
 /// The stored Lamport clock (what merges saw), or the newest version among this replica's
-/// own clock rows if that is higher. Every clock table counts, also one whose table another
-/// connection registered since this one loaded its catalog.
+/// own clock rows if that is higher. Every registered table's clock counts, also one that
+/// another connection registered since this one loaded its catalog (the catalog is read
+/// from the file, not from memory).
 fn derive_db_version(conn: &Connection) -> rusqlite::Result<i64> {
     let mut version: i64 = conn
         .prepare_cached("SELECT value FROM fazt_sync_state WHERE key = 'db_version'")?
@@ -423,7 +424,8 @@ fn derive_db_version(conn: &Connection) -> rusqlite::Result<i64> {
         .unwrap_or(0);
     let clocks: Vec<String> = conn
         .prepare_cached(
-            "SELECT name FROM sqlite_schema WHERE type = 'table' AND substr(name, -12) = '__fazt_clock'",
+            "SELECT name FROM sqlite_schema WHERE type = 'table'
+               AND name IN (SELECT tbl || '__fazt_clock' FROM fazt_sync_columns)",
         )?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
