@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use rquickjs::function::IntoJsFunc;
 use rquickjs::{Array, ArrayBuffer, Ctx, Exception, Function, Object, Value};
 use serde_json::Value as Json;
 
@@ -140,6 +141,19 @@ fn throw(ctx: &Ctx<'_>, e: anyhow::Error) -> rquickjs::Error {
     Exception::throw_message(ctx, &format!("{e:#}"))
 }
 
+/// The `__fazt_native` object being filled.
+struct Native<'js> {
+    obj: Object<'js>,
+    ctx: Ctx<'js>,
+}
+
+impl<'js> Native<'js> {
+    /// Sets `name` to a Rust function.
+    fn def<P>(&self, name: &str, f: impl IntoJsFunc<'js, P> + 'js) -> rquickjs::Result<()> {
+        self.obj.set(name, Function::new(self.ctx.clone(), f)?)
+    }
+}
+
 fn parse(ctx: &Ctx<'_>, text: &str) -> rquickjs::Result<Json> {
     serde_json::from_str(text).map_err(|e| Exception::throw_type(ctx, &format!("not JSON: {e}")))
 }
@@ -151,334 +165,269 @@ pub fn install<'js>(
     code: &Rc<Code>,
     web: &Rc<Vec<u8>>,
 ) -> rquickjs::Result<()> {
-    let n = Object::new(ctx.clone())?;
+    let n = Native {
+        obj: Object::new(ctx.clone())?,
+        ctx: ctx.clone(),
+    };
 
     let w = web.clone();
-    n.set(
-        "load_web",
-        Function::new(ctx.clone(), move |ctx: Ctx<'js>| -> rquickjs::Result<()> {
-            script::run_classic(&ctx, &w)
-                .map_err(|e| Exception::throw_message(&ctx, &e.message))?;
-            Ok(())
-        })?,
-    )?;
+    n.def("load_web", move |ctx: Ctx<'js>| -> rquickjs::Result<()> {
+        script::run_classic(&ctx, &w).map_err(|e| Exception::throw_message(&ctx, &e.message))?;
+        Ok(())
+    })?;
 
     let h = host.clone();
-    n.set(
-        "log",
-        Function::new(ctx.clone(), move |level: String, message: String| {
-            h.log(&level, &message);
-        })?,
-    )?;
+    n.def("log", move |level: String, message: String| {
+        h.log(&level, &message);
+    })?;
 
     let h = host.clone();
-    n.set(
+    n.def(
         "kv_set",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>,
-                  key: String,
-                  value: String,
-                  ttl: Option<f64>|
-                  -> rquickjs::Result<()> {
-                let value = parse(&ctx, &value)?;
-                kv::set(&mut h.db.borrow_mut(), &h.scope, &key, value, ttl, now_ms())
-                    .map_err(|e| throw(&ctx, e))
-            },
-        )?,
+        move |ctx: Ctx<'js>,
+              key: String,
+              value: String,
+              ttl: Option<f64>|
+              -> rquickjs::Result<()> {
+            let value = parse(&ctx, &value)?;
+            kv::set(&mut h.db.borrow_mut(), &h.scope, &key, value, ttl, now_ms())
+                .map_err(|e| throw(&ctx, e))
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "kv_get",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<Option<String>> {
-                let entry = kv::get(h.db.borrow().conn(), &h.scope, &key, now_ms())
-                    .map_err(|e| throw(&ctx, e))?;
-                Ok(entry.map(|e| e.value.to_string()))
-            },
-        )?,
+        move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<Option<String>> {
+            let entry = kv::get(h.db.borrow().conn(), &h.scope, &key, now_ms())
+                .map_err(|e| throw(&ctx, e))?;
+            Ok(entry.map(|e| e.value.to_string()))
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "kv_delete",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<bool> {
-                kv::delete(&mut h.db.borrow_mut(), &h.scope, &key, now_ms())
-                    .map_err(|e| throw(&ctx, e))
-            },
-        )?,
+        move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<bool> {
+            kv::delete(&mut h.db.borrow_mut(), &h.scope, &key, now_ms()).map_err(|e| throw(&ctx, e))
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "kv_list",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, prefix: String| -> rquickjs::Result<String> {
-                let entries = kv::list(h.db.borrow().conn(), &h.scope, &prefix, now_ms())
-                    .map_err(|e| throw(&ctx, e))?;
-                let list: Vec<Json> = entries
-                    .into_iter()
-                    .map(|e| {
-                        let mut o = serde_json::json!({ "key": e.key, "value": e.value });
-                        if let Some(at) = e.expires_at {
-                            o["expiresAt"] = Json::from(at);
-                        }
-                        o
-                    })
-                    .collect();
-                Ok(Json::Array(list).to_string())
-            },
-        )?,
+        move |ctx: Ctx<'js>, prefix: String| -> rquickjs::Result<String> {
+            let entries = kv::list(h.db.borrow().conn(), &h.scope, &prefix, now_ms())
+                .map_err(|e| throw(&ctx, e))?;
+            let list: Vec<Json> = entries
+                .into_iter()
+                .map(|e| {
+                    let mut o = serde_json::json!({ "key": e.key, "value": e.value });
+                    if let Some(at) = e.expires_at {
+                        o["expiresAt"] = Json::from(at);
+                    }
+                    o
+                })
+                .collect();
+            Ok(Json::Array(list).to_string())
+        },
     )?;
 
     let h = host.clone();
-    n.set(
+    n.def(
         "ds_insert",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, coll: String, doc: String| -> rquickjs::Result<String> {
-                let doc = parse(&ctx, &doc)?;
-                docs::insert(&mut h.db.borrow_mut(), &h.scope, &coll, doc, now_ms())
-                    .map_err(|e| throw(&ctx, e))
-            },
-        )?,
+        move |ctx: Ctx<'js>, coll: String, doc: String| -> rquickjs::Result<String> {
+            let doc = parse(&ctx, &doc)?;
+            docs::insert(&mut h.db.borrow_mut(), &h.scope, &coll, doc, now_ms())
+                .map_err(|e| throw(&ctx, e))
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "ds_find",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>,
-                  coll: String,
-                  query: String,
-                  opts: String|
-                  -> rquickjs::Result<String> {
-                let query = parse(&ctx, &query)?;
-                let opts = find_options(&ctx, &parse(&ctx, &opts)?)?;
-                let found = docs::find(h.db.borrow().conn(), &h.scope, &coll, &query, &opts)
-                    .map_err(|e| throw(&ctx, e))?;
-                Ok(Json::Array(found).to_string())
-            },
-        )?,
+        move |ctx: Ctx<'js>,
+              coll: String,
+              query: String,
+              opts: String|
+              -> rquickjs::Result<String> {
+            let query = parse(&ctx, &query)?;
+            let opts = find_options(&ctx, &parse(&ctx, &opts)?)?;
+            let found = docs::find(h.db.borrow().conn(), &h.scope, &coll, &query, &opts)
+                .map_err(|e| throw(&ctx, e))?;
+            Ok(Json::Array(found).to_string())
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "ds_find_one",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<Option<String>> {
-                let query = parse(&ctx, &query)?;
-                let found = docs::find_one(h.db.borrow().conn(), &h.scope, &coll, &query)
-                    .map_err(|e| throw(&ctx, e))?;
-                Ok(found.map(|d| d.to_string()))
-            },
-        )?,
+        move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<Option<String>> {
+            let query = parse(&ctx, &query)?;
+            let found = docs::find_one(h.db.borrow().conn(), &h.scope, &coll, &query)
+                .map_err(|e| throw(&ctx, e))?;
+            Ok(found.map(|d| d.to_string()))
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "ds_update",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>,
-                  coll: String,
-                  query: String,
-                  changes: String|
-                  -> rquickjs::Result<f64> {
-                let query = parse(&ctx, &query)?;
-                let changes = parse(&ctx, &changes)?;
-                docs::update(
-                    &mut h.db.borrow_mut(),
-                    &h.scope,
-                    &coll,
-                    &query,
-                    &changes,
-                    now_ms(),
-                )
+        move |ctx: Ctx<'js>,
+              coll: String,
+              query: String,
+              changes: String|
+              -> rquickjs::Result<f64> {
+            let query = parse(&ctx, &query)?;
+            let changes = parse(&ctx, &changes)?;
+            docs::update(
+                &mut h.db.borrow_mut(),
+                &h.scope,
+                &coll,
+                &query,
+                &changes,
+                now_ms(),
+            )
+            .map(|n| n as f64)
+            .map_err(|e| throw(&ctx, e))
+        },
+    )?;
+    let h = host.clone();
+    n.def(
+        "ds_delete",
+        move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<f64> {
+            let query = parse(&ctx, &query)?;
+            docs::delete(&mut h.db.borrow_mut(), &h.scope, &coll, &query)
                 .map(|n| n as f64)
                 .map_err(|e| throw(&ctx, e))
-            },
-        )?,
+        },
     )?;
     let h = host.clone();
-    n.set(
-        "ds_delete",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<f64> {
-                let query = parse(&ctx, &query)?;
-                docs::delete(&mut h.db.borrow_mut(), &h.scope, &coll, &query)
-                    .map(|n| n as f64)
-                    .map_err(|e| throw(&ctx, e))
-            },
-        )?,
-    )?;
-    let h = host.clone();
-    n.set(
+    n.def(
         "ds_count",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<f64> {
-                let query = parse(&ctx, &query)?;
-                docs::count(h.db.borrow().conn(), &h.scope, &coll, &query)
-                    .map(|n| n as f64)
-                    .map_err(|e| throw(&ctx, e))
-            },
-        )?,
+        move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<f64> {
+            let query = parse(&ctx, &query)?;
+            docs::count(h.db.borrow().conn(), &h.scope, &coll, &query)
+                .map(|n| n as f64)
+                .map_err(|e| throw(&ctx, e))
+        },
     )?;
 
     let h = host.clone();
-    n.set(
+    n.def(
         "s3_put",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>,
-                  path: String,
-                  data: ArrayBuffer<'js>,
-                  mime: Option<String>|
-                  -> rquickjs::Result<String> {
-                // SAFETY: no JavaScript runs while the slice is in use (put only touches SQLite).
-                let bytes = unsafe { data.as_bytes() }.ok_or_else(|| {
-                    Exception::throw_type(&ctx, "s3.put: the ArrayBuffer is detached")
-                })?;
-                let meta = files::put(
-                    &mut h.db.borrow_mut(),
-                    &h.scope,
-                    &path,
-                    bytes,
-                    mime.as_deref(),
-                    now_ms(),
-                )
-                .map_err(|e| throw(&ctx, e))?;
-                Ok(serde_json::to_string(&meta).expect("metadata serializes"))
-            },
-        )?,
+        move |ctx: Ctx<'js>,
+              path: String,
+              data: ArrayBuffer<'js>,
+              mime: Option<String>|
+              -> rquickjs::Result<String> {
+            // SAFETY: no JavaScript runs while the slice is in use (put only touches SQLite).
+            let bytes = unsafe { data.as_bytes() }.ok_or_else(|| {
+                Exception::throw_type(&ctx, "s3.put: the ArrayBuffer is detached")
+            })?;
+            let meta = files::put(
+                &mut h.db.borrow_mut(),
+                &h.scope,
+                &path,
+                bytes,
+                mime.as_deref(),
+                now_ms(),
+            )
+            .map_err(|e| throw(&ctx, e))?;
+            Ok(serde_json::to_string(&meta).expect("metadata serializes"))
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "s3_get",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<Value<'js>> {
-                let found = files::get(h.db.borrow().conn(), &h.scope, &path)
-                    .map_err(|e| throw(&ctx, e))?;
-                let Some((meta, data)) = found else {
-                    return Ok(Value::new_null(ctx));
-                };
-                let pair = Array::new(ctx.clone())?;
-                pair.set(
-                    0,
-                    serde_json::to_string(&meta).expect("metadata serializes"),
-                )?;
-                pair.set(1, ArrayBuffer::new(ctx.clone(), data)?)?;
-                Ok(pair.into_value())
-            },
-        )?,
+        move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<Value<'js>> {
+            let found =
+                files::get(h.db.borrow().conn(), &h.scope, &path).map_err(|e| throw(&ctx, e))?;
+            let Some((meta, data)) = found else {
+                return Ok(Value::new_null(ctx));
+            };
+            let pair = Array::new(ctx.clone())?;
+            pair.set(
+                0,
+                serde_json::to_string(&meta).expect("metadata serializes"),
+            )?;
+            pair.set(1, ArrayBuffer::new(ctx.clone(), data)?)?;
+            Ok(pair.into_value())
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "s3_delete",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<bool> {
-                files::delete(&mut h.db.borrow_mut(), &h.scope, &path).map_err(|e| throw(&ctx, e))
-            },
-        )?,
+        move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<bool> {
+            files::delete(&mut h.db.borrow_mut(), &h.scope, &path).map_err(|e| throw(&ctx, e))
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "s3_list",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, prefix: String| -> rquickjs::Result<String> {
-                let listed = files::list(h.db.borrow().conn(), &h.scope, &prefix)
-                    .map_err(|e| throw(&ctx, e))?;
-                let list: Vec<Json> = listed
-                    .into_iter()
-                    .map(|l| {
-                        let mut o = serde_json::to_value(&l.meta).expect("metadata serializes");
-                        o["path"] = Json::String(l.path);
-                        o
-                    })
-                    .collect();
-                Ok(Json::Array(list).to_string())
-            },
-        )?,
+        move |ctx: Ctx<'js>, prefix: String| -> rquickjs::Result<String> {
+            let listed =
+                files::list(h.db.borrow().conn(), &h.scope, &prefix).map_err(|e| throw(&ctx, e))?;
+            let list: Vec<Json> = listed
+                .into_iter()
+                .map(|l| {
+                    let mut o = serde_json::to_value(&l.meta).expect("metadata serializes");
+                    o["path"] = Json::String(l.path);
+                    o
+                })
+                .collect();
+            Ok(Json::Array(list).to_string())
+        },
     )?;
 
     let h = host.clone();
-    n.set(
+    n.def(
         "env_get",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<Option<String>> {
-                let vars = h.env().map_err(|e| throw(&ctx, e))?;
-                Ok(vars.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v))
-            },
-        )?,
+        move |ctx: Ctx<'js>, key: String| -> rquickjs::Result<Option<String>> {
+            let vars = h.env().map_err(|e| throw(&ctx, e))?;
+            Ok(vars.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v))
+        },
     )?;
     let h = host.clone();
-    n.set(
+    n.def(
         "env_all",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>| -> rquickjs::Result<String> {
-                let vars = h.env().map_err(|e| throw(&ctx, e))?;
-                let map: serde_json::Map<String, Json> = vars
-                    .into_iter()
-                    .map(|(k, v)| (k, Json::String(v)))
-                    .collect();
-                Ok(Json::Object(map).to_string())
-            },
-        )?,
+        move |ctx: Ctx<'js>| -> rquickjs::Result<String> {
+            let vars = h.env().map_err(|e| throw(&ctx, e))?;
+            let map: serde_json::Map<String, Json> = vars
+                .into_iter()
+                .map(|(k, v)| (k, Json::String(v)))
+                .collect();
+            Ok(Json::Object(map).to_string())
+        },
     )?;
 
-    n.set(
+    n.def(
         "random_bytes",
-        Function::new(
-            ctx.clone(),
-            |ctx: Ctx<'js>, len: f64| -> rquickjs::Result<ArrayBuffer<'js>> {
-                if !(0.0..=65536.0).contains(&len) {
-                    return Err(Exception::throw_range(
-                        &ctx,
-                        "at most 65536 random bytes at a time",
-                    ));
-                }
-                let mut bytes = vec![0u8; len as usize];
-                getrandom::fill(&mut bytes)
-                    .map_err(|e| Exception::throw_internal(&ctx, &format!("no randomness: {e}")))?;
-                ArrayBuffer::new(ctx, bytes)
-            },
-        )?,
+        |ctx: Ctx<'js>, len: f64| -> rquickjs::Result<ArrayBuffer<'js>> {
+            if !(0.0..=65536.0).contains(&len) {
+                return Err(Exception::throw_range(
+                    &ctx,
+                    "at most 65536 random bytes at a time",
+                ));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            getrandom::fill(&mut bytes)
+                .map_err(|e| Exception::throw_internal(&ctx, &format!("no randomness: {e}")))?;
+            ArrayBuffer::new(ctx, bytes)
+        },
     )?;
 
-    n.set(
-        "utf8",
-        Function::new(ctx.clone(), |ctx: Ctx<'js>, text: String| {
-            ArrayBuffer::new(ctx, text.into_bytes())
-        })?,
-    )?;
+    n.def("utf8", |ctx: Ctx<'js>, text: String| {
+        ArrayBuffer::new(ctx, text.into_bytes())
+    })?;
 
     let c = code.clone();
-    n.set(
+    n.def(
         "resolve",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, name: String| -> rquickjs::Result<String> {
-                c.resolve("api/main.js", &name)
-                    .map_err(|e| Exception::throw_message(&ctx, &e))
-            },
-        )?,
+        move |ctx: Ctx<'js>, name: String| -> rquickjs::Result<String> {
+            c.resolve("api/main.js", &name)
+                .map_err(|e| Exception::throw_message(&ctx, &e))
+        },
     )?;
     let c = code.clone();
-    n.set(
-        "module",
-        Function::new(
-            ctx.clone(),
-            move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<Value<'js>> {
-                let key = format!("cjs:{path}");
-                let bytes = c
+    n.def("module",
+        move |ctx: Ctx<'js>, path: String| -> rquickjs::Result<Value<'js>> {
+            let key = format!("cjs:{path}");
+            let bytes = c
                     .compiled(&key, &path, |src| {
                         // Wrapped on one line so that line numbers in errors match the
                         // file, and run in the request's scope like the main script.
@@ -488,13 +437,12 @@ pub fn install<'js>(
                         script::compile_classic(&ctx, &path, &wrapped)
                     })
                     .map_err(|e| Exception::throw_message(&ctx, &e.message))?;
-                script::run_classic(&ctx, &bytes)
-                    .map_err(|e| Exception::throw_message(&ctx, &e.message))
-            },
-        )?,
+            script::run_classic(&ctx, &bytes)
+                .map_err(|e| Exception::throw_message(&ctx, &e.message))
+        },
     )?;
 
-    ctx.globals().set("__fazt_native", n)?;
+    ctx.globals().set("__fazt_native", n.obj)?;
     Ok(())
 }
 
