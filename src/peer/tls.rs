@@ -172,6 +172,21 @@ pub fn endpoint(
         }
         Err(e) => return Err(e).with_context(|| format!("binding UDP {addr}")),
     };
+    // Linux reports twice what it grants (the other half is its bookkeeping). A server says
+    // so where it is seen by default; a one-shot command only in its debug log.
+    if let Ok(granted) = socket2::SockRef::from(&socket).recv_buffer_size() {
+        if granted < UDP_BUFFER_BYTES {
+            let advice = format!(
+                "the UDP receive buffer is {granted} bytes, so large transfers between peers may \
+                 lose packets and slow down; raise the limit with `sysctl -w net.core.rmem_max={UDP_BUFFER_BYTES}`"
+            );
+            if server.is_some() {
+                tracing::warn!("{advice}");
+            } else {
+                tracing::debug!("{advice}");
+            }
+        }
+    }
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         server,
@@ -467,18 +482,6 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     // congestion and slows down. Best effort: the kernel caps it at net.core.rmem_max.
     let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
-    // Linux reports twice what it grants (the other half is its bookkeeping).
-    if let Ok(granted) = socket.recv_buffer_size() {
-        if granted < UDP_BUFFER_BYTES {
-            tracing::info!(
-                granted_bytes = granted,
-                asked_bytes = UDP_BUFFER_BYTES,
-                "the UDP receive buffer is small, so large transfers between peers may lose \
-                 packets and slow down; raise the limit with `sysctl -w net.core.rmem_max={}`",
-                UDP_BUFFER_BYTES
-            );
-        }
-    }
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
