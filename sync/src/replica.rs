@@ -430,14 +430,12 @@ fn derive_db_version(conn: &Connection) -> rusqlite::Result<i64> {
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for clock in clocks {
-        let own: Option<i64> = conn.query_row(
-            &format!(
+        let own: Option<i64> = conn
+            .prepare_cached(&format!(
                 "SELECT max(db_version) FROM {} WHERE site_ord = 0",
                 crate::crr::quote(&clock)
-            ),
-            [],
-            |r| r.get(0),
-        )?;
+            ))?
+            .query_row([], |r| r.get(0))?;
         version = version.max(own.unwrap_or(0));
     }
     Ok(version)
