@@ -77,6 +77,15 @@ pub enum AppCmd {
     /// Variables the app's code reads (fazt.env, a fetch handler's env); they replicate
     #[command(subcommand)]
     Env(EnvCmd),
+    /// Show or set how much the app may store in kv, ds and s3 together (replicates)
+    Quota {
+        app: String,
+        /// New quota, like 100MB or 2GB (K/M/G/T are powers of 1024), or "default"
+        #[arg(long, value_name = "SIZE")]
+        storage: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -106,6 +115,7 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
             json,
         } => logs(db, &app, follow, lines, json),
         AppCmd::Env(cmd) => env(db, cmd),
+        AppCmd::Quota { app, storage, json } => quota(db, &app, storage.as_deref(), json),
         AppCmd::Deploy {
             dir,
             name,
@@ -150,8 +160,11 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
             let conn = database.conn();
             let id = store::find_app(conn, &app)?;
             let info = store::app_summary(conn, &id)?;
+            let storage = storage_of(conn, &id.0)?;
             if json {
-                return output::json(&info);
+                let mut value = serde_json::to_value(&info)?;
+                value["storage"] = serde_json::to_value(&storage)?;
+                return output::json(&value);
             }
             println!("name       {}", info.name);
             println!("id         {}", info.id);
@@ -178,6 +191,7 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
             for a in &info.aliases {
                 println!("url        {}", url(conn, a)?);
             }
+            println!("storage    {}", storage.human());
             println!("created    {}", output::time(info.created_at));
             println!("updated    {}", output::time(info.updated_at));
             Ok(())
@@ -354,6 +368,55 @@ pub fn url(conn: &Connection, alias: &str) -> Result<String> {
     } else {
         format!("http://{host}:{port}/")
     })
+}
+
+/// What an app stores on this node against its quota.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StorageInfo {
+    used_bytes: u64,
+    quota_bytes: u64,
+    /// The quota was set with `fazt app quota` (rather than the default).
+    quota_set: bool,
+}
+
+impl StorageInfo {
+    fn human(&self) -> String {
+        format!(
+            "{} of {} used (kv, ds and s3 on this node; quota {})",
+            output::size(self.used_bytes),
+            output::size(self.quota_bytes),
+            if self.quota_set { "set" } else { "default" }
+        )
+    }
+}
+
+fn storage_of(conn: &Connection, app_id: &str) -> Result<StorageInfo> {
+    use crate::storage::quota;
+    Ok(StorageInfo {
+        used_bytes: quota::usage(conn, app_id)?,
+        quota_bytes: quota::limit(conn, app_id)?,
+        quota_set: quota::is_set(conn, app_id)?,
+    })
+}
+
+fn quota(db: &Path, app: &str, storage: Option<&str>, json: bool) -> Result<()> {
+    use crate::storage::quota;
+    let mut database = crate::db::open_existing(db)?;
+    let id = store::find_app(database.conn(), app)?;
+    if let Some(size) = storage {
+        let bytes = match size.trim() {
+            "default" => None,
+            s => Some(quota::parse_size(s)?),
+        };
+        quota::set(&mut database, &id.0, bytes)?;
+    }
+    let info = storage_of(database.conn(), &id.0)?;
+    if json {
+        return output::json(&info);
+    }
+    println!("{app}: {}", info.human());
+    Ok(())
 }
 
 fn env(db: &Path, cmd: EnvCmd) -> Result<()> {

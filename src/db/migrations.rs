@@ -9,6 +9,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_peers.sql"),
     include_str!("migrations/0003_app_storage.sql"),
     include_str!("migrations/0004_kv_expiry.sql"),
+    include_str!("migrations/0005_app_storage_limits.sql"),
 ];
 
 /// Tables that replicate between peers. Everything else in the schema is node-local.
@@ -24,6 +25,7 @@ pub const REPLICATED_TABLES: &[&str] = &[
     "app_doc_counters",
     "app_files",
     "app_env",
+    "app_quotas",
 ];
 
 /// Tables that describe this node only; they never replicate.
@@ -35,6 +37,7 @@ pub const NODE_LOCAL_TABLES: &[&str] = &[
     "peer_invites",
     "peer_content",
     "app_logs",
+    "app_usage",
 ];
 
 pub fn latest_version() -> u32 {

@@ -45,16 +45,27 @@ pub struct Opened {
 
 /// Opens an existing fazt database. A missing file is an error that says how to make one.
 pub fn open_existing(path: &Path) -> Result<Db> {
+    open_existing_with(path, |_| Ok(()))
+}
+
+/// Like [`open_existing`], with `setup` run on the connection before the replication engine
+/// takes it (for settings that need the connection itself, like a progress handler).
+pub fn open_existing_with(
+    path: &Path,
+    setup: impl FnOnce(&mut Connection) -> Result<()>,
+) -> Result<Db> {
     if !path.exists() {
         bail!(
             "no database at {}: create one with `fazt server init` or `fazt server start`",
             path.display()
         );
     }
-    match open_checked(path)? {
-        Checked::Existing(conn) => into_db(conn),
-        Checked::Recreated(db) => Ok(*db),
-    }
+    let mut conn = match open_checked(path)? {
+        Checked::Existing(conn) => conn,
+        Checked::Recreated(db) => db.into_inner(),
+    };
+    setup(&mut conn)?;
+    into_db(conn)
 }
 
 /// Migrates the schema and puts the replication engine on the connection, registering every

@@ -11,7 +11,7 @@ use serde_json::Value as Json;
 
 use super::script;
 use crate::db::Db;
-use crate::storage::{self, docs, files, kv, now_ms, Scope};
+use crate::storage::{self, docs, files, kv, now_ms, Budget, Scope};
 
 /// Longest console line kept.
 const MAX_LOG_LINE: usize = 64 << 10;
@@ -93,13 +93,16 @@ pub struct Host {
     pub scope: Scope,
     pub logs: RefCell<Vec<(i64, String, String)>>,
     env: RefCell<Option<Vec<(String, String)>>>,
+    /// What one storage call may spend: the request's deadline and the result-size cap.
+    budget: Budget,
 }
 
 impl Host {
-    pub fn new(db: Db, app_id: &str) -> Host {
+    pub fn new(db: Db, app_id: &str, budget: Budget) -> Host {
         Host {
             db: RefCell::new(db),
             scope: Scope::app(app_id),
+            budget,
             logs: RefCell::new(Vec::new()),
             env: RefCell::new(None),
         }
@@ -214,7 +217,7 @@ pub fn install<'js>(
     n.def(
         "kv_list",
         move |ctx: Ctx<'js>, prefix: String| -> rquickjs::Result<String> {
-            let entries = kv::list(h.db.borrow().conn(), &h.scope, &prefix, now_ms())
+            let entries = kv::list(h.db.borrow().conn(), &h.scope, &prefix, now_ms(), &h.budget)
                 .map_err(|e| throw(&ctx, e))?;
             let list: Vec<Json> = entries
                 .into_iter()
@@ -249,8 +252,15 @@ pub fn install<'js>(
               -> rquickjs::Result<String> {
             let query = parse(&ctx, &query)?;
             let opts = find_options(&ctx, &parse(&ctx, &opts)?)?;
-            let found = docs::find(h.db.borrow().conn(), &h.scope, &coll, &query, &opts)
-                .map_err(|e| throw(&ctx, e))?;
+            let found = docs::find(
+                h.db.borrow().conn(),
+                &h.scope,
+                &coll,
+                &query,
+                &opts,
+                &h.budget,
+            )
+            .map_err(|e| throw(&ctx, e))?;
             Ok(Json::Array(found).to_string())
         },
     )?;
@@ -259,7 +269,7 @@ pub fn install<'js>(
         "ds_find_one",
         move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<Option<String>> {
             let query = parse(&ctx, &query)?;
-            let found = docs::find_one(h.db.borrow().conn(), &h.scope, &coll, &query)
+            let found = docs::find_one(h.db.borrow().conn(), &h.scope, &coll, &query, &h.budget)
                 .map_err(|e| throw(&ctx, e))?;
             Ok(found.map(|d| d.to_string()))
         },
@@ -281,6 +291,7 @@ pub fn install<'js>(
                 &query,
                 &changes,
                 now_ms(),
+                &h.budget,
             )
             .map(|n| n as f64)
             .map_err(|e| throw(&ctx, e))
@@ -291,7 +302,7 @@ pub fn install<'js>(
         "ds_delete",
         move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<f64> {
             let query = parse(&ctx, &query)?;
-            docs::delete(&mut h.db.borrow_mut(), &h.scope, &coll, &query)
+            docs::delete(&mut h.db.borrow_mut(), &h.scope, &coll, &query, &h.budget)
                 .map(|n| n as f64)
                 .map_err(|e| throw(&ctx, e))
         },
@@ -301,7 +312,7 @@ pub fn install<'js>(
         "ds_count",
         move |ctx: Ctx<'js>, coll: String, query: String| -> rquickjs::Result<f64> {
             let query = parse(&ctx, &query)?;
-            docs::count(h.db.borrow().conn(), &h.scope, &coll, &query)
+            docs::count(h.db.borrow().conn(), &h.scope, &coll, &query, &h.budget)
                 .map(|n| n as f64)
                 .map_err(|e| throw(&ctx, e))
         },
@@ -360,8 +371,8 @@ pub fn install<'js>(
     n.def(
         "s3_list",
         move |ctx: Ctx<'js>, prefix: String| -> rquickjs::Result<String> {
-            let listed =
-                files::list(h.db.borrow().conn(), &h.scope, &prefix).map_err(|e| throw(&ctx, e))?;
+            let listed = files::list(h.db.borrow().conn(), &h.scope, &prefix, &h.budget)
+                .map_err(|e| throw(&ctx, e))?;
             let list: Vec<Json> = listed
                 .into_iter()
                 .map(|l| {

@@ -39,6 +39,8 @@ fn shared_bytecode(
 }
 /// A worker with nothing to do for this long exits (its memory goes back to the system).
 const IDLE_EXIT: Duration = Duration::from_secs(300);
+/// SQLite virtual-machine steps between two checks of the request's deadline.
+const SQLITE_CHECK_EVERY: std::ffi::c_int = 10_000;
 /// Console lines wait at most this long before being written to the log table.
 const LOG_FLUSH: Duration = Duration::from_millis(200);
 
@@ -204,14 +206,28 @@ enum Failure {
 
 impl Worker {
     fn open(app_id: &str, db_path: &std::path::Path, limits: Limits) -> Result<Worker> {
-        let db = crate::db::open_existing(db_path)?;
+        let deadline = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        let d = deadline.clone();
+        let expired = move || {
+            let at = d.load(Ordering::Relaxed);
+            at != 0 && epoch.elapsed().as_nanos() as u64 >= at
+        };
+        // Host calls check the deadline between rows; SQLite's own loops (a scan that
+        // skips many rows) are stopped by the progress handler.
+        let in_sqlite = expired.clone();
+        let db = crate::db::open_existing_with(db_path, move |conn| {
+            conn.progress_handler(SQLITE_CHECK_EVERY, Some(in_sqlite))?;
+            Ok(())
+        })?;
+        let budget = crate::storage::Budget::new(Arc::new(expired));
         Ok(Worker {
             app_id: app_id.to_string(),
             limits,
-            host: Rc::new(Host::new(db, app_id)),
+            host: Rc::new(Host::new(db, app_id, budget)),
             engine: None,
-            deadline: Arc::new(AtomicU64::new(0)),
-            epoch: Instant::now(),
+            deadline,
+            epoch,
         })
     }
 

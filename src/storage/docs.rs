@@ -8,13 +8,11 @@
 //! stamp per counter field (under the reserved key `$fazt`), and only totals made on top of
 //! the current stamp count. A set and a concurrent increment: the set wins.
 
-use std::collections::HashMap;
-
 use anyhow::{anyhow, bail, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{Map, Number, Value};
 
-use super::{check_name, Scope};
+use super::{check_name, Budget, Scope};
 use crate::db::Db;
 
 /// The key under which a document keeps its counter stamps; never shown to apps.
@@ -110,7 +108,7 @@ pub fn insert(
     data.remove("_createdAt");
     data.remove("_updatedAt");
     let text = check_doc_size(&data)?;
-    db.write(|tx| {
+    db.write(|tx| super::quota::guard(tx, &scope.app_id, || {
         let exists: Option<i64> = tx
             .prepare_cached(
                 "SELECT 1 FROM app_docs WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND id = ?4",
@@ -126,94 +124,303 @@ pub fn insert(
         )?
         .execute(params![scope.app_id, scope.user_id, collection, id, text, now])?;
         Ok(())
-    })?;
+    }))?;
     Ok(id)
 }
 
-/// Every document of a collection, counters applied, in creation order.
-fn load(
+/// Counter fields of a collection, when there are few enough to reason about (queries on
+/// other fields are filtered in SQL); `None` when there are more.
+fn counter_fields_of(
     conn: &Connection,
     scope: &Scope,
     collection: &str,
-    only_id: Option<&str>,
-) -> Result<Vec<Stored>> {
+) -> Result<Option<Vec<String>>> {
+    const MAX: usize = 256;
     let mut stmt = conn.prepare_cached(
-        "SELECT id, data, created_at, updated_at FROM app_docs
-         WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND (?4 IS NULL OR id = ?4)
-         ORDER BY created_at, id",
+        "SELECT DISTINCT field FROM app_doc_counters
+         WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 LIMIT ?4",
     )?;
     let rows = stmt.query_map(
-        params![scope.app_id, scope.user_id, collection, only_id],
+        params![scope.app_id, scope.user_id, collection, MAX as i64 + 1],
+        |r| r.get::<_, String>(0),
+    )?;
+    let fields: Vec<String> = rows.collect::<Result<_, _>>()?;
+    Ok((fields.len() <= MAX).then_some(fields))
+}
+
+/// Adds one document's counter totals (those made on top of its current stamps) to its data.
+fn apply_counters(
+    conn: &Connection,
+    scope: &Scope,
+    collection: &str,
+    doc: &mut Stored,
+) -> Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT field, base, sum(amount) FROM app_doc_counters
+         WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND doc_id = ?4
+         GROUP BY field, base",
+    )?;
+    let rows = stmt.query_map(
+        params![scope.app_id, scope.user_id, collection, doc.id],
         |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
-                r.get(2)?,
-                r.get(3)?,
+                r.get::<_, f64>(2)?,
             ))
         },
     )?;
-    let mut docs = Vec::new();
+    let mut added: Vec<(String, f64)> = Vec::new();
     for row in rows {
-        let (id, data, created_at, updated_at) = row?;
-        let data = match serde_json::from_str(&data) {
+        let (field, base, sum) = row?;
+        if base != doc.stamp(&field) {
+            continue;
+        }
+        match added.iter_mut().find(|(f, _)| *f == field) {
+            Some((_, total)) => *total += sum,
+            None => added.push((field, sum)),
+        }
+    }
+    for (field, total) in added {
+        if total != 0.0 {
+            let start = lookup(&doc.data, &field)
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0);
+            set_path(&mut doc.data, &field, number(start + total))?;
+        }
+    }
+    Ok(())
+}
+
+/// Streams the documents of a collection that match `query`, counters applied, in creation
+/// order (or its reverse), to `visit` until it returns false. SQL narrows the rows (see
+/// [`Pushdown`]); the evaluator below decides, so its semantics are the only ones. One row is
+/// held at a time, and the request's deadline is checked between rows.
+fn scan(
+    conn: &Connection,
+    scope: &Scope,
+    collection: &str,
+    query: &Value,
+    ascending: bool,
+    budget: &Budget,
+    mut visit: impl FnMut(Stored, usize) -> Result<bool>,
+) -> Result<()> {
+    let query = normalize_query(query)?;
+    let only_id = match query.get("id") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let counters = counter_fields_of(conn, scope, collection)?;
+    let has_counters = counters.as_ref().is_none_or(|f| !f.is_empty());
+    let mut push = Pushdown::default();
+    if let Some(fields) = &counters {
+        push.query(&query, fields);
+    }
+    let dir = if ascending { "ASC" } else { "DESC" };
+    let sql = format!(
+        "SELECT id, data, created_at, updated_at FROM app_docs
+         WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND (?4 IS NULL OR id = ?4){}
+         ORDER BY created_at {dir}, id {dir}",
+        push.sql
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let mut params: Vec<rusqlite::types::Value> = vec![
+        scope.app_id.clone().into(),
+        scope.user_id.clone().into(),
+        collection.to_string().into(),
+        only_id.map_or(rusqlite::types::Value::Null, Into::into),
+    ];
+    params.append(&mut push.params);
+    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+    loop {
+        budget.check_time()?;
+        let Some(row) = rows.next().map_err(super::interrupted)? else {
+            break;
+        };
+        let id: String = row.get(0)?;
+        let text = row.get_ref(1)?.as_str()?;
+        let size = text.len() + id.len();
+        let data = match serde_json::from_str(text) {
             Ok(Value::Object(m)) => m,
             _ => Map::new(),
         };
-        docs.push(Stored {
+        let mut doc = Stored {
             id,
             data,
-            created_at,
-            updated_at,
-        });
+            created_at: row.get(2)?,
+            updated_at: row.get(3)?,
+        };
+        if has_counters {
+            apply_counters(conn, scope, collection, &mut doc)?;
+        }
+        if matches(&doc.public(), &query)? && !visit(doc, size)? {
+            break;
+        }
     }
-    // Counter totals per (document, field, stamp).
-    let mut totals: HashMap<(String, String), Vec<(String, f64)>> = HashMap::new();
-    let mut stmt = conn.prepare_cached(
-        "SELECT doc_id, field, base, sum(amount) FROM app_doc_counters
-         WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND (?4 IS NULL OR doc_id = ?4)
-         GROUP BY doc_id, field, base",
-    )?;
-    let rows = stmt.query_map(
-        params![scope.app_id, scope.user_id, collection, only_id],
-        |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, f64>(3)?,
-            ))
-        },
-    )?;
-    for row in rows {
-        let (doc, field, base, sum) = row?;
-        totals.entry((doc, field)).or_default().push((base, sum));
+    Ok(())
+}
+
+/// SQL conditions implied by a query: each one holds for every document the evaluator
+/// accepts (it may accept more), so filtering in SQL never changes an answer, only the rows
+/// read. Only fields whose value is plainly in the stored JSON are filtered: not `id` or the
+/// timestamps, not counter fields (their value is partly in app_doc_counters), not paths with
+/// array indexes (`a.0`: an index to the evaluator, a key to SQLite's JSON paths).
+#[derive(Default)]
+struct Pushdown {
+    sql: String,
+    params: Vec<rusqlite::types::Value>,
+}
+
+impl Pushdown {
+    /// Parameters at most (SQLite's limit is far higher; beyond this the evaluator filters).
+    const MAX_PARAMS: usize = 500;
+
+    fn param(&mut self, v: impl Into<rusqlite::types::Value>) -> String {
+        self.params.push(v.into());
+        format!("?{}", self.params.len() + 4)
     }
-    if totals.is_empty() {
-        return Ok(docs);
-    }
-    for doc in &mut docs {
-        let fields: Vec<String> = totals
-            .keys()
-            .filter(|(d, _)| *d == doc.id)
-            .map(|(_, f)| f.clone())
-            .collect();
-        for field in fields {
-            let stamp = doc.stamp(&field);
-            let added: f64 = totals[&(doc.id.clone(), field.clone())]
+
+    fn query(&mut self, query: &Map<String, Value>, counters: &[String]) {
+        for (path, cond) in query {
+            let Some(json_path) = sql_path(path) else {
+                continue;
+            };
+            let dot = |a: &str, b: &str| {
+                a.len() > b.len() && a.starts_with(b) && a.as_bytes()[b.len()] == b'.'
+            };
+            if counters
                 .iter()
-                .filter(|(base, _)| *base == stamp)
-                .map(|(_, s)| s)
-                .sum();
-            if added != 0.0 {
-                let start = lookup(&doc.data, &field)
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0);
-                set_path(&mut doc.data, &field, number(start + added))?;
+                .any(|f| f == path || dot(f, path) || dot(path, f))
+            {
+                continue;
+            }
+            let conds: Vec<(&str, &Value)> = if is_operator_object(cond) {
+                cond.as_object()
+                    .expect("checked")
+                    .iter()
+                    .map(|(op, arg)| (op.as_str(), arg))
+                    .collect()
+            } else {
+                vec![("$eq", cond)]
+            };
+            for (op, arg) in conds {
+                if self.params.len() >= Self::MAX_PARAMS {
+                    return;
+                }
+                let mark = self.params.len();
+                match self.condition(&json_path, op, arg) {
+                    // Nothing can match: no row needs reading (nor the path parameter).
+                    Some(c) if c == "0" => {
+                        self.params.truncate(mark);
+                        self.sql.push_str(" AND 0");
+                    }
+                    Some(c) => {
+                        self.sql.push_str(" AND CASE WHEN json_valid(data) THEN ");
+                        self.sql.push_str(&c);
+                        self.sql.push_str(" ELSE 1 END");
+                    }
+                    None => self.params.truncate(mark),
+                }
             }
         }
     }
-    Ok(docs)
+
+    fn condition(&mut self, path: &str, op: &str, arg: &Value) -> Option<String> {
+        let p = self.param(path.to_string());
+        let ty = format!("json_type(data, {p})");
+        let val = format!("json_extract(data, {p})");
+        Some(match op {
+            "$eq" => self.equals(&ty, &val, arg)?,
+            "$in" => {
+                let items = arg.as_array()?;
+                if items.len() > 64 {
+                    return None;
+                }
+                if items.is_empty() {
+                    return Some("0".into());
+                }
+                let mut any = Vec::new();
+                for item in items {
+                    any.push(self.equals(&ty, &val, item)?);
+                }
+                format!("({})", any.join(" OR "))
+            }
+            "$gt" | "$gte" | "$lt" | "$lte" => {
+                let sign = match op {
+                    "$gt" => ">",
+                    "$gte" => ">=",
+                    "$lt" => "<",
+                    _ => "<=",
+                };
+                match arg {
+                    Value::Number(n) => {
+                        let n = self.param(n.as_f64()?);
+                        format!("({ty} IN ('integer', 'real') AND CAST({val} AS REAL) {sign} {n})")
+                    }
+                    Value::String(s) if !s.contains('\0') => {
+                        let s = self.param(s.clone());
+                        format!("({ty} = 'text' AND {val} {sign} {s})")
+                    }
+                    Value::String(_) => return None,
+                    // Only numbers and strings are ordered: nothing matches.
+                    _ => "0".into(),
+                }
+            }
+            "$exists" if arg.as_bool().unwrap_or(true) => format!("{ty} IS NOT NULL"),
+            "$contains" => match arg {
+                Value::String(s) if !s.contains('\0') => {
+                    let s = self.param(s.clone());
+                    format!("({ty} = 'array' OR ({ty} = 'text' AND instr({val}, {s}) > 0))")
+                }
+                Value::String(_) => return None,
+                _ => format!("{ty} = 'array'"),
+            },
+            _ => return None,
+        })
+    }
+
+    /// What [`equals`] needs of a present field (a missing field only equals null).
+    fn equals(&mut self, ty: &str, val: &str, want: &Value) -> Option<String> {
+        Some(match want {
+            Value::Null => return None,
+            Value::Bool(true) => format!("{ty} IN ('array', 'true')"),
+            Value::Bool(false) => format!("{ty} IN ('array', 'false')"),
+            Value::Number(n) => {
+                let n = self.param(n.as_f64()?);
+                format!("({ty} = 'array' OR ({ty} IN ('integer', 'real') AND CAST({val} AS REAL) = {n}))")
+            }
+            Value::String(s) if !s.contains('\0') => {
+                let s = self.param(s.clone());
+                format!("({ty} = 'array' OR ({ty} = 'text' AND {val} = {s}))")
+            }
+            Value::String(_) => return None,
+            Value::Array(_) => format!("{ty} = 'array'"),
+            Value::Object(_) => format!("{ty} IN ('array', 'object')"),
+        })
+    }
+}
+
+/// A dotted field path as an SQLite JSON path (`a.b` → `$."a"."b"`), when both read the same
+/// value: object keys only, no array indexes, none of the fields the evaluator adds.
+fn sql_path(path: &str) -> Option<String> {
+    let mut out = String::from("$");
+    for (i, part) in path.split('.').enumerate() {
+        if i == 0 && ["id", "_createdAt", "_updatedAt", STAMPS].contains(&part) {
+            return None;
+        }
+        if part.is_empty()
+            || part.parse::<usize>().is_ok()
+            || part
+                .chars()
+                .any(|c| c == '"' || c == '\\' || c.is_control())
+        {
+            return None;
+        }
+        out.push_str(".\"");
+        out.push_str(part);
+        out.push('"');
+    }
+    Some(out)
 }
 
 fn number(x: f64) -> Value {
@@ -226,24 +433,41 @@ fn number(x: f64) -> Value {
     }
 }
 
-/// Documents matching `query`, as apps see them.
+/// Documents matching `query`, as apps see them: at most `limit`, after `offset`, and no
+/// more than the budget's bytes.
 pub fn find(
     conn: &Connection,
     scope: &Scope,
     collection: &str,
     query: &Value,
     opts: &FindOptions,
+    budget: &Budget,
 ) -> Result<Vec<Value>> {
-    let mut docs = matching(conn, scope, collection, query)?;
-    if !opts.ascending {
-        docs.reverse();
+    let limit = opts.limit.unwrap_or(usize::MAX);
+    let mut out = Vec::new();
+    if limit == 0 {
+        return Ok(out);
     }
-    Ok(docs
-        .iter()
-        .skip(opts.offset)
-        .take(opts.limit.unwrap_or(usize::MAX))
-        .map(Stored::public)
-        .collect())
+    let mut skip = opts.offset;
+    let mut bytes = 0;
+    scan(
+        conn,
+        scope,
+        collection,
+        query,
+        opts.ascending,
+        budget,
+        |doc, size| {
+            if skip > 0 {
+                skip -= 1;
+                return Ok(true);
+            }
+            budget.spend(&mut bytes, size + 64, "ds.find would return")?;
+            out.push(doc.public());
+            Ok(out.len() < limit)
+        },
+    )?;
+    Ok(out)
 }
 
 /// The first match (newest first), or the document with that id when `query` is an id.
@@ -252,39 +476,30 @@ pub fn find_one(
     scope: &Scope,
     collection: &str,
     query: &Value,
+    budget: &Budget,
 ) -> Result<Option<Value>> {
     let opts = FindOptions {
         limit: Some(1),
         ..Default::default()
     };
-    Ok(find(conn, scope, collection, query, &opts)?
+    Ok(find(conn, scope, collection, query, &opts, budget)?
         .into_iter()
         .next())
 }
 
-pub fn count(conn: &Connection, scope: &Scope, collection: &str, query: &Value) -> Result<usize> {
-    Ok(matching(conn, scope, collection, query)?.len())
-}
-
-fn matching(
+pub fn count(
     conn: &Connection,
     scope: &Scope,
     collection: &str,
     query: &Value,
-) -> Result<Vec<Stored>> {
-    let query = normalize_query(query)?;
-    let only_id = match query.get("id") {
-        Some(Value::String(s)) => Some(s.clone()),
-        _ => None,
-    };
-    let mut out = Vec::new();
-    for doc in load(conn, scope, collection, only_id.as_deref())? {
-        let public = doc.public();
-        if matches(&public, &query)? {
-            out.push(doc);
-        }
-    }
-    Ok(out)
+    budget: &Budget,
+) -> Result<usize> {
+    let mut n = 0;
+    scan(conn, scope, collection, query, true, budget, |_, _| {
+        n += 1;
+        Ok(true)
+    })?;
+    Ok(n)
 }
 
 /// A query object; a bare string or number means "the document with this id"; null or
@@ -527,13 +742,10 @@ pub fn update(
     query: &Value,
     changes: &Value,
     now: i64,
+    budget: &Budget,
 ) -> Result<usize> {
     let changes = parse_changes(changes)?;
     let node = hex::encode(db.site_id().0);
-    let docs = matching(db.conn(), scope, collection, query)?;
-    if docs.is_empty() {
-        return Ok(0);
-    }
     // Counter fields each matched document has, to restart those that are set or unset.
     let counter_fields = |conn: &Connection, id: &str| -> Result<Vec<String>> {
         let mut stmt = conn.prepare_cached(
@@ -546,11 +758,14 @@ pub fn update(
         Ok(rows.collect::<Result<_, _>>()?)
     };
     let mut plans = Vec::new();
-    for doc in &docs {
+    let mut bytes = 0;
+    let conn = db.conn();
+    scan(conn, scope, collection, query, true, budget, |doc, size| {
+        budget.spend(&mut bytes, size, "ds.update would rewrite")?;
         // What the stored document becomes: stored values (without counter totals) changed.
-        let stored = load_raw(db.conn(), scope, collection, &doc.id)?;
+        let stored = load_raw(conn, scope, collection, &doc.id)?;
         let mut data = stored.clone();
-        let counters = counter_fields(db.conn(), &doc.id)?;
+        let counters = counter_fields(conn, &doc.id)?;
         let mut touched = Vec::new();
         for (path, value) in &changes.set {
             set_path(&mut data, path, value.clone())?;
@@ -601,9 +816,13 @@ pub fn update(
         let text = (data != stored)
             .then(|| check_doc_size(&data))
             .transpose()?;
-        plans.push((doc.id.clone(), text, incs));
+        plans.push((doc.id, text, incs));
+        Ok(true)
+    })?;
+    if plans.is_empty() {
+        return Ok(0);
     }
-    db.write(|tx| {
+    db.write(|tx| super::quota::guard(tx, &scope.app_id, || {
         for (id, text, incs) in &plans {
             if let Some(text) = text {
                 tx.prepare_cached(
@@ -630,8 +849,8 @@ pub fn update(
                 .execute(params![scope.app_id, scope.user_id, collection, id, field, node, stamp, n])?;
             }
         }
-        Ok::<_, anyhow::Error>(())
-    })?;
+        Ok(())
+    }))?;
     Ok(plans.len())
 }
 
@@ -663,11 +882,28 @@ fn load_raw(
 }
 
 /// Deletes every matching document (and its counters); returns how many.
-pub fn delete(db: &mut Db, scope: &Scope, collection: &str, query: &Value) -> Result<usize> {
-    let ids: Vec<String> = matching(db.conn(), scope, collection, query)?
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
+pub fn delete(
+    db: &mut Db,
+    scope: &Scope,
+    collection: &str,
+    query: &Value,
+    budget: &Budget,
+) -> Result<usize> {
+    let mut ids = Vec::new();
+    let mut bytes = 0;
+    scan(
+        db.conn(),
+        scope,
+        collection,
+        query,
+        true,
+        budget,
+        |doc, _| {
+            budget.spend(&mut bytes, doc.id.len() + 64, "ds.delete would collect")?;
+            ids.push(doc.id);
+            Ok(true)
+        },
+    )?;
     if ids.is_empty() {
         return Ok(0);
     }
@@ -718,7 +954,7 @@ mod tests {
                 ascending: true,
                 ..Default::default()
             };
-            find(db.conn(), &s, "p", &q, &opts)
+            find(db.conn(), &s, "p", &q, &opts, &Budget::untimed())
                 .unwrap()
                 .iter()
                 .map(|d| d["name"].as_str().unwrap().to_string())
@@ -744,12 +980,23 @@ mod tests {
             &s,
             "p",
             &json!({"n": {"$near": 1}}),
-            &FindOptions::default()
+            &FindOptions::default(),
+            &Budget::untimed()
         )
         .is_err());
-        assert_eq!(count(db.conn(), &s, "p", &json!({})).unwrap(), 3);
         assert_eq!(
-            count(db.conn(), &Scope::app("b"), "p", &json!({})).unwrap(),
+            count(db.conn(), &s, "p", &json!({}), &Budget::untimed()).unwrap(),
+            3
+        );
+        assert_eq!(
+            count(
+                db.conn(),
+                &Scope::app("b"),
+                "p",
+                &json!({}),
+                &Budget::untimed()
+            )
+            .unwrap(),
             0
         );
     }
@@ -773,12 +1020,13 @@ mod tests {
                 "c",
                 &json!(id.clone()),
                 &json!({"$inc": {"n": 2}, "$unset": {"drop": 1}, "label": "x"}),
-                2
+                2,
+                &Budget::untimed()
             )
             .unwrap(),
             1
         );
-        let doc = find_one(db.conn(), &s, "c", &json!(id.clone()))
+        let doc = find_one(db.conn(), &s, "c", &json!(id.clone()), &Budget::untimed())
             .unwrap()
             .unwrap();
         assert_eq!(doc["n"], json!(3));
@@ -792,19 +1040,38 @@ mod tests {
             &json!({}),
             &json!({"$inc": {"n": 0.5}}),
             3,
+            &Budget::untimed(),
         )
         .unwrap();
         assert_eq!(
-            find_one(db.conn(), &s, "c", &json!(id.clone()))
+            find_one(db.conn(), &s, "c", &json!(id.clone()), &Budget::untimed())
                 .unwrap()
                 .unwrap()["n"],
             json!(3.5)
         );
         // Setting a counter starts it afresh.
-        update(&mut db, &s, "c", &json!({}), &json!({"$set": {"n": 10}}), 4).unwrap();
-        update(&mut db, &s, "c", &json!({}), &json!({"$inc": {"n": 1}}), 5).unwrap();
+        update(
+            &mut db,
+            &s,
+            "c",
+            &json!({}),
+            &json!({"$set": {"n": 10}}),
+            4,
+            &Budget::untimed(),
+        )
+        .unwrap();
+        update(
+            &mut db,
+            &s,
+            "c",
+            &json!({}),
+            &json!({"$inc": {"n": 1}}),
+            5,
+            &Budget::untimed(),
+        )
+        .unwrap();
         assert_eq!(
-            find_one(db.conn(), &s, "c", &json!(id.clone()))
+            find_one(db.conn(), &s, "c", &json!(id.clone()), &Budget::untimed())
                 .unwrap()
                 .unwrap()["n"],
             json!(11)
@@ -815,11 +1082,220 @@ mod tests {
             "c",
             &json!({}),
             &json!({"$inc": {"label": 1}}),
-            6
+            6,
+            &Budget::untimed()
         )
         .is_err());
-        assert!(update(&mut db, &s, "c", &json!({}), &json!({"$push": {"a": 1}}), 6).is_err());
-        assert_eq!(delete(&mut db, &s, "c", &json!({"keep": true})).unwrap(), 1);
-        assert_eq!(count(db.conn(), &s, "c", &json!({})).unwrap(), 0);
+        assert!(update(
+            &mut db,
+            &s,
+            "c",
+            &json!({}),
+            &json!({"$push": {"a": 1}}),
+            6,
+            &Budget::untimed()
+        )
+        .is_err());
+        assert_eq!(
+            delete(&mut db, &s, "c", &json!({"keep": true}), &Budget::untimed()).unwrap(),
+            1
+        );
+        assert_eq!(
+            count(db.conn(), &s, "c", &json!({}), &Budget::untimed()).unwrap(),
+            0
+        );
+    }
+
+    /// Filtering in SQL only narrows what the evaluator sees: on awkward data (mixed types,
+    /// missing fields, arrays, big integers, odd keys, counters, unparseable rows) every query
+    /// answers exactly what evaluating every document answers.
+    #[test]
+    fn sql_filtering_agrees_with_the_evaluator() {
+        let (_d, mut db) = db();
+        let s = Scope::app("a");
+        let docs = [
+            json!({"v": 1, "w": "1"}),
+            json!({"v": 1.0}),
+            json!({"v": "1"}),
+            json!({"v": "10"}),
+            json!({"v": "b"}),
+            json!({"v": true}),
+            json!({"v": false}),
+            json!({"v": null}),
+            json!({"v": [1, "b", null]}),
+            json!({"v": [[1]]}),
+            json!({"v": {"x": 1}}),
+            json!({"v": 9007199254740993u64}),
+            json!({"v": 9007199254740992.0}),
+            json!({"v": -0.5, "a b": {"c\"d": 1}}),
+            json!({"w": 2}),
+            json!({"v": {"0": "key"}, "arr": [{"x": 5}]}),
+            json!({"v": "héllo", "n": 3}),
+            json!({}),
+        ];
+        for (i, d) in docs.iter().enumerate() {
+            let mut d = d.clone();
+            d["id"] = json!(format!("d{i:02}"));
+            insert(&mut db, &s, "c", d, i as i64).unwrap();
+        }
+        // A counter field: its stored value (3) differs from what apps see (3 + 4).
+        update(
+            &mut db,
+            &s,
+            "c",
+            &json!("d16"),
+            &json!({"$inc": {"n": 4}}),
+            99,
+            &Budget::untimed(),
+        )
+        .unwrap();
+        // A row no JSON parser accepts (say, written by a buggy peer): an empty document.
+        db.write(|tx| {
+            tx.execute(
+                "INSERT INTO app_docs (app_id, user_id, collection, id, data, created_at, updated_at)
+                 VALUES ('a', '', 'c', 'bad', '{not json', 100, 100)",
+                [],
+            )
+        })
+        .unwrap();
+        let all: Vec<Value> = {
+            let opts = FindOptions {
+                ascending: true,
+                ..Default::default()
+            };
+            find(db.conn(), &s, "c", &json!({}), &opts, &Budget::untimed()).unwrap()
+        };
+        assert_eq!(all.len(), docs.len() + 1);
+        let queries = [
+            json!({"v": 1}),
+            json!({"v": 1.0}),
+            json!({"v": "1"}),
+            json!({"v": "b"}),
+            json!({"v": true}),
+            json!({"v": false}),
+            json!({"v": null}),
+            json!({"v": [1]}),
+            json!({"v": {"x": 1}}),
+            json!({"v": 9007199254740992u64}),
+            json!({"v": {"$gt": 0}}),
+            json!({"v": {"$gte": "1"}}),
+            json!({"v": {"$lt": "c"}}),
+            json!({"v": {"$lte": 1}}),
+            json!({"v": {"$gt": true}}),
+            json!({"v": {"$in": [1, "b", null]}}),
+            json!({"v": {"$in": []}}),
+            json!({"v": {"$nin": [1, "b"]}}),
+            json!({"v": {"$ne": 1}}),
+            json!({"v": {"$exists": true}}),
+            json!({"v": {"$exists": false}}),
+            json!({"v": {"$exists": 0}}),
+            json!({"v": {"$contains": "b"}}),
+            json!({"v": {"$contains": "é"}}),
+            json!({"v": {"$contains": 1}}),
+            json!({"v": {"$contains": ""}}),
+            json!({"v.x": 1}),
+            json!({"v.0": 1}),
+            json!({"v.0": "key"}),
+            json!({"arr.0.x": 5}),
+            json!({"a b.c\"d": 1}),
+            json!({"n": 7}),
+            json!({"n": 3}),
+            json!({"n": {"$gt": 5}}),
+            json!({"w": {"$gte": 1}}),
+            json!({"id": "d03"}),
+            json!({"_createdAt": {"$gte": 15}}),
+            json!({"v": {"$gt": 0, "$lt": 2}}),
+            json!({"v": {"$gt": "1", "$contains": "0"}}),
+        ];
+        for q in queries {
+            let want: Vec<&Value> = all
+                .iter()
+                .filter(|d| matches(d, &normalize_query(&q).unwrap()).unwrap())
+                .collect();
+            let opts = FindOptions {
+                ascending: true,
+                ..Default::default()
+            };
+            let got = find(db.conn(), &s, "c", &q, &opts, &Budget::untimed()).unwrap();
+            assert_eq!(got.iter().collect::<Vec<_>>(), want, "query {q}");
+            assert_eq!(
+                count(db.conn(), &s, "c", &q, &Budget::untimed()).unwrap(),
+                want.len(),
+                "count {q}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_stop_at_the_limit_and_refuse_too_many_bytes() {
+        let (_d, mut db) = db();
+        let s = Scope::app("a");
+        let big = "x".repeat(100_000);
+        for i in 0..30 {
+            insert(&mut db, &s, "c", json!({"i": i, "big": big}), i).unwrap();
+        }
+        let mut budget = Budget::untimed();
+        budget.max_bytes = 1_000_000;
+        let newest = FindOptions {
+            limit: Some(3),
+            ..Default::default()
+        };
+        let got = find(db.conn(), &s, "c", &json!({}), &newest, &budget).unwrap();
+        assert_eq!(
+            got.iter().map(|d| d["i"].clone()).collect::<Vec<_>>(),
+            [json!(29), json!(28), json!(27)]
+        );
+        let paged = FindOptions {
+            limit: Some(2),
+            offset: 25,
+            ascending: true,
+        };
+        let got = find(db.conn(), &s, "c", &json!({}), &paged, &budget).unwrap();
+        assert_eq!(
+            got.iter().map(|d| d["i"].clone()).collect::<Vec<_>>(),
+            [json!(25), json!(26)]
+        );
+        let err = find(
+            db.conn(),
+            &s,
+            "c",
+            &json!({}),
+            &FindOptions::default(),
+            &budget,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err}").starts_with("ds.find would return more than 0 MiB: narrow the query"),
+            "{err}"
+        );
+        // Counting holds one document at a time, whatever the collection's size.
+        assert_eq!(
+            count(db.conn(), &s, "c", &json!({"i": {"$gte": 10}}), &budget).unwrap(),
+            20
+        );
+        let err = update(
+            &mut db,
+            &s,
+            "c",
+            &json!({}),
+            &json!({"$set": {"big": 1}}),
+            50,
+            &budget,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err}").starts_with("ds.update would rewrite more than"),
+            "{err}"
+        );
+        assert_eq!(
+            count(db.conn(), &s, "c", &json!({"big": 1}), &budget).unwrap(),
+            0
+        );
+        let expired = Budget::new(std::sync::Arc::new(|| true));
+        let err = count(db.conn(), &s, "c", &json!({}), &expired).unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "the request ran out of time while reading app storage"
+        );
     }
 }

@@ -7,8 +7,11 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{check_name, Scope};
+use super::{check_name, Budget, Scope};
 use crate::db::Db;
+
+/// Largest object one put stores.
+pub const MAX_OBJECT_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -34,6 +37,13 @@ pub fn put(
     now: i64,
 ) -> Result<Meta> {
     check_name("a path", path)?;
+    if data.len() > MAX_OBJECT_BYTES {
+        bail!(
+            "s3.put: the object is {} bytes, more than the {} MiB an object may hold",
+            data.len(),
+            MAX_OBJECT_BYTES >> 20
+        );
+    }
     let mime = match mime.map(str::trim) {
         Some(m) if !m.is_empty() => {
             if m.len() > 255 || m.bytes().any(|b| b.is_ascii_control()) {
@@ -50,7 +60,7 @@ pub fn put(
         updated_at: now,
     };
     let json = serde_json::to_string(&meta)?;
-    db.write(|tx| {
+    db.write(|tx| super::quota::guard(tx, &scope.app_id, || {
         tx.prepare_cached(
             "INSERT INTO blobs (hash, size, data) VALUES (?1, ?2, ?3) ON CONFLICT (hash) DO NOTHING",
         )?
@@ -60,8 +70,8 @@ pub fn put(
              ON CONFLICT (app_id, user_id, path) DO UPDATE SET meta = excluded.meta",
         )?
         .execute(params![scope.app_id, scope.user_id, path, json])?;
-        Ok::<_, anyhow::Error>(())
-    })?;
+        Ok(())
+    }))?;
     Ok(meta)
 }
 
@@ -104,21 +114,35 @@ pub fn delete(db: &mut Db, scope: &Scope, path: &str) -> Result<bool> {
     Ok(n > 0)
 }
 
-/// Paths starting with `prefix`, in path order.
-pub fn list(conn: &Connection, scope: &Scope, prefix: &str) -> Result<Vec<Listed>> {
+/// Paths starting with `prefix`, in path order, up to the budget's bytes.
+pub fn list(
+    conn: &Connection,
+    scope: &Scope,
+    prefix: &str,
+    budget: &Budget,
+) -> Result<Vec<Listed>> {
     let mut stmt = conn.prepare_cached(
         "SELECT path, meta FROM app_files WHERE app_id = ?1 AND user_id = ?2
            AND substr(path, 1, length(?3)) = ?3 ORDER BY path",
     )?;
-    let rows = stmt.query_map(params![scope.app_id, scope.user_id, prefix], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-    })?;
+    let mut rows = stmt.query(params![scope.app_id, scope.user_id, prefix])?;
     let mut out = Vec::new();
-    for row in rows {
-        let (path, meta) = row?;
+    let mut bytes = 0;
+    loop {
+        budget.check_time()?;
+        let Some(row) = rows.next().map_err(super::interrupted)? else {
+            break;
+        };
+        let path: String = row.get(0)?;
+        let meta = row.get_ref(1)?.as_str()?;
+        budget.spend(
+            &mut bytes,
+            path.len() + meta.len() + 16,
+            "s3.list would return",
+        )?;
         out.push(Listed {
+            meta: serde_json::from_str(meta)?,
             path,
-            meta: serde_json::from_str(&meta)?,
         });
     }
     Ok(out)

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
-use super::{check_name, Scope};
+use super::{check_name, Budget, Scope};
 use crate::db::Db;
 
 /// Expired entries removed by one write, at most.
@@ -49,21 +49,23 @@ pub fn set(
         bail!("value is larger than {} bytes as JSON", MAX_VALUE_BYTES);
     }
     db.write(|tx| {
-        tx.prepare_cached(
-            "INSERT INTO app_kv (app_id, user_id, key, data) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (app_id, user_id, key) DO UPDATE SET data = excluded.data",
-        )?
-        .execute(params![scope.app_id, scope.user_id, key, data])?;
-        // Entries past their expiry read as absent; writes remove them, a bounded number at a
-        // time, so storage does not grow with dead entries. (Every node may remove the same
-        // entry: the deletes converge.)
-        tx.prepare_cached(
-            "DELETE FROM app_kv WHERE rowid IN (SELECT rowid FROM app_kv
-               WHERE json_extract(data, '$.expiresAt') IS NOT NULL
-                 AND json_extract(data, '$.expiresAt') <= ?1 LIMIT ?2)",
-        )?
-        .execute(params![now, PURGE_PER_WRITE])?;
-        Ok::<_, anyhow::Error>(())
+        super::quota::guard(tx, &scope.app_id, || {
+            tx.prepare_cached(
+                "INSERT INTO app_kv (app_id, user_id, key, data) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (app_id, user_id, key) DO UPDATE SET data = excluded.data",
+            )?
+            .execute(params![scope.app_id, scope.user_id, key, data])?;
+            // Entries past their expiry read as absent; writes remove them, a bounded number at a
+            // time, so storage does not grow with dead entries. (Every node may remove the same
+            // entry: the deletes converge.)
+            tx.prepare_cached(
+                "DELETE FROM app_kv WHERE rowid IN (SELECT rowid FROM app_kv
+                   WHERE json_extract(data, '$.expiresAt') IS NOT NULL
+                     AND json_extract(data, '$.expiresAt') <= ?1 LIMIT ?2)",
+            )?
+            .execute(params![now, PURGE_PER_WRITE])?;
+            Ok(())
+        })
     })
 }
 
@@ -101,19 +103,36 @@ pub fn delete(db: &mut Db, scope: &Scope, key: &str, now: i64) -> Result<bool> {
     Ok(existed)
 }
 
-/// Live entries whose key starts with `prefix`, in key order.
-pub fn list(conn: &Connection, scope: &Scope, prefix: &str, now: i64) -> Result<Vec<Entry>> {
+/// Live entries whose key starts with `prefix`, in key order, up to the budget's bytes.
+pub fn list(
+    conn: &Connection,
+    scope: &Scope,
+    prefix: &str,
+    now: i64,
+    budget: &Budget,
+) -> Result<Vec<Entry>> {
     let mut stmt = conn.prepare_cached(
         "SELECT key, data FROM app_kv WHERE app_id = ?1 AND user_id = ?2
            AND substr(key, 1, length(?3)) = ?3 ORDER BY key",
     )?;
-    let rows = stmt.query_map(params![scope.app_id, scope.user_id, prefix], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-    })?;
+    let mut rows = stmt.query(params![scope.app_id, scope.user_id, prefix])?;
     let mut out = Vec::new();
-    for row in rows {
-        let (key, data) = row?;
-        out.extend(parse(key, &data, now));
+    let mut bytes = 0;
+    loop {
+        budget.check_time()?;
+        let Some(row) = rows.next().map_err(super::interrupted)? else {
+            break;
+        };
+        let key: String = row.get(0)?;
+        let data = row.get_ref(1)?.as_str()?;
+        if let Some(entry) = parse(key, data, now) {
+            budget.spend(
+                &mut bytes,
+                entry.key.len() + data.len(),
+                "kv.list would return",
+            )?;
+            out.push(entry);
+        }
     }
     Ok(out)
 }

@@ -8,8 +8,61 @@ pub mod env;
 pub mod files;
 pub mod kv;
 pub mod logs;
+pub mod quota;
+
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
+
+/// Most bytes one read call (`ds.find`, `kv.list`, `s3.list`, ...) returns, about: a call
+/// that would return more fails and says to narrow the query or page with limit/offset.
+/// Also the most document bytes one `ds.update` rewrites, and the ids one `ds.delete` holds.
+pub const MAX_RESULT_BYTES: usize = 8 << 20;
+
+/// What one call into storage may spend: it stops when the request's time is up (checked
+/// between rows; SQLite's own loops are stopped by the worker's progress handler) and it
+/// returns at most `max_bytes`.
+#[derive(Clone)]
+pub struct Budget {
+    expired: Arc<dyn Fn() -> bool + Send + Sync>,
+    pub max_bytes: usize,
+}
+
+impl Budget {
+    pub fn new(expired: Arc<dyn Fn() -> bool + Send + Sync>) -> Budget {
+        Budget {
+            expired,
+            max_bytes: MAX_RESULT_BYTES,
+        }
+    }
+
+    /// No deadline (tests); the byte cap still holds.
+    #[cfg(test)]
+    pub fn untimed() -> Budget {
+        Budget::new(Arc::new(|| false))
+    }
+
+    /// Fails once the request's time is up.
+    pub fn check_time(&self) -> Result<()> {
+        if (self.expired)() {
+            bail!("the request ran out of time while reading app storage");
+        }
+        Ok(())
+    }
+
+    /// Adds `n` bytes to `used`; fails beyond the cap, saying what to do about it (`what`
+    /// is the start of the message: "ds.find would return").
+    pub fn spend(&self, used: &mut usize, n: usize, what: &str) -> Result<()> {
+        *used = used.saturating_add(n);
+        if *used > self.max_bytes {
+            bail!(
+                "{what} more than {} MiB: narrow the query (or page with limit and offset)",
+                self.max_bytes >> 20
+            );
+        }
+        Ok(())
+    }
+}
 
 /// Whose data a call touches: one app's shared data (`user_id` empty) or one user's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +77,15 @@ impl Scope {
             app_id: app_id.to_string(),
             user_id: String::new(),
         }
+    }
+}
+
+/// SQLite stopped by the worker's progress handler means the request's time is up.
+pub(crate) fn interrupted(e: rusqlite::Error) -> anyhow::Error {
+    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) {
+        anyhow::anyhow!("the request ran out of time while reading app storage")
+    } else {
+        e.into()
     }
 }
 

@@ -9,4 +9,5 @@ mod database;
 mod peers;
 mod serverless;
 mod serving;
+mod storage_limits;
 mod versions;
