@@ -1158,6 +1158,11 @@ mod tests {
             )
         })
         .unwrap();
+        // Plain fields are filtered in SQL; ids, counter fields and array indexes are not.
+        let mut push = Pushdown::default();
+        let q = json!({"v": 1, "id": "x", "n": 1, "a.0": 1, "_createdAt": 1});
+        push.query(&normalize_query(&q).unwrap(), &["n".to_string()]);
+        assert_eq!(push.params.len(), 2, "{}", push.sql);
         let all: Vec<Value> = {
             let opts = FindOptions {
                 ascending: true,

@@ -4,6 +4,7 @@
 use serde_json::{json, Value};
 
 use crate::harness::{Node, Server};
+use crate::peers::{eventually, joined_pair, Pair};
 
 const STORAGE_API: &str = r#"
 var kv = fazt.app.kv, ds = fazt.app.ds, s3 = fazt.app.s3;
@@ -30,11 +31,18 @@ respond(404, { error: 'no route ' + r });
 "#;
 
 fn storage_app(node: &Node, name: &str) -> String {
+    storage_app_to(node, name, &[])
+}
+
+/// Deploys the app (with `extra` deploy arguments); returns its id.
+fn storage_app_to(node: &Node, name: &str, extra: &[&str]) -> String {
     let dir = node.site(
         name,
         &[("index.html", "static"), ("api/main.js", STORAGE_API)],
     );
-    node.deploy(&dir, &["--name", name]);
+    let mut args = vec!["--name", name];
+    args.extend_from_slice(extra);
+    node.deploy(&dir, &args);
     node.json(&["app", "info", name, "--json"])["id"]
         .as_str()
         .unwrap()
@@ -251,4 +259,56 @@ fn an_s3_object_is_capped_whatever_the_quota() {
     );
     assert_eq!(get(&server, "s", "/api/s3/list"), (200, json!({"n": 0})));
     assert_eq!(usage(&node, "s")["usedBytes"], 0);
+}
+
+#[test]
+fn quotas_replicate_and_merged_data_over_a_quota_stays_readable() {
+    let Pair {
+        local,
+        local_server,
+        zyt,
+        zyt_server,
+    } = joined_pair();
+    storage_app_to(&local, "q", &["--to", "zyt"]);
+    // Both nodes write three 10 KB entries; merged, each holds all six.
+    for (server, side) in [(&local_server, "l"), (&zyt_server, "z")] {
+        for i in 0..3 {
+            let (status, body) = get(
+                server,
+                "q",
+                &format!("/api/kv/set?key={side}{i}&size=10000"),
+            );
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    for node in [&local, &zyt] {
+        eventually("both nodes hold all six entries", || {
+            (usage(node, "q")["usedBytes"] == 6 * 10078).then_some(())
+        });
+    }
+    // A quota set later, below what the app holds, reaches the peer.
+    local.ok(&["app", "quota", "q", "--storage", "40KB"]);
+    eventually("zyt has the new quota", || {
+        (usage(&zyt, "q") == json!({"usedBytes": 6 * 10078, "quotaBytes": 40960, "quotaSet": true}))
+            .then_some(())
+    });
+    // There, the merged data stays readable; growing writes fail, deletes work.
+    assert_eq!(
+        get(&zyt_server, "q", "/api/kv/get?key=l0"),
+        (200, json!({"size": 10000}))
+    );
+    let (status, body) = get(&zyt_server, "q", "/api/kv/set?key=z9&size=1");
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the app's storage quota is full (60468 of 40960 bytes used"),
+        "{body}"
+    );
+    assert_eq!(
+        get(&zyt_server, "q", "/api/kv/delete?key=l0"),
+        (200, json!({"deleted": true}))
+    );
+    assert_eq!(usage(&zyt, "q")["usedBytes"], 5 * 10078);
 }
