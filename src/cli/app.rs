@@ -372,7 +372,6 @@ pub fn url(conn: &Connection, alias: &str) -> Result<String> {
 
 /// What an app stores on this node against its quota.
 #[derive(serde::Serialize)]
-#[serde(rename_all = "camelCase")]
 struct StorageInfo {
     used_bytes: u64,
     quota_bytes: u64,

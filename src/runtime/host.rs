@@ -141,7 +141,7 @@ impl Host {
 }
 
 fn throw(ctx: &Ctx<'_>, e: anyhow::Error) -> rquickjs::Error {
-    Exception::throw_message(ctx, &format!("{e:#}"))
+    Exception::throw_message(ctx, &format!("{:#}", storage::explain(e)))
 }
 
 /// The `__fazt_native` object being filled.

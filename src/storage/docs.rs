@@ -234,7 +234,7 @@ fn scan(
     let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     loop {
         budget.check_time()?;
-        let Some(row) = rows.next().map_err(super::interrupted)? else {
+        let Some(row) = rows.next()? else {
             break;
         };
         let id: String = row.get(0)?;
@@ -1300,7 +1300,40 @@ mod tests {
         let err = count(db.conn(), &s, "c", &json!({}), &expired).unwrap_err();
         assert_eq!(
             format!("{err}"),
-            "the request ran out of time while reading app storage"
+            "the request ran out of time while using app storage"
+        );
+    }
+
+    /// SQLite's own loops (a scan that skips rows in SQL) stop at the deadline too: the
+    /// worker's progress handler interrupts them, and the app is told why.
+    #[test]
+    fn sqlite_work_stops_when_the_progress_handler_says_so() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.db");
+        let mut db = crate::db::create(&path).unwrap();
+        let s = Scope::app("a");
+        for i in 0..50 {
+            insert(&mut db, &s, "c", json!({"i": i}), i).unwrap();
+        }
+        drop(db);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let db = crate::db::open_existing_with(&path, move |c| {
+            c.progress_handler(1, Some(move || flag.load(Ordering::Relaxed)))?;
+            Ok(())
+        })
+        .unwrap();
+        let q = json!({"i": {"$gte": 10}});
+        assert_eq!(
+            count(db.conn(), &s, "c", &q, &Budget::untimed()).unwrap(),
+            40
+        );
+        stop.store(true, Ordering::Relaxed);
+        let err = count(db.conn(), &s, "c", &q, &Budget::untimed()).unwrap_err();
+        assert_eq!(
+            format!("{:#}", crate::storage::explain(err)),
+            "the request ran out of time while using app storage"
         );
     }
 }

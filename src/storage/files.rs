@@ -130,7 +130,7 @@ pub fn list(
     let mut bytes = 0;
     loop {
         budget.check_time()?;
-        let Some(row) = rows.next().map_err(super::interrupted)? else {
+        let Some(row) = rows.next()? else {
             break;
         };
         let path: String = row.get(0)?;

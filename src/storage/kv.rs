@@ -120,7 +120,7 @@ pub fn list(
     let mut bytes = 0;
     loop {
         budget.check_time()?;
-        let Some(row) = rows.next().map_err(super::interrupted)? else {
+        let Some(row) = rows.next()? else {
             break;
         };
         let key: String = row.get(0)?;

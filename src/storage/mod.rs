@@ -45,7 +45,7 @@ impl Budget {
     /// Fails once the request's time is up.
     pub fn check_time(&self) -> Result<()> {
         if (self.expired)() {
-            bail!("the request ran out of time while reading app storage");
+            bail!("the request ran out of time while using app storage");
         }
         Ok(())
     }
@@ -80,12 +80,17 @@ impl Scope {
     }
 }
 
-/// SQLite stopped by the worker's progress handler means the request's time is up.
-pub(crate) fn interrupted(e: rusqlite::Error) -> anyhow::Error {
-    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) {
-        anyhow::anyhow!("the request ran out of time while reading app storage")
+/// An error as apps see it: SQLite stopped by the worker's progress handler means the
+/// request's time is up.
+pub(crate) fn explain(e: anyhow::Error) -> anyhow::Error {
+    let stopped = e
+        .chain()
+        .filter_map(|c| c.downcast_ref::<rusqlite::Error>())
+        .any(|r| r.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted));
+    if stopped {
+        anyhow::anyhow!("the request ran out of time while using app storage")
     } else {
-        e.into()
+        e
     }
 }
 

@@ -151,17 +151,17 @@ fn quotas_bound_what_an_app_stores_and_a_refused_write_changes_nothing() {
     storage_app(&node, "q");
     assert_eq!(
         usage(&node, "q"),
-        json!({"usedBytes": 0, "quotaBytes": 256 << 20, "quotaSet": false})
+        json!({"used_bytes": 0, "quota_bytes": 256 << 20, "quota_set": false})
     );
     let err = node.fails(&["app", "quota", "q", "--storage", "lots"]);
     assert!(err.contains("invalid size \"lots\""), "{err}");
     let err = node.fails(&["app", "quota", "q", "--storage", "0"]);
     assert!(err.contains("at least 1 byte"), "{err}");
-    assert_eq!(usage(&node, "q")["quotaSet"], false);
+    assert_eq!(usage(&node, "q")["quota_set"], false);
     let set = node.json(&["app", "quota", "q", "--storage", "64KB", "--json"]);
     assert_eq!(
         set,
-        json!({"usedBytes": 0, "quotaBytes": 65536, "quotaSet": true})
+        json!({"used_bytes": 0, "quota_bytes": 65536, "quota_set": true})
     );
     let server = node.start(&[]);
 
@@ -170,7 +170,7 @@ fn quotas_bound_what_an_app_stores_and_a_refused_write_changes_nothing() {
         let (status, body) = get(&server, "q", &format!("/api/kv/set?key=k{i}&size=10000"));
         assert_eq!(status, 200, "{body}");
     }
-    assert_eq!(usage(&node, "q")["usedBytes"], 6 * 10078);
+    assert_eq!(usage(&node, "q")["used_bytes"], 6 * 10078);
     let (status, body) = get(&server, "q", "/api/kv/set?key=k6&size=10000");
     assert_eq!(status, 400);
     assert_eq!(
@@ -208,7 +208,7 @@ fn quotas_bound_what_an_app_stores_and_a_refused_write_changes_nothing() {
         (200, json!({"size": 10000}))
     );
     assert_eq!(get(&server, "q", "/api/s3/list"), (200, json!({"n": 0})));
-    assert_eq!(usage(&node, "q")["usedBytes"], 6 * 10078);
+    assert_eq!(usage(&node, "q")["used_bytes"], 6 * 10078);
 
     // Shrinking and deleting always work; the freed bytes can be used again.
     assert_eq!(get(&server, "q", "/api/kv/set?key=k0&size=10").0, 200);
@@ -233,7 +233,7 @@ fn quotas_bound_what_an_app_stores_and_a_refused_write_changes_nothing() {
         (200, json!({"deleted": true}))
     );
     node.ok(&["app", "quota", "q", "--storage", "default"]);
-    assert_eq!(usage(&node, "q")["quotaBytes"], 256 << 20);
+    assert_eq!(usage(&node, "q")["quota_bytes"], 256 << 20);
     let human = node.ok(&["app", "info", "q"]);
     assert!(human.contains("storage    "), "{human}");
 }
@@ -258,7 +258,7 @@ fn an_s3_object_is_capped_whatever_the_quota() {
         )
     );
     assert_eq!(get(&server, "s", "/api/s3/list"), (200, json!({"n": 0})));
-    assert_eq!(usage(&node, "s")["usedBytes"], 0);
+    assert_eq!(usage(&node, "s")["used_bytes"], 0);
 }
 
 #[test]
@@ -283,14 +283,15 @@ fn quotas_replicate_and_merged_data_over_a_quota_stays_readable() {
     }
     for node in [&local, &zyt] {
         eventually("both nodes hold all six entries", || {
-            (usage(node, "q")["usedBytes"] == 6 * 10078).then_some(())
+            (usage(node, "q")["used_bytes"] == 6 * 10078).then_some(())
         });
     }
     // A quota set later, below what the app holds, reaches the peer.
     local.ok(&["app", "quota", "q", "--storage", "40KB"]);
     eventually("zyt has the new quota", || {
-        (usage(&zyt, "q") == json!({"usedBytes": 6 * 10078, "quotaBytes": 40960, "quotaSet": true}))
-            .then_some(())
+        (usage(&zyt, "q")
+            == json!({"used_bytes": 6 * 10078, "quota_bytes": 40960, "quota_set": true}))
+        .then_some(())
     });
     // There, the merged data stays readable; growing writes fail, deletes work.
     assert_eq!(
@@ -310,5 +311,5 @@ fn quotas_replicate_and_merged_data_over_a_quota_stays_readable() {
         get(&zyt_server, "q", "/api/kv/delete?key=l0"),
         (200, json!({"deleted": true}))
     );
-    assert_eq!(usage(&zyt, "q")["usedBytes"], 5 * 10078);
+    assert_eq!(usage(&zyt, "q")["used_bytes"], 5 * 10078);
 }
