@@ -1131,6 +1131,7 @@ mod tests {
             json!({"w": 2}),
             json!({"v": {"0": "key"}, "arr": [{"x": 5}]}),
             json!({"v": "héllo", "n": 3}),
+            json!({"a b": 1, "x[0]": {"y": 2}, "é": "3", "$y": 4}),
             json!({}),
         ];
         for (i, d) in docs.iter().enumerate() {
@@ -1203,6 +1204,11 @@ mod tests {
             json!({"v.0": "key"}),
             json!({"arr.0.x": 5}),
             json!({"a b.c\"d": 1}),
+            json!({"a b": 1}),
+            json!({"x[0].y": 2}),
+            json!({"x": {"$exists": true}}),
+            json!({"é": "3"}),
+            json!({"$y": 4}),
             json!({"n": 7}),
             json!({"n": 3}),
             json!({"n": {"$gt": 5}}),
