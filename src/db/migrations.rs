@@ -9,6 +9,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_peers.sql"),
     include_str!("migrations/0003_app_storage.sql"),
     include_str!("migrations/0004_kv_expiry.sql"),
+    include_str!("migrations/0005_blob_gc.sql"),
 ];
 
 /// Tables that replicate between peers. Everything else in the schema is node-local.
@@ -35,6 +36,8 @@ pub const NODE_LOCAL_TABLES: &[&str] = &[
     "peer_invites",
     "peer_content",
     "app_logs",
+    "blob_unreferenced",
+    "blob_rescue",
 ];
 
 pub fn latest_version() -> u32 {
