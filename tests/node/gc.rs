@@ -223,3 +223,50 @@ fn a_version_arriving_at_the_collecting_node_first_is_complete_once_its_author_m
     carry(&b, &a, "back.fzb");
     serves_everywhere(&[&a, &b], &x);
 }
+
+/// Waits until `server` answers `body` for `http://APP.localhost/PATH`.
+fn wait_for(server: &crate::harness::Server, app: &str, path: &str, body: &str) {
+    crate::peers::eventually(&format!("{app}.localhost{path} serves its content"), || {
+        let r = server
+            .request(Method::GET, &format!("{app}.localhost"), path)
+            .send()
+            .ok()?;
+        (r.status() == 200 && r.text().ok()? == body).then_some(())
+    });
+}
+
+#[test]
+fn over_a_peer_session_the_node_that_uses_a_collected_blob_puts_it_back() {
+    let crate::peers::Pair {
+        local,
+        local_server,
+        zyt,
+        zyt_server,
+    } = crate::peers::joined_pair();
+    let x = noise(4, 100_000);
+    local.deploy(&local.site("old", &[("x.txt", &x)]), &[]);
+    wait_for(&zyt_server, "old", "/x.txt", &x);
+    let port = zyt_server.port;
+    drop(zyt_server);
+
+    // Apart: zyt removes the app and collects x.txt's blob; local, which holds the blob,
+    // deploys a new app that uses it.
+    zyt.ok(&["app", "remove", "old"]);
+    assert_eq!(gc(&zyt, "0")["deleted"], 1);
+    let report = local.deploy(&local.site("new", &[("x.txt", &x)]), &[]);
+    assert_eq!(report["new_blobs"], 0, "{report}");
+
+    // Together again: local merges the delete, puts the blob back, and zyt gets it.
+    let zyt_server = crate::harness::Server::spawn(zyt.command().args([
+        "server",
+        "start",
+        "--port",
+        &port.to_string(),
+    ]));
+    wait_for(&zyt_server, "new", "/x.txt", &x);
+    assert_eq!(local_server.text("new.localhost", "/x.txt"), x);
+    crate::peers::eventually("both nodes hold the same blobs", || {
+        (blobs(&local) == blobs(&zyt)).then_some(())
+    });
+    assert!(blob_hashes(&zyt).contains(&sha256_hex(x.as_bytes())));
+}
