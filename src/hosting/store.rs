@@ -172,7 +172,7 @@ pub struct Removed {
 }
 
 /// Removes an app with its versions and aliases. Content blobs stay: other versions and
-/// apps may share them.
+/// apps may share them; the collector (`hosting::gc`) frees those nothing uses.
 pub fn remove_app(db: &mut Db, app: &AppName) -> Result<Removed> {
     db.write(|tx| {
         let id = find_app(tx, app.as_str())?;
