@@ -122,8 +122,11 @@ pub fn run(cmd: DbCmd, db: &Path) -> Result<()> {
                 done.deleted,
                 output::size(done.freed_bytes),
                 done.waiting,
-                if done.rescued > 0 {
-                    format!("; re-inserted {} blobs a peer had deleted", done.rescued)
+                if done.rescued > 0 || done.rescued_versions > 0 {
+                    format!(
+                        "; re-inserted {} blobs and {} versions a peer had deleted",
+                        done.rescued, done.rescued_versions
+                    )
                 } else {
                     String::new()
                 }

@@ -144,8 +144,11 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
             );
             // Content the bundle deleted that this node still references goes back.
             let rescued = crate::hosting::gc::rescue(&mut database)?;
-            if rescued > 0 {
-                println!("re-inserted {rescued} blobs the bundle deleted that apps here still use");
+            if rescued.blobs > 0 || rescued.versions > 0 {
+                println!(
+                    "re-inserted {} blobs and {} versions the bundle deleted that apps here still use",
+                    rescued.blobs, rescued.versions
+                );
             }
             Ok(())
         }

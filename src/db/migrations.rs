@@ -38,6 +38,8 @@ pub const NODE_LOCAL_TABLES: &[&str] = &[
     "app_logs",
     "blob_unreferenced",
     "blob_rescue",
+    "version_rescue",
+    "version_files_rescue",
 ];
 
 pub fn latest_version() -> u32 {

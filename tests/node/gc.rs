@@ -201,7 +201,7 @@ fn serves_everywhere(nodes: &[&Node], x: &str) {
 fn a_collected_blob_that_a_peer_just_used_comes_back_when_the_delete_reaches_it() {
     let (a, b, x) = race();
     let out = carry(&a, &b, "delete.fzb");
-    assert!(out.contains("re-inserted 1 blobs"), "{out}");
+    assert!(out.contains("re-inserted 1 blobs and 0 versions"), "{out}");
     carry(&b, &a, "back.fzb");
     serves_everywhere(&[&a, &b], &x);
     // Referenced again on both: the collector leaves it alone from now on.
@@ -219,7 +219,7 @@ fn a_version_arriving_at_the_collecting_node_first_is_complete_once_its_author_m
     // A's collector must not delete anything on its behalf meanwhile.
     assert_eq!(gc(&a, "0")["deleted"], 0);
     let out = carry(&a, &b, "delete.fzb");
-    assert!(out.contains("re-inserted 1 blobs"), "{out}");
+    assert!(out.contains("re-inserted 1 blobs and 0 versions"), "{out}");
     carry(&b, &a, "back.fzb");
     serves_everywhere(&[&a, &b], &x);
 }
@@ -269,4 +269,81 @@ fn over_a_peer_session_the_node_that_uses_a_collected_blob_puts_it_back() {
         (blobs(&local) == blobs(&zyt)).then_some(())
     });
     assert!(blob_hashes(&zyt).contains(&sha256_hex(x.as_bytes())));
+}
+
+fn version_numbers(node: &Node, app: &str) -> Vec<(i64, bool)> {
+    node.json(&["app", "versions", app, "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["number"].as_i64().unwrap(),
+                v["current"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn prune_keeps_the_current_and_the_newest_versions_and_their_content() {
+    let node = Node::new();
+    let site = node.site("app", &[("index.html", "one"), ("a.css", "p{}")]);
+    node.deploy(&site, &[]);
+    for body in ["two", "three", "four"] {
+        crate::harness::write(&site.join("index.html"), body.as_bytes());
+        node.deploy(&site, &[]);
+    }
+    node.ok(&["app", "rollback", "app", "--to", "v2"]);
+    let out = node.ok(&["app", "prune", "app", "--keep", "1"]);
+    assert!(
+        out.contains("deleted 2 old versions of app (v3, v1); kept 2"),
+        "{out}"
+    );
+    assert_eq!(version_numbers(&node, "app"), vec![(4, false), (2, true)]);
+    let err = node.fails(&["app", "rollback", "app", "--to", "v1"]);
+    assert!(err.contains("no version \"v1\" (pruned"), "{err}");
+
+    let done = gc(&node, "0");
+    assert_eq!(done["deleted"], 2, "{done}");
+    let mut left = vec![sha256_hex(b"two"), sha256_hex(b"four"), sha256_hex(b"p{}")];
+    left.sort();
+    assert_eq!(blob_hashes(&node), left);
+    let server = node.start(&[]);
+    assert_eq!(server.text("app.localhost", "/"), "two");
+    assert_eq!(server.text("app.localhost", "/a.css"), "p{}");
+}
+
+#[test]
+fn a_version_pruned_on_one_node_while_another_rolls_back_to_it_comes_back() {
+    let a = Node::new();
+    let b = Node::new();
+    let site = a.site("app", &[("index.html", "one")]);
+    a.deploy(&site, &[]);
+    crate::harness::write(&site.join("index.html"), b"two");
+    a.deploy(&site, &[]);
+    carry(&a, &b, "first.fzb");
+
+    // Apart: a prunes v1 and collects its content; b goes back to v1.
+    a.ok(&["app", "prune", "app", "--keep", "1"]);
+    assert_eq!(gc(&a, "0")["deleted"], 1);
+    b.ok(&["app", "rollback", "app", "--to", "v1"]);
+
+    let out = carry(&a, &b, "prune.fzb");
+    assert!(out.contains("re-inserted 1 blobs and 1 versions"), "{out}");
+    carry(&b, &a, "back.fzb");
+    for node in [&a, &b] {
+        assert_eq!(version_numbers(node, "app"), vec![(2, false), (1, true)]);
+        let server = node.start(&[]);
+        assert_eq!(server.text("app.localhost", "/"), "one");
+    }
+    assert_eq!(blobs(&a), blobs(&b));
+    let files = |n: &Node| {
+        n.json(&[
+            "sql",
+            "SELECT * FROM version_files ORDER BY version_id, path",
+            "--json",
+        ])
+    };
+    assert_eq!(files(&a), files(&b));
 }

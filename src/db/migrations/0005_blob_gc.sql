@@ -16,3 +16,23 @@ CREATE TABLE blob_rescue (
     gzip BLOB,
     br   BLOB
 );
+
+-- Versions (and their file lists) that a merged delete removed while this node's app still
+-- serves them (a prune on one node racing a rollback on another), kept like blob_rescue.
+CREATE TABLE version_rescue (
+    id          TEXT PRIMARY KEY NOT NULL,
+    app_id      TEXT NOT NULL,
+    number      INTEGER NOT NULL,
+    spa         INTEGER NOT NULL,
+    file_count  INTEGER NOT NULL,
+    total_bytes INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE version_files_rescue (
+    version_id TEXT NOT NULL,
+    path       TEXT NOT NULL,
+    hash       TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    mime       TEXT NOT NULL,
+    PRIMARY KEY (version_id, path)
+);
