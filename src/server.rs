@@ -40,6 +40,7 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
             domain: config.domain.value.as_str().to_string(),
             runtimes: crate::runtime::Runtimes::new(db_path.to_path_buf(), crate::runtime::Limits::default()),
         });
+        let collector = tokio::spawn(collect_blobs(db_path.to_path_buf()));
         let app = axum::Router::new().fallback(handle).with_state(hosting);
         println!(
             "fazt serving http://{}:{port}/ (domain {}, node {}, db {}, peers on udp {sync_port})",
@@ -49,6 +50,7 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
             db_path.display()
         );
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+        collector.abort();
         peers.shutdown().await;
         let _ = crate::peer::store::reset_connections(&conn);
         conn.execute("DELETE FROM node_runtime WHERE id = 1 AND pid = ?1", [std::process::id()])?;
@@ -56,6 +58,35 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
         eprintln!("fazt stopped");
         Ok(())
     })
+}
+
+/// How often the server runs the blob collector (the first run soon after start).
+const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+const GC_FIRST_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Deletes unreferenced blobs once their grace period is over (hosting::gc), every hour.
+async fn collect_blobs(db_path: std::path::PathBuf) {
+    let mut wait = GC_FIRST_AFTER;
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = GC_EVERY;
+        let path = db_path.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<()> {
+            let mut db = crate::db::open_existing(&path)?;
+            crate::hosting::gc::collect(
+                &mut db,
+                i64::from(crate::hosting::gc::DEFAULT_GRACE_SECS),
+                crate::db::now_secs(),
+            )?;
+            Ok(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("collecting unreferenced blobs failed: {e:#}"),
+            Err(e) => tracing::warn!("the blob collector stopped: {e}"),
+        }
+    }
 }
 
 /// Listens on every address, IPv6 and IPv4, for `port`.

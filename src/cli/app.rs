@@ -61,6 +61,15 @@ pub enum AppCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Delete old versions: all but the current one and the KEEP newest
+    Prune {
+        app: String,
+        /// How many of the newest versions to keep (the current one is always kept)
+        #[arg(long, value_name = "N")]
+        keep: u32,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the app's serverless code printed, and its errors, on this node
     Logs {
         app: String,
@@ -232,6 +241,32 @@ pub fn run(cmd: AppCmd, db: &Path) -> Result<()> {
                 return output::json(&v);
             }
             println!("{name} now serves v{} ({})", v.number, v.id);
+            Ok(())
+        }
+        AppCmd::Prune { app, keep, json } => {
+            let name = AppName::parse(&app)?;
+            let mut database = crate::db::open_existing(db)?;
+            let keep = usize::try_from(keep).unwrap_or(usize::MAX);
+            let pruned = store::prune(&mut database, &name, keep)?;
+            if json {
+                return output::json(&pruned);
+            }
+            let numbers: Vec<String> = pruned
+                .deleted
+                .iter()
+                .map(|v| format!("v{}", v.number))
+                .collect();
+            println!(
+                "deleted {} old versions of {}{}; kept {} (run `fazt db gc` to free content nothing else uses)",
+                pruned.deleted.len(),
+                pruned.app,
+                if numbers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", numbers.join(", "))
+                },
+                pruned.kept
+            );
             Ok(())
         }
         AppCmd::Remove { app, json } => {

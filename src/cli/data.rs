@@ -15,6 +15,15 @@ use super::output;
 pub enum DbCmd {
     /// Make a table replicate to peers (it must follow the replication rules)
     Replicate { table: String },
+    /// Delete content (blobs) that no version and no s3 object uses any more
+    Gc {
+        /// Only delete blobs unreferenced for at least this many seconds (0: now)
+        #[arg(long, value_name = "SECONDS", default_value_t = crate::hosting::gc::DEFAULT_GRACE_SECS)]
+        grace: u32,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Rows of a statement: column names and values.
@@ -98,6 +107,32 @@ fn to_text(v: &Value) -> String {
 
 pub fn run(cmd: DbCmd, db: &Path) -> Result<()> {
     match cmd {
+        DbCmd::Gc { grace, json } => {
+            let mut database = crate::db::open_existing(db)?;
+            let done = crate::hosting::gc::collect(
+                &mut database,
+                i64::from(grace),
+                crate::db::now_secs(),
+            )?;
+            if json {
+                return output::json(&done);
+            }
+            println!(
+                "deleted {} unreferenced blobs ({} freed); {} more wait out the grace period{}",
+                done.deleted,
+                output::size(done.freed_bytes),
+                done.waiting,
+                if done.rescued > 0 || done.rescued_versions > 0 {
+                    format!(
+                        "; re-inserted {} blobs and {} versions a peer had deleted",
+                        done.rescued, done.rescued_versions
+                    )
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
         DbCmd::Replicate { table } => {
             if crate::db::NODE_LOCAL_TABLES.contains(&table.as_str())
                 || table.starts_with("fazt_sync_")

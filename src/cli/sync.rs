@@ -142,6 +142,14 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                 "imported {} transactions: {} changes applied, {} already held, {} superseded, {} waiting for a newer schema",
                 report.transactions, report.applied, report.already_seen, report.unchanged, report.pending
             );
+            // Content the bundle deleted that this node still references goes back.
+            let rescued = crate::hosting::gc::rescue(&mut database)?;
+            if rescued.blobs > 0 || rescued.versions > 0 {
+                println!(
+                    "re-inserted {} blobs and {} versions the bundle deleted that apps here still use",
+                    rescued.blobs, rescued.versions
+                );
+            }
             Ok(())
         }
     }

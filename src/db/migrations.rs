@@ -10,6 +10,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_app_storage.sql"),
     include_str!("migrations/0004_kv_expiry.sql"),
     include_str!("migrations/0005_app_storage_limits.sql"),
+    include_str!("migrations/0006_blob_gc.sql"),
 ];
 
 /// Tables that replicate between peers. Everything else in the schema is node-local.
@@ -38,6 +39,10 @@ pub const NODE_LOCAL_TABLES: &[&str] = &[
     "peer_content",
     "app_logs",
     "app_usage",
+    "blob_unreferenced",
+    "blob_rescue",
+    "version_rescue",
+    "version_files_rescue",
 ];
 
 pub fn latest_version() -> u32 {

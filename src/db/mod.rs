@@ -73,6 +73,9 @@ pub fn open_existing_with(
 fn into_db(mut conn: Connection) -> Result<Db> {
     let migrated = migrations::migrate(&mut conn)?;
     let mut db = fazt_sync::Replica::open(conn).context("starting the replication engine")?;
+    // Every merge on every connection keeps the bytes of blobs it deletes that this node
+    // still references (hosting::gc).
+    crate::hosting::gc::RescueHook::install(&mut db);
     let registered = db.tables();
     for table in REPLICATED_TABLES {
         if migrated || !registered.iter().any(|t| t == table) {

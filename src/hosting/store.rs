@@ -110,7 +110,9 @@ pub fn list_versions(conn: &Connection, id: &AppId) -> Result<Vec<VersionSummary
 /// Finds a version by number (`v3`, `3`) or by id (a prefix of at least 4 characters).
 /// Numbers win over id prefixes, so `9` never means "the version whose id starts with 9".
 fn resolve_version(versions: &[VersionSummary], app: &str, wanted: &str) -> Result<VersionSummary> {
-    let unknown = || anyhow!("app {app} has no version {wanted:?} (see `fazt app versions {app}`)");
+    let unknown = || {
+        anyhow!("app {app} has no version {wanted:?} (pruned or never deployed; see `fazt app versions {app}`)")
+    };
     let digits = wanted.strip_prefix('v').unwrap_or(wanted);
     if let Ok(number) = digits.parse::<i64>() {
         let by_number: Vec<_> = versions.iter().filter(|v| v.number == number).collect();
@@ -172,7 +174,7 @@ pub struct Removed {
 }
 
 /// Removes an app with its versions and aliases. Content blobs stay: other versions and
-/// apps may share them.
+/// apps may share them; the collector (`hosting::gc`) frees those nothing uses.
 pub fn remove_app(db: &mut Db, app: &AppName) -> Result<Removed> {
     db.write(|tx| {
         let id = find_app(tx, app.as_str())?;
@@ -192,6 +194,39 @@ pub fn remove_app(db: &mut Db, app: &AppName) -> Result<Removed> {
             id,
             versions,
             aliases,
+        })
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct Pruned {
+    pub app: String,
+    /// Versions deleted, newest first.
+    pub deleted: Vec<VersionSummary>,
+    pub kept: usize,
+}
+
+/// Deletes the versions of an app other than the current one and the `keep` newest, with
+/// their file lists. Their content becomes garbage for the collector (`hosting::gc`) once
+/// nothing else uses it.
+pub fn prune(db: &mut Db, app: &AppName, keep: usize) -> Result<Pruned> {
+    db.write(|tx| {
+        let id = find_app(tx, app.as_str())?;
+        let versions = list_versions(tx, &id)?;
+        let (kept, deleted): (Vec<_>, Vec<_>) = versions
+            .into_iter()
+            .enumerate()
+            .partition(|(i, v)| v.current || *i < keep);
+        let mut files = tx.prepare("DELETE FROM version_files WHERE version_id = ?1")?;
+        let mut version = tx.prepare("DELETE FROM versions WHERE id = ?1")?;
+        for (_, v) in &deleted {
+            files.execute([&v.id.0])?;
+            version.execute([&v.id.0])?;
+        }
+        Ok(Pruned {
+            app: app.to_string(),
+            deleted: deleted.into_iter().map(|(_, v)| v).collect(),
+            kept: kept.len(),
         })
     })
 }

@@ -974,6 +974,9 @@ async fn apply_loop(
                     }
                     Ok(())
                 })?;
+                // Blobs a peer deleted that this node still references go back, and the
+                // re-insert replicates (hosting::gc).
+                crate::hosting::gc::rescue(&mut db)?;
                 Ok((report, db.coverage()?))
             })
             .await??;

@@ -22,7 +22,7 @@ mod value;
 pub use bundle::ExportReport;
 pub use changes::{Batch, Change, Exported, ROW_CID};
 pub use coverage::{Coverage, RangeSet, SiteId};
-pub use merge::ApplyReport;
+pub use merge::{ApplyReport, MergeHook};
 pub use replica::Replica;
 pub use schema::{check_replicable, CrrRuleViolation};
 pub use value::Value;

@@ -36,6 +36,15 @@ pub struct ApplyReport {
     pub pending: usize,
 }
 
+/// Application code that runs inside every merge's transaction, with capture off (it must
+/// not write replicated tables): `before` sees the batch and the rows as they were, `after`
+/// the rows as the merge left them. An error rolls the whole merge back. The node uses it to
+/// keep the bytes of content a peer deleted while this node still references it.
+pub trait MergeHook: Send + Sync {
+    fn before(&self, conn: &Connection, batch: &Batch) -> rusqlite::Result<()>;
+    fn after(&self, conn: &Connection) -> rusqlite::Result<()>;
+}
+
 /// A clock row's origin for tie-breaks: (site id, db_version, seq); a placeholder (a row
 /// brought into existence by a column change before its creation arrived) sorts first.
 type Origin = (Option<SiteId>, i64, i64);
@@ -59,7 +68,14 @@ impl Replica {
         // connections before anything is decided from them.
         let result = self.in_merge_transaction(|this| {
             this.refresh()?;
+            let hook = this.merge_hook.clone();
+            if let Some(hook) = &hook {
+                hook.before(&this.conn, batch)?;
+            }
             let report = this.merge_batch(batch)?;
+            if let Some(hook) = &hook {
+                hook.after(&this.conn)?;
+            }
             then(&this.conn)?;
             Ok(report)
         });
@@ -67,6 +83,11 @@ impl Replica {
             self.reload_sites()?;
         }
         result
+    }
+
+    /// Installs the [`MergeHook`] every later merge on this connection runs.
+    pub fn set_merge_hook(&mut self, hook: Arc<dyn MergeHook>) {
+        self.merge_hook = Some(hook);
     }
 
     /// Runs `f` in one IMMEDIATE transaction with capture off; commits on Ok.

@@ -122,6 +122,8 @@ pub struct Replica {
     pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
     /// (`PRAGMA data_version`, db_version) as last derived or allocated on this connection.
     pub(crate) version_cache: Cell<Option<(i64, i64)>>,
+    /// Code of the application's that sees every merge from inside its transaction.
+    pub(crate) merge_hook: Option<Arc<dyn crate::merge::MergeHook>>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -190,6 +192,7 @@ impl Replica {
             has_pending: false,
             merge_sql: (0, HashMap::new()),
             version_cache: Cell::new(None),
+            merge_hook: None,
         };
         replica.refresh()?;
         Ok(replica)

@@ -549,3 +549,74 @@ fn a_table_named_like_a_clock_does_not_disturb_writes() {
     exec(&mut a, "INSERT INTO items (id, a) VALUES (3, 'z')", []);
     assert_eq!(a.db_version().unwrap(), 2);
 }
+
+/// Records how many `items` rows there are before and after each merge; fails after the
+/// merge when `fail` is set.
+struct CountingHook {
+    fail: bool,
+}
+
+impl fazt_sync::MergeHook for CountingHook {
+    fn before(&self, conn: &Connection, batch: &Batch) -> rusqlite::Result<()> {
+        conn.execute(
+            "INSERT INTO seen (phase, items, changes) SELECT 'before', count(*), ?1 FROM items",
+            [batch.changes.len() as i64],
+        )?;
+        Ok(())
+    }
+
+    fn after(&self, conn: &Connection) -> rusqlite::Result<()> {
+        conn.execute(
+            "INSERT INTO seen (phase, items, changes) SELECT 'after', count(*), 0 FROM items",
+            [],
+        )?;
+        if self.fail {
+            return Err(rusqlite::Error::InvalidQuery);
+        }
+        Ok(())
+    }
+}
+
+fn seen(r: &Replica) -> Vec<(String, i64, i64)> {
+    r.conn()
+        .prepare("SELECT phase, items, changes FROM seen ORDER BY rowid")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn a_merge_hook_sees_the_rows_before_and_after_and_its_error_undoes_the_merge() {
+    let mut a = replica();
+    let mut b = replica();
+    b.conn()
+        .execute_batch("CREATE TABLE seen (phase TEXT, items INTEGER, changes INTEGER)")
+        .unwrap();
+    b.set_merge_hook(std::sync::Arc::new(CountingHook { fail: false }));
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'one')", []);
+    let changes = sync(&a, &mut b).changes.len() as i64;
+    assert_eq!(
+        seen(&b),
+        [
+            ("before".to_string(), 0, changes),
+            ("after".to_string(), 1, 0)
+        ]
+    );
+
+    b.set_merge_hook(std::sync::Arc::new(CountingHook { fail: true }));
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (2, 'two')", []);
+    let (data_before, clocks_before, seen_before) = (data(&b), clocks(&b), seen(&b));
+    let cover_before = b.coverage().unwrap();
+    let batch = a.batch_since(&b.coverage().unwrap()).unwrap();
+    assert!(b.apply(&batch).is_err());
+    assert_eq!(data(&b), data_before);
+    assert_eq!(clocks(&b), clocks_before);
+    assert_eq!(
+        seen(&b),
+        seen_before,
+        "the hook's own writes are undone too"
+    );
+    assert_eq!(b.coverage().unwrap(), cover_before);
+}
