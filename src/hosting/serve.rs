@@ -241,18 +241,55 @@ async fn api(
     Ok(Some(resp))
 }
 
+/// Headers that frame the message or belong to one connection (RFC 9110 7.6.1, 9112 6):
+/// the server sets them itself, so an app's values are dropped. Passed through, an app's
+/// `content-length` or `transfer-encoding` would let it end its answer early and smuggle a
+/// second response onto a kept-alive connection.
+const SERVER_OWNED: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "http2-settings",
+];
+
+/// Whether a response with this status has no body at all (RFC 9110 6.4.1, 15.3.5, 15.4.5).
+fn bodiless(status: StatusCode) -> bool {
+    status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational()
+}
+
+/// An app's answer as an HTTP response. Header names and values that are not valid HTTP are
+/// skipped, framing and hop-by-hop headers are the server's, and 204/304 carry no body.
 fn into_response(reply: crate::runtime::Reply) -> Response {
-    let mut resp = Response::new(Body::from(reply.body));
-    *resp.status_mut() =
-        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status = StatusCode::from_u16(reply.status)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = if bodiless(status) {
+        Body::empty()
+    } else {
+        Body::from(reply.body)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
     let headers = resp.headers_mut();
     for (k, v) in reply.headers {
-        if let (Ok(name), Ok(value)) = (
+        let (Ok(name), Ok(value)) = (
             header::HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(&v),
-        ) {
-            headers.append(name, value);
+        ) else {
+            continue;
+        };
+        if SERVER_OWNED.contains(&name.as_str()) {
+            continue;
         }
+        headers.append(name, value);
     }
     headers
         .entry(header::CACHE_CONTROL)

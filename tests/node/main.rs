@@ -6,6 +6,7 @@ mod aliases;
 mod bad_input;
 mod bundles;
 mod database;
+mod http_edge;
 mod peers;
 mod serverless;
 mod serving;
