@@ -2,6 +2,7 @@
 
 pub mod content;
 pub mod deploy;
+pub mod listener;
 pub mod names;
 pub mod serve;
 pub mod site;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_range_header::RangeUnsatisfiableError;
@@ -21,6 +21,8 @@ pub struct Hosting {
     pub domain: String,
     /// Runs apps' serverless code (`/api` and `/api/*`).
     pub runtimes: crate::runtime::Runtimes,
+    /// Time for a request body an app reads to arrive (answered 408 beyond it).
+    pub body_timeout: std::time::Duration,
 }
 
 /// What a Host header selects.
@@ -98,7 +100,19 @@ pub fn lookup_path(raw: &str, spa: bool) -> PathLookup {
     PathLookup::Candidates(candidates)
 }
 
-pub async fn handle(State(hosting): State<Arc<Hosting>>, req: Request) -> Response {
+pub async fn handle(hosting: Arc<Hosting>, req: Request) -> Response {
+    // Two Host headers name two sites: which one a proxy in front routed by is unknown.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        let mut resp = (
+            StatusCode::BAD_REQUEST,
+            "bad request: more than one Host header\n",
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     match respond(&hosting, req).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -195,10 +209,23 @@ async fn api(
     if declared.is_some_and(|n| n > limit as u64) {
         return Ok(Some(into_response(too_large())));
     }
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => return Ok(Some(into_response(too_large()))),
-    };
+    let body =
+        match tokio::time::timeout(hosting.body_timeout, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => return Ok(Some(into_response(too_large()))),
+            Err(_) => {
+                let mut resp = into_response(crate::runtime::Reply::error(
+                    408,
+                    &format!(
+                        "the request body did not arrive within {} s",
+                        hosting.body_timeout.as_secs_f64()
+                    ),
+                ));
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(Some(resp));
+            }
+        };
     let headers: Vec<(String, String)> = req
         .headers
         .iter()

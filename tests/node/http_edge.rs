@@ -170,7 +170,14 @@ export default {{
             "{name}"
         );
         for r in &responses {
-            for owned in ["transfer-encoding", "keep-alive", "te", "trailer", "upgrade", "proxy-connection"] {
+            for owned in [
+                "transfer-encoding",
+                "keep-alive",
+                "te",
+                "trailer",
+                "upgrade",
+                "proxy-connection",
+            ] {
                 assert_eq!(r.header(owned), None, "{name}: {owned} in {:?}", r.headers);
             }
             assert_ne!(r.header("connection"), Some("keep-alive"), "{name}");
@@ -210,7 +217,12 @@ return respond('alive');
     assert!(values.headers().get("injected").is_none());
     assert!(values.headers().get("x-b").is_none());
     assert_eq!(values.headers()["x-c"], "fine");
-    for p in ["/api/status-high", "/api/status-low", "/api/status-nan", "/api/status-frac"] {
+    for p in [
+        "/api/status-high",
+        "/api/status-low",
+        "/api/status-nan",
+        "/api/status-frac",
+    ] {
         let r = server.get("odd.localhost", p);
         assert_eq!(r.status(), 500, "{p}");
         let text = r.text().unwrap();
@@ -225,7 +237,10 @@ fn a_second_host_header_gets_400() {
     node.deploy(&node.site("blog", &[("index.html", "blog page")]), &[]);
     node.deploy(&node.site("shop", &[("index.html", "shop page")]), &[]);
     let server = node.start(&[]);
-    for (first, second) in [("blog.localhost", "shop.localhost"), ("blog.localhost", "blog.localhost")] {
+    for (first, second) in [
+        ("blog.localhost", "shop.localhost"),
+        ("blog.localhost", "blog.localhost"),
+    ] {
         let got = pipeline(
             &server,
             &[format!(
@@ -239,4 +254,181 @@ fn a_second_host_header_gets_400() {
         assert!(body.contains("more than one Host header"), "{body}");
     }
     assert_eq!(server.text("blog.localhost", "/"), "blog page");
+}
+
+/// A server started with extra environment (the `FAZT_HTTP_*` knobs) and, when given, an
+/// open-file limit (soft and hard, so the server cannot raise it).
+fn start_with(node: &Node, env: &[(&str, &str)], open_files: Option<u64>) -> Server {
+    let mut cmd = node.command();
+    cmd.args(["server", "start", "--port", "0"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    if let Some(n) = open_files {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only setrlimit runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: n as libc::rlim_t,
+                    rlim_max: n as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    Server::spawn(&mut cmd)
+}
+
+/// Reads until the server closes the connection; fails if it is still open after 20 s.
+fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => got,
+        // A reset is a close too.
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => got,
+        Err(e) => panic!(
+            "the server kept the connection open ({e}); received {:?}",
+            String::from_utf8_lossy(&got)
+        ),
+    }
+}
+
+/// Reads one response with a content-length body from a connection that stays open.
+fn read_one(s: &mut TcpStream) -> Wire {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                return split_responses(&got, &[]).remove(0);
+            }
+        }
+        let n = s.read(&mut buf).expect("a response");
+        assert!(n > 0, "closed before a whole response");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn a_request_head_that_never_ends_is_closed() {
+    let node = Node::new();
+    node.deploy(&node.site("blog", &[("index.html", "blog page")]), &[]);
+    let server = start_with(&node, &[("FAZT_HTTP_HEADER_TIMEOUT_MS", "300")], None);
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: blog.localhost\r\nX-Slow: 1")
+        .unwrap();
+    let got = read_until_closed(&mut s);
+    let text = String::from_utf8_lossy(&got);
+    assert!(!text.contains("200 OK"), "{text}");
+    // A connection that sends nothing at all is closed too.
+    let mut silent = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    read_until_closed(&mut silent);
+    assert_eq!(server.text("blog.localhost", "/"), "blog page");
+}
+
+#[test]
+fn an_idle_kept_alive_connection_is_closed() {
+    let node = Node::new();
+    node.deploy(&node.site("blog", &[("index.html", "blog page")]), &[]);
+    let server = start_with(&node, &[("FAZT_HTTP_HEADER_TIMEOUT_MS", "300")], None);
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.write_all(get("blog.localhost", "/", false).as_bytes())
+        .unwrap();
+    let first = read_one(&mut s);
+    assert_eq!(
+        (first.status, first.body.as_slice()),
+        (200, &b"blog page"[..])
+    );
+    assert_eq!(first.header("connection"), None, "kept alive");
+    let after = read_until_closed(&mut s);
+    assert!(
+        after.is_empty() || String::from_utf8_lossy(&after).starts_with("HTTP/1.1 408"),
+        "{:?}",
+        String::from_utf8_lossy(&after)
+    );
+}
+
+#[test]
+fn a_request_body_that_stops_arriving_gets_408() {
+    let node = Node::new();
+    app(&node, "upload", "return respond({ got: request.body });");
+    let server = start_with(&node, &[("FAZT_HTTP_BODY_TIMEOUT_MS", "300")], None);
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.write_all(
+        b"POST /api/x HTTP/1.1\r\nHost: upload.localhost\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nonly ten b",
+    )
+    .unwrap();
+    let got = read_until_closed(&mut s);
+    let r = split_responses(&got, &[]);
+    assert_eq!(r.len(), 1, "{}", String::from_utf8_lossy(&got));
+    assert_eq!(r[0].status, 408);
+    let body = String::from_utf8_lossy(&r[0].body);
+    assert!(body.contains("did not arrive within 0.3 s"), "{body}");
+    assert!(node.ok(&["app", "logs", "upload"]).trim().is_empty());
+}
+
+/// A connection to the server from the given local address.
+fn connect_from(local: &str, port: u16) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: std::net::SocketAddr = format!("{local}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    let server: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    socket.connect(&server.into()).unwrap();
+    socket.into()
+}
+
+#[test]
+fn many_slow_connections_from_one_client_do_not_starve_others() {
+    let node = Node::new();
+    node.deploy(&node.site("blog", &[("index.html", "blog page")]), &[]);
+    // 256 open files: without caps, 300 held connections would take every one of them.
+    let server = start_with(&node, &[("FAZT_HTTP_MAX_PER_CLIENT", "50")], Some(256));
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: blog.localhost\r\n");
+        slow.push(s);
+    }
+    // Another client (127.0.0.2 is loopback too) is answered while they are held open.
+    let mut other = connect_from("127.0.0.2", server.port);
+    other
+        .write_all(get("blog.localhost", "/", true).as_bytes())
+        .unwrap();
+    let got = read_until_closed(&mut other);
+    let r = split_responses(&got, &[]);
+    assert_eq!(
+        (r[0].status, r[0].body.as_slice()),
+        (200, &b"blog page"[..])
+    );
+    // Beyond the per-client cap, connections were closed at once.
+    let mut closed = 0;
+    for s in &mut slow[250..] {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            other => panic!("a connection beyond the cap is open: {other:?}"),
+        }
+    }
+    assert_eq!(closed, 50);
+    // And IPv6 clients are served by the same dual-stack listener (where IPv6 is on).
+    if let Ok(mut v6) = TcpStream::connect(("::1", server.port)) {
+        v6.write_all(get("blog.localhost", "/", true).as_bytes())
+            .unwrap();
+        let got = read_until_closed(&mut v6);
+        assert_eq!(split_responses(&got, &[])[0].status, 200);
+    }
 }
