@@ -290,13 +290,20 @@ async fn accept_failed(e: io::Error) {
 }
 
 /// A TCP stream that fails with `TimedOut` when a read or a write has waited `stall` without
-/// progress. The timer is armed only while an operation is pending, so a busy connection pays
-/// nothing for it.
+/// progress. Each direction's timer is made once per connection and re-armed only when an
+/// operation first waits, so a busy connection pays nothing for it and a request no
+/// allocation.
 struct Guarded {
     inner: TcpStream,
     stall: Duration,
-    read_timer: Option<Pin<Box<Sleep>>>,
-    write_timer: Option<Pin<Box<Sleep>>>,
+    read_timer: Timer,
+    write_timer: Timer,
+}
+
+#[derive(Default)]
+struct Timer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
 }
 
 impl Guarded {
@@ -304,8 +311,8 @@ impl Guarded {
         Guarded {
             inner,
             stall,
-            read_timer: None,
-            write_timer: None,
+            read_timer: Timer::default(),
+            write_timer: Timer::default(),
         }
     }
 }
@@ -313,20 +320,29 @@ impl Guarded {
 /// What a pending operation does with its stall timer; `Ready` disarms it.
 fn watch<T>(
     result: Poll<io::Result<T>>,
-    timer: &mut Option<Pin<Box<Sleep>>>,
+    timer: &mut Timer,
     stall: Duration,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<T>> {
     match result {
         Poll::Ready(r) => {
-            *timer = None;
+            timer.armed = false;
             Poll::Ready(r)
         }
         Poll::Pending => {
-            let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+            let sleep = match &mut timer.sleep {
+                Some(sleep) => {
+                    if !timer.armed {
+                        sleep.as_mut().reset(Instant::now() + stall);
+                    }
+                    sleep
+                }
+                None => timer.sleep.insert(Box::pin(tokio::time::sleep(stall))),
+            };
+            timer.armed = true;
             match sleep.as_mut().poll(cx) {
                 Poll::Ready(()) => {
-                    *timer = None;
+                    timer.armed = false;
                     Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "the client made no progress in time",

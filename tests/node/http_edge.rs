@@ -432,3 +432,27 @@ fn many_slow_connections_from_one_client_do_not_starve_others() {
         assert_eq!(split_responses(&got, &[])[0].status, 200);
     }
 }
+
+#[test]
+fn a_client_that_stops_reading_an_answer_is_cut_off() {
+    let node = Node::new();
+    let big = "z".repeat(16 << 20);
+    node.deploy(
+        &node.site("big", &[("index.html", "x"), ("big.bin", &big)]),
+        &[],
+    );
+    let server = start_with(&node, &[("FAZT_HTTP_STALL_TIMEOUT_MS", "300")], None);
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.write_all(get("big.localhost", "/big.bin", true).as_bytes())
+        .unwrap();
+    // Read nothing for a while: the server's writes stall on full socket buffers.
+    std::thread::sleep(Duration::from_secs(3));
+    let got = read_until_closed(&mut s);
+    assert!(got.starts_with(b"HTTP/1.1 200 OK"));
+    assert!(
+        got.len() < big.len(),
+        "the whole answer ({} bytes) was sent to a client that stopped reading",
+        got.len()
+    );
+    assert_eq!(server.text("big.localhost", "/"), "x");
+}
