@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use rusqlite::Connection;
 
 use crate::config::NodeConfig;
-use crate::hosting::serve::{handle, Hosting};
+use crate::hosting::serve::Hosting;
 use crate::hosting::site::Site;
 
 /// Serves until Ctrl-C or SIGTERM. `conn` is the command's connection, already migrated.
@@ -16,6 +16,8 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
     crate::db::check_integrity(&conn, db_path)?;
     let node_id = crate::identity::ensure(&conn)?;
     let key = crate::identity::load(&conn)?.ok_or_else(|| anyhow!("this node has no key"))?;
+    let open_files = crate::hosting::listener::raise_open_files();
+    let limits = crate::hosting::listener::Limits::from_env(open_files)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fazt-worker")
@@ -39,9 +41,9 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
             site: Arc::new(Site::open(db_path.to_path_buf())?),
             domain: config.domain.value.as_str().to_string(),
             runtimes: crate::runtime::Runtimes::new(db_path.to_path_buf(), crate::runtime::Limits::default()),
+            body_timeout: limits.body,
         });
         let collector = tokio::spawn(collect_blobs(db_path.to_path_buf()));
-        let app = axum::Router::new().fallback(handle).with_state(hosting);
         println!(
             "fazt serving http://{}:{port}/ (domain {}, node {}, db {}, peers on udp {sync_port})",
             config.domain.value,
@@ -49,12 +51,11 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
             node_id,
             db_path.display()
         );
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+        crate::hosting::listener::serve(listener, hosting, limits, shutdown_signal()).await;
         collector.abort();
         peers.shutdown().await;
         let _ = crate::peer::store::reset_connections(&conn);
         conn.execute("DELETE FROM node_runtime WHERE id = 1 AND pid = ?1", [std::process::id()])?;
-        served.context("serving HTTP")?;
         eprintln!("fazt stopped");
         Ok(())
     })

@@ -487,6 +487,31 @@ fn env(db: &Path, cmd: EnvCmd) -> Result<()> {
     Ok(())
 }
 
+/// An app's log text made safe for a terminal: control characters (newlines, carriage
+/// returns, escape sequences, C1 codes) and bidirectional overrides are written as `\n`,
+/// `\r`, `\t` or `\u{..}`, so one stored line is one printed line and cannot move the
+/// cursor, recolour the terminal or pass for another line.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn logs(db: &Path, app: &str, follow: bool, lines: i64, json: bool) -> Result<()> {
     use crate::storage::logs;
     let database = crate::db::open_existing(db)?;
@@ -501,8 +526,8 @@ fn logs(db: &Path, app: &str, follow: bool, lines: i64, json: bool) -> Result<()
             println!(
                 "{} {:<5} {}",
                 humantime::format_rfc3339_millis(at),
-                line.level,
-                line.message
+                escape_controls(&line.level),
+                escape_controls(&line.message)
             );
         }
         Ok(())

@@ -3,6 +3,7 @@
 pub mod content;
 pub mod deploy;
 pub mod gc;
+pub mod listener;
 pub mod names;
 pub mod serve;
 pub mod site;

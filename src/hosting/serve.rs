@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_range_header::RangeUnsatisfiableError;
@@ -21,6 +21,8 @@ pub struct Hosting {
     pub domain: String,
     /// Runs apps' serverless code (`/api` and `/api/*`).
     pub runtimes: crate::runtime::Runtimes,
+    /// Time for a request body an app reads to arrive (answered 408 beyond it).
+    pub body_timeout: std::time::Duration,
 }
 
 /// What a Host header selects.
@@ -98,7 +100,19 @@ pub fn lookup_path(raw: &str, spa: bool) -> PathLookup {
     PathLookup::Candidates(candidates)
 }
 
-pub async fn handle(State(hosting): State<Arc<Hosting>>, req: Request) -> Response {
+pub async fn handle(hosting: Arc<Hosting>, req: Request) -> Response {
+    // Two Host headers name two sites: which one a proxy in front routed by is unknown.
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if hosts.next().is_some() && hosts.next().is_some() {
+        let mut resp = (
+            StatusCode::BAD_REQUEST,
+            "bad request: more than one Host header\n",
+        )
+            .into_response();
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
     match respond(&hosting, req).await {
         Ok(resp) => resp,
         Err(e) => {
@@ -195,10 +209,23 @@ async fn api(
     if declared.is_some_and(|n| n > limit as u64) {
         return Ok(Some(into_response(too_large())));
     }
-    let body = match axum::body::to_bytes(body, limit).await {
-        Ok(b) => b,
-        Err(_) => return Ok(Some(into_response(too_large()))),
-    };
+    let body =
+        match tokio::time::timeout(hosting.body_timeout, axum::body::to_bytes(body, limit)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => return Ok(Some(into_response(too_large()))),
+            Err(_) => {
+                let mut resp = into_response(crate::runtime::Reply::error(
+                    408,
+                    &format!(
+                        "the request body did not arrive within {} s",
+                        hosting.body_timeout.as_secs_f64()
+                    ),
+                ));
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return Ok(Some(resp));
+            }
+        };
     let headers: Vec<(String, String)> = req
         .headers
         .iter()
@@ -241,18 +268,55 @@ async fn api(
     Ok(Some(resp))
 }
 
+/// Headers that frame the message or belong to one connection (RFC 9110 7.6.1, 9112 6):
+/// the server sets them itself, so an app's values are dropped. Passed through, an app's
+/// `content-length` or `transfer-encoding` would let it end its answer early and smuggle a
+/// second response onto a kept-alive connection.
+const SERVER_OWNED: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "http2-settings",
+];
+
+/// Whether a response with this status has no body at all (RFC 9110 6.4.1, 15.3.5, 15.4.5).
+fn bodiless(status: StatusCode) -> bool {
+    status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status.is_informational()
+}
+
+/// An app's answer as an HTTP response. Header names and values that are not valid HTTP are
+/// skipped, framing and hop-by-hop headers are the server's, and 204/304 carry no body.
 fn into_response(reply: crate::runtime::Reply) -> Response {
-    let mut resp = Response::new(Body::from(reply.body));
-    *resp.status_mut() =
-        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status = StatusCode::from_u16(reply.status)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = if bodiless(status) {
+        Body::empty()
+    } else {
+        Body::from(reply.body)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
     let headers = resp.headers_mut();
     for (k, v) in reply.headers {
-        if let (Ok(name), Ok(value)) = (
+        let (Ok(name), Ok(value)) = (
             header::HeaderName::from_bytes(k.as_bytes()),
             HeaderValue::from_str(&v),
-        ) {
-            headers.append(name, value);
+        ) else {
+            continue;
+        };
+        if SERVER_OWNED.contains(&name.as_str()) {
+            continue;
         }
+        headers.append(name, value);
     }
     headers
         .entry(header::CACHE_CONTROL)

@@ -13,10 +13,13 @@ use super::script;
 use crate::db::Db;
 use crate::storage::{self, docs, files, kv, now_ms, Budget, Scope};
 
-/// Longest console line kept.
-const MAX_LOG_LINE: usize = 64 << 10;
+/// Longest console line kept, in bytes; a longer one is cut and ends with ` [truncated]`.
+pub const MAX_LOG_LINE: usize = 16 << 10;
 /// Console lines kept per request.
-const MAX_LOG_LINES: usize = 1000;
+pub const MAX_LOG_LINES: usize = 1000;
+/// Console bytes kept per request. Lines beyond this or `MAX_LOG_LINES` are dropped, and
+/// one line at the end of the request says how many.
+pub const MAX_LOG_REQUEST_BYTES: usize = 256 << 10;
 
 /// One app version's code under api/, with bytecode compiled on first use.
 pub struct Code {
@@ -87,11 +90,27 @@ impl Code {
     }
 }
 
+/// `message` cut to `MAX_LOG_LINE` bytes (on a character boundary), marked when cut.
+fn cut_line(message: &str) -> String {
+    if message.len() <= MAX_LOG_LINE {
+        return message.to_string();
+    }
+    let mut cut = MAX_LOG_LINE;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{} [truncated]", &message[..cut])
+}
+
 /// What host functions share during one request.
 pub struct Host {
     pub db: RefCell<Db>,
     pub scope: Scope,
-    pub logs: RefCell<Vec<(i64, String, String)>>,
+    logs: RefCell<Vec<(i64, String, String)>>,
+    /// Message bytes of this request's kept console lines.
+    log_bytes: std::cell::Cell<usize>,
+    /// Console lines of this request dropped over the budgets.
+    log_dropped: std::cell::Cell<usize>,
     env: RefCell<Option<Vec<(String, String)>>>,
     /// What one storage call may spend: the request's deadline and the result-size cap.
     budget: Budget,
@@ -104,6 +123,8 @@ impl Host {
             scope: Scope::app(app_id),
             budget,
             logs: RefCell::new(Vec::new()),
+            log_bytes: std::cell::Cell::new(0),
+            log_dropped: std::cell::Cell::new(0),
             env: RefCell::new(None),
         }
     }
@@ -113,21 +134,49 @@ impl Host {
         *self.env.borrow_mut() = None;
     }
 
+    /// A console line from app code, within the per-request budgets.
     pub fn log(&self, level: &str, message: &str) {
-        let mut logs = self.logs.borrow_mut();
-        if logs.len() >= MAX_LOG_LINES {
+        let message = cut_line(message);
+        let kept = self.logs.borrow().len();
+        let bytes = self.log_bytes.get().saturating_add(message.len());
+        if self.log_dropped.get() > 0 || kept >= MAX_LOG_LINES || bytes > MAX_LOG_REQUEST_BYTES {
+            self.log_dropped
+                .set(self.log_dropped.get().saturating_add(1));
             return;
         }
-        let mut message = message.to_string();
-        if message.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push_str(" [truncated]");
+        self.log_bytes.set(bytes);
+        let level = match level {
+            "log" | "info" | "warn" | "error" | "debug" => level,
+            _ => "log",
+        };
+        self.logs
+            .borrow_mut()
+            .push((now_ms(), level.to_string(), message));
+    }
+
+    /// A line from the runtime itself (the request's failure): kept whatever the app printed.
+    pub fn log_always(&self, level: &'static str, message: &str) {
+        self.logs
+            .borrow_mut()
+            .push((now_ms(), level.to_string(), cut_line(message)));
+    }
+
+    /// This request's lines (and a line counting those dropped); the budgets start over.
+    pub fn take_logs(&self) -> Vec<(i64, String, String)> {
+        let mut lines = std::mem::take(&mut *self.logs.borrow_mut());
+        let dropped = self.log_dropped.replace(0);
+        self.log_bytes.set(0);
+        if dropped > 0 {
+            lines.push((
+                now_ms(),
+                "warn".to_string(),
+                format!(
+                    "[{dropped} console line(s) of this request dropped: over the budget of {MAX_LOG_LINES} lines or {} KiB per request]",
+                    MAX_LOG_REQUEST_BYTES >> 10
+                ),
+            ));
         }
-        logs.push((now_ms(), level.to_string(), message));
+        lines
     }
 
     fn env(&self) -> anyhow::Result<Vec<(String, String)>> {

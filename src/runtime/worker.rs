@@ -75,7 +75,7 @@ pub(super) fn run(
         };
         let reply = worker.handle(job.call, job.queued);
         let _ = job.reply.send(reply);
-        let lines = std::mem::take(&mut *worker.host.logs.borrow_mut());
+        let lines = worker.host.take_logs();
         if !lines.is_empty() {
             let _ = logs.send(LogBatch {
                 app_id: app_id.clone(),
@@ -257,7 +257,7 @@ impl Worker {
                     Some(stack) => format!("{}\n{stack}", e.message),
                     None => e.message.clone(),
                 };
-                self.host.log("error", &detail);
+                self.host.log_always("error", &detail);
                 Reply::error(500, &e.message)
             }
             Err(Failure::Timeout) => {
@@ -265,7 +265,7 @@ impl Worker {
                     "the request ran longer than the app's time limit ({} s)",
                     self.limits.time.as_secs_f64()
                 );
-                self.host.log("error", &msg);
+                self.host.log_always("error", &msg);
                 Reply::error(503, &msg)
             }
             Err(Failure::OutOfMemory) => {
@@ -275,7 +275,7 @@ impl Worker {
                     "the app ran out of memory (limit {} MB)",
                     self.limits.memory >> 20
                 );
-                self.host.log("error", &msg);
+                self.host.log_always("error", &msg);
                 Reply::error(500, &msg)
             }
         };

@@ -3,10 +3,12 @@
 mod harness;
 
 mod aliases;
+mod app_logs;
 mod bad_input;
 mod bundles;
 mod database;
 mod gc;
+mod http_edge;
 mod peers;
 mod serverless;
 mod serving;
