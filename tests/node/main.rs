@@ -8,5 +8,6 @@ mod bundles;
 mod database;
 mod peers;
 mod serverless;
+mod secrets;
 mod serving;
 mod versions;
