@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::Subcommand;
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension as _};
 
 use super::output;
 use crate::config::{self, NodeConfig, Overrides};
@@ -317,10 +317,18 @@ fn deploy(
     };
     let staged = deploy::stage(dir, &Limits { max_file_bytes })?;
     let app = staged.app_name(name, dir)?;
+    if name.is_none() {
+        check_implicit_name(db, &staged, &app, dir)?;
+    }
     let spa = staged.spa(spa);
     let mut database = super::open_for_write(db)?;
     let report = deploy::commit(&mut database, &app, spa, staged)?;
     let conn = database.conn();
+    if let Some(alias) = &report.alias {
+        if let Some(captures) = captures(alias.as_str()) {
+            eprintln!("{captures}: that starts now ({} is a new app)", report.app);
+        }
+    }
     if let Some(peer) = to {
         eprintln!(
             "deployed {} v{} locally; syncing with {peer}...",
@@ -380,6 +388,52 @@ fn deploy(
     }
     for alias in aliases {
         println!("{}", url(conn, &alias)?);
+    }
+    Ok(())
+}
+
+/// What an app of this name takes over on its first deploy, beyond its own subdomain.
+fn captures(name: &str) -> Option<&'static str> {
+    match name {
+        "root" => Some("an app named root serves the apex domain (the domain itself, root.<domain>, localhost and IP addresses)"),
+        "404" => Some("an app named 404 answers every unknown host and every missing path (its index.html, with status 404)"),
+        _ => None,
+    }
+}
+
+/// A name that came from manifest.json or the directory (not from --name) must not surprise:
+/// it may not pick an existing app the directory is not named after, nor take over the apex
+/// or the not-found page on a first deploy.
+fn check_implicit_name(
+    db: &Path,
+    staged: &deploy::Staged,
+    app: &AppName,
+    dir: &Path,
+) -> Result<()> {
+    let exists = db.exists()
+        && crate::db::open_existing(db)?
+            .conn()
+            .query_row(
+                "SELECT 1 FROM apps WHERE name = ?1 LIMIT 1",
+                [app.as_str()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+    let dir_name = deploy::dir_name(dir);
+    if exists && staged.manifest_names_app() && dir_name.as_deref() != Some(app.as_str()) {
+        bail!(
+            "manifest.json names the app {app}, which already exists, but the directory is {}: deploying would replace {app}'s current version with these files; pass --name {app} if that is what you want, or --name NAME to deploy them as another app",
+            dir_name.unwrap_or_else(|| dir.display().to_string())
+        );
+    }
+    if !exists {
+        if let Some(captures) = captures(app.as_str()) {
+            bail!(
+                "{captures}: to deploy {} as {app}, say so with --name {app}",
+                dir.display()
+            );
+        }
     }
     Ok(())
 }

@@ -109,9 +109,12 @@ pub fn create(path: &Path) -> Result<Db> {
         );
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
+        create_private_dir(parent)
             .with_context(|| format!("creating directory {}", parent.display()))?;
     }
+    // The file exists, owner-only, before SQLite opens it (SQLite gives -wal, -shm and
+    // -journal the database's mode), so no other user ever sees the key in it.
+    create_private_file(path).with_context(|| format!("creating database {}", path.display()))?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -172,6 +175,8 @@ fn open_checked(path: &Path) -> Result<Checked> {
         std::fs::remove_file(path)?;
         return Ok(Checked::Recreated(Box::new(create(path)?)));
     }
+    // Only now that it is known to be ours: another program's file is left as it is.
+    make_private(path);
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(|_| not_fazt())?;
     configure(&conn)?;
@@ -203,11 +208,92 @@ fn configure(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// The database file and the files SQLite keeps beside it.
+const DATABASE_SUFFIXES: [&str; 4] = ["", "-wal", "-shm", "-journal"];
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
 fn remove_database_files(path: &Path) {
-    for suffix in ["", "-wal", "-shm", "-journal"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(p));
+    for suffix in DATABASE_SUFFIXES {
+        let _ = std::fs::remove_file(with_suffix(path, suffix));
+    }
+}
+
+/// Mode of the files that hold the node's secret key and apps' secrets: owner only.
+const PRIVATE_FILE: u32 = 0o600;
+/// Mode of a directory fazt creates for its database: owner only.
+const PRIVATE_DIR: u32 = 0o700;
+
+/// Creates `dir` (and missing parents) owner-only. An existing directory is left as it is:
+/// it may be shared (say, `--db /srv/x/data.db`); see [`make_private`] for `~/.fazt`.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR)
+        .create(dir)
+}
+
+/// Creates an empty file, owner-only whatever the umask; refuses an existing one.
+pub fn create_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(PRIVATE_FILE)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(PRIVATE_FILE))?;
+    Ok(file)
+}
+
+/// Takes group and other access away from the database, its -wal/-shm/-journal files and,
+/// when the database is at the default location, `~/.fazt`; says so in one line on stderr
+/// when anything changed. A file this user cannot change is reported, not fatal.
+fn make_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut targets: Vec<(PathBuf, u32)> = DATABASE_SUFFIXES
+        .iter()
+        .map(|s| (with_suffix(path, s), PRIVATE_FILE))
+        .collect();
+    let default_dir = default_path()
+        .ok()
+        .and_then(|d| d.parent().map(Path::to_path_buf));
+    if let (Some(parent), Some(default_dir)) = (path.parent(), default_dir) {
+        if parent == default_dir {
+            targets.push((default_dir, PRIVATE_DIR));
+        }
+    }
+    let mut tightened = Vec::new();
+    for (target, mode) in targets {
+        let Ok(meta) = std::fs::metadata(&target) else {
+            continue;
+        };
+        let was = meta.permissions().mode() & 0o777;
+        if was & 0o077 == 0 {
+            continue;
+        }
+        let now = was & mode;
+        match std::fs::set_permissions(&target, std::fs::Permissions::from_mode(now)) {
+            Ok(()) => tightened.push(format!("{} (was {was:04o}, now {now:04o})", target.display())),
+            Err(e) => eprintln!(
+                "warning: {} is readable by other users ({was:04o}) and could not be made owner-only ({e}): it holds the node's secret key, run `chmod go= {}`",
+                target.display(),
+                target.display()
+            ),
+        }
+    }
+    if !tightened.is_empty() {
+        eprintln!(
+            "made owner-only, as they hold the node's secret key: {}",
+            tightened.join(", ")
+        );
     }
 }
 

@@ -161,14 +161,18 @@ impl Staged {
         if let Some(name) = &self.manifest.name {
             return AppName::parse(name).context("manifest.json's name");
         }
-        let base: PathBuf = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-        let dir_name = base.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        let dir_name = dir_name(dir).ok_or_else(|| {
             anyhow!(
                 "cannot take an app name from {}: pass --name",
                 dir.display()
             )
         })?;
-        AppName::parse(dir_name).context("the directory name (pass --name to choose another)")
+        AppName::parse(&dir_name).context("the directory name (pass --name to choose another)")
+    }
+
+    /// Whether manifest.json names the app.
+    pub fn manifest_names_app(&self) -> bool {
+        self.manifest.name.is_some()
     }
 
     pub fn spa(&self, flag: bool) -> bool {
@@ -202,6 +206,14 @@ pub struct DeployReport {
     pub alias: Option<Subdomain>,
     /// Set when the app's name was taken as a subdomain by another app.
     pub alias_taken: bool,
+}
+
+/// The last component of a deploy directory's real path, as UTF-8.
+pub fn dir_name(dir: &Path) -> Option<String> {
+    let base: PathBuf = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    base.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
 }
 
 /// Writes a staged deploy as a new version and makes it current, atomically.

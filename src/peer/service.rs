@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -28,17 +28,31 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// How often a session's lag is written to the peers table.
 const STATE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The most an unknown key (admitted only to join) may send as its first message: a Join
+/// holds a 32-byte secret, a name and an address, far below this.
+const JOIN_FRAME: usize = 4 << 10;
+/// How long an unknown key has, once its handshake is done, to open a stream and send Join.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many connections from unknown keys are served at once; more are closed at once.
+const MAX_JOINERS: usize = 8;
+
 /// Who may complete a handshake: pinned keys, and anyone while an invitation is open (such a
 /// connection may only join). Kept in memory: the handshake must not wait on SQLite.
 #[derive(Default)]
 struct Trust {
     keys: RwLock<HashSet<[u8; 32]>>,
-    invite_open: AtomicBool,
+    /// Unix seconds until which an invitation is open (0: none). Compared with the clock at
+    /// every handshake, so an invitation that expires on an idle node admits nobody after.
+    invite_until: AtomicI64,
 }
 
 impl Trust {
     fn admits(&self, key: &[u8; 32]) -> bool {
-        self.invite_open.load(Ordering::Relaxed) || self.trusts(key)
+        self.invite_open() || self.trusts(key)
+    }
+
+    fn invite_open(&self) -> bool {
+        crate::db::now_secs() < self.invite_until.load(Ordering::Relaxed)
     }
 
     fn trusts(&self, key: &[u8; 32]) -> bool {
@@ -59,6 +73,8 @@ struct Ctx {
     state: Mutex<rusqlite::Connection>,
     /// Connections with a running session, per peer key (either direction).
     active: Mutex<HashMap<[u8; 32], Vec<quinn::Connection>>>,
+    /// Slots for connections from unknown keys (see [`MAX_JOINERS`]).
+    joiners: Arc<tokio::sync::Semaphore>,
     endpoint: quinn::Endpoint,
 }
 
@@ -121,6 +137,7 @@ pub async fn start(db_path: PathBuf, key: SigningKey, port: u16) -> Result<Servi
         changed,
         state: Mutex::new(state),
         active: Mutex::new(HashMap::new()),
+        joiners: Arc::new(tokio::sync::Semaphore::new(MAX_JOINERS)),
         endpoint: endpoint.clone(),
     });
     let _ = ctx_slot.set(ctx.clone());
@@ -139,9 +156,10 @@ fn refresh_trust(trust: &Trust, conn: &rusqlite::Connection) -> Result<()> {
         .map(|p| *p.node_id.as_bytes())
         .collect();
     *trust.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
-    trust
-        .invite_open
-        .store(store::invite_open(conn)?, Ordering::Relaxed);
+    trust.invite_until.store(
+        store::invite_open_until(conn)?.unwrap_or(0),
+        Ordering::Relaxed,
+    );
     Ok(())
 }
 
@@ -287,8 +305,46 @@ async fn accept_loop(ctx: Arc<Ctx>) {
 async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()> {
     let conn = incoming.await.context("handshake")?;
     let key = tls::remote_key(&conn).ok_or_else(|| anyhow!("the peer presented no usable key"))?;
-    let (send, mut recv) = conn.accept_bi().await?;
-    let first = session::read_message(&mut recv).await?;
+    let (send, recv, first, _slot) = if ctx.trust.trusts(&key) {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let first = session::read_message(&mut recv).await?;
+        (send, recv, first, None)
+    } else {
+        // Admitted only because an invitation is open: whoever this is has proved nothing
+        // yet, so it gets a slot of a few, a few seconds and a few KiB to send its Join.
+        let Ok(slot) = ctx.joiners.clone().try_acquire_owned() else {
+            conn.close(
+                quinn::VarInt::from_u32(1),
+                b"too many nodes are joining at once: try again in a few seconds",
+            );
+            return Err(anyhow!(
+                "refused an unknown node: {MAX_JOINERS} joins already in progress"
+            ));
+        };
+        let first = tokio::time::timeout(JOIN_TIMEOUT, async {
+            let (send, mut recv) = conn.accept_bi().await?;
+            let first = session::read_message_within(&mut recv, JOIN_FRAME).await?;
+            anyhow::Ok((send, recv, first))
+        })
+        .await;
+        match first {
+            Ok(Ok((send, recv, first))) => (send, recv, first, Some(slot)),
+            Ok(Err(e)) => {
+                conn.close(
+                    quinn::VarInt::from_u32(1),
+                    b"expected a Join of at most 4 KiB",
+                );
+                return Err(e.context("an unknown node's first message"));
+            }
+            Err(_) => {
+                conn.close(quinn::VarInt::from_u32(1), b"no Join in time");
+                return Err(anyhow!(
+                    "an unknown node sent no Join within {} seconds",
+                    JOIN_TIMEOUT.as_secs()
+                ));
+            }
+        }
+    };
     match first {
         Some((Message::Join(join), _)) => handle_join(&ctx, &conn, key, join, send).await,
         Some((Message::Hello(hello), _)) => {

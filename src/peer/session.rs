@@ -118,6 +118,16 @@ fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
 
 /// Reads one frame; None when the stream ends cleanly.
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Message, usize)>> {
+    read_message_within(r, wire::MAX_FRAME).await
+}
+
+/// Reads one frame whose header may claim at most `max` bytes. The buffer grows with the
+/// bytes that actually arrive (never to the claimed length up front), so a header that
+/// claims much and a sender that then stalls cost nothing.
+pub async fn read_message_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<(Message, usize)>> {
     let mut header = [0u8; 4];
     match r.read_exact(&mut header).await {
         Ok(_) => {}
@@ -125,10 +135,22 @@ pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Mes
         Err(e) => return Err(e).context("reading from the peer"),
     }
     let len = wire::frame_len(header)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)
+    if len > max {
+        anyhow::bail!(
+            "the peer announced a {len}-byte message where at most {max} bytes are accepted"
+        );
+    }
+    let mut payload = Vec::new();
+    let read = (&mut *r)
+        .take(len as u64)
+        .read_to_end(&mut payload)
         .await
         .context("reading from the peer")?;
+    if read != len {
+        anyhow::bail!(
+            "the peer closed the stream in the middle of a message ({read} of {len} bytes)"
+        );
+    }
     Ok(Some((
         Message::decode(&payload).context("the peer sent a malformed message")?,
         len + 4,
@@ -1062,6 +1084,28 @@ fn local_content(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_frame_is_bounded_by_its_limit_and_by_the_bytes_that_arrive() {
+        let whole = Message::Refuse("no".into()).encode();
+        let mut r = &whole[..];
+        assert!(read_message_within(&mut r, 64).await.unwrap().is_some());
+        let mut r = &whole[..];
+        let err = read_message_within(&mut r, 2)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 2 bytes"), "{err}");
+        // A header claiming the largest frame, then five bytes and the end of the stream.
+        let mut claim = (wire::MAX_FRAME as u32).to_le_bytes().to_vec();
+        claim.extend_from_slice(b"12345");
+        let mut r = &claim[..];
+        let err = read_message(&mut r).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("5 of {} bytes", wire::MAX_FRAME)),
+            "{err}"
+        );
+    }
 
     fn node(dir: &std::path::Path, name: &str) -> (PathBuf, NodeId) {
         let path = dir.join(name);

@@ -292,17 +292,15 @@ pub fn redeem_invite(
     })
 }
 
-/// Whether an unused, unexpired invitation exists (only then may unknown keys connect, and
-/// only to join).
-pub fn invite_open(conn: &Connection) -> Result<bool> {
-    Ok(conn
-        .query_row(
-            "SELECT 1 FROM peer_invites WHERE used_at IS NULL AND expires_at > ?1 LIMIT 1",
-            [crate::db::now_secs()],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some())
+/// Until when (Unix seconds, exclusive) some unused invitation is open; `None` when none is
+/// open now. The peer service keeps this in memory and compares it with the clock at every
+/// handshake, so an invitation stops admitting unknown keys the moment it expires.
+pub fn invite_open_until(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn.query_row(
+        "SELECT max(expires_at) FROM peer_invites WHERE used_at IS NULL AND expires_at > ?1",
+        [crate::db::now_secs()],
+        |r| r.get(0),
+    )?)
 }
 
 #[cfg(test)]
@@ -323,13 +321,13 @@ mod tests {
     fn an_invitation_works_once_and_not_after_it_expires() {
         let c = conn();
         let s = create_invite(&c, 3600).unwrap();
-        assert!(invite_open(&c).unwrap());
+        assert!(invite_open_until(&c).unwrap().is_some());
         assert_eq!(redeem_invite(&c, &s, &key(1)).unwrap(), Ok(()));
         assert_eq!(
             redeem_invite(&c, &s, &key(2)).unwrap(),
             Err(InviteError::Used)
         );
-        assert!(!invite_open(&c).unwrap());
+        assert!(invite_open_until(&c).unwrap().is_none());
         assert_eq!(
             redeem_invite(&c, &[0; 32], &key(2)).unwrap(),
             Err(InviteError::Unknown)
@@ -339,7 +337,7 @@ mod tests {
             redeem_invite(&c, &old, &key(2)).unwrap(),
             Err(InviteError::Expired)
         );
-        assert!(!invite_open(&c).unwrap());
+        assert!(invite_open_until(&c).unwrap().is_none());
     }
 
     #[test]

@@ -99,10 +99,23 @@ impl Replica {
     }
 
     /// Writes a bundle file atomically: a temporary file renamed into place once complete.
+    /// The file is owner-only (0600) whatever the umask: a bundle holds replicated data,
+    /// apps' environment values included. The temporary file is made afresh (a file or
+    /// symlink left at its name is removed, never written through).
     pub fn export_bundle_file(&self, have: &Coverage, path: &Path) -> Result<ExportReport, Error> {
         let tmp = path.with_extension("partial");
         let result = (|| {
-            let file = File::create(&tmp)?;
+            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             let report = self.export_bundle(have, BufWriter::new(&file))?;
             file.sync_all()?;
             std::fs::rename(&tmp, path)?;

@@ -138,3 +138,70 @@ fn bad_configuration_values_are_refused() {
     assert_eq!(status["domain"]["source"], "default");
     assert_eq!(status["port"]["source"], "default");
 }
+
+#[test]
+fn a_manifest_naming_another_existing_app_is_refused_without_name() {
+    let (node, before) = node_with_one_app();
+    let pages_before = node.json(&["app", "info", "existing", "--json"]);
+    let dir = node.site("other", &[("index.html", "not existing's page")]);
+    write(&dir.join("manifest.json"), br#"{"name": "existing"}"#);
+    let err = node.fails(&["app", "deploy", dir.to_str().unwrap()]);
+    assert!(
+        err.contains("manifest.json names the app existing, which already exists, but the directory is other"),
+        "{err}"
+    );
+    assert!(
+        err.contains("would replace existing's current version"),
+        "{err}"
+    );
+    assert!(err.contains("--name existing"), "{err}");
+    assert_eq!(snapshot(&node), before);
+    assert_eq!(
+        node.json(&["app", "info", "existing", "--json"]),
+        pages_before
+    );
+
+    // Saying so deploys it; a directory named like the app needs nothing more.
+    assert_eq!(node.deploy(&dir, &["--name", "existing"])["number"], 2);
+    let same = node.site("existing", &[("index.html", "y")]);
+    write(&same.join("manifest.json"), br#"{"name": "existing"}"#);
+    assert_eq!(node.deploy(&same, &[])["number"], 3);
+}
+
+#[test]
+fn a_first_deploy_of_root_or_404_needs_the_name_spelled_out() {
+    let (node, before) = node_with_one_app();
+    for (dir, manifest, captures) in [
+        ("root", None, "serves the apex domain"),
+        ("404", None, "answers every unknown host"),
+        ("site", Some("root"), "serves the apex domain"),
+    ] {
+        let site = node.site(dir, &[("index.html", "takeover")]);
+        if let Some(name) = manifest {
+            write(
+                &site.join("manifest.json"),
+                format!(r#"{{"name": "{name}"}}"#).as_bytes(),
+            );
+        }
+        let err = node.fails(&["app", "deploy", site.to_str().unwrap()]);
+        assert!(err.contains(captures), "{err}");
+        let name = manifest.unwrap_or(dir);
+        assert!(err.contains(&format!("say so with --name {name}")), "{err}");
+        assert_eq!(snapshot(&node), before);
+    }
+
+    let site = node.path("root");
+    let run = node.run(&["app", "deploy", site.to_str().unwrap(), "--name", "root"]);
+    assert!(run.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("an app named root serves the apex domain")
+            && run.stderr.contains("that starts now"),
+        "{}",
+        run.stderr
+    );
+    // Redeploys (say, from a script) need nothing more and say nothing more.
+    let again = node.run(&["app", "deploy", site.to_str().unwrap()]);
+    assert!(again.status.success(), "{}", again.stderr);
+    assert_eq!(again.stderr, "");
+}

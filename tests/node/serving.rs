@@ -36,7 +36,7 @@ fn hosts_route_by_domain_apex_root_and_admin() {
     let node = Node::new();
     let root = node.site("root", &[("index.html", "root app")]);
     let blog = node.site("blog", &[("index.html", "blog app")]);
-    node.deploy(&root, &[]);
+    node.deploy(&root, &["--name", "root"]);
     node.deploy(&blog, &[]);
     let server = node.start(&["--domain", "example.test"]);
     assert_eq!(server.text("example.test", "/"), "root app");
@@ -53,7 +53,7 @@ fn a_deployed_404_app_replaces_the_built_in_page() {
     let node = Node::new();
     node.deploy(
         &node.site("404", &[("index.html", "custom missing page")]),
-        &[],
+        &["--name", "404"],
     );
     let server = node.start(&[]);
     let r = server.get("ghost.localhost", "/");
