@@ -112,8 +112,10 @@ fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
     a.minus(b)
         .0
         .values()
-        .flat_map(|r| r.ranges().iter().map(|&(s, e)| (e - s + 1) as u64))
-        .sum()
+        .flat_map(|r| r.ranges().iter())
+        .fold(0u64, |n, &(s, e)| {
+            n.saturating_add(u64::try_from(e.saturating_sub(s).saturating_add(1)).unwrap_or(0))
+        })
 }
 
 /// Reads one frame; None when the stream ends cleanly.
@@ -912,6 +914,15 @@ async fn apply_loop(
         }
         tracing::debug!(fetched = received.len(), "a group's content is complete");
 
+        // The peer's clock as it declares it: its own coverage (in its heads) ends there, and
+        // nothing it holds is beyond it.
+        let sender_clock = lock(&shared)
+            .their_heads
+            .0
+            .values()
+            .filter_map(|r| r.ranges().last().map(|&(_, end)| end))
+            .max()
+            .unwrap_or(0);
         let apply_db = db.clone();
         let (applied, mine) =
             tokio::task::spawn_blocking(move || -> Result<(fazt_sync::ApplyReport, Coverage)> {
@@ -966,14 +977,21 @@ async fn apply_loop(
                     bail!("this node no longer trusts the peer (it was removed)");
                 }
                 // Staged copies go in the same transaction as the cells they became.
-                let report = db.apply_then(&Batch { changes, covers }, |tx| {
-                    let mut delete =
-                        tx.prepare_cached("DELETE FROM peer_content WHERE digest = ?1")?;
-                    for digest in &used {
-                        delete.execute([&digest[..]])?;
-                    }
-                    Ok(())
-                })?;
+                let report = db.apply_then(
+                    &Batch {
+                        changes,
+                        covers,
+                        sender_clock,
+                    },
+                    |tx| {
+                        let mut delete =
+                            tx.prepare_cached("DELETE FROM peer_content WHERE digest = ?1")?;
+                        for digest in &used {
+                            delete.execute([&digest[..]])?;
+                        }
+                        Ok(())
+                    },
+                )?;
                 Ok((report, db.coverage()?))
             })
             .await??;
