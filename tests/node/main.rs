@@ -6,6 +6,7 @@ mod aliases;
 mod bad_input;
 mod bundles;
 mod database;
+mod hostile_bundles;
 mod peers;
 mod serverless;
 mod serving;
