@@ -107,6 +107,17 @@ pub fn from_heads(h: &Heads) -> Coverage {
     c
 }
 
+/// The highest version in `heads`: for an honest node's own heads, its Lamport clock (its
+/// own coverage is 1..=clock, and it holds nothing beyond).
+fn clock_of(heads: &Coverage) -> i64 {
+    heads
+        .0
+        .values()
+        .filter_map(|r| r.ranges().last().map(|&(_, end)| end))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Versions in `a` that `b` lacks.
 fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
     a.minus(b)
@@ -162,6 +173,9 @@ struct Shared {
     their_heads: Coverage,
     /// What this side holds, as of its last export or apply.
     mine: Coverage,
+    /// The peer's Lamport clock as it declares it: the highest version in its Hello and
+    /// Applied heads (its own coverage ends there). Covers it sends are believed up to it.
+    peer_clock: i64,
     stats: Stats,
     /// Content offered as references, by digest, until the group is acknowledged.
     offered: HashMap<[u8; 32], Offer>,
@@ -247,6 +261,7 @@ impl Session {
         {
             let mut s = lock(&shared);
             let theirs = from_heads(&hello.heads);
+            s.peer_clock = s.peer_clock.max(clock_of(&theirs));
             s.peer_known = theirs.clone();
             s.their_heads = theirs;
         }
@@ -388,6 +403,7 @@ impl Session {
                             let heads = from_heads(&heads);
                             {
                                 let mut s = lock(shared);
+                                s.peer_clock = s.peer_clock.max(clock_of(&heads));
                                 s.peer_known.union(&heads);
                                 s.their_heads.union(&heads);
                                 let kept = s.kept.clone();
@@ -914,15 +930,7 @@ async fn apply_loop(
         }
         tracing::debug!(fetched = received.len(), "a group's content is complete");
 
-        // The peer's clock as it declares it: its own coverage (in its heads) ends there, and
-        // nothing it holds is beyond it.
-        let sender_clock = lock(&shared)
-            .their_heads
-            .0
-            .values()
-            .filter_map(|r| r.ranges().last().map(|&(_, end)| end))
-            .max()
-            .unwrap_or(0);
+        let sender_clock = lock(&shared).peer_clock;
         let apply_db = db.clone();
         let (applied, mine) =
             tokio::task::spawn_blocking(move || -> Result<(fazt_sync::ApplyReport, Coverage)> {
