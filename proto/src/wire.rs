@@ -313,6 +313,13 @@ fn read_heads(r: &mut SliceReader<'_>) -> Result<Heads, DecodeError> {
             if end > MAX_VERSION {
                 return Err(DecodeError::Malformed("version beyond the bound of 2^53"));
             }
+            // In order and apart, as a node writes them: decoding and merging stay linear.
+            if ranges
+                .last()
+                .is_some_and(|&(_, prev): &(i64, i64)| start <= prev.saturating_add(1))
+            {
+                return Err(DecodeError::Malformed("version ranges out of order"));
+            }
             ranges.push((start, end));
         }
         out.push((site, ranges));
