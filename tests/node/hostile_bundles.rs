@@ -15,7 +15,8 @@ fn rewrite(
     extra_covers: &[([u8; 16], i64, i64)],
 ) {
     let mut reader = BundleReader::new(std::fs::File::open(from).unwrap()).unwrap();
-    let mut writer = BundleWriter::new(std::fs::File::create(to).unwrap(), reader.sender()).unwrap();
+    let mut writer =
+        BundleWriter::new(std::fs::File::create(to).unwrap(), reader.sender()).unwrap();
     while let Some(record) = reader.next_record().unwrap() {
         match edit(record) {
             Some(Record::Change(c)) => writer.change(&c).unwrap(),
