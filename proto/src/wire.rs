@@ -36,6 +36,35 @@ pub const CONTENT_CHUNK: usize = 1 << 20;
 /// Blob and text values at least this long travel as content references.
 pub const CONTENT_MIN: usize = 1024;
 
+/// The largest db_version, seq, col_version or causal length a node accepts from outside
+/// (peer messages, bundles) or makes itself: 2^53. An honest cluster never comes near it
+/// (2^53 transactions at a million a second take 285 years), so a larger number can only be
+/// forged, and refusing it keeps every clock step far from i64 overflow. The smallest valid
+/// values are 1 (db_version, col_version, causal length) and 0 (seq).
+pub const MAX_VERSION: i64 = 1 << 53;
+
+/// Checks one change's numbers against [`MAX_VERSION`] and their valid minimums; the error
+/// names the field.
+pub fn check_change_numbers(
+    db_version: i64,
+    seq: i64,
+    col_version: i64,
+    cl: i64,
+) -> Result<(), &'static str> {
+    let fields = [
+        ("db_version", db_version, 1),
+        ("seq", seq, 0),
+        ("col_version", col_version, 1),
+        ("causal length", cl, 1),
+    ];
+    for (name, v, min) in fields {
+        if v < min || v > MAX_VERSION {
+            return Err(name);
+        }
+    }
+    Ok(())
+}
+
 /// One origin site and the inclusive ranges of its versions held.
 pub type SiteRanges = ([u8; 16], Vec<(i64, i64)>);
 
@@ -281,6 +310,16 @@ fn read_heads(r: &mut SliceReader<'_>) -> Result<Heads, DecodeError> {
             if start < 1 {
                 return Err(DecodeError::Malformed("versions start at 1"));
             }
+            if end > MAX_VERSION {
+                return Err(DecodeError::Malformed("version beyond the bound of 2^53"));
+            }
+            // In order and apart, as a node writes them: decoding and merging stay linear.
+            if ranges
+                .last()
+                .is_some_and(|&(_, prev): &(i64, i64)| start <= prev.saturating_add(1))
+            {
+                return Err(DecodeError::Malformed("version ranges out of order"));
+            }
             ranges.push((start, end));
         }
         out.push((site, ranges));
@@ -387,6 +426,11 @@ fn read_changes(r: &mut SliceReader<'_>) -> Result<Changes, DecodeError> {
         let seq = r.signed()?;
         let col_version = r.signed()?;
         let cl = r.signed()?;
+        if check_change_numbers(db_version, seq, col_version, cl).is_err() {
+            return Err(DecodeError::Malformed(
+                "change number (db_version, seq, col_version or causal length) out of range",
+            ));
+        }
         let pk = r.bytes()?.to_vec();
         let mut content = None;
         let val = match r.byte()? {
@@ -561,6 +605,46 @@ mod tests {
             frame_len((MAX_FRAME as u32).to_le_bytes()).unwrap(),
             MAX_FRAME
         );
+    }
+
+    #[test]
+    fn numbers_beyond_the_bound_are_refused() {
+        let decode = |m: &Message| Message::decode(&m.encode()[4..]);
+        for (field, value) in [(0, MAX_VERSION + 1), (0, 0), (1, -1), (2, 0), (3, i64::MAX)] {
+            let mut c = change("t", "n", WireValue::Integer(1));
+            match field {
+                0 => c.db_version = value,
+                1 => c.seq = value,
+                2 => c.col_version = value,
+                _ => c.cl = value,
+            }
+            let msg = Message::Changes(Changes {
+                changes: vec![NetChange {
+                    change: c,
+                    content: None,
+                }],
+                complete: None,
+            });
+            assert!(
+                matches!(decode(&msg), Err(DecodeError::Malformed(m)) if m.contains("out of range")),
+                "field {field} = {value}"
+            );
+        }
+        let mut at_bound = change("t", "n", WireValue::Integer(1));
+        at_bound.db_version = MAX_VERSION;
+        let ok = Message::Changes(Changes {
+            changes: vec![NetChange {
+                change: at_bound,
+                content: None,
+            }],
+            complete: Some(Heads(vec![([1; 16], vec![(1, MAX_VERSION)])])),
+        });
+        assert_eq!(decode(&ok).unwrap(), ok);
+        let forged = Message::Applied {
+            groups: 1,
+            heads: Heads(vec![([1; 16], vec![(1, 1 << 62)])]),
+        };
+        assert!(matches!(decode(&forged), Err(DecodeError::Malformed(m)) if m.contains("2^53")));
     }
 
     #[test]

@@ -45,6 +45,14 @@ struct Status {
     db_version: i64,
     coverage: Vec<OriginStatus>,
     pending_changes: i64,
+    /// Bytes the pending area holds, as counted against its cap.
+    #[serde(default)]
+    pending_bytes: i64,
+    /// The pending area's caps; changes beyond them are not kept (a later sync brings them).
+    #[serde(default)]
+    pending_max_changes: i64,
+    #[serde(default)]
+    pending_max_bytes: i64,
     tables: Vec<String>,
 }
 
@@ -53,6 +61,8 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
         SyncCmd::Status { json } => {
             let database = crate::db::open_existing(db)?;
             let coverage = database.coverage()?;
+            let (pending_changes, pending_bytes) = database.pending_usage()?;
+            let (pending_max_changes, pending_max_bytes) = database.pending_caps();
             let status = Status {
                 site_id: database.site_id().to_string(),
                 db_version: database.db_version()?,
@@ -65,11 +75,10 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                         ranges: set.ranges().to_vec(),
                     })
                     .collect(),
-                pending_changes: database.conn().query_row(
-                    "SELECT count(*) FROM fazt_sync_pending",
-                    [],
-                    |r| r.get(0),
-                )?,
+                pending_changes,
+                pending_bytes,
+                pending_max_changes,
+                pending_max_bytes,
                 tables: database.tables(),
             };
             if json {
@@ -77,7 +86,13 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
             }
             println!("site id     {}", status.site_id);
             println!("db version  {}", status.db_version);
-            println!("pending     {} changes", status.pending_changes);
+            println!(
+                "pending     {} changes, {} (caps: {} changes, {}; beyond them changes are not kept and come again with a later sync)",
+                status.pending_changes,
+                output::size(u64::try_from(status.pending_bytes).unwrap_or(0)),
+                status.pending_max_changes,
+                output::size(u64::try_from(status.pending_max_bytes).unwrap_or(0)),
+            );
             println!("tables      {}", status.tables.join(", "));
             let rows: Vec<Vec<String>> = status
                 .coverage
@@ -142,6 +157,12 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                 "imported {} transactions: {} changes applied, {} already held, {} superseded, {} waiting for a newer schema",
                 report.transactions, report.applied, report.already_seen, report.unchanged, report.pending
             );
+            if report.pending_full > 0 {
+                println!(
+                    "{} changes for a newer schema were not kept: the pending area is full (see `fazt sync status`); import again after updating this node",
+                    report.pending_full
+                );
+            }
             // Content the bundle deleted that this node still references goes back.
             let rescued = crate::hosting::gc::rescue(&mut database)?;
             if rescued.blobs > 0 || rescued.versions > 0 {

@@ -107,13 +107,26 @@ pub fn from_heads(h: &Heads) -> Coverage {
     c
 }
 
+/// The highest version in `heads`: for an honest node's own heads, its Lamport clock (its
+/// own coverage is 1..=clock, and it holds nothing beyond).
+fn clock_of(heads: &Coverage) -> i64 {
+    heads
+        .0
+        .values()
+        .filter_map(|r| r.ranges().last().map(|&(_, end)| end))
+        .max()
+        .unwrap_or(0)
+}
+
 /// Versions in `a` that `b` lacks.
 fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
     a.minus(b)
         .0
         .values()
-        .flat_map(|r| r.ranges().iter().map(|&(s, e)| (e - s + 1) as u64))
-        .sum()
+        .flat_map(|r| r.ranges().iter())
+        .fold(0u64, |n, &(s, e)| {
+            n.saturating_add(u64::try_from(e.saturating_sub(s).saturating_add(1)).unwrap_or(0))
+        })
 }
 
 /// Reads one frame; None when the stream ends cleanly.
@@ -182,6 +195,9 @@ struct Shared {
     their_heads: Coverage,
     /// What this side holds, as of its last export or apply.
     mine: Coverage,
+    /// The peer's Lamport clock as it declares it: the highest version in its Hello and
+    /// Applied heads (its own coverage ends there). Covers it sends are believed up to it.
+    peer_clock: i64,
     stats: Stats,
     /// Content offered as references, by digest, until the group is acknowledged.
     offered: HashMap<[u8; 32], Offer>,
@@ -267,6 +283,7 @@ impl Session {
         {
             let mut s = lock(&shared);
             let theirs = from_heads(&hello.heads);
+            s.peer_clock = s.peer_clock.max(clock_of(&theirs));
             s.peer_known = theirs.clone();
             s.their_heads = theirs;
         }
@@ -408,6 +425,7 @@ impl Session {
                             let heads = from_heads(&heads);
                             {
                                 let mut s = lock(shared);
+                                s.peer_clock = s.peer_clock.max(clock_of(&heads));
                                 s.peer_known.union(&heads);
                                 s.their_heads.union(&heads);
                                 let kept = s.kept.clone();
@@ -934,6 +952,7 @@ async fn apply_loop(
         }
         tracing::debug!(fetched = received.len(), "a group's content is complete");
 
+        let sender_clock = lock(&shared).peer_clock;
         let apply_db = db.clone();
         let (applied, mine) =
             tokio::task::spawn_blocking(move || -> Result<(fazt_sync::ApplyReport, Coverage)> {
@@ -988,14 +1007,21 @@ async fn apply_loop(
                     bail!("this node no longer trusts the peer (it was removed)");
                 }
                 // Staged copies go in the same transaction as the cells they became.
-                let report = db.apply_then(&Batch { changes, covers }, |tx| {
-                    let mut delete =
-                        tx.prepare_cached("DELETE FROM peer_content WHERE digest = ?1")?;
-                    for digest in &used {
-                        delete.execute([&digest[..]])?;
-                    }
-                    Ok(())
-                })?;
+                let report = db.apply_then(
+                    &Batch {
+                        changes,
+                        covers,
+                        sender_clock,
+                    },
+                    |tx| {
+                        let mut delete =
+                            tx.prepare_cached("DELETE FROM peer_content WHERE digest = ?1")?;
+                        for digest in &used {
+                            delete.execute([&digest[..]])?;
+                        }
+                        Ok(())
+                    },
+                )?;
                 // Blobs a peer deleted that this node still references go back, and the
                 // re-insert replicates (hosting::gc).
                 crate::hosting::gc::rescue(&mut db)?;

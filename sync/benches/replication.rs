@@ -305,6 +305,7 @@ fn chunked(batch: &Batch, size: usize) -> Vec<Batch> {
         None => out.push(Batch {
             changes: Vec::new(),
             covers: batch.covers.clone(),
+            sender_clock: batch.sender_clock,
         }),
     }
     out

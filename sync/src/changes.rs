@@ -41,6 +41,9 @@ pub enum Exported {
 pub struct Batch {
     pub changes: Vec<Change>,
     pub covers: Coverage,
+    /// The sender's Lamport clock as it declares it (0: not declared). Covers are believed
+    /// only up to the receiver's clock after the merge, or this; see `docs/sync-protocol.md`.
+    pub sender_clock: i64,
 }
 
 impl Replica {
@@ -136,7 +139,11 @@ impl Replica {
             changes.push(c);
             Ok(())
         })?;
-        Ok(Batch { changes, covers })
+        Ok(Batch {
+            changes,
+            covers,
+            sender_clock: self.db_version()?,
+        })
     }
 
     /// One query over every replicated table: clock rows of one origin within a version

@@ -55,6 +55,22 @@ impl RangeSet {
         if start > end {
             return;
         }
+        // Ranges usually come in order (heads, cover records): append in constant time.
+        match self.0.last_mut() {
+            None => {
+                self.0.push((start, end));
+                return;
+            }
+            Some(last) if last.1.saturating_add(1) < start => {
+                self.0.push((start, end));
+                return;
+            }
+            Some(last) if last.0 <= start => {
+                last.1 = last.1.max(end);
+                return;
+            }
+            _ => {}
+        }
         let (mut s, mut e) = (start, end);
         let mut out = Vec::with_capacity(self.0.len() + 1);
         let mut placed = false;
@@ -78,10 +94,32 @@ impl RangeSet {
         self.0 = out;
     }
 
+    /// Adds every range of `other`, in one pass over both.
     pub fn union(&mut self, other: &RangeSet) {
-        for &(a, b) in &other.0 {
-            self.insert(a, b);
+        if other.0.is_empty() {
+            return;
         }
+        let mut merged = RangeSet(Vec::with_capacity(self.0.len() + other.0.len()));
+        let (mut i, mut j) = (0, 0);
+        while i < self.0.len() || j < other.0.len() {
+            let next = match (self.0.get(i), other.0.get(j)) {
+                (Some(&a), Some(&b)) if a.0 <= b.0 => {
+                    i += 1;
+                    a
+                }
+                (_, Some(&b)) => {
+                    j += 1;
+                    b
+                }
+                (Some(&a), None) => {
+                    i += 1;
+                    a
+                }
+                (None, None) => break,
+            };
+            merged.insert(next.0, next.1);
+        }
+        *self = merged;
     }
 
     pub fn contains(&self, v: i64) -> bool {
@@ -196,6 +234,18 @@ mod tests {
             let expected = ranges.iter().any(|&(a, len)| probe >= a && probe <= a + len);
             prop_assert_eq!(set.contains(probe), expected);
             for w in set.ranges().windows(2) {
+                prop_assert!(w[0].1 + 1 < w[1].0, "ranges stay sorted, disjoint and apart");
+            }
+        }
+
+        #[test]
+        fn union_holds_exactly_both_sets(a in proptest::collection::vec((1i64..60, 0i64..6), 0..8), b in proptest::collection::vec((1i64..60, 0i64..6), 0..8), probe in 0i64..70) {
+            let sa = RangeSet::from_ranges(a.iter().map(|&(x, l)| (x, x + l)));
+            let sb = RangeSet::from_ranges(b.iter().map(|&(x, l)| (x, x + l)));
+            let mut u = sa.clone();
+            u.union(&sb);
+            prop_assert_eq!(u.contains(probe), sa.contains(probe) || sb.contains(probe));
+            for w in u.ranges().windows(2) {
                 prop_assert!(w[0].1 + 1 < w[1].0, "ranges stay sorted, disjoint and apart");
             }
         }

@@ -286,7 +286,7 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
                 "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
                    SELECT {key}, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
                    WHERE NEW.{q} IS NOT OLD.{q}
-                   ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
+                   ON CONFLICT (key, cid) DO UPDATE SET col_version = fazt_sync_next(col_version, 1),
                      db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n",
                 key = t.key_of("NEW."),
                 q = quote(col)
@@ -349,20 +349,20 @@ fn capture_insert(t: &TableInfo, row: &str) -> String {
         sql += &format!(
             "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
                SELECT {key}, -1, 1, fazt_sync_db_version(), 0, fazt_sync_seq() WHERE true
-               ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
+               ON CONFLICT (key, cid) DO UPDATE SET col_version = fazt_sync_next(col_version, 1),
                  db_version = excluded.db_version, site_ord = 0, seq = excluded.seq
                WHERE col_version % 2 = 0;\n"
         );
         return sql;
     }
     sql += &format!(
-        "UPDATE {clock} SET col_version = col_version + 1, db_version = fazt_sync_db_version(),
+        "UPDATE {clock} SET col_version = fazt_sync_next(col_version, 1), db_version = fazt_sync_db_version(),
            site_ord = 0, seq = fazt_sync_seq()
            WHERE key = {key} AND cid = -1 AND col_version % 2 = 0;
          INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
            SELECT {key}, v.column1, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
            FROM {ids} AS v WHERE true
-           ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1,
+           ON CONFLICT (key, cid) DO UPDATE SET col_version = fazt_sync_next(col_version, 1),
              db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n",
         ids = column_ids(t),
     );
@@ -376,7 +376,7 @@ fn capture_delete(t: &TableInfo, row: &str) -> String {
     format!(
         "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
            SELECT {key}, -1, 2, fazt_sync_db_version(), 0, fazt_sync_seq() WHERE true
-           ON CONFLICT (key, cid) DO UPDATE SET col_version = col_version + 1 + (col_version % 2 = 0),
+           ON CONFLICT (key, cid) DO UPDATE SET col_version = fazt_sync_next(col_version, 1 + (col_version % 2 = 0)),
              db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;
          DELETE FROM {clock} WHERE cid >= 0 AND key = {key};\n"
     )

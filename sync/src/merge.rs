@@ -34,6 +34,72 @@ pub struct ApplyReport {
     pub already_seen: usize,
     /// Changes kept for later: their table or column does not exist here yet.
     pub pending: usize,
+    /// Changes neither applied nor kept because the pending area is full
+    /// ([`MAX_PENDING_CHANGES`], [`MAX_PENDING_BYTES`]): their versions stay uncovered, so
+    /// peers send them again later.
+    pub pending_full: usize,
+}
+
+/// The most changes the pending area keeps (changes for tables or columns this replica does
+/// not have yet).
+pub const MAX_PENDING_CHANGES: i64 = 100_000;
+/// The most bytes (keys, values and names, plus [`PENDING_ROW_OVERHEAD`] a change) the
+/// pending area keeps.
+pub const MAX_PENDING_BYTES: i64 = 64 << 20;
+/// What one pending change counts for besides its keys, values and names.
+pub const PENDING_ROW_OVERHEAD: i64 = 64;
+
+/// What the pending area holds, sized as [`pending_size`] sizes a change (64 is
+/// [`PENDING_ROW_OVERHEAD`]; a REAL's text may differ by a few bytes from Rust's).
+const PENDING_SIZE_SQL: &str =
+    "SELECT count(*), coalesce(sum(length(tbl) + length(pk) + length(cid) + coalesce(length(CAST(val AS BLOB)), 0) + 64), 0) FROM fazt_sync_pending";
+
+/// The size of one change as the pending area counts it.
+fn pending_size(c: &Change) -> i64 {
+    let val = match &c.val {
+        Value::Null => 0,
+        Value::Integer(i) => i.to_string().len(),
+        Value::Real(f) => f.to_string().len(),
+        Value::Text(t) => t.len(),
+        Value::Blob(b) => b.len(),
+    };
+    let len = c.table.len() + c.pk.len() + c.cid.len() + val;
+    i64::try_from(len)
+        .unwrap_or(i64::MAX)
+        .saturating_add(PENDING_ROW_OVERHEAD)
+}
+
+/// What the pending area holds: (changes, bytes as counted against the caps).
+pub(crate) fn pending_usage(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    conn.prepare_cached(PENDING_SIZE_SQL)?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+}
+
+/// Refuses a batch carrying a number beyond [`fazt_proto::wire::MAX_VERSION`] or below its
+/// valid minimum, before anything is applied.
+fn check_bounds(batch: &Batch) -> Result<(), Error> {
+    for c in &batch.changes {
+        if let Err(field) =
+            fazt_proto::wire::check_change_numbers(c.db_version, c.seq, c.col_version, c.cl)
+        {
+            return Err(Error::Malformed(format!(
+                "{} of a change of origin {} in table {} is out of range (1..=2^53): the batch was refused and nothing applied; the sender is damaged or hostile",
+                field,
+                c.site_id,
+                c.table
+            )));
+        }
+    }
+    for (site, set) in &batch.covers.0 {
+        if let (Some(&(start, _)), Some(&(_, end))) = (set.ranges().first(), set.ranges().last()) {
+            if start < 1 || end > fazt_proto::wire::MAX_VERSION {
+                return Err(Error::Malformed(format!(
+                    "the versions covered of origin {site} are out of range (1..=2^53): the batch was refused and nothing applied; the sender is damaged or hostile"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Application code that runs inside every merge's transaction, with capture off (it must
@@ -113,6 +179,7 @@ impl Replica {
     }
 
     fn merge_batch(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
+        check_bounds(batch)?;
         let own_version = self.db_version()?;
         let held = self.coverage()?;
         self.has_pending = self
@@ -120,7 +187,12 @@ impl Replica {
             .prepare_cached("SELECT EXISTS (SELECT 1 FROM fazt_sync_pending)")?
             .query_row([], |r| r.get(0))?;
         let mut report = ApplyReport::default();
-        let mut pending: HashMap<SiteId, RangeSet> = HashMap::new();
+        // Versions of this batch not held after it: parked, or refused by a full pending area.
+        let mut not_held: HashMap<SiteId, RangeSet> = HashMap::new();
+        // What the pending area holds (changes, bytes), read when first needed.
+        let mut pending_use: Option<(i64, i64)> = None;
+        // The highest version merged here. Groups already held or only parked do not count:
+        // a parked change is not held, and its version must not move the clock.
         let mut max_version = 0;
 
         let mut start = 0;
@@ -136,17 +208,41 @@ impl Replica {
                     .count();
             let group = &batch.changes[start..end];
             start = end;
-            max_version = max_version.max(version);
             if held.contains(&site, version) {
                 report.already_seen += group.len();
                 continue;
             }
             if group.iter().any(|c| !self.resolvable(c)) {
+                not_held.entry(site).or_default().insert(version, version);
+                if self.has_pending && self.is_parked(site, version)? {
+                    // Kept already (an earlier batch brought it).
+                    report.pending += group.len();
+                    continue;
+                }
+                let (count, bytes) = match pending_use {
+                    Some(u) => u,
+                    None => {
+                        let u = pending_usage(&self.conn)?;
+                        pending_use = Some(u);
+                        u
+                    }
+                };
+                let size = group
+                    .iter()
+                    .fold(0i64, |n, c| n.saturating_add(pending_size(c)));
+                let count = count.saturating_add(i64::try_from(group.len()).unwrap_or(i64::MAX));
+                let bytes = bytes.saturating_add(size);
+                if count > self.pending_caps.0 || bytes > self.pending_caps.1 {
+                    // Not kept and not covered: a peer sends it again later.
+                    report.pending_full += group.len();
+                    continue;
+                }
                 self.keep_pending(group)?;
-                pending.entry(site).or_default().insert(version, version);
+                pending_use = Some((count, bytes));
                 report.pending += group.len();
                 continue;
             }
+            max_version = max_version.max(version);
             let mut row = None;
             for change in group {
                 if self.merge_one(change, &mut row)? {
@@ -168,18 +264,40 @@ impl Replica {
             report.transactions += 1;
         }
 
-        // Versions parked as pending (from this batch or earlier ones) are not held yet.
+        // Lamport: the next local write is numbered after everything merged. What this
+        // replica made itself is stored too: a merged change may just have replaced the
+        // clock row that held its newest version.
+        let clock = max_version.max(own_version);
+        // Covers are believed up to this bound (see below), and the clock follows what
+        // was believed, so that this replica never covers a version beyond its own clock.
+        let bound = clock.max(batch.sender_clock);
+        let mut clock = clock;
+
+        // A declared cover is believed only up to `bound`: the receiver's clock after the
+        // merge, or the clock the sender declares (a peer's heads, a bundle's sender). An
+        // honest sender covers version V of origin O only if it made or merged V, so its
+        // clock is at least V: every honest cover is within its declared clock. The
+        // receiver's own clock alone does not suffice: V's changes may have been superseded
+        // everywhere by changes with a higher col_version but a lower db_version, and then
+        // nothing that reaches the receiver carries V. A cover that claims versions beyond
+        // every clock in sight — versions nobody has made yet, which would hide the
+        // origin's later writes — is clipped, not refused: the rest of the batch is sound.
+        // A sender that also declares a forged clock can only do what forging a change at
+        // that version already does (raise clocks, up to MAX_VERSION).
         let parked = self.parked_versions()?;
         for (site, set) in &batch.covers.0 {
             if *site == self.site_id {
                 continue;
             }
-            let mut set = match pending.get(site) {
-                Some(p) => set.minus(p),
-                None => set.clone(),
-            };
+            let mut set = set.within(1, bound);
+            if let Some(p) = not_held.get(site) {
+                set = set.minus(p);
+            }
             if let Some(p) = parked.get(site) {
                 set = set.minus(p);
+            }
+            if let Some(&(_, end)) = set.ranges().last() {
+                clock = clock.max(end);
             }
             let mut merged = held.get(site).cloned().unwrap_or_default();
             merged.union(&set);
@@ -188,12 +306,37 @@ impl Replica {
                 Replica::save_coverage(&self.conn, ord, &merged)?;
             }
         }
-        // Lamport: the next local write is numbered after everything seen. What this
-        // replica made itself is stored too: a merged change may just have replaced the
-        // clock row that held its newest version.
-        set_db_version(&self.conn, max_version.max(own_version))?;
+        set_db_version(&self.conn, clock)?;
         self.version_cache.set(None);
         Ok(report)
+    }
+
+    /// The pending area's caps: (changes, bytes); [`MAX_PENDING_CHANGES`] and
+    /// [`MAX_PENDING_BYTES`] unless set otherwise.
+    pub fn pending_caps(&self) -> (i64, i64) {
+        self.pending_caps
+    }
+
+    /// Sets this connection's pending-area caps (lower ones suit tests and small machines).
+    pub fn set_pending_caps(&mut self, changes: i64, bytes: i64) {
+        self.pending_caps = (changes, bytes);
+    }
+
+    /// What the pending area holds: (changes, bytes as counted against its byte cap).
+    pub fn pending_usage(&self) -> Result<(i64, i64), Error> {
+        Ok(pending_usage(&self.conn)?)
+    }
+
+    fn is_parked(&self, site: SiteId, version: i64) -> Result<bool, Error> {
+        let Some(ord) = self.known_ord(&site)? else {
+            return Ok(false);
+        };
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2)",
+            )?
+            .query_row([ord, version], |r| r.get(0))?)
     }
 
     fn parked_versions(&self) -> Result<HashMap<SiteId, RangeSet>, Error> {

@@ -118,6 +118,8 @@ pub struct Replica {
     pub(crate) schema_seen: i64,
     /// Whether the pending area held anything when the current merge began.
     pub(crate) has_pending: bool,
+    /// The pending area's caps: (changes, bytes).
+    pub(crate) pending_caps: (i64, i64),
     /// The merge path's statements per table, for `catalog_version`.
     pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
     /// (`PRAGMA data_version`, db_version) as last derived or allocated on this connection.
@@ -190,6 +192,10 @@ impl Replica {
             catalog_version: 0,
             schema_seen: -1,
             has_pending: false,
+            pending_caps: (
+                crate::merge::MAX_PENDING_CHANGES,
+                crate::merge::MAX_PENDING_BYTES,
+            ),
             merge_sql: (0, HashMap::new()),
             version_cache: Cell::new(None),
             merge_hook: None,
@@ -239,7 +245,7 @@ impl Replica {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (data_version, current) = current_db_version(&tx, cache)?;
-        let version = current + 1;
+        let version = next_version(current, 1).map_err(rusqlite::Error::UserFunctionError)?;
         let guard = self.capture.enter(LOCAL, version);
         let result = f(&tx);
         let captured = self.capture.captured();
@@ -453,8 +459,34 @@ pub(crate) fn set_db_version(conn: &Connection, version: i64) -> rusqlite::Resul
     Ok(())
 }
 
+/// `current + step`, refused past [`fazt_proto::wire::MAX_VERSION`]: a clock, col_version or
+/// causal length that reached the bound (only forged input can bring it there) fails the
+/// write loudly instead of wrapping or making numbers every peer refuses.
+pub(crate) fn next_version(
+    current: i64,
+    step: i64,
+) -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
+    match current.checked_add(step) {
+        Some(v) if v <= fazt_proto::wire::MAX_VERSION => Ok(v),
+        _ => Err(format!(
+            "a replication counter reached its bound of 2^53 (at {current}): only a damaged or hostile peer or bundle can bring it there; writes to the affected data are refused"
+        )
+        .into()),
+    }
+}
+
 fn register_functions(conn: &Connection, capture: &Arc<Capture>) -> Result<(), Error> {
     let flags = FunctionFlags::SQLITE_UTF8;
+    conn.create_scalar_function(
+        "fazt_sync_next",
+        2,
+        flags | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            let current: i64 = ctx.get(0)?;
+            let step: i64 = ctx.get(1)?;
+            next_version(current, step).map_err(rusqlite::Error::UserFunctionError)
+        },
+    )?;
     let c = capture.clone();
     conn.create_scalar_function("fazt_sync_capturing", 0, flags, move |_| {
         Ok(c.mode.load(Ordering::Relaxed) != MERGING)

@@ -113,6 +113,7 @@ fn deliver(replicas: &mut [Replica], from: usize, to: usize, how: Delivery) {
                 .apply(&Batch {
                     changes,
                     covers: batch.covers,
+                    sender_clock: batch.sender_clock,
                 })
                 .unwrap();
         }
@@ -134,7 +135,13 @@ fn deliver(replicas: &mut [Replica], from: usize, to: usize, how: Delivery) {
                 .filter(|c| keep.contains(&(c.site_id, c.db_version)))
                 .cloned()
                 .collect();
-            target.apply(&Batch { changes, covers }).unwrap();
+            target
+                .apply(&Batch {
+                    changes,
+                    covers,
+                    sender_clock: batch.sender_clock,
+                })
+                .unwrap();
         }
     }
 }

@@ -128,6 +128,7 @@ fn delete_then_reinsert_converges_in_any_order() {
     c.apply(&Batch {
         changes: reversed,
         covers: all.covers.clone(),
+        sender_clock: all.sender_clock,
     })
     .unwrap();
     for r in [&b, &c] {

@@ -9,6 +9,7 @@ mod bundles;
 mod database;
 mod gc;
 mod http_edge;
+mod hostile_bundles;
 mod peers;
 mod secrets;
 mod serverless;
