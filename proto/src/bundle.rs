@@ -5,6 +5,7 @@
 //! magic     8 bytes  "FAZTBNDL"
 //! version   u16 LE   FORMAT_VERSION; a reader refuses newer versions
 //! sender    16 bytes site id of the exporting replica
+//! signer    32 bytes ed25519 public key (node id) of the exporting node   (version 2)
 //! records   tag byte + body, until tag 0:
 //!             1 string: varint length, UTF-8 bytes      (interned: table and column names)
 //!             2 site:   16 bytes                        (interned: origin site ids)
@@ -13,22 +14,51 @@
 //!                       varint pk length + packed pk, value
 //!             4 cover:  varint site, zigzag start, zigzag end (an inclusive version range)
 //! end       tag 0
+//! signature 64 bytes ed25519 by `signer` over SIGNATURE_CONTEXT + SHA-512 of every byte
+//!                    from the magic through the end tag                    (version 2)
 //! checksum  u32 LE   CRC-32 of every byte before it
 //! ```
 //! Values: tag 0 NULL, 1 INTEGER (zigzag varint), 2 REAL (8 bytes LE), 3 TEXT and 4 BLOB
 //! (varint length + bytes). Within an origin, changes come in (db_version, seq) order.
 //! Cover records name the versions the bundle completes; the reader reports them as they
 //! come, so an importer can apply a large bundle in several transactions.
+//!
+//! The reader checks the checksum and then the signature when it reaches the end: a bad
+//! signature is an error, never a warning. Version 1 (no signer, no signature) is still
+//! read; [`BundleReader::signer`] is then `None` and the caller decides (fazt refuses it
+//! unless told to trust unknown signers). Both sides enforce the same limits
+//! ([`MAX_STRINGS`], [`MAX_STRING_BYTES`], [`MAX_SITES`], [`MAX_TXN_CHANGES`],
+//! [`MAX_TXN_BYTES`]), so the writer never produces a bundle the reader refuses.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
+pub use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signature, Signer, VerifyingKey};
+use sha2::{Digest, Sha512};
+
 use crate::codec::{unzigzag, zigzag};
+use crate::NodeId;
 
 pub const MAGIC: [u8; 8] = *b"FAZTBNDL";
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
+/// Domain separation for bundle signatures: the signed message is this followed by the
+/// SHA-512 digest of the bundle's content, so a bundle signature is never valid as anything
+/// else the node key signs (TLS handshakes), nor the other way round.
+pub const SIGNATURE_CONTEXT: &[u8] = b"fazt change bundle v2 signature\0";
+/// Interned table and column names a bundle may declare.
+pub const MAX_STRINGS: usize = 65_536;
+/// Total bytes of the interned names a bundle may declare.
+pub const MAX_STRING_BYTES: u64 = 16 << 20;
+/// Interned origin site ids a bundle may declare (one per node that ever wrote).
+pub const MAX_SITES: usize = 65_536;
+/// Changes one origin transaction may hold in a bundle (an importer holds one whole
+/// origin transaction in memory to apply it atomically).
+pub const MAX_TXN_CHANGES: u64 = 1_000_000;
+/// Encoded bytes one origin transaction may take in a bundle.
+pub const MAX_TXN_BYTES: u64 = 1 << 30;
 /// Longest string or blob a bundle may carry (guards allocations on hostile input).
-const MAX_LEN: u64 = 1 << 30;
+const MAX_LEN: u64 = MAX_TXN_BYTES;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum WireValue {
@@ -76,6 +106,10 @@ pub enum BundleError {
     Corrupt(&'static str),
     #[error("the bundle's checksum does not match: the file is damaged")]
     Checksum,
+    #[error("the bundle's signature does not match its content: it was altered after it was signed, or node {0} never signed it; refused (ask for a fresh export)")]
+    BadSignature(NodeId),
+    #[error("{0}")]
+    Limit(String),
     #[error(transparent)]
     Io(io::Error),
 }
@@ -96,29 +130,84 @@ const SITE: u8 = 2;
 const CHANGE: u8 = 3;
 const COVER: u8 = 4;
 
-/// Writes a bundle, hashing everything it writes.
-pub struct BundleWriter<W: Write> {
-    out: W,
-    crc: crc32fast::Hasher,
-    buf: Vec<u8>,
-    strings: HashMap<String, u64>,
-    sites: HashMap<[u8; 16], u64>,
+/// Tracks the origin transaction being read or written against [`MAX_TXN_CHANGES`] and
+/// [`MAX_TXN_BYTES`] (a transaction is a run of changes with one site and db_version).
+#[derive(Default)]
+struct TxnSize {
+    current: Option<([u8; 16], i64)>,
+    changes: u64,
     bytes: u64,
 }
 
+impl TxnSize {
+    fn add(&mut self, site: [u8; 16], db_version: i64, bytes: u64) -> Result<(), String> {
+        if self.current != Some((site, db_version)) {
+            *self = TxnSize {
+                current: Some((site, db_version)),
+                ..TxnSize::default()
+            };
+        }
+        self.changes += 1;
+        self.bytes = self.bytes.saturating_add(bytes);
+        let origin = hex(&site);
+        if self.changes > MAX_TXN_CHANGES {
+            return Err(format!(
+                "origin transaction {db_version} of site {origin} holds more than {MAX_TXN_CHANGES} changes, the most a bundle may carry in one transaction"
+            ));
+        }
+        if self.bytes > MAX_TXN_BYTES {
+            return Err(format!(
+                "origin transaction {db_version} of site {origin} takes more than {MAX_TXN_BYTES} bytes, the most a bundle may carry in one transaction"
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a bundle, hashing and signing everything it writes.
+pub struct BundleWriter<W: Write> {
+    out: W,
+    crc: crc32fast::Hasher,
+    digest: Sha512,
+    key: SigningKey,
+    buf: Vec<u8>,
+    strings: HashMap<String, u64>,
+    string_bytes: u64,
+    sites: HashMap<[u8; 16], u64>,
+    txn: TxnSize,
+    bytes: u64,
+}
+
+/// What an exporter wrote past a limit its importers enforce.
+fn writer_limit(what: String) -> BundleError {
+    BundleError::Limit(format!(
+        "cannot export: {what}, and an importing node would refuse it"
+    ))
+}
+
 impl<W: Write> BundleWriter<W> {
-    pub fn new(out: W, sender: [u8; 16]) -> io::Result<Self> {
+    /// A bundle from replica `sender`, signed with `key` (the exporting node's key).
+    pub fn new(out: W, sender: [u8; 16], key: &SigningKey) -> io::Result<Self> {
         let mut w = BundleWriter {
             out,
             crc: crc32fast::Hasher::new(),
+            digest: Sha512::new(),
+            key: key.clone(),
             buf: Vec::with_capacity(64 * 1024),
             strings: HashMap::new(),
+            string_bytes: 0,
             sites: HashMap::new(),
+            txn: TxnSize::default(),
             bytes: 0,
         };
         w.buf.extend_from_slice(&MAGIC);
         w.buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         w.buf.extend_from_slice(&sender);
+        w.buf.extend_from_slice(&key.verifying_key().to_bytes());
         Ok(w)
     }
 
@@ -130,26 +219,37 @@ impl<W: Write> BundleWriter<W> {
         crate::codec::put_bytes(&mut self.buf, b);
     }
 
-    fn string(&mut self, s: &str) -> u64 {
+    fn string(&mut self, s: &str) -> Result<u64, BundleError> {
         if let Some(&i) = self.strings.get(s) {
-            return i;
+            return Ok(i);
+        }
+        self.string_bytes = self.string_bytes.saturating_add(s.len() as u64);
+        if self.strings.len() >= MAX_STRINGS || self.string_bytes > MAX_STRING_BYTES {
+            return Err(writer_limit(format!(
+                "the changes name more than {MAX_STRINGS} tables and columns or {MAX_STRING_BYTES} bytes of names"
+            )));
         }
         let i = self.strings.len() as u64;
         self.buf.push(STRING);
         self.bytes_field(s.as_bytes());
         self.strings.insert(s.to_string(), i);
-        i
+        Ok(i)
     }
 
-    fn site(&mut self, site: [u8; 16]) -> u64 {
+    fn site(&mut self, site: [u8; 16]) -> Result<u64, BundleError> {
         if let Some(&i) = self.sites.get(&site) {
-            return i;
+            return Ok(i);
+        }
+        if self.sites.len() >= MAX_SITES {
+            return Err(writer_limit(format!(
+                "the changes come from more than {MAX_SITES} sites"
+            )));
         }
         let i = self.sites.len() as u64;
         self.buf.push(SITE);
         self.buf.extend_from_slice(&site);
         self.sites.insert(site, i);
-        i
+        Ok(i)
     }
 
     fn flush_if_full(&mut self) -> io::Result<()> {
@@ -161,16 +261,18 @@ impl<W: Write> BundleWriter<W> {
 
     fn flush_buf(&mut self) -> io::Result<()> {
         self.crc.update(&self.buf);
+        self.digest.update(&self.buf);
         self.out.write_all(&self.buf)?;
         self.bytes += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
     }
 
-    pub fn change(&mut self, c: &WireChange) -> io::Result<()> {
-        let table = self.string(&c.table);
-        let cid = self.string(&c.cid);
-        let site = self.site(c.site);
+    pub fn change(&mut self, c: &WireChange) -> Result<(), BundleError> {
+        let table = self.string(&c.table)?;
+        let cid = self.string(&c.cid)?;
+        let site = self.site(c.site)?;
+        let start = self.buf.len();
         self.buf.push(CHANGE);
         self.varint(table);
         self.varint(cid);
@@ -199,21 +301,30 @@ impl<W: Write> BundleWriter<W> {
                 self.bytes_field(b);
             }
         }
-        self.flush_if_full()
+        let len = (self.buf.len() - start) as u64;
+        self.txn
+            .add(c.site, c.db_version, len)
+            .map_err(writer_limit)?;
+        Ok(self.flush_if_full()?)
     }
 
-    pub fn cover(&mut self, site: [u8; 16], start: i64, end: i64) -> io::Result<()> {
-        let s = self.site(site);
+    pub fn cover(&mut self, site: [u8; 16], start: i64, end: i64) -> Result<(), BundleError> {
+        let s = self.site(site)?;
         self.buf.push(COVER);
         self.varint(s);
         self.varint(zigzag(start));
         self.varint(zigzag(end));
-        self.flush_if_full()
+        Ok(self.flush_if_full()?)
     }
 
-    /// Ends the bundle and writes its checksum; returns the writer and the bundle's size.
+    /// Ends the bundle, signs it and writes its checksum; returns the writer and the
+    /// bundle's size.
     pub fn finish(mut self) -> io::Result<(W, u64)> {
         self.buf.push(END);
+        self.flush_buf()?;
+        let digest = self.digest.clone().finalize();
+        let signature = self.key.sign(&signed_message(&digest));
+        self.buf.extend_from_slice(&signature.to_bytes());
         self.flush_buf()?;
         let sum = self.crc.clone().finalize().to_le_bytes();
         self.out.write_all(&sum)?;
@@ -222,25 +333,41 @@ impl<W: Write> BundleWriter<W> {
     }
 }
 
-/// Reads a bundle record by record. The checksum is checked when the end is reached: a
-/// caller that must not act on a damaged file reads it through once ([`verify`]) first.
+fn signed_message(digest: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGNATURE_CONTEXT.len() + digest.len());
+    m.extend_from_slice(SIGNATURE_CONTEXT);
+    m.extend_from_slice(digest);
+    m
+}
+
+/// Reads a bundle record by record. The checksum and the signature are checked when the
+/// end is reached: a caller that must not act on a damaged or forged file reads it through
+/// once ([`verify`]) first.
 pub struct BundleReader<R: Read> {
     input: HashingReader<R>,
     strings: Vec<String>,
+    string_bytes: u64,
     sites: Vec<[u8; 16]>,
     sender: [u8; 16],
+    signer: Option<NodeId>,
+    txn: TxnSize,
     done: bool,
 }
 
 struct HashingReader<R> {
     inner: R,
     crc: crc32fast::Hasher,
+    digest: Sha512,
+    /// Bytes read so far.
+    read: u64,
 }
 
 impl<R: Read> HashingReader<R> {
     fn exact(&mut self, buf: &mut [u8]) -> Result<(), BundleError> {
         self.inner.read_exact(buf)?;
         self.crc.update(buf);
+        self.digest.update(&*buf);
+        self.read += buf.len() as u64;
         Ok(())
     }
 
@@ -254,9 +381,10 @@ impl<R: Read> HashingReader<R> {
         crate::codec::get_varint(|| self.byte(), BundleError::Corrupt("varint too long"))
     }
 
-    fn bytes_field(&mut self) -> Result<Vec<u8>, BundleError> {
+    /// A length-prefixed field of at most `max` bytes.
+    fn bytes_field(&mut self, max: u64) -> Result<Vec<u8>, BundleError> {
         let len = self.varint()?;
-        if len > MAX_LEN {
+        if len > max {
             return Err(BundleError::Corrupt("length out of range"));
         }
         let mut out = Vec::new();
@@ -265,8 +393,17 @@ impl<R: Read> HashingReader<R> {
             return Err(BundleError::Truncated);
         }
         self.crc.update(&out);
+        self.digest.update(&out);
+        self.read += len;
         Ok(out)
     }
+}
+
+/// What a reader refuses past a limit.
+fn reader_limit(what: String) -> BundleError {
+    BundleError::Limit(format!(
+        "the bundle is refused: {what} (fazt's export never writes such a bundle)"
+    ))
 }
 
 impl<R: Read> BundleReader<R> {
@@ -274,6 +411,8 @@ impl<R: Read> BundleReader<R> {
         let mut input = HashingReader {
             inner: input,
             crc: crc32fast::Hasher::new(),
+            digest: Sha512::new(),
+            read: 0,
         };
         let mut magic = [0u8; 8];
         input.exact(&mut magic).map_err(|e| match e {
@@ -294,11 +433,21 @@ impl<R: Read> BundleReader<R> {
         }
         let mut sender = [0u8; 16];
         input.exact(&mut sender)?;
+        let signer = if version >= 2 {
+            let mut key = [0u8; 32];
+            input.exact(&mut key)?;
+            Some(NodeId::from_bytes(key))
+        } else {
+            None
+        };
         Ok(BundleReader {
             input,
             strings: Vec::new(),
+            string_bytes: 0,
             sites: Vec::new(),
             sender,
+            signer,
+            txn: TxnSize::default(),
             done: false,
         })
     }
@@ -307,21 +456,65 @@ impl<R: Read> BundleReader<R> {
         self.sender
     }
 
+    /// The node that signed the bundle, as its header claims; `None` for an unsigned
+    /// (version 1) bundle. The claim is proven only once [`Self::next_record`] has returned
+    /// `None` (the end, where the signature is checked).
+    pub fn signer(&self) -> Option<NodeId> {
+        self.signer
+    }
+
     fn site_at(&self, i: u64) -> Result<[u8; 16], BundleError> {
-        self.sites
-            .get(i as usize)
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.sites.get(i))
             .copied()
             .ok_or(BundleError::Corrupt("unknown site index"))
     }
 
     fn string_at(&self, i: u64) -> Result<String, BundleError> {
-        self.strings
-            .get(i as usize)
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.strings.get(i))
             .cloned()
             .ok_or(BundleError::Corrupt("unknown string index"))
     }
 
-    /// The next record, or None at the end (after checking the checksum).
+    /// Checks the checksum and the signature after the end tag.
+    fn check_end(&mut self) -> Result<(), BundleError> {
+        let digest = self.input.digest.clone().finalize();
+        let signature = match self.signer {
+            Some(_) => {
+                let mut sig = [0u8; 64];
+                self.input.exact(&mut sig)?;
+                Some(sig)
+            }
+            None => None,
+        };
+        let expected = self.input.crc.clone().finalize();
+        let mut sum = [0u8; 4];
+        self.input.inner.read_exact(&mut sum)?;
+        if u32::from_le_bytes(sum) != expected {
+            return Err(BundleError::Checksum);
+        }
+        let mut rest = [0u8; 1];
+        if self.input.inner.read(&mut rest)? != 0 {
+            return Err(BundleError::Corrupt("bytes after the checksum"));
+        }
+        if let (Some(signer), Some(sig)) = (self.signer, signature) {
+            let valid = VerifyingKey::from_bytes(signer.as_bytes())
+                .map(|key| {
+                    key.verify_strict(&signed_message(&digest), &Signature::from_bytes(&sig))
+                        .is_ok()
+                })
+                .unwrap_or(false);
+            if !valid {
+                return Err(BundleError::BadSignature(signer));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next record, or None at the end (after checking the checksum and signature).
     pub fn next_record(&mut self) -> Result<Option<Record>, BundleError> {
         if self.done {
             return Ok(None);
@@ -329,31 +522,40 @@ impl<R: Read> BundleReader<R> {
         loop {
             match self.input.byte()? {
                 END => {
-                    let expected = self.input.crc.clone().finalize();
-                    let mut sum = [0u8; 4];
-                    self.input.inner.read_exact(&mut sum)?;
-                    if u32::from_le_bytes(sum) != expected {
-                        return Err(BundleError::Checksum);
-                    }
-                    let mut rest = [0u8; 1];
-                    if self.input.inner.read(&mut rest)? != 0 {
-                        return Err(BundleError::Corrupt("bytes after the checksum"));
-                    }
+                    self.check_end()?;
                     self.done = true;
                     return Ok(None);
                 }
                 STRING => {
-                    let bytes = self.input.bytes_field()?;
+                    if self.strings.len() >= MAX_STRINGS {
+                        return Err(reader_limit(format!(
+                            "it declares more than {MAX_STRINGS} table and column names"
+                        )));
+                    }
+                    let left = MAX_STRING_BYTES - self.string_bytes;
+                    let bytes = self.input.bytes_field(left).map_err(|e| match e {
+                        BundleError::Corrupt(_) => reader_limit(format!(
+                            "its table and column names take more than {MAX_STRING_BYTES} bytes"
+                        )),
+                        other => other,
+                    })?;
+                    self.string_bytes += bytes.len() as u64;
                     let s = String::from_utf8(bytes)
                         .map_err(|_| BundleError::Corrupt("name is not UTF-8"))?;
                     self.strings.push(s);
                 }
                 SITE => {
+                    if self.sites.len() >= MAX_SITES {
+                        return Err(reader_limit(format!(
+                            "it declares more than {MAX_SITES} origin sites"
+                        )));
+                    }
                     let mut site = [0u8; 16];
                     self.input.exact(&mut site)?;
                     self.sites.push(site);
                 }
                 CHANGE => {
+                    let start = self.input.read - 1;
                     let (t, c, s) = (
                         self.input.varint()?,
                         self.input.varint()?,
@@ -365,7 +567,7 @@ impl<R: Read> BundleReader<R> {
                     let seq = unzigzag(self.input.varint()?);
                     let col_version = unzigzag(self.input.varint()?);
                     let cl = unzigzag(self.input.varint()?);
-                    let pk = self.input.bytes_field()?;
+                    let pk = self.input.bytes_field(MAX_LEN)?;
                     let val = match self.input.byte()? {
                         0 => WireValue::Null,
                         1 => WireValue::Integer(unzigzag(self.input.varint()?)),
@@ -375,12 +577,15 @@ impl<R: Read> BundleReader<R> {
                             WireValue::Real(f64::from_le_bytes(b))
                         }
                         3 => WireValue::Text(
-                            String::from_utf8(self.input.bytes_field()?)
+                            String::from_utf8(self.input.bytes_field(MAX_LEN)?)
                                 .map_err(|_| BundleError::Corrupt("text is not UTF-8"))?,
                         ),
-                        4 => WireValue::Blob(self.input.bytes_field()?),
+                        4 => WireValue::Blob(self.input.bytes_field(MAX_LEN)?),
                         _ => return Err(BundleError::Corrupt("unknown value type")),
                     };
+                    self.txn
+                        .add(site, db_version, self.input.read - start)
+                        .map_err(reader_limit)?;
                     return Ok(Some(Record::Change(WireChange {
                         table,
                         pk,
@@ -409,8 +614,17 @@ impl<R: Read> BundleReader<R> {
     }
 }
 
-/// Reads a whole bundle and checks it; returns (changes, cover records).
-pub fn verify<R: Read>(input: R) -> Result<(u64, u64), BundleError> {
+/// What [`verify`] found in a whole, intact bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verified {
+    /// The node whose signature checked out; `None` for an unsigned (version 1) bundle.
+    pub signer: Option<NodeId>,
+    pub changes: u64,
+    pub covers: u64,
+}
+
+/// Reads a whole bundle and checks it (format, limits, checksum, signature).
+pub fn verify<R: Read>(input: R) -> Result<Verified, BundleError> {
     let mut reader = BundleReader::new(input)?;
     let (mut changes, mut covers) = (0, 0);
     while let Some(record) = reader.next_record()? {
@@ -419,7 +633,11 @@ pub fn verify<R: Read>(input: R) -> Result<(u64, u64), BundleError> {
             Record::Cover { .. } => covers += 1,
         }
     }
-    Ok((changes, covers))
+    Ok(Verified {
+        signer: reader.signer(),
+        changes,
+        covers,
+    })
 }
 
 #[cfg(test)]
@@ -427,8 +645,16 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[5; 32])
+    }
+
+    fn signer() -> NodeId {
+        NodeId::from_bytes(key().verifying_key().to_bytes())
+    }
+
     fn sample() -> Vec<u8> {
-        let mut w = BundleWriter::new(Vec::new(), [9; 16]).unwrap();
+        let mut w = BundleWriter::new(Vec::new(), [9; 16], &key()).unwrap();
         for i in 0..3 {
             w.change(&WireChange {
                 table: "apps".into(),
@@ -460,7 +686,14 @@ mod tests {
             }
         }
         assert_eq!(n, 3);
-        assert_eq!(verify(&bytes[..]).unwrap(), (3, 1));
+        assert_eq!(
+            verify(&bytes[..]).unwrap(),
+            Verified {
+                signer: Some(signer()),
+                changes: 3,
+                covers: 1
+            }
+        );
     }
 
     #[test]
@@ -488,11 +721,162 @@ mod tests {
         assert!(verify(&extra[..]).is_err());
     }
 
+    /// Replaces the trailing CRC so that only the signature can catch a change.
+    fn fix_crc(bytes: &mut [u8]) {
+        let n = bytes.len() - 4;
+        let sum = crc32fast::hash(&bytes[..n]);
+        bytes[n..].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    #[test]
+    fn altered_content_signer_or_signature_fails_the_signature_check() {
+        let bytes = sample();
+        let sig_at = bytes.len() - 4 - 64;
+        // A change's value ("app1" -> "bpp1"), the claimed signer, the signature itself.
+        let value_at = bytes.windows(4).position(|w| w == b"app1").unwrap();
+        for at in [value_at, 8 + 2 + 16 + 3, sig_at + 10] {
+            let mut forged = bytes.clone();
+            forged[at] ^= 0x03;
+            fix_crc(&mut forged);
+            match verify(&forged[..]) {
+                Err(BundleError::BadSignature(_)) => {}
+                other => panic!("byte {at}: {other:?}"),
+            }
+        }
+        // A bundle re-signed by another key is intact, and names that key.
+        let other = SigningKey::from_bytes(&[6; 32]);
+        let mut w = BundleWriter::new(Vec::new(), [9; 16], &other).unwrap();
+        w.cover([1; 16], 1, 1).unwrap();
+        let v = verify(&w.finish().unwrap().0[..]).unwrap();
+        assert_eq!(
+            v.signer.unwrap().as_bytes(),
+            &other.verifying_key().to_bytes()
+        );
+    }
+
+    #[test]
+    fn an_unsigned_version_1_bundle_reads_with_no_signer() {
+        let mut v1 = MAGIC.to_vec();
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&[9; 16]);
+        v1.extend_from_slice(&[SITE, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]);
+        v1.extend_from_slice(&[COVER, 0, 2, 4, END]);
+        v1.extend_from_slice(&crc32fast::hash(&v1).to_le_bytes());
+        assert_eq!(
+            verify(&v1[..]).unwrap(),
+            Verified {
+                signer: None,
+                changes: 0,
+                covers: 1
+            }
+        );
+    }
+
+    fn change(site: u8, db_version: i64, seq: i64, val: WireValue) -> WireChange {
+        WireChange {
+            table: "t".into(),
+            pk: vec![1],
+            cid: "c".into(),
+            val,
+            col_version: 1,
+            db_version,
+            site: [site; 16],
+            cl: 1,
+            seq,
+        }
+    }
+
+    #[test]
+    fn the_writer_refuses_what_the_reader_would_refuse() {
+        // One origin transaction past MAX_TXN_BYTES: the writer stops before it is complete.
+        let mut w = BundleWriter::new(std::io::sink(), [9; 16], &key()).unwrap();
+        let big = WireValue::Blob(vec![0; 64 << 20]);
+        let mut refused = None;
+        for seq in 0..=(MAX_TXN_BYTES / (64 << 20)) as i64 {
+            if let Err(e) = w.change(&change(1, 3, seq, big.clone())) {
+                refused = Some((seq, e));
+                break;
+            }
+        }
+        let (seq, e) = refused.expect("the writer took an oversized transaction");
+        assert_eq!(
+            seq, 15,
+            "16 values of 64 MiB plus their encoding exceed 1 GiB"
+        );
+        assert!(
+            e.to_string()
+                .contains("cannot export: origin transaction 3"),
+            "{e}"
+        );
+        // Separate transactions of the same size are fine.
+        let mut w = BundleWriter::new(std::io::sink(), [9; 16], &key()).unwrap();
+        for v in 1..=20 {
+            w.change(&change(1, v, 0, big.clone())).unwrap();
+        }
+    }
+
+    /// A hand-written signed bundle: `body` between the header and the end tag.
+    fn signed(body: &[u8]) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b.extend_from_slice(&[9; 16]);
+        b.extend_from_slice(&key().verifying_key().to_bytes());
+        b.extend_from_slice(body);
+        b.push(END);
+        let sig = key().sign(&signed_message(&Sha512::digest(&b)));
+        b.extend_from_slice(&sig.to_bytes());
+        b.extend_from_slice(&crc32fast::hash(&b).to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn hostile_interning_and_transactions_are_refused_at_the_limit() {
+        let ok = signed(&[STRING, 1, b'a']);
+        assert_eq!(verify(&ok[..]).unwrap().changes, 0);
+
+        let mut strings = Vec::new();
+        for i in 0..=MAX_STRINGS as u32 {
+            strings.push(STRING);
+            crate::codec::put_bytes(&mut strings, i.to_string().as_bytes());
+        }
+        let e = verify(&signed(&strings)[..]).unwrap_err().to_string();
+        assert!(e.contains("more than 65536 table and column names"), "{e}");
+
+        let mut long = vec![STRING];
+        crate::codec::put_varint(&mut long, MAX_STRING_BYTES + 1);
+        let e = verify(&signed(&long)[..]).unwrap_err().to_string();
+        assert!(e.contains("names take more than 16777216 bytes"), "{e}");
+
+        let mut sites = Vec::new();
+        for i in 0..=MAX_SITES as u32 {
+            sites.push(SITE);
+            sites.extend_from_slice(&[0; 12]);
+            sites.extend_from_slice(&i.to_le_bytes());
+        }
+        let e = verify(&signed(&sites)[..]).unwrap_err().to_string();
+        assert!(e.contains("more than 65536 origin sites"), "{e}");
+
+        // MAX_TXN_CHANGES + 1 tiny changes of one origin transaction.
+        let mut txn = vec![STRING, 1, b't', SITE];
+        txn.extend_from_slice(&[1; 16]);
+        for seq in 0..=MAX_TXN_CHANGES {
+            txn.extend_from_slice(&[CHANGE, 0, 0, 0, 2 * 7]);
+            crate::codec::put_varint(&mut txn, zigzag(seq as i64));
+            txn.extend_from_slice(&[2, 2, 1, 1, 0]);
+        }
+        let e = verify(&signed(&txn)[..]).unwrap_err().to_string();
+        assert!(
+            e.contains("origin transaction 7 of site 0101")
+                && e.contains("more than 1000000 changes"),
+            "{e}"
+        );
+    }
+
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut bytes = MAGIC.to_vec();
-            bytes.extend_from_slice(&1u16.to_le_bytes());
+            bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
             bytes.extend_from_slice(&tail);
             let _ = verify(&bytes[..]);
         }

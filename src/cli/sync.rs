@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
+use fazt_proto::NodeId;
 use fazt_sync::{Coverage, SiteId};
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +22,15 @@ pub enum SyncCmd {
         #[arg(long, value_name = "FILE")]
         since: Option<PathBuf>,
     },
-    /// Apply a bundle file (importing the same bundle twice changes nothing)
-    Import { file: PathBuf },
+    /// Apply a bundle file signed by this node or a trusted peer (importing the same
+    /// bundle twice changes nothing)
+    Import {
+        file: PathBuf,
+        /// Also accept a bundle signed by a node that is not a trusted peer, or not signed
+        /// at all: whoever made it can then write anything into this node's replicated data
+        #[arg(long)]
+        trust_unknown_signer: bool,
+    },
     /// Site id, clock, what this node holds from each origin, pending changes
     Status {
         #[arg(long)]
@@ -124,35 +132,51 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                 None => Coverage::default(),
             };
             let database = crate::db::open_existing(db)?;
+            crate::identity::ensure(database.conn())?;
+            let key = crate::identity::load(database.conn())?
+                .ok_or_else(|| anyhow!("this node has no key to sign the bundle with"))?;
             let report = match &output {
-                Some(path) => database.export_bundle_file(&have, path)?,
+                Some(path) => database.export_bundle_file(&have, &key, path)?,
                 None => {
                     let stdout = std::io::stdout();
                     if stdout.is_terminal() {
                         bail!("a bundle is binary: write it to a file with -o FILE (or redirect standard output)");
                     }
-                    database.export_bundle(&have, std::io::BufWriter::new(stdout.lock()))?
+                    database.export_bundle(&have, &key, std::io::BufWriter::new(stdout.lock()))?
                 }
             };
             eprintln!(
-                "exported {} changes ({}){}",
+                "exported {} changes ({}){}, signed by this node ({})",
                 report.changes,
                 output::size(report.bytes),
                 output
                     .as_ref()
                     .map(|p| format!(" to {}", p.display()))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                crate::identity::node_id(&key)
             );
             Ok(())
         }
-        SyncCmd::Import { file } => {
+        SyncCmd::Import {
+            file,
+            trust_unknown_signer,
+        } => {
             if !file.exists() {
                 bail!("no bundle at {}", file.display());
             }
             let mut database = super::open_for_write(db)?;
-            let report = database
-                .import_bundle_file(&file)
-                .with_context(|| format!("importing {}", file.display()))?;
+            let own = crate::identity::ensure(database.conn())?;
+            let mut signed_by = String::new();
+            let report = {
+                let conn_peers = peers_by_key(database.conn())?;
+                database
+                    .import_bundle_file(&file, |v: &fazt_proto::bundle::Verified| {
+                        signed_by = check_signer(v.signer, own, &conn_peers, trust_unknown_signer)?;
+                        Ok::<(), anyhow::Error>(())
+                    })
+                    .with_context(|| format!("importing {}", file.display()))?
+            };
+            println!("{signed_by}");
             println!(
                 "imported {} transactions: {} changes applied, {} already held, {} superseded, {} waiting for a newer schema",
                 report.transactions, report.applied, report.already_seen, report.unchanged, report.pending
@@ -174,6 +198,43 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Trusted peers by node id, with their names.
+fn peers_by_key(conn: &rusqlite::Connection) -> Result<Vec<(NodeId, String)>> {
+    Ok(crate::peer::store::list(conn)?
+        .into_iter()
+        .map(|p| (p.node_id, p.name.as_str().to_string()))
+        .collect())
+}
+
+/// Decides whether a bundle's (verified) signer is trusted; returns the line that says who
+/// signed it. Only this node and pinned peers are trusted, unless `trust_unknown` is given;
+/// a bad signature never gets here (reading the bundle fails first).
+fn check_signer(
+    signer: Option<NodeId>,
+    own: NodeId,
+    peers: &[(NodeId, String)],
+    trust_unknown: bool,
+) -> Result<String> {
+    let Some(signer) = signer else {
+        if trust_unknown {
+            return Ok("the bundle is unsigned (an older fazt's format); imported because of --trust-unknown-signer".into());
+        }
+        bail!("the bundle is unsigned (format version 1, from an older fazt), so anyone could have written it: refused, nothing changed. Export it again with this fazt, or pass --trust-unknown-signer if you know where it came from");
+    };
+    if signer == own {
+        return Ok(format!("signed by this node ({signer})"));
+    }
+    if let Some((_, name)) = peers.iter().find(|(key, _)| *key == signer) {
+        return Ok(format!("signed by peer {name} ({signer})"));
+    }
+    if trust_unknown {
+        return Ok(format!(
+            "signed by {signer}, not a trusted peer; imported because of --trust-unknown-signer"
+        ));
+    }
+    bail!("the bundle is signed by node {signer}, which is not a trusted peer of this node: refused, nothing changed. If you trust that node, run `fazt peer trust {signer}` first (or pass --trust-unknown-signer to accept this one bundle)")
 }
 
 /// Reads the coverage part of a `fazt sync status --json` file.

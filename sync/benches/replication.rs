@@ -993,7 +993,11 @@ impl Bench {
             let ((report, t), growth) = peak_growth(|| {
                 let mut out = Vec::new();
                 let start = Instant::now();
-                let report = bulk.fazt.export_bundle(&Coverage::default(), &mut out)?;
+                let report = bulk.fazt.export_bundle(
+                    &Coverage::default(),
+                    &fazt_proto::bundle::SigningKey::from_bytes(&[7; 32]),
+                    &mut out,
+                )?;
                 let t = start.elapsed();
                 if report.bytes != out.len() as u64 {
                     return Err(

@@ -1,10 +1,12 @@
 //! Exporting and importing change bundles (the format is defined in fazt-proto).
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
-use std::path::Path;
+use std::io::{BufReader, BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
 
-use fazt_proto::bundle::{self, BundleReader, BundleWriter, Record, WireChange, WireValue};
+use fazt_proto::bundle::{
+    self, BundleReader, BundleWriter, Record, SigningKey, Verified, WireChange, WireValue,
+};
 
 use crate::changes::{Batch, Change};
 use crate::coverage::{Coverage, SiteId};
@@ -13,8 +15,12 @@ use crate::replica::Replica;
 use crate::value::Value;
 use crate::Error;
 
-/// Changes applied per SQLite transaction during an import (bounded memory).
+/// Changes applied per SQLite transaction during an import (bounded memory)...
 const IMPORT_BATCH: usize = 20_000;
+/// ... or fewer, once they carry this many bytes of keys and values. A single origin
+/// transaction is never split; the bundle format bounds it ([`bundle::MAX_TXN_CHANGES`],
+/// [`bundle::MAX_TXN_BYTES`]).
+const IMPORT_BATCH_BYTES: usize = 64 << 20;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportReport {
@@ -76,9 +82,16 @@ fn from_wire(c: WireChange) -> Change {
 }
 
 impl Replica {
-    /// Streams everything a holder of `have` lacks into a bundle.
-    pub fn export_bundle<W: Write>(&self, have: &Coverage, out: W) -> Result<ExportReport, Error> {
-        let mut writer = BundleWriter::new(out, self.site_id.0)?;
+    /// Streams everything a holder of `have` lacks into a bundle signed with `key` (the
+    /// node's key). Fails, writing no complete bundle, if the changes exceed a limit the
+    /// bundle format sets (an importer would refuse them).
+    pub fn export_bundle<W: Write>(
+        &self,
+        have: &Coverage,
+        key: &SigningKey,
+        out: W,
+    ) -> Result<ExportReport, Error> {
+        let mut writer = BundleWriter::new(out, self.site_id.0, key)?;
         let mut changes = 0;
         let covers = self.changes_since(have, |c| {
             writer.change(&to_wire(&c))?;
@@ -99,6 +112,7 @@ impl Replica {
     }
 
     /// Writes a bundle file atomically: a temporary file renamed into place once complete.
+<<<<<<< ours
     /// The file is owner-only (0600) whatever the umask: a bundle holds replicated data,
     /// apps' environment values included. The temporary file is made afresh (a file or
     /// symlink left at its name is removed, never written through).
@@ -117,6 +131,18 @@ impl Replica {
                 .open(&tmp)?;
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             let report = self.export_bundle(have, BufWriter::new(&file))?;
+=======
+    pub fn export_bundle_file(
+        &self,
+        have: &Coverage,
+        key: &SigningKey,
+        path: &Path,
+    ) -> Result<ExportReport, Error> {
+        let tmp = path.with_extension("partial");
+        let result = (|| {
+            let file = File::create(&tmp)?;
+            let report = self.export_bundle(have, key, BufWriter::new(&file))?;
+>>>>>>> theirs
             file.sync_all()?;
             std::fs::rename(&tmp, path)?;
             Ok(report)
@@ -127,16 +153,67 @@ impl Replica {
         result
     }
 
-    /// Imports a bundle file. The whole file is read and its checksum checked before
-    /// anything is applied, so a truncated, corrupt or foreign file changes nothing. Then it
-    /// is applied in bounded batches, each one SQLite transaction; the coverage it brings is
-    /// recorded with the last one. Interrupted at any point, the database is consistent and
-    /// importing the same file again completes it. Importing twice changes nothing.
-    pub fn import_bundle_file(&mut self, path: &Path) -> Result<ApplyReport, Error> {
-        bundle::verify(BufReader::new(File::open(path)?))?;
-        let mut reader = BundleReader::new(BufReader::new(File::open(path)?))?;
+    /// Imports a bundle file. The whole file is read and checked (format, limits, checksum,
+    /// signature) before anything is applied, so a truncated, corrupt, forged or foreign
+    /// file changes nothing; `accept` then decides whether to trust the signer it names
+    /// (`None`: an unsigned bundle) and nothing is applied unless it returns Ok. While it is
+    /// checked, the file is copied to a private spool file next to the database and applied
+    /// from there, so the bytes applied are the bytes checked even if someone rewrites the
+    /// file meanwhile. Then it is applied in bounded batches, each one SQLite transaction
+    /// and never splitting an origin transaction; the coverage it brings is recorded with
+    /// the last one. Interrupted at any point, the database is consistent and importing the
+    /// same file again completes it. Importing twice changes nothing.
+    pub fn import_bundle_file<E: From<Error>>(
+        &mut self,
+        path: &Path,
+        accept: impl FnOnce(&Verified) -> Result<(), E>,
+    ) -> Result<ApplyReport, E> {
+        let spool_path = self.conn.path().filter(|p| !p.is_empty()).map(|db| {
+            let mut p = PathBuf::from(db).into_os_string();
+            p.push(".import-spool");
+            PathBuf::from(p)
+        });
+        let result = (|| {
+            let mut spool = match &spool_path {
+                Some(p) => Some(private_file(p).map_err(Error::from)?),
+                None => None,
+            };
+            let verified = {
+                let input = BufReader::new(File::open(path).map_err(Error::from)?);
+                match spool.as_mut() {
+                    Some(file) => {
+                        let mut tee = Tee {
+                            input,
+                            copy: BufWriter::new(&*file),
+                        };
+                        let v = bundle::verify(&mut tee).map_err(Error::from)?;
+                        tee.copy.flush().map_err(Error::from)?;
+                        v
+                    }
+                    None => bundle::verify(input).map_err(Error::from)?,
+                }
+            };
+            accept(&verified)?;
+            let reader: Box<dyn Read> = match spool {
+                Some(mut file) => {
+                    file.rewind().map_err(Error::from)?;
+                    Box::new(BufReader::new(file))
+                }
+                None => Box::new(BufReader::new(File::open(path).map_err(Error::from)?)),
+            };
+            Ok(self.import_checked(reader)?)
+        })();
+        if let Some(p) = &spool_path {
+            let _ = std::fs::remove_file(p);
+        }
+        result
+    }
+
+    fn import_checked(&mut self, input: impl Read) -> Result<ApplyReport, Error> {
+        let mut reader = BundleReader::new(input)?;
         let mut total = ApplyReport::default();
         let mut batch = Batch::default();
+        let mut batch_bytes = 0usize;
         let mut covers = Coverage::default();
         while let Some(record) = reader.next_record()? {
             match record {
@@ -145,9 +222,14 @@ impl Replica {
                     let boundary = batch.changes.last().is_some_and(|last: &Change| {
                         (last.site_id, last.db_version) != (c.site_id, c.db_version)
                     });
-                    if boundary && batch.changes.len() >= IMPORT_BATCH {
+                    if boundary
+                        && (batch.changes.len() >= IMPORT_BATCH
+                            || batch_bytes >= IMPORT_BATCH_BYTES)
+                    {
                         add(&mut total, self.apply(&std::mem::take(&mut batch))?);
+                        batch_bytes = 0;
                     }
+                    batch_bytes = batch_bytes.saturating_add(change_bytes(&c));
                     batch.changes.push(c);
                 }
                 Record::Cover { site, start, end } => covers.insert(SiteId(site), start, end),
@@ -156,6 +238,50 @@ impl Replica {
         batch.covers = covers;
         add(&mut total, self.apply(&batch)?);
         Ok(total)
+    }
+}
+
+/// Bytes of a change's key and value (what dominates a batch's memory).
+fn change_bytes(c: &Change) -> usize {
+    c.pk.len()
+        + match &c.val {
+            Value::Text(t) => t.len(),
+            Value::Blob(b) => b.len(),
+            _ => 8,
+        }
+}
+
+/// A new file only this user can read (a stale one from an interrupted import is
+/// replaced; an existing link is removed, never followed).
+fn private_file(path: &Path) -> std::io::Result<File> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(file)
+}
+
+/// Copies what is read from `input` into `copy`.
+struct Tee<R, W> {
+    input: R,
+    copy: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.input.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
     }
 }
 

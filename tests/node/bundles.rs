@@ -1,9 +1,195 @@
 //! Nodes that never meet exchange change bundles; `fazt sql` and `fazt db replicate`.
 
+use std::str::FromStr;
+
 use crate::harness::{write, Node};
 
 fn count(node: &Node, sql: &str) -> i64 {
     node.json(&["sql", sql, "--json"])[0]["n"].as_i64().unwrap()
+}
+
+fn node_id(node: &Node) -> String {
+    node.ok(&["peer", "id"]).trim().to_string()
+}
+
+/// `node` trusts `other` (pins its node id under `name`), as `fazt peer trust` does.
+fn trust(node: &Node, other: &Node, name: &str) {
+    node.ok(&["peer", "trust", &node_id(other), "--name", name]);
+}
+
+/// Everything a bundle could change: the sync status (coverage, clock, pending changes,
+/// replicated tables) and every row of every replicated table.
+fn replicated_state(node: &Node) -> Vec<serde_json::Value> {
+    let status = node.json(&["sync", "status", "--json"]);
+    let mut state = vec![status.clone()];
+    for table in status["tables"].as_array().unwrap() {
+        let table = table.as_str().unwrap();
+        state.push(node.json(&[
+            "sql",
+            &format!("SELECT * FROM \"{table}\" ORDER BY 1"),
+            "--json",
+        ]));
+    }
+    state
+}
+
+/// CRC-32 (IEEE), to re-seal a bundle altered on purpose so that only its signature is
+/// left to catch the change.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn reseal(bytes: &mut [u8]) {
+    let n = bytes.len() - 4;
+    let sum = crc32(&bytes[..n]);
+    bytes[n..].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// A node with a deployed site and a bundle of it; returns (node, bundle path).
+fn exporter(content: &str) -> (Node, std::path::PathBuf) {
+    let a = Node::new();
+    a.deploy(&a.site("signed", &[("index.html", content)]), &[]);
+    let bundle = a.path("a.fzb");
+    let err = a
+        .run(&["sync", "export", "-o", bundle.to_str().unwrap()])
+        .stderr;
+    assert!(
+        err.contains(&format!("signed by this node ({})", node_id(&a))),
+        "{err}"
+    );
+    (a, bundle)
+}
+
+#[test]
+fn bundles_signed_by_this_node_or_a_trusted_peer_import_and_say_who_signed() {
+    let (a, bundle) = exporter("from a");
+    let b = Node::new();
+    trust(&b, &a, "laptop");
+    let out = b.ok(&["sync", "import", bundle.to_str().unwrap()]);
+    assert!(
+        out.contains(&format!("signed by peer laptop ({})", node_id(&a))),
+        "{out}"
+    );
+    assert_eq!(count(&b, "SELECT count(*) AS n FROM apps"), 1);
+    // A node's own bundle is trusted too.
+    let own = a.ok(&["sync", "import", bundle.to_str().unwrap()]);
+    assert!(
+        own.contains(&format!("signed by this node ({})", node_id(&a))),
+        "{own}"
+    );
+}
+
+#[test]
+fn a_bundle_from_an_unknown_node_is_refused_and_changes_nothing_unless_explicitly_trusted() {
+    let (a, bundle) = exporter("from a");
+    let b = Node::new();
+    b.deploy(&b.site("mine", &[("index.html", "b's own")]), &[]);
+    let before = replicated_state(&b);
+    let err = b.fails(&["sync", "import", bundle.to_str().unwrap()]);
+    assert!(
+        err.contains(&format!(
+            "the bundle is signed by node {}, which is not a trusted peer of this node",
+            node_id(&a)
+        )) && err.contains("fazt peer trust"),
+        "{err}"
+    );
+    assert_eq!(replicated_state(&b), before);
+    assert!(!b.path("data.db.import-spool").exists());
+
+    let out = b.ok(&[
+        "sync",
+        "import",
+        "--trust-unknown-signer",
+        bundle.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains(&format!(
+            "signed by {}, not a trusted peer; imported because of --trust-unknown-signer",
+            node_id(&a)
+        )),
+        "{out}"
+    );
+    assert_eq!(count(&b, "SELECT count(*) AS n FROM apps"), 2);
+}
+
+#[test]
+fn a_bundle_altered_after_signing_is_refused_even_with_the_flag() {
+    let (a, bundle) = exporter("the original page");
+    let b = Node::new();
+    trust(&b, &a, "a");
+    let bytes = std::fs::read(&bundle).unwrap();
+    let at = bytes
+        .windows(17)
+        .position(|w| w == b"the original page")
+        .expect("page content in the bundle");
+    let mut forged = bytes.clone();
+    forged[at..at + 17].copy_from_slice(b"the attacker page");
+    reseal(&mut forged);
+    // The claimed signer replaced by b's own id: a valid CRC, but no valid signature.
+    let mut impersonated = bytes.clone();
+    let b_key = fazt_proto::NodeId::from_str(&node_id(&b)).unwrap();
+    impersonated[26..58].copy_from_slice(b_key.as_bytes());
+    reseal(&mut impersonated);
+
+    let before = replicated_state(&b);
+    let bad = b.path("forged.fzb");
+    for (content, signer) in [(&forged, node_id(&a)), (&impersonated, node_id(&b))] {
+        std::fs::write(&bad, content).unwrap();
+        for extra in [&[][..], &["--trust-unknown-signer"][..]] {
+            let mut args = vec!["sync", "import", bad.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            let err = b.fails(&args);
+            assert!(
+                err.contains(&format!("the bundle's signature does not match its content: it was altered after it was signed, or node {signer} never signed it")),
+                "{err}"
+            );
+            assert_eq!(replicated_state(&b), before);
+        }
+    }
+}
+
+#[test]
+fn an_unsigned_version_1_bundle_is_refused_without_the_flag() {
+    let (_a, bundle) = exporter("old format");
+    // The same content in format version 1: no signer, no signature.
+    let v2 = std::fs::read(&bundle).unwrap();
+    let mut v1 = v2[..26].to_vec();
+    v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+    v1.extend_from_slice(&v2[58..v2.len() - 4 - 64]);
+    v1.extend_from_slice(&[0; 4]);
+    reseal(&mut v1);
+    let old = _a.path("v1.fzb");
+    std::fs::write(&old, &v1).unwrap();
+
+    let b = Node::new();
+    b.ok(&["server", "init"]);
+    let before = replicated_state(&b);
+    let err = b.fails(&["sync", "import", old.to_str().unwrap()]);
+    assert!(
+        err.contains("the bundle is unsigned (format version 1, from an older fazt)")
+            && err.contains("--trust-unknown-signer"),
+        "{err}"
+    );
+    assert_eq!(replicated_state(&b), before);
+    let out = b.ok(&[
+        "sync",
+        "import",
+        "--trust-unknown-signer",
+        old.to_str().unwrap(),
+    ]);
+    assert!(out.contains("the bundle is unsigned"), "{out}");
+    assert_eq!(count(&b, "SELECT count(*) AS n FROM apps"), 1);
 }
 
 #[test]
@@ -20,6 +206,7 @@ fn a_deploy_travels_by_bundle_and_is_served_by_the_other_node() {
     let bundle = laptop.path("changes.fzb");
     laptop.ok(&["sync", "export", "-o", bundle.to_str().unwrap()]);
 
+    trust(&server_node, &laptop, "laptop");
     let server = server_node.start(&[]);
     let out = server_node.ok(&["sync", "import", bundle.to_str().unwrap()]);
     assert!(out.contains("imported 1 transactions"), "{out}");
@@ -41,6 +228,7 @@ fn since_exports_only_what_the_other_node_lacks() {
     a.deploy(&site, &[]);
     let full = a.path("full.fzb");
     a.ok(&["sync", "export", "-o", full.to_str().unwrap()]);
+    trust(&b, &a, "a");
     b.ok(&["sync", "import", full.to_str().unwrap()]);
 
     write(&site.join("index.html"), b"v2");
@@ -105,6 +293,8 @@ fn edits_on_both_sides_converge_through_bundles() {
     let (ab, ba) = (a.path("ab.fzb"), b.path("ba.fzb"));
     a.ok(&["sync", "export", "-o", ab.to_str().unwrap()]);
     b.ok(&["sync", "export", "-o", ba.to_str().unwrap()]);
+    trust(&a, &b, "b");
+    trust(&b, &a, "a");
     a.ok(&["sync", "import", ba.to_str().unwrap()]);
     b.ok(&["sync", "import", ab.to_str().unwrap()]);
     let query = "SELECT id, body, stars FROM notes ORDER BY id";
@@ -192,6 +382,7 @@ fn kill_9_during_import_leaves_a_consistent_database_and_importing_again_complet
 
     let b = Node::new();
     b.ok(&["server", "init"]);
+    trust(&b, &a, "a");
     let mut interrupted = 0;
     for delay_ms in [15u64, 40, 80, 200] {
         let mut child = b
