@@ -112,11 +112,15 @@ impl Replica {
     }
 
     /// Writes a bundle file atomically: a temporary file renamed into place once complete.
-<<<<<<< ours
     /// The file is owner-only (0600) whatever the umask: a bundle holds replicated data,
     /// apps' environment values included. The temporary file is made afresh (a file or
     /// symlink left at its name is removed, never written through).
-    pub fn export_bundle_file(&self, have: &Coverage, path: &Path) -> Result<ExportReport, Error> {
+    pub fn export_bundle_file(
+        &self,
+        have: &Coverage,
+        key: &SigningKey,
+        path: &Path,
+    ) -> Result<ExportReport, Error> {
         let tmp = path.with_extension("partial");
         let result = (|| {
             use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
@@ -130,19 +134,7 @@ impl Replica {
                 .mode(0o600)
                 .open(&tmp)?;
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-            let report = self.export_bundle(have, BufWriter::new(&file))?;
-=======
-    pub fn export_bundle_file(
-        &self,
-        have: &Coverage,
-        key: &SigningKey,
-        path: &Path,
-    ) -> Result<ExportReport, Error> {
-        let tmp = path.with_extension("partial");
-        let result = (|| {
-            let file = File::create(&tmp)?;
             let report = self.export_bundle(have, key, BufWriter::new(&file))?;
->>>>>>> theirs
             file.sync_all()?;
             std::fs::rename(&tmp, path)?;
             Ok(report)
@@ -291,4 +283,5 @@ fn add(total: &mut ApplyReport, r: ApplyReport) {
     total.unchanged += r.unchanged;
     total.already_seen += r.already_seen;
     total.pending += r.pending;
+    total.pending_full += r.pending_full;
 }

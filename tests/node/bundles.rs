@@ -8,12 +8,12 @@ fn count(node: &Node, sql: &str) -> i64 {
     node.json(&["sql", sql, "--json"])[0]["n"].as_i64().unwrap()
 }
 
-fn node_id(node: &Node) -> String {
+pub(crate) fn node_id(node: &Node) -> String {
     node.ok(&["peer", "id"]).trim().to_string()
 }
 
 /// `node` trusts `other` (pins its node id under `name`), as `fazt peer trust` does.
-fn trust(node: &Node, other: &Node, name: &str) {
+pub(crate) fn trust(node: &Node, other: &Node, name: &str) {
     node.ok(&["peer", "trust", &node_id(other), "--name", name]);
 }
 

@@ -4,10 +4,12 @@ use std::path::Path;
 
 use fazt_proto::bundle::{BundleReader, BundleWriter, Record};
 
+use crate::bundles::trust;
 use crate::harness::{write, Node};
 
 /// Rewrites the bundle at `from` into `to` through `edit`, which may drop records (None)
-/// and add covers at the end.
+/// and add covers at the end. The result is signed by a key no node trusts, so importing it
+/// takes `--trust-unknown-signer`: what is refused here is refused for a trusted signer too.
 fn rewrite(
     from: &Path,
     to: &Path,
@@ -16,7 +18,8 @@ fn rewrite(
 ) {
     let mut reader = BundleReader::new(std::fs::File::open(from).unwrap()).unwrap();
     let mut writer =
-        BundleWriter::new(std::fs::File::create(to).unwrap(), reader.sender()).unwrap();
+        BundleWriter::new(std::fs::File::create(to).unwrap(), reader.sender(), &stranger())
+            .unwrap();
     while let Some(record) = reader.next_record().unwrap() {
         match edit(record) {
             Some(Record::Change(c)) => writer.change(&c).unwrap(),
@@ -29,6 +32,12 @@ fn rewrite(
     }
     writer.finish().unwrap();
 }
+
+fn stranger() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+}
+
+const STRANGER: &str = "--trust-unknown-signer";
 
 fn site_of(node: &Node) -> [u8; 16] {
     let status = node.json(&["sync", "status", "--json"]);
@@ -61,7 +70,7 @@ fn a_bundle_with_a_version_near_i64_max_is_refused_and_changes_nothing() {
     );
     let before = b.json(&["sync", "status", "--json"]);
     let apps_before = b.ok(&["sql", "SELECT name FROM apps ORDER BY name", "--json"]);
-    let err = b.fails(&["sync", "import", poisoned.to_str().unwrap()]);
+    let err = b.fails(&["sync", "import", poisoned.to_str().unwrap(), STRANGER]);
     assert!(
         err.contains("db_version") && err.contains("2^53") && err.contains("nothing applied"),
         "{err}"
@@ -83,6 +92,7 @@ fn a_bundle_with_a_version_near_i64_max_is_refused_and_changes_nothing() {
     let out = b.path("out.fzb");
     b.ok(&["sync", "export", "-o", out.to_str().unwrap()]);
     let c = Node::new();
+    trust(&c, &b, "b");
     c.ok(&["sync", "import", out.to_str().unwrap()]);
     let apps = c.ok(&["sql", "SELECT name FROM apps ORDER BY name", "--json"]);
     assert!(apps.contains("later") && apps.contains("mine"), "{apps}");
@@ -96,6 +106,7 @@ fn a_forged_cover_does_not_hide_an_origins_later_changes() {
     a.deploy(&site, &[]);
     let first = a.path("first.fzb");
     a.ok(&["sync", "export", "-o", first.to_str().unwrap()]);
+    trust(&b, &a, "a");
     b.ok(&["sync", "import", first.to_str().unwrap()]);
     let a_site = site_of(&a);
     let a_hex = hex::encode(a_site);
@@ -108,11 +119,11 @@ fn a_forged_cover_does_not_hide_an_origins_later_changes() {
     rewrite(&first, &beyond, empty, &[(a_site, 1, 1 << 62)]);
 
     let before = b.json(&["sync", "status", "--json"]);
-    let err = b.fails(&["sync", "import", beyond.to_str().unwrap()]);
+    let err = b.fails(&["sync", "import", beyond.to_str().unwrap(), STRANGER]);
     assert!(err.contains("2^53") && err.contains(&a_hex), "{err}");
     assert_eq!(b.json(&["sync", "status", "--json"]), before);
 
-    b.ok(&["sync", "import", forged.to_str().unwrap()]);
+    b.ok(&["sync", "import", forged.to_str().unwrap(), STRANGER]);
     let status = b.json(&["sync", "status", "--json"]);
     assert_eq!(status, before, "the forged cover added nothing");
 

@@ -114,6 +114,7 @@ fn an_exported_bundle_is_owner_only_and_a_planted_temporary_file_is_not_written_
     assert_eq!(mode(&victim), 0o644);
 
     let other = Node::new();
+    crate::bundles::trust(&other, &node, "node");
     other.ok(&["sync", "import", node.path("out.bundle").to_str().unwrap()]);
 }
 
