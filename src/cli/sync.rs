@@ -61,7 +61,32 @@ struct Status {
     pending_max_changes: i64,
     #[serde(default)]
     pending_max_bytes: i64,
+    /// What one bundle may carry (the same on export and import).
+    #[serde(default)]
+    bundle_limits: BundleLimits,
     tables: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct BundleLimits {
+    names: u64,
+    name_bytes: u64,
+    sites: u64,
+    transaction_changes: u64,
+    transaction_bytes: u64,
+}
+
+impl BundleLimits {
+    fn current() -> BundleLimits {
+        use fazt_proto::bundle as b;
+        BundleLimits {
+            names: b::MAX_STRINGS as u64,
+            name_bytes: b::MAX_STRING_BYTES,
+            sites: b::MAX_SITES as u64,
+            transaction_changes: b::MAX_TXN_CHANGES,
+            transaction_bytes: b::MAX_TXN_BYTES,
+        }
+    }
 }
 
 pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
@@ -87,6 +112,7 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                 pending_bytes,
                 pending_max_changes,
                 pending_max_bytes,
+                bundle_limits: BundleLimits::current(),
                 tables: database.tables(),
             };
             if json {
@@ -100,6 +126,15 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                 output::size(u64::try_from(status.pending_bytes).unwrap_or(0)),
                 status.pending_max_changes,
                 output::size(u64::try_from(status.pending_max_bytes).unwrap_or(0)),
+            );
+            let limits = &status.bundle_limits;
+            println!(
+                "bundles     at most {} changes and {} per origin transaction, {} sites, {} names ({})",
+                limits.transaction_changes,
+                output::size(limits.transaction_bytes),
+                limits.sites,
+                limits.names,
+                output::size(limits.name_bytes),
             );
             println!("tables      {}", status.tables.join(", "));
             let rows: Vec<Vec<String>> = status

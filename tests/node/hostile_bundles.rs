@@ -17,9 +17,12 @@ fn rewrite(
     extra_covers: &[([u8; 16], i64, i64)],
 ) {
     let mut reader = BundleReader::new(std::fs::File::open(from).unwrap()).unwrap();
-    let mut writer =
-        BundleWriter::new(std::fs::File::create(to).unwrap(), reader.sender(), &stranger())
-            .unwrap();
+    let mut writer = BundleWriter::new(
+        std::fs::File::create(to).unwrap(),
+        reader.sender(),
+        &stranger(),
+    )
+    .unwrap();
     while let Some(record) = reader.next_record().unwrap() {
         match edit(record) {
             Some(Record::Change(c)) => writer.change(&c).unwrap(),
@@ -82,6 +85,8 @@ fn a_bundle_with_a_version_near_i64_max_is_refused_and_changes_nothing() {
     );
     assert_eq!(before["pending_max_changes"], 100_000);
     assert_eq!(before["pending_max_bytes"], 64 << 20);
+    assert_eq!(before["bundle_limits"]["transaction_changes"], 1_000_000);
+    assert_eq!(before["bundle_limits"]["sites"], 65_536);
 
     // b goes on writing with ordinary version numbers, and what it writes travels.
     let clock = before["db_version"].as_i64().unwrap();
