@@ -149,15 +149,17 @@ impl TxnSize {
         }
         self.changes += 1;
         self.bytes = self.bytes.saturating_add(bytes);
-        let origin = hex(&site);
+        // The site's hex only on the error path: this runs once per change.
         if self.changes > MAX_TXN_CHANGES {
             return Err(format!(
-                "origin transaction {db_version} of site {origin} holds more than {MAX_TXN_CHANGES} changes, the most a bundle may carry in one transaction"
+                "origin transaction {db_version} of site {} holds more than {MAX_TXN_CHANGES} changes, the most a bundle may carry in one transaction",
+                hex(&site)
             ));
         }
         if self.bytes > MAX_TXN_BYTES {
             return Err(format!(
-                "origin transaction {db_version} of site {origin} takes more than {MAX_TXN_BYTES} bytes, the most a bundle may carry in one transaction"
+                "origin transaction {db_version} of site {} takes more than {MAX_TXN_BYTES} bytes, the most a bundle may carry in one transaction",
+                hex(&site)
             ));
         }
         Ok(())
