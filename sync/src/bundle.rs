@@ -123,17 +123,7 @@ impl Replica {
     ) -> Result<ExportReport, Error> {
         let tmp = path.with_extension("partial");
         let result = (|| {
-            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-            match std::fs::remove_file(&tmp) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            let file = private_file(&tmp)?;
             let report = self.export_bundle(have, key, BufWriter::new(&file))?;
             file.sync_all()?;
             std::fs::rename(&tmp, path)?;
