@@ -85,6 +85,68 @@ impl Node {
         lines[0].to_string()
     }
 
+    /// Everything the database holds, schema and rows of every table (replicated and
+    /// node-local alike), as one sorted text: equal before and after a refused command
+    /// means it changed nothing. Read-only; works while a server runs.
+    pub fn state(&self) -> String {
+        use rusqlite::types::ValueRef;
+        let conn = rusqlite::Connection::open_with_flags(
+            self.db(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open database read-only");
+        let mut out = String::new();
+        let mut schema = conn
+            .prepare("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")
+            .unwrap();
+        let mut tables = Vec::new();
+        let rows = schema
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })
+            .unwrap();
+        for row in rows {
+            let (kind, name, sql) = row.unwrap();
+            out.push_str(&format!("{kind} {name}: {}\n", sql.unwrap_or_default()));
+            if kind == "table" && !name.starts_with("sqlite_") {
+                tables.push(name);
+            }
+        }
+        for table in tables {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\"")).unwrap();
+            let columns = stmt.column_count();
+            let mut lines: Vec<String> = stmt
+                .query_map([], |r| {
+                    let mut line = String::new();
+                    for i in 0..columns {
+                        line.push_str(&match r.get_ref(i)? {
+                            ValueRef::Null => "NULL".to_string(),
+                            ValueRef::Integer(v) => v.to_string(),
+                            ValueRef::Real(v) => format!("{v:?}"),
+                            ValueRef::Text(t) => format!("{:?}", String::from_utf8_lossy(t)),
+                            ValueRef::Blob(b) => format!("x'{}'", hex::encode(b)),
+                        });
+                        line.push('|');
+                    }
+                    Ok(line)
+                })
+                .unwrap()
+                .map(|l| l.unwrap())
+                .collect();
+            lines.sort();
+            out.push_str(&format!("== {table} ({} rows)\n", lines.len()));
+            for line in lines {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.ok(args);
         serde_json::from_str(&out)
