@@ -74,6 +74,12 @@ struct BundleLimits {
     sites: u64,
     transaction_changes: u64,
     transaction_bytes: u64,
+    /// What an import holds in memory at once (a larger origin transaction is merged in
+    /// parts of this size).
+    #[serde(default)]
+    import_part_changes: u64,
+    #[serde(default)]
+    import_part_bytes: u64,
 }
 
 impl BundleLimits {
@@ -85,6 +91,8 @@ impl BundleLimits {
             sites: b::MAX_SITES as u64,
             transaction_changes: b::MAX_TXN_CHANGES,
             transaction_bytes: b::MAX_TXN_BYTES,
+            import_part_changes: fazt_sync::IMPORT_PART as u64,
+            import_part_bytes: fazt_sync::IMPORT_PART_BYTES as u64,
         }
     }
 }
@@ -129,12 +137,14 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
             );
             let limits = &status.bundle_limits;
             println!(
-                "bundles     at most {} changes and {} per origin transaction, {} sites, {} names ({})",
+                "bundles     at most {} changes and {} per origin transaction, {} sites, {} names ({}); an import holds at most {} changes ({}) in memory at once",
                 limits.transaction_changes,
                 output::size(limits.transaction_bytes),
                 limits.sites,
                 limits.names,
                 output::size(limits.name_bytes),
+                limits.import_part_changes,
+                output::size(limits.import_part_bytes),
             );
             println!("tables      {}", status.tables.join(", "));
             let rows: Vec<Vec<String>> = status

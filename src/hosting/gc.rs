@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Result;
-use fazt_sync::{Batch, MergeHook, Value, ROW_CID};
+use fazt_sync::{Change, MergeHook, Value, ROW_CID};
 use rusqlite::{params, Connection};
 use serde::Serialize;
 
@@ -184,9 +184,9 @@ impl RescueHook {
 }
 
 impl MergeHook for RescueHook {
-    fn before(&self, conn: &Connection, batch: &Batch) -> rusqlite::Result<()> {
+    fn before(&self, conn: &Connection, changes: &[Change]) -> rusqlite::Result<()> {
         let mut any = false;
-        for c in &batch.changes {
+        for c in changes {
             if let Some(hash) = deleted_key(c, "blobs") {
                 conn.prepare_cached(
                     "INSERT OR IGNORE INTO blob_rescue (hash, size, data, gzip, br)

@@ -8,19 +8,26 @@ use fazt_proto::bundle::{
     self, BundleReader, BundleWriter, Record, SigningKey, Verified, WireChange, WireValue,
 };
 
-use crate::changes::{Batch, Change};
+use crate::changes::Change;
 use crate::coverage::{Coverage, SiteId};
 use crate::merge::ApplyReport;
 use crate::replica::Replica;
 use crate::value::Value;
 use crate::Error;
 
-/// Changes applied per SQLite transaction during an import (bounded memory)...
+/// Changes applied per SQLite transaction during an import (so that an interrupted import
+/// keeps most of its work)...
 const IMPORT_BATCH: usize = 20_000;
 /// ... or fewer, once they carry this many bytes of keys and values. A single origin
-/// transaction is never split; the bundle format bounds it ([`bundle::MAX_TXN_CHANGES`],
-/// [`bundle::MAX_TXN_BYTES`]).
+/// transaction is never split between SQLite transactions; the bundle format bounds it
+/// ([`bundle::MAX_TXN_CHANGES`], [`bundle::MAX_TXN_BYTES`]).
 const IMPORT_BATCH_BYTES: usize = 64 << 20;
+/// Changes held in memory at once during an import: a larger origin transaction is merged
+/// part by part inside its SQLite transaction, so memory does not grow with its size.
+pub const IMPORT_PART: usize = 4_096;
+/// ... or fewer, once they carry this many bytes of keys and values (one larger value is
+/// held alone).
+pub const IMPORT_PART_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportReport {
@@ -194,31 +201,46 @@ impl Replica {
     fn import_checked(&mut self, input: impl Read) -> Result<ApplyReport, Error> {
         let mut reader = BundleReader::new(input)?;
         let mut total = ApplyReport::default();
-        let mut batch = Batch::default();
-        let mut batch_bytes = 0usize;
         let mut covers = Coverage::default();
+        let mut merge = self.begin_merge()?;
+        // The changes in memory, not merged yet, and their bytes.
+        let mut part: Vec<Change> = Vec::new();
+        let mut part_bytes = 0usize;
+        // What the open SQLite transaction has taken so far (the part included).
+        let (mut txn_changes, mut txn_bytes) = (0usize, 0usize);
+        // The origin transaction of the last change read.
+        let mut last: Option<(SiteId, i64)> = None;
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Change(c) => {
                     let c = from_wire(c);
-                    let boundary = batch.changes.last().is_some_and(|last: &Change| {
-                        (last.site_id, last.db_version) != (c.site_id, c.db_version)
-                    });
-                    if boundary
-                        && (batch.changes.len() >= IMPORT_BATCH
-                            || batch_bytes >= IMPORT_BATCH_BYTES)
+                    let group = (c.site_id, c.db_version);
+                    let boundary = last.is_some_and(|l| l != group);
+                    last = Some(group);
+                    if boundary && (txn_changes >= IMPORT_BATCH || txn_bytes >= IMPORT_BATCH_BYTES)
                     {
-                        add(&mut total, self.apply(&std::mem::take(&mut batch))?);
-                        batch_bytes = 0;
+                        merge.part(&part)?;
+                        part.clear();
+                        part_bytes = 0;
+                        add(&mut total, merge.commit(&Coverage::default(), 0)?);
+                        merge = self.begin_merge()?;
+                        (txn_changes, txn_bytes) = (0, 0);
+                    } else if part.len() >= IMPORT_PART || part_bytes >= IMPORT_PART_BYTES {
+                        merge.part(&part)?;
+                        part.clear();
+                        part_bytes = 0;
                     }
-                    batch_bytes = batch_bytes.saturating_add(change_bytes(&c));
-                    batch.changes.push(c);
+                    let size = change_bytes(&c);
+                    part_bytes = part_bytes.saturating_add(size);
+                    txn_bytes = txn_bytes.saturating_add(size);
+                    txn_changes += 1;
+                    part.push(c);
                 }
                 Record::Cover { site, start, end } => covers.insert(SiteId(site), start, end),
             }
         }
-        batch.covers = covers;
-        add(&mut total, self.apply(&batch)?);
+        merge.part(&part)?;
+        add(&mut total, merge.commit(&covers, 0)?);
         Ok(total)
     }
 }

@@ -19,11 +19,11 @@ mod replica;
 pub mod schema;
 mod value;
 
-pub use bundle::ExportReport;
+pub use bundle::{ExportReport, IMPORT_PART, IMPORT_PART_BYTES};
 pub use changes::{Batch, Change, Exported, ROW_CID};
 pub use coverage::{Coverage, RangeSet, SiteId};
 pub use fazt_proto::wire::MAX_VERSION;
-pub use merge::{ApplyReport, MergeHook, MAX_PENDING_BYTES, MAX_PENDING_CHANGES};
+pub use merge::{ApplyReport, Merge, MergeHook, MAX_PENDING_BYTES, MAX_PENDING_CHANGES};
 pub use replica::Replica;
 pub use schema::{check_replicable, CrrRuleViolation};
 pub use value::Value;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 use crate::changes::{Batch, Change, ROW_CID};
-use crate::coverage::{RangeSet, SiteId};
+use crate::coverage::{Coverage, RangeSet, SiteId};
 use crate::crr::{quote, TableInfo};
 use crate::pack;
 use crate::replica::{set_db_version, Replica};
@@ -75,10 +75,10 @@ pub(crate) fn pending_usage(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
-/// Refuses a batch carrying a number beyond [`fazt_proto::wire::MAX_VERSION`] or below its
-/// valid minimum, before anything is applied.
-fn check_bounds(batch: &Batch) -> Result<(), Error> {
-    for c in &batch.changes {
+/// Refuses changes carrying a number beyond [`fazt_proto::wire::MAX_VERSION`] or below its
+/// valid minimum, before anything of them is applied.
+fn check_changes(changes: &[Change]) -> Result<(), Error> {
+    for c in changes {
         if let Err(field) =
             fazt_proto::wire::check_change_numbers(c.db_version, c.seq, c.col_version, c.cl)
         {
@@ -90,7 +90,12 @@ fn check_bounds(batch: &Batch) -> Result<(), Error> {
             )));
         }
     }
-    for (site, set) in &batch.covers.0 {
+    Ok(())
+}
+
+/// Refuses covers beyond [`fazt_proto::wire::MAX_VERSION`] or below 1.
+fn check_covers(covers: &Coverage) -> Result<(), Error> {
+    for (site, set) in &covers.0 {
         if let (Some(&(start, _)), Some(&(_, end))) = (set.ranges().first(), set.ranges().last()) {
             if start < 1 || end > fazt_proto::wire::MAX_VERSION {
                 return Err(Error::Malformed(format!(
@@ -103,17 +108,70 @@ fn check_bounds(batch: &Batch) -> Result<(), Error> {
 }
 
 /// Application code that runs inside every merge's transaction, with capture off (it must
-/// not write replicated tables): `before` sees the batch and the rows as they were, `after`
-/// the rows as the merge left them. An error rolls the whole merge back. The node uses it to
-/// keep the bytes of content a peer deleted while this node still references it.
+/// not write replicated tables), once per part of the merge: `before` sees the part's
+/// changes and the rows as they were, `after` the rows as the part left them. An error
+/// rolls the whole merge back. The node uses it to keep the bytes of content a peer deleted
+/// while this node still references it.
 pub trait MergeHook: Send + Sync {
-    fn before(&self, conn: &Connection, batch: &Batch) -> rusqlite::Result<()>;
+    fn before(&self, conn: &Connection, changes: &[Change]) -> rusqlite::Result<()>;
     fn after(&self, conn: &Connection) -> rusqlite::Result<()>;
 }
 
 /// A clock row's origin for tie-breaks: (site id, db_version, seq); a placeholder (a row
 /// brought into existence by a column change before its creation arrived) sorts first.
 type Origin = (Option<SiteId>, i64, i64);
+
+/// A merge in progress: one IMMEDIATE transaction with capture off, fed changes in parts
+/// ([`Merge::part`]) and ended by [`Merge::commit`]; dropped unfinished (or after an error),
+/// it rolls back and nothing of it stays. An origin transaction may span parts, so a caller
+/// can merge one of any size holding only a part in memory at a time.
+pub struct Merge<'r> {
+    replica: &'r mut Replica,
+    own_version: i64,
+    /// What this replica held before the merge.
+    held: Coverage,
+    report: ApplyReport,
+    /// Versions of this merge not held after it: parked, or neither applied nor kept.
+    not_held: HashMap<SiteId, RangeSet>,
+    /// What the pending area holds (changes, bytes), read when first needed.
+    pending_use: Option<(i64, i64)>,
+    /// The highest version merged. Groups already held or only parked do not count: a
+    /// parked change is not held, and its version must not move the clock.
+    max_version: i64,
+    /// The origin transaction the last part ended in: the next part may continue it.
+    open: Option<Group>,
+    /// Still in the transaction (not committed, not rolled back).
+    active: bool,
+    _capture_off: crate::replica::ModeGuard,
+}
+
+/// What becomes of one origin transaction in a merge, decided by its first part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Already held: skipped.
+    Held,
+    /// Merged into the tables.
+    Merged,
+    /// Kept in the pending area (a table or column it names does not exist here).
+    Parked,
+    /// Kept in the pending area by an earlier merge.
+    ParkedBefore,
+    /// Neither applied nor kept: the pending area is full, or a later part of a merged
+    /// transaction names a table this replica lacks. Its version stays uncovered.
+    NotKept,
+}
+
+struct Group {
+    site: SiteId,
+    version: i64,
+    fate: Fate,
+    /// Its changes seen so far, counted as its fate says.
+    counted: ApplyReport,
+    /// A savepoint named `fazt_group` was taken before it began (it may span parts).
+    savepoint: bool,
+    /// The pending area's use before it, to restore if it is undone.
+    pending_before: Option<(i64, i64)>,
+}
 
 impl Replica {
     /// Applies a batch in one SQLite transaction: all of it, or (on error) none of it.
@@ -130,147 +188,298 @@ impl Replica {
         batch: &Batch,
         then: impl FnOnce(&Connection) -> rusqlite::Result<()>,
     ) -> Result<ApplyReport, Error> {
-        // Inside the write transaction, the catalog and site list catch up with other
-        // connections before anything is decided from them.
-        let result = self.in_merge_transaction(|this| {
-            this.refresh()?;
-            let hook = this.merge_hook.clone();
-            if let Some(hook) = &hook {
-                hook.before(&this.conn, batch)?;
-            }
-            let report = this.merge_batch(batch)?;
-            if let Some(hook) = &hook {
-                hook.after(&this.conn)?;
-            }
-            then(&this.conn)?;
-            Ok(report)
-        });
-        if result.is_err() {
-            self.reload_sites()?;
-        }
-        result
+        let mut merge = self.begin_merge()?;
+        merge.merge_changes(&batch.changes, false)?;
+        merge.commit_then(&batch.covers, batch.sender_clock, then)
+    }
+
+    /// Starts a [`Merge`]: opens the transaction, in which the catalog and site list first
+    /// catch up with other connections.
+    pub fn begin_merge(&mut self) -> Result<Merge<'_>, Error> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let capture_off = self.capture.merging();
+        let mut merge = Merge {
+            replica: self,
+            own_version: 0,
+            held: Coverage::default(),
+            report: ApplyReport::default(),
+            not_held: HashMap::new(),
+            pending_use: None,
+            max_version: 0,
+            open: None,
+            active: true,
+            _capture_off: capture_off,
+        };
+        let r = &mut *merge.replica;
+        r.refresh()?;
+        merge.own_version = r.db_version()?;
+        merge.held = r.coverage()?;
+        r.has_pending = r
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM fazt_sync_pending)")?
+            .query_row([], |row| row.get(0))?;
+        Ok(merge)
     }
 
     /// Installs the [`MergeHook`] every later merge on this connection runs.
     pub fn set_merge_hook(&mut self, hook: Arc<dyn MergeHook>) {
         self.merge_hook = Some(hook);
     }
+}
 
-    /// Runs `f` in one IMMEDIATE transaction with capture off; commits on Ok.
-    fn in_merge_transaction<T>(
-        &mut self,
-        f: impl FnOnce(&mut Self) -> Result<T, Error>,
-    ) -> Result<T, Error> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        let capture = self.capture.clone();
-        let merging = capture.merging();
-        let result = f(self);
-        drop(merging);
+impl Merge<'_> {
+    /// Merges a part of the changes, in origin-transaction order. The origin transaction
+    /// it ends in may continue in the next part. An error leaves the merge unusable: drop
+    /// it (that rolls everything back).
+    pub fn part(&mut self, changes: &[Change]) -> Result<(), Error> {
+        self.merge_changes(changes, true)
+    }
+
+    /// Records `covers` (believed up to the receiver's clock or `sender_clock`, the clock
+    /// the sender declares; 0 if none), moves the clock and commits.
+    pub fn commit(self, covers: &Coverage, sender_clock: i64) -> Result<ApplyReport, Error> {
+        self.commit_then(covers, sender_clock, |_| Ok(()))
+    }
+
+    /// [`Merge::commit`], running `then` (capture off) just before the commit.
+    pub fn commit_then(
+        mut self,
+        covers: &Coverage,
+        sender_clock: i64,
+        then: impl FnOnce(&Connection) -> rusqlite::Result<()>,
+    ) -> Result<ApplyReport, Error> {
+        if !self.active {
+            return Err(Error::Corrupt("a failed merge cannot be committed".into()));
+        }
+        let result = (|| {
+            check_covers(covers)?;
+            self.finish_group()?;
+            self.record_covers(covers, sender_clock)?;
+            then(&self.replica.conn)?;
+            self.replica.conn.execute_batch("COMMIT")?;
+            Ok(())
+        })();
         match result {
-            Ok(value) => {
-                self.conn.execute_batch("COMMIT")?;
-                Ok(value)
+            Ok(()) => {
+                self.active = false;
+                Ok(std::mem::take(&mut self.report))
             }
-            Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
+            Err(e) => Err(e),
         }
     }
 
-    fn merge_batch(&mut self, batch: &Batch) -> Result<ApplyReport, Error> {
-        check_bounds(batch)?;
-        let own_version = self.db_version()?;
-        let held = self.coverage()?;
-        self.has_pending = self
-            .conn
-            .prepare_cached("SELECT EXISTS (SELECT 1 FROM fazt_sync_pending)")?
-            .query_row([], |r| r.get(0))?;
-        let mut report = ApplyReport::default();
-        // Versions of this batch not held after it: parked, or refused by a full pending area.
-        let mut not_held: HashMap<SiteId, RangeSet> = HashMap::new();
-        // What the pending area holds (changes, bytes), read when first needed.
-        let mut pending_use: Option<(i64, i64)> = None;
-        // The highest version merged here. Groups already held or only parked do not count:
-        // a parked change is not held, and its version must not move the clock.
-        let mut max_version = 0;
+    fn merge_changes(&mut self, changes: &[Change], may_continue: bool) -> Result<(), Error> {
+        if !self.active {
+            return Err(Error::Corrupt("a failed merge cannot take more changes".into()));
+        }
+        let result = self.merge_changes_inner(changes, may_continue);
+        if result.is_err() {
+            self.rollback();
+        }
+        result
+    }
 
+    fn merge_changes_inner(&mut self, changes: &[Change], may_continue: bool) -> Result<(), Error> {
+        check_changes(changes)?;
+        let hook = self.replica.merge_hook.clone();
+        if let Some(hook) = &hook {
+            hook.before(&self.replica.conn, changes)?;
+        }
         let mut start = 0;
-        while start < batch.changes.len() {
-            let (site, version) = (
-                batch.changes[start].site_id,
-                batch.changes[start].db_version,
-            );
+        while start < changes.len() {
+            let (site, version) = (changes[start].site_id, changes[start].db_version);
             let end = start
-                + batch.changes[start..]
+                + changes[start..]
                     .iter()
                     .take_while(|c| c.site_id == site && c.db_version == version)
                     .count();
-            let group = &batch.changes[start..end];
+            let run = &changes[start..end];
+            let continues = start == 0
+                && self
+                    .open
+                    .as_ref()
+                    .is_some_and(|g| g.site == site && g.version == version);
+            if !continues {
+                self.finish_group()?;
+                // The last run of a part may go on in the next one: make it undoable.
+                let savepoint = may_continue && end == changes.len();
+                self.begin_group(site, version, run, savepoint)?;
+            }
+            self.merge_run(run)?;
             start = end;
-            if held.contains(&site, version) {
-                report.already_seen += group.len();
-                continue;
+        }
+        if let Some(hook) = &hook {
+            hook.after(&self.replica.conn)?;
+        }
+        Ok(())
+    }
+
+    /// Decides an origin transaction's fate from its first run of changes.
+    fn begin_group(
+        &mut self,
+        site: SiteId,
+        version: i64,
+        run: &[Change],
+        savepoint: bool,
+    ) -> Result<(), Error> {
+        if savepoint {
+            self.replica.conn.execute_batch("SAVEPOINT fazt_group")?;
+        }
+        let r = &mut *self.replica;
+        let fate = if self.held.contains(&site, version) {
+            Fate::Held
+        } else if run.iter().any(|c| !r.resolvable(c)) {
+            if r.has_pending && r.is_parked(site, version)? {
+                Fate::ParkedBefore
+            } else {
+                Fate::Parked
             }
-            if group.iter().any(|c| !self.resolvable(c)) {
-                not_held.entry(site).or_default().insert(version, version);
-                if self.has_pending && self.is_parked(site, version)? {
-                    // Kept already (an earlier batch brought it).
-                    report.pending += group.len();
-                    continue;
-                }
-                let (count, bytes) = match pending_use {
-                    Some(u) => u,
-                    None => {
-                        let u = pending_usage(&self.conn)?;
-                        pending_use = Some(u);
-                        u
-                    }
-                };
-                let size = group
-                    .iter()
-                    .fold(0i64, |n, c| n.saturating_add(pending_size(c)));
-                let count = count.saturating_add(i64::try_from(group.len()).unwrap_or(i64::MAX));
-                let bytes = bytes.saturating_add(size);
-                if count > self.pending_caps.0 || bytes > self.pending_caps.1 {
-                    // Not kept and not covered: a peer sends it again later.
-                    report.pending_full += group.len();
-                    continue;
-                }
-                self.keep_pending(group)?;
-                pending_use = Some((count, bytes));
-                report.pending += group.len();
-                continue;
-            }
-            max_version = max_version.max(version);
-            let mut row = None;
-            for change in group {
-                if self.merge_one(change, &mut row)? {
-                    report.applied += 1;
-                } else {
-                    report.unchanged += 1;
-                }
-            }
-            self.flush_row(&mut row)?;
+        } else {
             // A copy parked earlier (before this replica had the table) is now applied.
-            if self.has_pending {
-                let ord = self.ord_of(site)?;
-                self.conn
+            if r.has_pending {
+                let ord = r.ord_of(site)?;
+                r.conn
                     .prepare_cached(
                         "DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2",
                     )?
                     .execute([ord, version])?;
             }
-            report.transactions += 1;
-        }
+            Fate::Merged
+        };
+        self.open = Some(Group {
+            site,
+            version,
+            fate,
+            counted: ApplyReport::default(),
+            savepoint,
+            pending_before: self.pending_use,
+        });
+        Ok(())
+    }
 
+    /// Merges (or parks, or skips) a run of the open group's changes.
+    fn merge_run(&mut self, run: &[Change]) -> Result<(), Error> {
+        let Some(fate) = self.open.as_ref().map(|g| g.fate) else {
+            return Ok(());
+        };
+        let r = &mut *self.replica;
+        match fate {
+            Fate::Held => self.count(|c| c.already_seen += run.len()),
+            Fate::ParkedBefore => self.count(|c| c.pending += run.len()),
+            Fate::NotKept => self.count(|c| c.pending_full += run.len()),
+            Fate::Merged => {
+                if run.iter().any(|c| !r.resolvable(c)) {
+                    // A later part names a table this replica lacks, and the earlier parts
+                    // are gone: the whole transaction is undone and left uncovered.
+                    return self.not_kept(run.len());
+                }
+                let (mut applied, mut unchanged) = (0, 0);
+                let mut row = None;
+                for change in run {
+                    if r.merge_one(change, &mut row)? {
+                        applied += 1;
+                    } else {
+                        unchanged += 1;
+                    }
+                }
+                r.flush_row(&mut row)?;
+                self.count(|c| {
+                    c.applied += applied;
+                    c.unchanged += unchanged;
+                });
+            }
+            Fate::Parked => {
+                let (count, bytes) = match self.pending_use {
+                    Some(u) => u,
+                    None => pending_usage(&r.conn)?,
+                };
+                let size = run
+                    .iter()
+                    .fold(0i64, |n, c| n.saturating_add(pending_size(c)));
+                let count = count.saturating_add(i64::try_from(run.len()).unwrap_or(i64::MAX));
+                let bytes = bytes.saturating_add(size);
+                if count > r.pending_caps.0 || bytes > r.pending_caps.1 {
+                    // Not kept and not covered: a peer sends it again later.
+                    return self.not_kept(run.len());
+                }
+                r.keep_pending(run)?;
+                self.pending_use = Some((count, bytes));
+                self.count(|c| c.pending += run.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds to the open group's counts.
+    fn count(&mut self, f: impl FnOnce(&mut ApplyReport)) {
+        if let Some(g) = self.open.as_mut() {
+            f(&mut g.counted);
+        }
+    }
+
+    /// The open group is neither applied nor kept: what it wrote is undone.
+    fn not_kept(&mut self, more: usize) -> Result<(), Error> {
+        let Some(g) = self.open.as_mut() else {
+            return Ok(());
+        };
+        let c = &g.counted;
+        let seen = c.applied + c.unchanged + c.pending + c.pending_full + more;
+        if seen > more {
+            // Only a group that spans parts has written anything before this run.
+            if !g.savepoint {
+                return Err(Error::Corrupt(
+                    "an origin transaction went on past its part without a savepoint".into(),
+                ));
+            }
+            self.replica
+                .conn
+                .execute_batch("ROLLBACK TO fazt_group")?;
+            // Sites registered since the savepoint are gone from the database.
+            self.replica.reload_sites()?;
+        }
+        g.fate = Fate::NotKept;
+        g.counted = ApplyReport {
+            pending_full: seen,
+            ..ApplyReport::default()
+        };
+        self.pending_use = g.pending_before;
+        Ok(())
+    }
+
+    /// Closes the open origin transaction: its counts join the report.
+    fn finish_group(&mut self) -> Result<(), Error> {
+        let Some(g) = self.open.take() else {
+            return Ok(());
+        };
+        if g.savepoint {
+            self.replica.conn.execute_batch("RELEASE fazt_group")?;
+        }
+        match g.fate {
+            Fate::Merged => {
+                self.max_version = self.max_version.max(g.version);
+                self.report.transactions += 1;
+            }
+            Fate::Parked | Fate::ParkedBefore | Fate::NotKept => {
+                self.not_held
+                    .entry(g.site)
+                    .or_default()
+                    .insert(g.version, g.version);
+            }
+            Fate::Held => {}
+        }
+        add_report(&mut self.report, &g.counted);
+        Ok(())
+    }
+
+    fn record_covers(&mut self, covers: &Coverage, sender_clock: i64) -> Result<(), Error> {
+        let r = &mut *self.replica;
         // Lamport: the next local write is numbered after everything merged. What this
         // replica made itself is stored too: a merged change may just have replaced the
         // clock row that held its newest version.
-        let clock = max_version.max(own_version);
+        let clock = self.max_version.max(self.own_version);
         // Covers are believed up to this bound (see below), and the clock follows what
         // was believed, so that this replica never covers a version beyond its own clock.
-        let bound = clock.max(batch.sender_clock);
+        let bound = clock.max(sender_clock);
         let mut clock = clock;
 
         // A declared cover is believed only up to `bound`: the receiver's clock after the
@@ -284,13 +493,13 @@ impl Replica {
         // origin's later writes — is clipped, not refused: the rest of the batch is sound.
         // A sender that also declares a forged clock can only do what forging a change at
         // that version already does (raise clocks, up to MAX_VERSION).
-        let parked = self.parked_versions()?;
-        for (site, set) in &batch.covers.0 {
-            if *site == self.site_id {
+        let parked = r.parked_versions()?;
+        for (site, set) in &covers.0 {
+            if *site == r.site_id {
                 continue;
             }
             let mut set = set.within(1, bound);
-            if let Some(p) = not_held.get(site) {
+            if let Some(p) = self.not_held.get(site) {
                 set = set.minus(p);
             }
             if let Some(p) = parked.get(site) {
@@ -299,18 +508,44 @@ impl Replica {
             if let Some(&(_, end)) = set.ranges().last() {
                 clock = clock.max(end);
             }
-            let mut merged = held.get(site).cloned().unwrap_or_default();
+            let mut merged = self.held.get(site).cloned().unwrap_or_default();
             merged.union(&set);
-            if Some(&merged) != held.get(site) {
-                let ord = self.ord_of(*site)?;
-                Replica::save_coverage(&self.conn, ord, &merged)?;
+            if Some(&merged) != self.held.get(site) {
+                let ord = r.ord_of(*site)?;
+                Replica::save_coverage(&r.conn, ord, &merged)?;
             }
         }
-        set_db_version(&self.conn, clock)?;
-        self.version_cache.set(None);
-        Ok(report)
+        set_db_version(&r.conn, clock)?;
+        r.version_cache.set(None);
+        Ok(())
     }
 
+    fn rollback(&mut self) {
+        if self.active {
+            self.active = false;
+            let _ = self.replica.conn.execute_batch("ROLLBACK");
+            let _ = self.replica.reload_sites();
+            self.replica.version_cache.set(None);
+        }
+    }
+}
+
+impl Drop for Merge<'_> {
+    fn drop(&mut self) {
+        self.rollback();
+    }
+}
+
+fn add_report(total: &mut ApplyReport, r: &ApplyReport) {
+    total.transactions += r.transactions;
+    total.applied += r.applied;
+    total.unchanged += r.unchanged;
+    total.already_seen += r.already_seen;
+    total.pending += r.pending;
+    total.pending_full += r.pending_full;
+}
+
+impl Replica {
     /// The pending area's caps: (changes, bytes); [`MAX_PENDING_CHANGES`] and
     /// [`MAX_PENDING_BYTES`] unless set otherwise.
     pub fn pending_caps(&self) -> (i64, i64) {
@@ -625,21 +860,17 @@ impl Replica {
         if ready.is_empty() {
             return Ok(ApplyReport::default());
         }
-        let result = self.in_merge_transaction(|this| {
-            let mut delete = this.conn.prepare_cached(
+        let mut merge = self.begin_merge()?;
+        {
+            let mut delete = merge.replica.conn.prepare_cached(
                 "DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2",
             )?;
             for (ord, version) in ready {
                 delete.execute([ord, version])?;
             }
-            drop(delete);
-            this.merge_batch(&batch)
-        });
-        if result.is_err() {
-            self.reload_sites()?;
         }
-        let report = result?;
-        Ok(report)
+        merge.merge_changes(&batch.changes, false)?;
+        merge.commit(&batch.covers, 0)
     }
 }
 

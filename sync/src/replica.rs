@@ -42,17 +42,17 @@ pub(crate) struct Capture {
 }
 
 /// Puts capture back to idle however the transaction ends (error or panic included).
-pub(crate) struct ModeGuard<'a>(&'a Capture);
+pub(crate) struct ModeGuard(Arc<Capture>);
 
 impl Capture {
-    pub(crate) fn enter(&self, mode: u8, db_version: i64) -> ModeGuard<'_> {
+    pub(crate) fn enter(self: &Arc<Self>, mode: u8, db_version: i64) -> ModeGuard {
         self.db_version.store(db_version, Ordering::Relaxed);
         self.seq.store(0, Ordering::Relaxed);
         self.mode.store(mode, Ordering::Relaxed);
-        ModeGuard(self)
+        ModeGuard(self.clone())
     }
 
-    pub(crate) fn merging(&self) -> ModeGuard<'_> {
+    pub(crate) fn merging(self: &Arc<Self>) -> ModeGuard {
         self.enter(MERGING, 0)
     }
 
@@ -61,7 +61,7 @@ impl Capture {
     }
 }
 
-impl Drop for ModeGuard<'_> {
+impl Drop for ModeGuard {
     fn drop(&mut self) {
         self.0.mode.store(IDLE, Ordering::Relaxed);
     }

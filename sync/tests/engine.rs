@@ -558,10 +558,10 @@ struct CountingHook {
 }
 
 impl fazt_sync::MergeHook for CountingHook {
-    fn before(&self, conn: &Connection, batch: &Batch) -> rusqlite::Result<()> {
+    fn before(&self, conn: &Connection, changes: &[fazt_sync::Change]) -> rusqlite::Result<()> {
         conn.execute(
             "INSERT INTO seen (phase, items, changes) SELECT 'before', count(*), ?1 FROM items",
-            [batch.changes.len() as i64],
+            [changes.len() as i64],
         )?;
         Ok(())
     }
@@ -620,4 +620,153 @@ fn a_merge_hook_sees_the_rows_before_and_after_and_its_error_undoes_the_merge() 
         "the hook's own writes are undone too"
     );
     assert_eq!(b.coverage().unwrap(), cover_before);
+}
+
+/// A replica with `items` replicated but not `pairs` (as an older schema would be).
+fn replica_without_pairs() -> Replica {
+    let conn = Connection::open_in_memory().unwrap();
+    conn.execute_batch(common::SCHEMA).unwrap();
+    let mut r = Replica::open(conn).unwrap();
+    r.replicate("items").unwrap();
+    r
+}
+
+/// Merges `batch` in parts of `size` changes through one [`fazt_sync::Merge`].
+fn merge_in_parts(r: &mut Replica, batch: &Batch, size: usize) -> fazt_sync::ApplyReport {
+    let mut merge = r.begin_merge().unwrap();
+    for part in batch.changes.chunks(size) {
+        merge.part(part).unwrap();
+    }
+    merge.commit(&batch.covers, batch.sender_clock).unwrap()
+}
+
+#[test]
+fn a_transaction_merged_in_parts_ends_as_if_merged_whole() {
+    let mut a = replica();
+    a.write(|tx| {
+        for i in 0..40 {
+            tx.execute("INSERT INTO items (id, a, b) VALUES (?1, 'x', ?1)", [i])?;
+            tx.execute("INSERT INTO pairs (x, y, v) VALUES ('p', ?1, ?1)", [i])?;
+        }
+        Ok::<_, rusqlite::Error>(())
+    })
+    .unwrap();
+    exec(&mut a, "UPDATE items SET a = 'y' WHERE id < 10", []);
+    exec(&mut a, "DELETE FROM pairs WHERE y >= 30", []);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+    assert!(batch.changes.len() > 100);
+    let mut whole = replica();
+    let want = whole.apply(&batch).unwrap();
+    assert_eq!(want.transactions, 3);
+    for size in [1, 7, 64, 1000] {
+        let mut b = replica();
+        let report = merge_in_parts(&mut b, &batch, size);
+        assert_eq!(report, want, "parts of {size}");
+        assert_eq!(data(&b), data(&whole), "parts of {size}");
+        assert_eq!(clocks(&b), clocks(&whole), "parts of {size}");
+        let site = a.site_id();
+        assert_eq!(
+            b.coverage().unwrap().get(&site),
+            whole.coverage().unwrap().get(&site)
+        );
+        assert_eq!(b.db_version().unwrap(), whole.db_version().unwrap());
+        // And again: everything is held.
+        let again = merge_in_parts(&mut b, &batch, size);
+        assert_eq!(again.already_seen, batch.changes.len());
+    }
+}
+
+#[test]
+fn a_transaction_whose_later_part_names_a_missing_table_is_undone_and_left_uncovered() {
+    let mut a = replica();
+    // One transaction: items first, then a table the receiver lacks.
+    a.write(|tx| {
+        for i in 0..5 {
+            tx.execute("INSERT INTO items (id, a) VALUES (?1, 'x')", [i])?;
+        }
+        tx.execute("INSERT INTO pairs (x, y) VALUES ('p', 1)", [])?;
+        Ok::<_, rusqlite::Error>(())
+    })
+    .unwrap();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (9, 'later')", []);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+    let first = batch.changes.iter().filter(|c| c.db_version == 1).count();
+    assert!(batch.changes[..first - 2].iter().all(|c| c.table == "items"));
+
+    let mut b = replica_without_pairs();
+    let report = merge_in_parts(&mut b, &batch, 2);
+    assert_eq!(report.pending_full, first, "the whole first transaction is not kept");
+    let later = batch.changes.len() - first;
+    assert_eq!((report.applied, report.pending, report.transactions), (later, 0, 1));
+    // Nothing of it stayed; the later transaction merged; only its version is covered.
+    let ids: Vec<i64> = b
+        .conn()
+        .prepare("SELECT id FROM items")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(ids, vec![9]);
+    assert_eq!(b.pending_usage().unwrap(), (0, 0));
+    let covered = b.coverage().unwrap();
+    let set = covered.get(&a.site_id()).unwrap();
+    assert!(!set.contains(1) && set.contains(2), "{set:?}");
+
+    // Merged whole, the same transaction is parked instead, and applies once the table exists.
+    let mut c = replica_without_pairs();
+    let report = c.apply(&batch).unwrap();
+    assert_eq!(report.pending, first);
+    c.replicate("pairs").unwrap();
+    b.replicate("pairs").unwrap();
+    sync(&a, &mut b);
+    assert_eq!(data(&b), data(&a));
+    assert_eq!(data(&c), data(&a));
+}
+
+#[test]
+fn a_parked_transaction_spanning_parts_past_the_pending_cap_is_undone() {
+    let mut a = replica();
+    a.write(|tx| {
+        for i in 0..6 {
+            tx.execute("INSERT INTO pairs (x, y, v) VALUES ('p', ?1, 1)", [i])?;
+        }
+        Ok::<_, rusqlite::Error>(())
+    })
+    .unwrap();
+    exec(&mut a, "INSERT INTO pairs (x, y) VALUES ('q', 1)", []);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+    let first = batch.changes.iter().filter(|c| c.db_version == 1).count();
+    let second = batch.changes.len() - first;
+    assert!(first > 4 && second <= 4, "{first} {second}");
+
+    let mut b = replica_without_pairs();
+    b.set_pending_caps(4, 1 << 20);
+    let report = merge_in_parts(&mut b, &batch, 3);
+    assert_eq!((report.pending_full, report.pending), (first, second));
+    // The first transaction's kept part was undone, so the second one fits.
+    assert_eq!(b.pending_usage().unwrap().0, second as i64);
+    assert!(b.coverage().unwrap().get(&a.site_id()).is_none());
+}
+
+#[test]
+fn a_merge_dropped_before_commit_changes_nothing() {
+    let mut a = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+    let mut b = replica();
+    exec(&mut b, "INSERT INTO items (id, a) VALUES (2, 'mine')", []);
+    let before = (data(&b), clocks(&b), b.coverage().unwrap(), b.db_version().unwrap());
+    {
+        let mut merge = b.begin_merge().unwrap();
+        merge.part(&batch.changes).unwrap();
+    }
+    assert_eq!(
+        (data(&b), clocks(&b), b.coverage().unwrap(), b.db_version().unwrap()),
+        before
+    );
+    // The replica is usable afterwards.
+    exec(&mut b, "INSERT INTO items (id, a) VALUES (3, 'more')", []);
+    sync(&a, &mut b);
+    assert_eq!(data(&b).len(), 3);
 }
