@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use fazt_sync::{Batch, Replica};
+use fazt_sync::{Batch, Coverage, Replica, SiteId};
 use rusqlite::Connection;
 
 pub const SCHEMA: &str = "
@@ -28,6 +28,49 @@ pub fn sync(from: &Replica, to: &mut Replica) -> Batch {
     let batch = from.batch_since(&to.coverage().unwrap()).unwrap();
     to.apply(&batch).unwrap();
     batch
+}
+
+/// `batch` with its origin transactions in reverse order (last origin first, and within an
+/// origin the highest version first); each transaction's changes keep their order.
+pub fn reversed(batch: &Batch) -> Batch {
+    let mut changes = batch.changes.clone();
+    changes.sort_by_key(|c| std::cmp::Reverse((c.site_id, c.db_version)));
+    Batch {
+        changes,
+        covers: batch.covers.clone(),
+        sender_clock: batch.sender_clock,
+    }
+}
+
+/// Part of `batch`: the origin transactions whose bit in `mask` is set (the `i`-th
+/// transaction is bit `i % 64`), covering just those.
+pub fn partial(batch: &Batch, mask: u64) -> Batch {
+    let mut groups: Vec<(SiteId, i64)> = batch
+        .changes
+        .iter()
+        .map(|c| (c.site_id, c.db_version))
+        .collect();
+    groups.dedup();
+    let keep: Vec<(SiteId, i64)> = groups
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| mask >> (i % 64) & 1 == 1)
+        .map(|(_, g)| g)
+        .collect();
+    let mut covers = Coverage::default();
+    for &(site, v) in &keep {
+        covers.insert(site, v, v);
+    }
+    Batch {
+        changes: batch
+            .changes
+            .iter()
+            .filter(|c| keep.contains(&(c.site_id, c.db_version)))
+            .cloned()
+            .collect(),
+        covers,
+        sender_clock: batch.sender_clock,
+    }
 }
 
 /// Table contents, in a canonical text form.
