@@ -201,20 +201,27 @@ impl Drop for CrSqlite {
     }
 }
 
-/// What a user sees: every row of `SCHEMA`'s tables, each value `quote()`d.
+/// What a user sees: every row of `SCHEMA`'s tables, each value with its type, exactly
+/// (a REAL by its bits: `quote()` would print -0.0 as 0.0).
 fn contents(conn: &Connection) -> Vec<String> {
+    use rusqlite::types::ValueRef;
     let mut out = Vec::new();
     for sql in [
-        "SELECT 'items', quote(id), quote(a), quote(b), quote(c) FROM items ORDER BY id",
-        "SELECT 'pairs', quote(x), quote(y), quote(v) FROM pairs ORDER BY x, y",
+        "SELECT 'items', id, a, b, c FROM items ORDER BY id",
+        "SELECT 'pairs', x, y, v FROM pairs ORDER BY x, y",
     ] {
         let mut stmt = conn.prepare(sql).unwrap();
         let n = stmt.column_count();
         let rows = stmt
             .query_map([], |row| {
                 (0..n)
-                    .map(|i| row.get::<_, String>(i))
-                    .collect::<Result<Vec<_>, _>>()
+                    .map(|i| {
+                        Ok(match row.get_ref(i)? {
+                            ValueRef::Real(f) => format!("Real({f:?}, {:#x})", f.to_bits()),
+                            other => format!("{other:?}"),
+                        })
+                    })
+                    .collect::<Result<Vec<_>, rusqlite::Error>>()
             })
             .unwrap();
         out.extend(rows.map(|r| r.unwrap().join("|")));
@@ -384,15 +391,21 @@ impl Op {
     }
 }
 
-/// Few distinct values of every type, so that concurrent writes often tie on value.
-fn value() -> impl Strategy<Value = Value> {
+/// Few distinct values of every type, so that concurrent writes often tie on value, and
+/// some extremes: integer bounds, 0.0 and -0.0 (kept apart only by `pairs.v`, which has no
+/// type), infinity, long text that differs only at its end.
+fn value() -> BoxedStrategy<Value> {
     prop_oneof![
-        Just(Value::Null),
-        (-1i64..3).prop_map(Value::Integer),
-        prop_oneof![Just(0.5f64), Just(-1.0), Just(2.0)].prop_map(Value::Real),
-        prop_oneof![Just("a"), Just("b"), Just(""), Just("1")].prop_map(|s| Value::Text(s.into())),
-        prop_oneof![Just(vec![]), Just(vec![0u8]), Just(vec![1u8, 2])].prop_map(Value::Blob),
+        2 => Just(Value::Null),
+        3 => (-1i64..3).prop_map(Value::Integer),
+        1 => prop_oneof![Just(i64::MIN), Just(i64::MAX)].prop_map(Value::Integer),
+        3 => prop_oneof![Just(0.5f64), Just(-1.0), Just(2.0)].prop_map(Value::Real),
+        1 => prop_oneof![Just(0.0f64), Just(-0.0), Just(f64::INFINITY)].prop_map(Value::Real),
+        3 => prop_oneof![Just("a"), Just("b"), Just(""), Just("1")].prop_map(|s| Value::Text(s.into())),
+        1 => prop_oneof![Just('a'), Just('b')].prop_map(|c| Value::Text(format!("{}{c}", "x".repeat(2000)))),
+        3 => prop_oneof![Just(vec![]), Just(vec![0u8]), Just(vec![1u8, 2])].prop_map(Value::Blob),
     ]
+    .boxed()
 }
 
 fn op(n: usize) -> impl Strategy<Value = Op> {
@@ -430,6 +443,13 @@ struct World {
     /// cr-sqlite pulls by db_version: `seen[from][to]` is the version of `from` that `to`
     /// has pulled up to.
     seen: Vec<Vec<i64>>,
+    /// The fazt replica covers an origin transaction of which it lacks the cells the sender
+    /// had already overwritten (a partial delivery skipped the overwriting transaction). A
+    /// third replica that still holds such a cell does not send it (the version is covered),
+    /// cr-sqlite does, so the twins may differ until the overwriting transaction arrives.
+    gap: Vec<bool>,
+    /// Twins that may differ for that reason: compared only once everyone has settled.
+    unchecked: Vec<bool>,
 }
 
 impl World {
@@ -443,10 +463,18 @@ impl World {
             fazt,
             cr,
             seen: vec![vec![0; n]; n],
+            gap: vec![false; n],
+            unchecked: vec![false; n],
         }
     }
 
     fn sync(&mut self, from: usize, to: usize, how: Delivery) {
+        if self.unchecked[from] || self.gap[to] {
+            self.unchecked[to] = true;
+        }
+        if self.gap[from] || matches!(how, Delivery::Partial(_)) {
+            self.gap[to] = true;
+        }
         let batch = self.fazt[from]
             .batch_since(&self.fazt[to].coverage().unwrap())
             .unwrap();
@@ -514,9 +542,13 @@ impl World {
         Ok(())
     }
 
-    /// Each fazt replica holds what its cr-sqlite twin holds.
+    /// Each fazt replica holds what its cr-sqlite twin holds (except twins that may differ
+    /// for a while after a partial delivery, see `gap`).
     fn check_twins(&self, after: &str) -> Result<(), TestCaseError> {
         for (n, (f, c)) in self.fazt.iter().zip(&self.cr).enumerate() {
+            if self.unchecked[n] {
+                continue;
+            }
             prop_assert_eq!(
                 contents(f.conn()),
                 contents(&c.conn),

@@ -5,9 +5,11 @@
 use fazt_sync::{Batch, Coverage, Replica, SiteId};
 use rusqlite::Connection;
 
+/// `items.c` converts as NUMERIC affinity does (2.0 is stored as 2, -0.0 as 0); `pairs.v` has
+/// no type, so it keeps every value as given (-0.0 stays a REAL with its sign).
 pub const SCHEMA: &str = "
 CREATE TABLE items (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b INTEGER NOT NULL DEFAULT 0, c ANY);
-CREATE TABLE pairs (x TEXT NOT NULL, y INTEGER NOT NULL, v ANY, PRIMARY KEY (x, y));
+CREATE TABLE pairs (x TEXT NOT NULL, y INTEGER NOT NULL, v, PRIMARY KEY (x, y));
 ";
 
 pub fn replica() -> Replica {
@@ -73,12 +75,13 @@ pub fn partial(batch: &Batch, mask: u64) -> Batch {
     }
 }
 
-/// Table contents, in a canonical text form.
+/// Table contents, in a canonical text form. Values are read as they are (not `quote()`d,
+/// which prints -0.0 as 0.0).
 pub fn data(r: &Replica) -> Vec<String> {
     let mut out = Vec::new();
     for sql in [
-        "SELECT id, quote(a), b, quote(c) FROM items ORDER BY id",
-        "SELECT quote(x), y, quote(v) FROM pairs ORDER BY x, y",
+        "SELECT id, a, b, c FROM items ORDER BY id",
+        "SELECT x, y, v FROM pairs ORDER BY x, y",
     ] {
         let mut stmt = r.conn().prepare(sql).unwrap();
         let n = stmt.column_count();
