@@ -286,6 +286,8 @@ fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
                 "INSERT INTO {clock} (key, cid, col_version, db_version, site_ord, seq)
                    SELECT {key}, {cid}, 1, fazt_sync_db_version(), 0, fazt_sync_seq()
                    WHERE NEW.{q} IS NOT OLD.{q}
+                     OR ((typeof(NEW.{q}) = 'real' OR typeof(OLD.{q}) = 'real')
+                         AND fazt_sync_differ(NEW.{q}, OLD.{q}))
                    ON CONFLICT (key, cid) DO UPDATE SET col_version = fazt_sync_next(col_version, 1),
                      db_version = excluded.db_version, site_ord = 0, seq = excluded.seq;\n",
                 key = t.key_of("NEW."),

@@ -509,6 +509,21 @@ fn register_functions(conn: &Connection, capture: &Arc<Capture>) -> Result<(), E
         }
         Ok(c.seq.fetch_add(1, Ordering::Relaxed))
     })?;
+    // A column "changes" when its value does, exactly: SQLite's `IS` holds 0 and 0.0, or
+    // 0.0 and -0.0, equal, but replicas that kept the old one would then differ from this
+    // one forever. The update triggers ask this only when a REAL is involved.
+    conn.create_scalar_function(
+        "fazt_sync_differ",
+        2,
+        flags | FunctionFlags::SQLITE_DETERMINISTIC,
+        |ctx| {
+            use rusqlite::types::ValueRef;
+            Ok(match (ctx.get_raw(0), ctx.get_raw(1)) {
+                (ValueRef::Real(a), ValueRef::Real(b)) => a.to_bits() != b.to_bits(),
+                (a, b) => a != b,
+            })
+        },
+    )?;
     conn.create_scalar_function(
         "fazt_sync_pack",
         -1,

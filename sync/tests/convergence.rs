@@ -1,10 +1,11 @@
-//! Property: replicas that make random writes and exchange changes in any order — late,
-//! duplicated, reordered, partial, relayed — end with identical data and identical clocks.
+//! Property: replicas that make random writes — single statements and multi-statement
+//! transactions, with ordinary and extreme values — and exchange changes in any order (late,
+//! duplicated, reordered, partial, relayed) end with identical data and identical clocks.
 
 mod common;
 
 use common::{clocks, data, replica};
-use fazt_sync::{Batch, Coverage, Replica, Value};
+use fazt_sync::{Replica, Value};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -42,7 +43,14 @@ enum Op {
         x: &'static str,
         y: i64,
     },
-    /// Everything `to` lacks from `from`, with the delivery mangled as `how` says.
+    /// Several writes at `at` in one transaction (their own `at` is ignored): all of them,
+    /// or none when one fails.
+    Txn {
+        at: usize,
+        writes: Vec<Op>,
+    },
+    /// Everything `to` lacks from `from` (never itself), with the delivery mangled as `how`
+    /// says.
     Sync {
         from: usize,
         to: usize,
@@ -55,34 +63,91 @@ enum Delivery {
     InOrder,
     Twice,
     Reversed,
-    /// Only every other origin transaction, covering just those.
-    Partial,
+    /// Only the origin transactions whose bit is set (transaction `i` is bit `i % 64`),
+    /// covering just those.
+    Partial(u64),
 }
 
-fn value() -> impl Strategy<Value = Value> {
+/// Long text and blobs: two of each that differ only at the end, so ties compare far in.
+fn long(last: u8) -> Vec<u8> {
+    let mut v = vec![b'x'; 3000];
+    v.push(last);
+    v
+}
+
+/// Few distinct values of every type, so that concurrent writes often tie on value, plus
+/// the extremes: integer bounds, -0.0 beside 0.0, infinities, NaN (SQLite stores NULL),
+/// empty and long text and blobs.
+fn value() -> BoxedStrategy<Value> {
     prop_oneof![
-        Just(Value::Null),
-        (-2i64..3).prop_map(Value::Integer),
-        prop_oneof![Just(0.5f64), Just(-1.0), Just(2.0)].prop_map(Value::Real),
-        prop_oneof![Just("a"), Just("b"), Just("")].prop_map(|s| Value::Text(s.into())),
-        prop_oneof![Just(vec![]), Just(vec![0u8]), Just(vec![1u8, 2])].prop_map(Value::Blob),
+        2 => Just(Value::Null),
+        3 => (-2i64..3).prop_map(Value::Integer),
+        1 => prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(i64::MIN + 1)].prop_map(Value::Integer),
+        3 => prop_oneof![Just(0.5f64), Just(-1.0), Just(2.0)].prop_map(Value::Real),
+        1 => prop_oneof![Just(0.0f64), Just(-0.0), Just(f64::INFINITY), Just(f64::NEG_INFINITY), Just(f64::NAN), Just(f64::MIN_POSITIVE), Just(f64::MAX)]
+            .prop_map(Value::Real),
+        3 => prop_oneof![Just("a"), Just("b"), Just(""), Just("1"), Just("é✓")].prop_map(|s| Value::Text(s.into())),
+        1 => prop_oneof![Just(b'a'), Just(b'b')].prop_map(|l| Value::Text(String::from_utf8(long(l)).unwrap())),
+        3 => prop_oneof![Just(vec![]), Just(vec![0u8]), Just(vec![1u8, 2])].prop_map(Value::Blob),
+        1 => prop_oneof![Just(0u8), Just(255u8)].prop_map(|l| Value::Blob(long(l))),
     ]
+    .boxed()
+}
+
+/// Row keys: a few small ones (so writes collide) and the integer bounds.
+fn id() -> impl Strategy<Value = i64> {
+    prop_oneof![6 => 0i64..4, 1 => Just(i64::MIN), 1 => Just(i64::MAX)]
+}
+
+/// One write at a replica below `n`.
+fn write_op(n: usize) -> BoxedStrategy<Op> {
+    let at = 0..n;
+    let b = prop_oneof![4 => -1i64..2, 1 => Just(i64::MIN), 1 => Just(i64::MAX)];
+    let y = prop_oneof![4 => 0i64..2, 1 => Just(i64::MIN)];
+    prop_oneof![
+        3 => (at.clone(), id(), value(), b, value()).prop_map(|(at, id, a, b, c)| Op::Insert { at, id, a, b, c }),
+        3 => (at.clone(), id(), prop_oneof![Just("a"), Just("b"), Just("c")], value())
+            .prop_map(|(at, id, col, val)| Op::Update { at, id, col, val }),
+        1 => (at.clone(), id()).prop_map(|(at, id)| Op::Delete { at, id }),
+        1 => (at.clone(), id(), id()).prop_map(|(at, from, to)| Op::MoveKey { at, from, to }),
+        2 => (at.clone(), prop_oneof![Just("k"), Just("l")], y.clone(), value()).prop_map(|(at, x, y, v)| Op::Pair { at, x, y, v }),
+        1 => (at, prop_oneof![Just("k"), Just("l")], y).prop_map(|(at, x, y)| Op::DeletePair { at, x, y }),
+    ]
+    .boxed()
 }
 
 fn op(n: usize) -> impl Strategy<Value = Op> {
-    let id = 0i64..4;
-    let at = 0..n;
+    let how = prop_oneof![
+        Just(Delivery::InOrder),
+        Just(Delivery::Twice),
+        Just(Delivery::Reversed),
+        any::<u64>().prop_map(Delivery::Partial),
+    ];
     prop_oneof![
-        3 => (at.clone(), id.clone(), value(), -1i64..2, value()).prop_map(|(at, id, a, b, c)| Op::Insert { at, id, a, b, c }),
-        3 => (at.clone(), id.clone(), prop_oneof![Just("a"), Just("b"), Just("c")], value())
-            .prop_map(|(at, id, col, val)| Op::Update { at, id, col, val }),
-        1 => (at.clone(), id.clone()).prop_map(|(at, id)| Op::Delete { at, id }),
-        1 => (at.clone(), id.clone(), id.clone()).prop_map(|(at, from, to)| Op::MoveKey { at, from, to }),
-        2 => (at.clone(), prop_oneof![Just("k"), Just("l")], 0i64..2, value()).prop_map(|(at, x, y, v)| Op::Pair { at, x, y, v }),
-        1 => (at.clone(), prop_oneof![Just("k"), Just("l")], 0i64..2).prop_map(|(at, x, y)| Op::DeletePair { at, x, y }),
-        4 => (at.clone(), 0..n, prop_oneof![Just(Delivery::InOrder), Just(Delivery::Twice), Just(Delivery::Reversed), Just(Delivery::Partial)])
-            .prop_map(|(from, to, how)| Op::Sync { from, to, how }),
+        11 => write_op(n),
+        2 => (0..n, proptest::collection::vec(write_op(n), 2..5)).prop_map(|(at, writes)| Op::Txn { at, writes }),
+        4 => (0..n, 1..n, how).prop_map(move |(from, hop, how)| Op::Sync { from, to: (from + hop) % n, how }),
     ]
+}
+
+/// A write's SQL and parameters.
+fn statement(op: &Op) -> (&'static str, Vec<Value>) {
+    let i = Value::Integer;
+    let t = |s: &str| Value::Text(s.into());
+    match op.clone() {
+        Op::Insert { id, a, b, c, .. } => ("INSERT INTO items (id, a, b, c) VALUES (?1, ?2, ?3, ?4)", vec![i(id), a, i(b), c]),
+        Op::Update { id, col: "a", val, .. } => ("UPDATE items SET a = ?1 WHERE id = ?2", vec![val, i(id)]),
+        Op::Update { id, col: "b", val, .. } => ("UPDATE items SET b = ?1 WHERE id = ?2", vec![val, i(id)]),
+        Op::Update { id, val, .. } => ("UPDATE items SET c = ?1 WHERE id = ?2", vec![val, i(id)]),
+        Op::Delete { id, .. } => ("DELETE FROM items WHERE id = ?1", vec![i(id)]),
+        Op::MoveKey { from, to, .. } => ("UPDATE items SET id = ?1 WHERE id = ?2", vec![i(to), i(from)]),
+        Op::Pair { x, y, v, .. } => (
+            "INSERT INTO pairs (x, y, v) VALUES (?1, ?2, ?3) ON CONFLICT (x, y) DO UPDATE SET v = excluded.v",
+            vec![t(x), i(y), v],
+        ),
+        Op::DeletePair { x, y, .. } => ("DELETE FROM pairs WHERE x = ?1 AND y = ?2", vec![t(x), i(y)]),
+        Op::Txn { .. } | Op::Sync { .. } => unreachable!("not a single write: {op:?}"),
+    }
 }
 
 fn write(r: &mut Replica, sql: &str, params: &[&dyn rusqlite::ToSql]) {
@@ -90,10 +155,20 @@ fn write(r: &mut Replica, sql: &str, params: &[&dyn rusqlite::ToSql]) {
     let _ = r.write(|tx| tx.execute(sql, params).map(|_| ()));
 }
 
+/// Several writes in one transaction.
+fn write_txn(r: &mut Replica, writes: &[Op]) {
+    let statements: Vec<_> = writes.iter().map(statement).collect();
+    // As in `write`: a constraint failure rolls the whole transaction back.
+    let _ = r.write(|tx| {
+        for (sql, params) in &statements {
+            tx.execute(sql, rusqlite::params_from_iter(params))?;
+        }
+        Ok::<_, rusqlite::Error>(())
+    });
+}
+
 fn deliver(replicas: &mut [Replica], from: usize, to: usize, how: Delivery) {
-    if from == to {
-        return;
-    }
+    assert_ne!(from, to, "an exchange with itself tests nothing");
     let batch = replicas[from]
         .batch_since(&replicas[to].coverage().unwrap())
         .unwrap();
@@ -107,41 +182,10 @@ fn deliver(replicas: &mut [Replica], from: usize, to: usize, how: Delivery) {
             target.apply(&batch).unwrap();
         }
         Delivery::Reversed => {
-            let mut changes = batch.changes.clone();
-            changes.sort_by_key(|c| std::cmp::Reverse((c.site_id, c.db_version)));
-            target
-                .apply(&Batch {
-                    changes,
-                    covers: batch.covers,
-                    sender_clock: batch.sender_clock,
-                })
-                .unwrap();
+            target.apply(&common::reversed(&batch)).unwrap();
         }
-        Delivery::Partial => {
-            let mut groups: Vec<(fazt_sync::SiteId, i64)> = batch
-                .changes
-                .iter()
-                .map(|c| (c.site_id, c.db_version))
-                .collect();
-            groups.dedup();
-            let keep: Vec<_> = groups.iter().step_by(2).copied().collect();
-            let mut covers = Coverage::default();
-            for &(site, v) in &keep {
-                covers.insert(site, v, v);
-            }
-            let changes = batch
-                .changes
-                .iter()
-                .filter(|c| keep.contains(&(c.site_id, c.db_version)))
-                .cloned()
-                .collect();
-            target
-                .apply(&Batch {
-                    changes,
-                    covers,
-                    sender_clock: batch.sender_clock,
-                })
-                .unwrap();
+        Delivery::Partial(mask) => {
+            target.apply(&common::partial(&batch, mask)).unwrap();
         }
     }
 }
@@ -149,34 +193,26 @@ fn deliver(replicas: &mut [Replica], from: usize, to: usize, how: Delivery) {
 fn run(n: usize, ops: &[Op]) -> Vec<Replica> {
     let mut replicas: Vec<Replica> = (0..n).map(|_| replica()).collect();
     for op in ops {
-        match op.clone() {
-            Op::Insert { at, id, a, b, c } => write(
-                &mut replicas[at],
-                "INSERT INTO items (id, a, b, c) VALUES (?1, ?2, ?3, ?4)",
-                &[&id, &a, &b, &c],
-            ),
-            Op::Update { at, id, col, val } => {
-                write(&mut replicas[at], &format!("UPDATE items SET {col} = ?1 WHERE id = ?2"), &[&val, &id])
+        match op {
+            Op::Sync { from, to, how } => deliver(&mut replicas, *from, *to, *how),
+            Op::Txn { at, writes } => write_txn(&mut replicas[*at], writes),
+            Op::Insert { at, .. }
+            | Op::Update { at, .. }
+            | Op::Delete { at, .. }
+            | Op::MoveKey { at, .. }
+            | Op::Pair { at, .. }
+            | Op::DeletePair { at, .. } => {
+                let (sql, params) = statement(op);
+                let params: Vec<&dyn rusqlite::ToSql> =
+                    params.iter().map(|p| p as &dyn rusqlite::ToSql).collect();
+                write(&mut replicas[*at], sql, &params)
             }
-            Op::Delete { at, id } => write(&mut replicas[at], "DELETE FROM items WHERE id = ?1", &[&id]),
-            Op::MoveKey { at, from, to } => {
-                write(&mut replicas[at], "UPDATE items SET id = ?1 WHERE id = ?2", &[&to, &from])
-            }
-            Op::Pair { at, x, y, v } => write(
-                &mut replicas[at],
-                "INSERT INTO pairs (x, y, v) VALUES (?1, ?2, ?3) ON CONFLICT (x, y) DO UPDATE SET v = excluded.v",
-                &[&x, &y, &v],
-            ),
-            Op::DeletePair { at, x, y } => {
-                write(&mut replicas[at], "DELETE FROM pairs WHERE x = ?1 AND y = ?2", &[&x, &y])
-            }
-            Op::Sync { from, to, how } => deliver(&mut replicas, from, to, how),
         }
     }
     // Settle: everyone talks to everyone until nothing moves (two full rounds suffice).
     for _ in 0..2 {
         for from in 0..n {
-            for to in 0..n {
+            for to in (0..n).filter(|&to| to != from) {
                 deliver(&mut replicas, from, to, Delivery::InOrder);
             }
         }

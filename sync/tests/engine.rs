@@ -769,4 +769,49 @@ fn a_merge_dropped_before_commit_changes_nothing() {
     exec(&mut b, "INSERT INTO items (id, a) VALUES (3, 'more')", []);
     sync(&a, &mut b);
     assert_eq!(data(&b).len(), 3);
+
+/// SQLite's `IS` holds 0 and 0.0, and 0.0 and -0.0, equal; a write from one to the other
+/// still changes the value, and must replicate, or the writer differs from everyone else
+/// for as long as nobody writes that cell again.
+#[test]
+fn an_update_that_changes_only_a_values_type_or_a_zeros_sign_replicates() {
+    // `v` has no type: SQLite keeps every value as given, -0.0 and 0 and 0.0 apart.
+    let open = || {
+        let mut r = replica();
+        r.conn()
+            .execute_batch("CREATE TABLE raw (k INTEGER PRIMARY KEY NOT NULL, v)")
+            .unwrap();
+        r.replicate("raw").unwrap();
+        r
+    };
+    let (mut a, mut b) = (open(), open());
+    let value = |r: &Replica| -> String {
+        r.conn()
+            .query_row("SELECT v FROM raw WHERE k = 1", [], |row| {
+                Ok(format!("{:?}", row.get_ref(0)?))
+            })
+            .unwrap()
+    };
+    exec(&mut a, "INSERT INTO raw (k, v) VALUES (1, 0.0)", []);
+    sync(&a, &mut b);
+    assert_eq!(value(&b), "Real(0.0)");
+    for (v, want) in [
+        (fazt_sync::Value::Integer(0), "Integer(0)"),
+        (fazt_sync::Value::Real(-0.0), "Real(-0.0)"),
+        (fazt_sync::Value::Real(0.0), "Real(0.0)"),
+    ] {
+        exec(&mut a, "UPDATE raw SET v = ?1 WHERE k = 1", [&v]);
+        let batch = sync(&a, &mut b);
+        assert_eq!(
+            batch.changes.len(),
+            1,
+            "the write to {want} was not captured"
+        );
+        assert_eq!((value(&a), value(&b)), (want.to_string(), want.to_string()));
+    }
+    exec(&mut a, "UPDATE raw SET v = 0.0 WHERE k = 1", []);
+    assert!(
+        sync(&a, &mut b).changes.is_empty(),
+        "writing the very same value again is no change"
+    );
 }

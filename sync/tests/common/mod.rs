@@ -2,12 +2,14 @@
 
 #![allow(dead_code)]
 
-use fazt_sync::{Batch, Replica};
+use fazt_sync::{Batch, Coverage, Replica, SiteId};
 use rusqlite::Connection;
 
+/// `items.c` converts as NUMERIC affinity does (2.0 is stored as 2, -0.0 as 0); `pairs.v` has
+/// no type, so it keeps every value as given (-0.0 stays a REAL with its sign).
 pub const SCHEMA: &str = "
 CREATE TABLE items (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b INTEGER NOT NULL DEFAULT 0, c ANY);
-CREATE TABLE pairs (x TEXT NOT NULL, y INTEGER NOT NULL, v ANY, PRIMARY KEY (x, y));
+CREATE TABLE pairs (x TEXT NOT NULL, y INTEGER NOT NULL, v, PRIMARY KEY (x, y));
 ";
 
 pub fn replica() -> Replica {
@@ -30,12 +32,56 @@ pub fn sync(from: &Replica, to: &mut Replica) -> Batch {
     batch
 }
 
-/// Table contents, in a canonical text form.
+/// `batch` with its origin transactions in reverse order (last origin first, and within an
+/// origin the highest version first); each transaction's changes keep their order.
+pub fn reversed(batch: &Batch) -> Batch {
+    let mut changes = batch.changes.clone();
+    changes.sort_by_key(|c| std::cmp::Reverse((c.site_id, c.db_version)));
+    Batch {
+        changes,
+        covers: batch.covers.clone(),
+        sender_clock: batch.sender_clock,
+    }
+}
+
+/// Part of `batch`: the origin transactions whose bit in `mask` is set (the `i`-th
+/// transaction is bit `i % 64`), covering just those.
+pub fn partial(batch: &Batch, mask: u64) -> Batch {
+    let mut groups: Vec<(SiteId, i64)> = batch
+        .changes
+        .iter()
+        .map(|c| (c.site_id, c.db_version))
+        .collect();
+    groups.dedup();
+    let keep: Vec<(SiteId, i64)> = groups
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| mask >> (i % 64) & 1 == 1)
+        .map(|(_, g)| g)
+        .collect();
+    let mut covers = Coverage::default();
+    for &(site, v) in &keep {
+        covers.insert(site, v, v);
+    }
+    Batch {
+        changes: batch
+            .changes
+            .iter()
+            .filter(|c| keep.contains(&(c.site_id, c.db_version)))
+            .cloned()
+            .collect(),
+        covers,
+        sender_clock: batch.sender_clock,
+    }
+}
+
+/// Table contents, in a canonical text form. Values are read as they are (not `quote()`d,
+/// which prints -0.0 as 0.0).
 pub fn data(r: &Replica) -> Vec<String> {
     let mut out = Vec::new();
     for sql in [
-        "SELECT id, quote(a), b, quote(c) FROM items ORDER BY id",
-        "SELECT quote(x), y, quote(v) FROM pairs ORDER BY x, y",
+        "SELECT id, a, b, c FROM items ORDER BY id",
+        "SELECT x, y, v FROM pairs ORDER BY x, y",
     ] {
         let mut stmt = r.conn().prepare(sql).unwrap();
         let n = stmt.column_count();
