@@ -1327,7 +1327,7 @@ mod tests {
             assert_eq!(size, m.encode().len());
         }
         assert!(read_message(&mut r).await.unwrap().is_none());
-        // A stream cut inside a header is an error, not a clean end... of a whole frame.
+        // A stream cut inside a header reads as the end of the stream (no frame was started).
         let mut r = &bytes[..2];
         assert!(read_message(&mut r).await.unwrap().is_none());
         // A zero length and an unknown tag are refused.
