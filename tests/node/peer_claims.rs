@@ -191,7 +191,11 @@ fn node_local_tables_never_replicate_even_through_a_trusted_signed_bundle() {
         b.json(&["sql", "SELECT name FROM apps", "--json"]),
         serde_json::json!([{"name": "blog"}])
     );
-    assert_eq!(node_local(&b.state()), before, "node-local tables unchanged");
+    assert_eq!(
+        node_local(&b.state()),
+        before,
+        "node-local tables unchanged"
+    );
     let status = b.json(&["sync", "status", "--json"]);
     assert_eq!(status["pending_changes"], 5, "{status}");
     // The node still is itself: same key, one peer.
@@ -212,7 +216,15 @@ fn two_racing_joins_with_one_ticket_get_exactly_one_welcome() {
         .enumerate()
         .map(|(i, j)| {
             j.command()
-                .args(["peer", "join", &t, "--name", "zyt", "--as", &format!("j{i}")])
+                .args([
+                    "peer",
+                    "join",
+                    &t,
+                    "--name",
+                    "zyt",
+                    "--as",
+                    &format!("j{i}"),
+                ])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -307,7 +319,15 @@ fn peer_sync_pulls_into_a_node_without_a_server_and_fails_with_the_reason() {
     let zyt = Node::new();
     let server = zyt.start(&[]);
     let local = Node::new();
-    local.ok(&["peer", "join", &ticket(&zyt), "--name", "zyt", "--as", "local"]);
+    local.ok(&[
+        "peer",
+        "join",
+        &ticket(&zyt),
+        "--name",
+        "zyt",
+        "--as",
+        "local",
+    ]);
     zyt.deploy(&zyt.site("pulled", &[("index.html", "from zyt")]), &[]);
 
     // local runs no server: the sync alone brings zyt's deploy.
@@ -328,7 +348,9 @@ fn peer_sync_pulls_into_a_node_without_a_server_and_fails_with_the_reason() {
     let run = local.run(&["peer", "sync", "zyt", "--timeout", "2"]);
     let err = exit_1(&run, "peer sync with a stopped peer");
     assert!(
-        err.contains(&format!("could not reach zyt at localhost:{port} within 2s")),
+        err.contains(&format!(
+            "could not reach zyt at localhost:{port} within 2s"
+        )),
         "{err}"
     );
     assert_eq!(local.state(), before, "a failed sync changes nothing");
@@ -421,7 +443,14 @@ fn the_db_flag_works_anywhere_on_the_line() {
     node.ok(&["--db", other, "app", "deploy", site, "--name", "first"]);
     node.ok(&["app", "--db", other, "deploy", site, "--name", "second"]);
     node.ok(&["app", "deploy", site, "--name", "third", "--db", other]);
-    node.ok(&["app", "deploy", site, &format!("--db={other}"), "--name", "fourth"]);
+    node.ok(&[
+        "app",
+        "deploy",
+        site,
+        &format!("--db={other}"),
+        "--name",
+        "fourth",
+    ]);
     let list = |args: &[&str]| -> Vec<String> {
         let v: serde_json::Value = serde_json::from_str(&node.ok(args)).unwrap();
         let mut names: Vec<String> = v
@@ -453,7 +482,10 @@ fn two_versions_deployed_apart_share_a_number_and_the_cli_asks_for_the_id() {
     };
     let from_a = on(&a, "from a");
     let from_b = on(&b, "from b");
-    assert_eq!((from_a["number"].as_i64(), from_b["number"].as_i64()), (Some(1), Some(1)));
+    assert_eq!(
+        (from_a["number"].as_i64(), from_b["number"].as_i64()),
+        (Some(1), Some(1))
+    );
     // Merge b into a through a bundle (the same engine as a session).
     b.ok(&["peer", "trust", &node_id(&a), "--name", "a"]);
     a.ok(&["peer", "trust", &node_id(&b), "--name", "b"]);
