@@ -57,7 +57,8 @@ fn exit_1(run: &Run, what: &str) -> String {
     errors[0].to_string()
 }
 
-/// The node-local tables (schema lines and rows) in `state`, as `Node::state()` prints them.
+/// The node-local tables (first schema line and rows) in `state`, as `Node::state()` prints
+/// them (the list in src/db/migrations.rs, NODE_LOCAL_TABLES).
 fn node_local(state: &str) -> String {
     const TABLES: &[&str] = &[
         "node_config",
@@ -67,6 +68,11 @@ fn node_local(state: &str) -> String {
         "peer_invites",
         "peer_content",
         "app_logs",
+        "app_usage",
+        "blob_unreferenced",
+        "blob_rescue",
+        "version_rescue",
+        "version_files_rescue",
     ];
     let mut out = String::new();
     for line in state.lines() {
