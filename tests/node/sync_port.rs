@@ -543,3 +543,127 @@ fn a_silent_peer_stays_connected_a_dead_one_is_dropped_and_peer_list_shows_lag_a
     });
     drop(conn);
 }
+
+/// Accepts any client key: the fake node below only wants to be dialed.
+#[derive(Debug)]
+struct AnyClient;
+
+impl rustls::server::danger::ClientCertVerifier for AnyClient {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}
+
+/// A QUIC endpoint on loopback that presents `key` as a node does, completes handshakes,
+/// accepts streams, reads what arrives, and never answers.
+fn speechless_node(
+    rt: &tokio::runtime::Runtime,
+    key: &ed25519_dalek::SigningKey,
+) -> quinn::Endpoint {
+    let spki = key.verifying_key().to_public_key_der().unwrap().into_vec();
+    let pkcs8 = key.to_pkcs8_der().unwrap();
+    let signer =
+        rustls::crypto::ring::sign::any_eddsa_type(&PrivatePkcs8KeyDer::from(pkcs8.as_bytes()))
+            .unwrap();
+    let certified = rustls::sign::CertifiedKey::new(vec![CertificateDer::from(spki)], signer);
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_client_cert_verifier(Arc::new(AnyClient))
+    .with_cert_resolver(Arc::new(
+        rustls::server::AlwaysResolvesServerRawPublicKeys::new(Arc::new(certified)),
+    ));
+    tls.alpn_protocols = vec![fazt_proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
+    let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let _guard = rt.enter();
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let accepting = endpoint.clone();
+    rt.spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((_send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut sink = [0u8; 4096];
+                        while let Ok(Some(_)) = recv.read(&mut sink).await {}
+                        // Keep the send half open: the other side waits for an answer.
+                        std::future::pending::<()>().await;
+                        drop(_send);
+                    });
+                }
+            });
+        }
+    });
+    endpoint
+}
+
+#[test]
+fn peer_sync_with_a_peer_that_never_answers_times_out_with_the_reason() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = random_key();
+    let endpoint = speechless_node(&rt, &key);
+    let port = endpoint.local_addr().unwrap().port();
+    let local = Node::new();
+    local.deploy(&local.site("blog", &[("index.html", "mine")]), &[]);
+    local.ok(&[
+        "peer",
+        "add",
+        "zyt",
+        &format!("127.0.0.1:{port}"),
+        "--key",
+        &id_of(&key),
+    ]);
+    let before = local.state();
+    let run = local.run(&["peer", "sync", "zyt", "--timeout", "2"]);
+    assert_eq!(run.status.code(), Some(1), "{}{}", run.stdout, run.stderr);
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors,
+        ["error: zyt and this node did not converge within 2s; run `fazt peer sync zyt` again or give a longer --timeout"],
+        "{}",
+        run.stderr
+    );
+    assert_eq!(local.state(), before);
+    drop(endpoint);
+}
