@@ -1530,7 +1530,10 @@ mod tests {
     }
 
     /// Everything `b` holds that a group from a peer could change.
-    fn holdings(path: &std::path::Path) -> (Vec<(String, i64, Vec<u8>)>, Coverage, i64) {
+    /// Blob rows, coverage, and staged content rows.
+    type Holdings = (Vec<(String, i64, Vec<u8>)>, Coverage, i64);
+
+    fn holdings(path: &std::path::Path) -> Holdings {
         let db = crate::db::open_existing(path).unwrap();
         let staged: i64 = db
             .conn()
