@@ -224,15 +224,12 @@ fn host_name() -> String {
     }
 }
 
+/// Sets `name` in the node's (node-local) config, the way a user can: with `fazt sql`.
 fn set_name(node: &Node, name: &str) {
-    node.ok(&["peer", "id"]);
-    rusqlite::Connection::open(node.db())
-        .unwrap()
-        .execute(
-            "INSERT OR REPLACE INTO node_config (key, value) VALUES ('name', ?1)",
-            [name],
-        )
-        .unwrap();
+    node.ok(&[
+        "sql",
+        &format!("INSERT OR REPLACE INTO node_config (key, value) VALUES ('name', '{name}')"),
+    ]);
 }
 
 #[test]
