@@ -283,12 +283,23 @@ async fn dial_loop(ctx: Arc<Ctx>, peer: Peer) {
             }
             Err(e) => tracing::debug!(peer = %peer.name, error = %format!("{e:#}"), "retry failed"),
         }
-        if started.elapsed() > HEALTHY_SESSION {
-            backoff = MIN_BACKOFF;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        let (wait, next) = next_backoff(backoff, started.elapsed());
+        tokio::time::sleep(wait).await;
+        backoff = next;
     }
+}
+
+/// How long to wait before redialing after a connection that lasted `lasted`, having last
+/// waited `backoff`; and the wait after that, should this attempt fail too. A session that
+/// lasted [`HEALTHY_SESSION`] starts again from [`MIN_BACKOFF`]; otherwise the wait doubles
+/// up to [`MAX_BACKOFF`].
+fn next_backoff(backoff: Duration, lasted: Duration) -> (Duration, Duration) {
+    let wait = if lasted > HEALTHY_SESSION {
+        MIN_BACKOFF
+    } else {
+        backoff
+    };
+    (wait, (wait * 2).min(MAX_BACKOFF))
 }
 
 async fn accept_loop(ctx: Arc<Ctx>) {
@@ -466,4 +477,30 @@ async fn run_session(
         let _ = ctx.with_state(|c| store::record_state(c, &peer.node_id, false, None));
     }
     result.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redials_back_off_from_250_ms_doubling_to_10_s_and_a_long_session_resets_them() {
+        let quick = Duration::from_millis(20);
+        let mut backoff = MIN_BACKOFF;
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            let (wait, next) = next_backoff(backoff, quick);
+            waits.push(wait.as_millis());
+            backoff = next;
+        }
+        assert_eq!(
+            waits,
+            [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]
+        );
+        // A session that lasted more than 10 s: the next redial is quick again.
+        let (wait, next) = next_backoff(MAX_BACKOFF, Duration::from_secs(11));
+        assert_eq!((wait, next), (MIN_BACKOFF, MIN_BACKOFF * 2));
+        // One that lasted exactly 10 s is not healthy yet.
+        assert_eq!(next_backoff(MAX_BACKOFF, HEALTHY_SESSION).0, MAX_BACKOFF);
+    }
 }

@@ -1270,6 +1270,606 @@ mod tests {
         );
     }
 
+    #[test]
+    fn heads_and_coverage_convert_both_ways_and_count_what_is_lacking() {
+        let mut c = Coverage::default();
+        c.insert(SiteId([1; 16]), 1, 5);
+        c.insert(SiteId([1; 16]), 9, 9);
+        c.insert(SiteId([2; 16]), 3, 4);
+        let h = to_heads(&c);
+        assert_eq!(
+            h,
+            Heads(vec![
+                ([1; 16], vec![(1, 5), (9, 9)]),
+                ([2; 16], vec![(3, 4)])
+            ])
+        );
+        assert_eq!(from_heads(&h), c);
+        // Overlapping and adjacent ranges from the wire merge into the coverage they mean.
+        let messy = Heads(vec![([1; 16], vec![(1, 3), (2, 5), (6, 6), (9, 9)])]);
+        assert_eq!(
+            from_heads(&messy).get(&SiteId([1; 16])).unwrap().ranges(),
+            &[(1, 6), (9, 9)]
+        );
+        assert_eq!(from_heads(&Heads::default()), Coverage::default());
+        // The clock a peer declares is the highest version anywhere in its heads.
+        assert_eq!(clock_of(&c), 9);
+        assert_eq!(clock_of(&Coverage::default()), 0);
+        // Lag: versions held here that the other side lacks, across origins.
+        let mut theirs = Coverage::default();
+        theirs.insert(SiteId([1; 16]), 1, 3);
+        assert_eq!(versions_lacking(&c, &theirs), 2 + 1 + 2);
+        assert_eq!(versions_lacking(&c, &c), 0);
+        assert_eq!(versions_lacking(&theirs, &c), 0);
+        let mut huge = Coverage::default();
+        huge.insert(SiteId([3; 16]), 1, wire::MAX_VERSION);
+        assert_eq!(versions_lacking(&huge, &c), wire::MAX_VERSION as u64);
+    }
+
+    #[tokio::test]
+    async fn frames_read_back_in_order_and_a_clean_end_is_none() {
+        let msgs = vec![
+            Message::Want(vec![[7; 32], [8; 32]]),
+            Message::Refuse("bye".into()),
+            Message::Applied {
+                groups: 3,
+                heads: Heads(vec![([1; 16], vec![(1, 2)])]),
+            },
+        ];
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            write_message(&mut bytes, m).await.unwrap();
+        }
+        let mut r = &bytes[..];
+        for m in &msgs {
+            let (got, size) = read_message(&mut r).await.unwrap().unwrap();
+            assert_eq!(&got, m);
+            assert_eq!(size, m.encode().len());
+        }
+        assert!(read_message(&mut r).await.unwrap().is_none());
+        // A stream cut inside a header reads as the end of the stream (no frame was started).
+        let mut r = &bytes[..2];
+        assert!(read_message(&mut r).await.unwrap().is_none());
+        // A zero length and an unknown tag are refused.
+        let mut r = &[0u8, 0, 0, 0][..];
+        assert!(read_message(&mut r).await.is_err());
+        let mut r = &[1u8, 0, 0, 0, 0xee][..];
+        let err = read_message(&mut r).await.unwrap_err();
+        assert!(format!("{err:#}").contains("malformed message"), "{err:#}");
+    }
+
+    #[test]
+    fn large_values_become_content_references_and_small_ones_stay_inline() {
+        let change = |val: Value| Change {
+            table: "blobs".into(),
+            pk: vec![1, 2, 3],
+            cid: "data".into(),
+            val,
+            col_version: 1,
+            db_version: 1,
+            site_id: SiteId([1; 16]),
+            cl: 1,
+            seq: 0,
+        };
+        let kept = AtomicUsize::new(0);
+        let mut offered = Vec::new();
+        let small = vec![5u8; wire::CONTENT_MIN - 1];
+        let (net, _) = to_net(change(Value::Blob(small.clone())), &mut offered, &kept);
+        assert!(net.content.is_none());
+        assert_eq!(
+            Change::from_wire(net.change).val,
+            Value::Blob(small),
+            "inline"
+        );
+        assert!(offered.is_empty());
+
+        let big = vec![6u8; wire::CONTENT_MIN];
+        let (net, _) = to_net(change(Value::Blob(big.clone())), &mut offered, &kept);
+        let r = net.content.expect("a reference");
+        assert_eq!(r.digest, <[u8; 32]>::from(Sha256::digest(&big)));
+        assert_eq!((r.len, r.text), (big.len() as u64, false));
+        assert_eq!(net.change.val, fazt_proto::bundle::WireValue::Null);
+        let text = "x".repeat(wire::CONTENT_MIN);
+        let (net, _) = to_net(change(Value::Text(text.clone())), &mut offered, &kept);
+        assert!(net.content.unwrap().text);
+        assert_eq!(offered.len(), 2);
+        assert_eq!(offered[0].1.bytes.as_deref(), Some(&big));
+        assert_eq!(kept.load(Ordering::Relaxed), big.len() + text.len());
+    }
+
+    #[test]
+    fn offered_content_beyond_the_memory_budget_is_read_again_not_kept() {
+        let kept = AtomicUsize::new(KEEP_OFFERED_BYTES - 10);
+        let mut offered = Vec::new();
+        let change = Change {
+            table: "blobs".into(),
+            pk: vec![1],
+            cid: "data".into(),
+            val: Value::Blob(vec![1; 2048]),
+            col_version: 1,
+            db_version: 1,
+            site_id: SiteId([1; 16]),
+            cl: 1,
+            seq: 0,
+        };
+        let (net, _) = to_net(change, &mut offered, &kept);
+        assert!(net.content.is_some());
+        assert!(offered[0].1.bytes.is_none());
+        assert_eq!(kept.load(Ordering::Relaxed), KEEP_OFFERED_BYTES - 10);
+    }
+
+    /// Changes a test adds to the scripted peer's group, with the version they complete.
+    type Forged = Option<(Vec<NetChange>, SiteId, i64)>;
+
+    /// What a scripted peer does when the session under test asks for content.
+    type Answer = fn([u8; 32], &[u8]) -> Vec<Content>;
+
+    /// `a`'s real changes (everything it holds), as the wire carries them, with their content.
+    fn wire_changes(a: &std::path::Path) -> (Vec<NetChange>, Coverage, HashMap<[u8; 32], Vec<u8>>) {
+        let db = crate::db::open_existing(a).unwrap();
+        let batch = db.batch_since(&Coverage::default()).unwrap();
+        let kept = AtomicUsize::new(0);
+        let mut offered = Vec::new();
+        let nets = batch
+            .changes
+            .into_iter()
+            .map(|c| to_net(c, &mut offered, &kept).0)
+            .collect();
+        let content = offered
+            .into_iter()
+            .map(|(d, o)| (d, o.bytes.unwrap().as_ref().clone()))
+            .collect();
+        (nets, db.coverage().unwrap(), content)
+    }
+
+    /// Plays `a` (trusted by `b`) by hand against a live session on `b`: Hello with `schema`,
+    /// all of `a`'s changes as one group, and content as `answer` says. Returns how `b`'s
+    /// session ended and the messages it sent after its Hello.
+    async fn scripted(
+        a: &(PathBuf, NodeId),
+        b: &(PathBuf, NodeId),
+        schema: u32,
+        answer: Answer,
+        forged: Forged,
+    ) -> (Result<Stats>, Vec<Message>) {
+        let db = crate::db::open_existing(&b.0).unwrap();
+        let name = crate::peer::store::PeerName::parse("a").unwrap();
+        if crate::peer::store::by_key(db.conn(), &a.1)
+            .unwrap()
+            .is_none()
+        {
+            crate::peer::store::add(db.conn(), &b.1, &name, &a.1, None).unwrap();
+        }
+        drop(db);
+        let (mut nets, mut covers, content) = wire_changes(&a.0);
+        if let Some((extra, site, version)) = forged {
+            nets.extend(extra);
+            covers.insert(site, version, version);
+        }
+        let (mine, theirs) = tokio::io::duplex(64 * 1024);
+        let (b_read, b_write) = tokio::io::split(theirs);
+        let (mut read, mut write) = tokio::io::split(mine);
+        let (_keep, changed) = watch::channel(0u64);
+        let session = Session {
+            db_path: b.0.clone(),
+            own: b.1,
+            peer: a.1,
+            peer_name: "a".into(),
+            mode: Mode::Live,
+            changed,
+            progress: None,
+        };
+        let run = tokio::spawn(session.run(b_read, b_write, None));
+        let script = async {
+            let mut seen = Vec::new();
+            write_message(
+                &mut write,
+                &Message::Hello(Hello {
+                    node: *a.1.as_bytes(),
+                    protocol: fazt_proto::PROTOCOL_VERSION,
+                    schema,
+                    heads: to_heads(&covers),
+                }),
+            )
+            .await?;
+            let Some((Message::Hello(_), _)) = read_message(&mut read).await? else {
+                bail!("no Hello first");
+            };
+            write_message(
+                &mut write,
+                &Message::Changes(Changes {
+                    changes: nets,
+                    complete: Some(to_heads(&covers)),
+                }),
+            )
+            .await?;
+            while let Some((msg, _)) = read_message(&mut read).await? {
+                match &msg {
+                    Message::Want(digests) => {
+                        for d in digests {
+                            for c in answer(*d, &content[d]) {
+                                write_message(&mut write, &Message::Content(c)).await?;
+                            }
+                        }
+                    }
+                    Message::Applied { .. } => {
+                        seen.push(msg);
+                        break;
+                    }
+                    _ => {}
+                }
+                seen.push(msg);
+            }
+            Ok(seen)
+        };
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(20), script)
+            .await
+            .expect("the scripted peer finished");
+        // The peer hangs up: a live session that ended well returns Ok.
+        drop(write);
+        drop(read);
+        let result = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+            .await
+            .expect("the session ended")
+            .unwrap();
+        (result, seen.unwrap_or_default())
+    }
+
+    fn chunks(digest: [u8; 32], bytes: &[u8], size: usize) -> Vec<Content> {
+        bytes
+            .chunks(size)
+            .enumerate()
+            .map(|(i, data)| Content {
+                digest,
+                gone: false,
+                total: bytes.len() as u64,
+                offset: (i * size) as u64,
+                data: data.to_vec(),
+            })
+            .collect()
+    }
+
+    /// Everything `b` holds that a group from a peer could change.
+    /// Blob rows, coverage, and staged content rows.
+    type Holdings = (Vec<(String, i64, Vec<u8>)>, Coverage, i64);
+
+    fn holdings(path: &std::path::Path) -> Holdings {
+        let db = crate::db::open_existing(path).unwrap();
+        let staged: i64 = db
+            .conn()
+            .query_row("SELECT count(*) FROM peer_content", [], |r| r.get(0))
+            .unwrap();
+        (rows(path), db.coverage().unwrap(), staged)
+    }
+
+    /// Two nodes; `a` holds a blob large enough to travel as content.
+    fn with_content() -> (
+        tempfile::TempDir,
+        (PathBuf, NodeId),
+        (PathBuf, NodeId),
+        Vec<u8>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node(dir.path(), "a.db");
+        let b = node(dir.path(), "b.db");
+        let blob: Vec<u8> = (0..40_000u32).map(|i| (i * 31 % 241) as u8).collect();
+        put_blob(&a.0, &blob);
+        (dir, a, b, blob)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn honest_content_in_chunks_is_applied_and_acknowledged() {
+        let (_dir, a, b, blob) = with_content();
+        let (result, seen) = scripted(
+            &a,
+            &b,
+            crate::db::migrations::latest_version(),
+            |d, b| chunks(d, b, 7_000),
+            None,
+        )
+        .await;
+        result.unwrap();
+        assert!(
+            matches!(seen.last(), Some(Message::Applied { groups: 1, .. })),
+            "{seen:?}"
+        );
+        let (blobs, coverage, staged) = holdings(&b.0);
+        assert!(blobs.iter().any(|(_, _, data)| *data == blob));
+        let theirs = crate::db::open_existing(&a.0).unwrap().coverage().unwrap();
+        assert_eq!(
+            theirs.minus(&coverage),
+            Coverage::default(),
+            "b holds all of a"
+        );
+        assert_eq!(staged, 0);
+    }
+
+    /// A hostile answer ends the session with `reason`; the group is not applied.
+    async fn refused(answer: Answer, reason: &str) {
+        let (_dir, a, b, blob) = with_content();
+        let before = holdings(&b.0);
+        let (result, seen) = scripted(
+            &a,
+            &b,
+            crate::db::migrations::latest_version(),
+            answer,
+            None,
+        )
+        .await;
+        let err = format!(
+            "{:#}",
+            result.expect_err("the session must end with an error")
+        );
+        assert!(err.contains(reason), "{err}");
+        assert!(
+            !seen.iter().any(|m| matches!(m, Message::Applied { .. })),
+            "{seen:?}"
+        );
+        assert_eq!(holdings(&b.0), before, "nothing of the group was applied");
+        assert!(!holdings(&b.0).0.iter().any(|(_, _, d)| *d == blob));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn content_that_does_not_match_its_digest_ends_the_session() {
+        refused(
+            |d, b| {
+                let mut bytes = b.to_vec();
+                bytes[100] ^= 1;
+                chunks(d, &bytes, 7_000)
+            },
+            "does not match its digest",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn content_chunks_out_of_order_end_the_session() {
+        refused(
+            |d, b| {
+                let mut parts = chunks(d, b, 7_000);
+                parts.swap(0, 1);
+                parts
+            },
+            "content out of order",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn content_the_peer_says_is_gone_ends_the_session() {
+        refused(
+            |d, _| {
+                vec![Content {
+                    digest: d,
+                    gone: true,
+                    total: 0,
+                    offset: 0,
+                    data: Vec::new(),
+                }]
+            },
+            "content changed on the peer",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn content_longer_than_the_peer_announced_ends_the_session() {
+        refused(
+            |d, b| {
+                let mut parts = chunks(d, b, 7_000);
+                for p in &mut parts {
+                    p.total = 1_000;
+                }
+                parts
+            },
+            "content chunk beyond its total",
+        )
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_with_a_newer_schema_is_accepted_and_changes_for_tables_this_node_lacks_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node(dir.path(), "a.db");
+        let b = node(dir.path(), "b.db");
+        // `a` runs a newer fazt: it has a replicated table `b` does not know yet.
+        let create = "CREATE TABLE future_things (id TEXT PRIMARY KEY NOT NULL, note TEXT)";
+        {
+            let mut db = crate::db::open_existing(&a.0).unwrap();
+            db.conn().execute_batch(create).unwrap();
+            db.replicate("future_things").unwrap();
+            db.write(|tx| {
+                tx.execute(
+                    "INSERT INTO future_things (id, note) VALUES ('one', 'from the future')",
+                    [],
+                )
+            })
+            .unwrap();
+        }
+        put_blob(&a.0, b"a blob b can apply now");
+        let (result, seen) = scripted(
+            &a,
+            &b,
+            crate::db::migrations::latest_version() + 1,
+            |d, b| chunks(d, b, 1 << 20),
+            None,
+        )
+        .await;
+        result.unwrap();
+        assert!(
+            matches!(seen.last(), Some(Message::Applied { .. })),
+            "{seen:?}"
+        );
+        let pending = |path: &std::path::Path| -> i64 {
+            crate::db::open_existing(path)
+                .unwrap()
+                .conn()
+                .query_row(
+                    "SELECT count(*) FROM fazt_sync_pending WHERE tbl = 'future_things'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        assert!(pending(&b.0) > 0, "the change waits in the pending area");
+        assert!(rows(&b.0)
+            .iter()
+            .any(|(_, _, d)| d == b"a blob b can apply now"));
+
+        // The upgrade creates the table: the waiting change is applied.
+        let mut db = crate::db::open_existing(&b.0).unwrap();
+        db.conn().execute_batch(create).unwrap();
+        db.replicate("future_things").unwrap();
+        let note: String = db
+            .conn()
+            .query_row("SELECT note FROM future_things WHERE id = 'one'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(note, "from the future");
+        assert_eq!(pending(&b.0), 0);
+    }
+
+    /// The whole database file as text (schema and every row), for "nothing changed".
+    fn everything(path: &std::path::Path) -> String {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        let names: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let mut out = String::new();
+        for name in names {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM \"{name}\"")).unwrap();
+            let n = stmt.column_count();
+            let mut lines: Vec<String> = stmt
+                .query_map([], |r| {
+                    Ok((0..n)
+                        .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                        .collect::<Vec<_>>()
+                        .join("|"))
+                })
+                .unwrap()
+                .map(|r| r.unwrap())
+                .collect();
+            lines.sort();
+            out.push_str(&format!("== {name}\n{}\n", lines.join("\n")));
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_naming_node_local_tables_changes_none_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node(dir.path(), "a.db");
+        let b = node(dir.path(), "b.db");
+        // Trusted first (the session needs it), so the peers row exists before the snapshot.
+        crate::peer::store::add(
+            crate::db::open_existing(&b.0).unwrap().conn(),
+            &b.1,
+            &crate::peer::store::PeerName::parse("a").unwrap(),
+            &a.1,
+            None,
+        )
+        .unwrap();
+        let local = |p: &std::path::Path| {
+            let all = everything(p);
+            crate::db::NODE_LOCAL_TABLES
+                .iter()
+                .map(|t| {
+                    let head = format!("== {t}\n");
+                    let from = all.find(&head).unwrap_or_else(|| panic!("no table {t}"));
+                    let rest = &all[from + head.len()..];
+                    let to = rest.find("\n== ").map_or(rest.len(), |i| i + 1);
+                    format!("{head}{}", &rest[..to])
+                })
+                .collect::<String>()
+        };
+        let before = local(&b.0);
+        // a's honest changes, plus one transaction of a's that writes b's node-local tables:
+        // a new address for a, a new name and key for this node, a fresh invitation.
+        let site = crate::db::open_existing(&a.0).unwrap().site_id();
+        let text = |t: &str| fazt_sync::pack::pack(&[Value::Text(t.into())]);
+        let forged = [
+            (
+                "peers",
+                text("a"),
+                "addr",
+                Value::Text("evil.example:1".into()),
+            ),
+            (
+                "peers",
+                text("evil"),
+                "node_id",
+                Value::Text(a.1.to_string()),
+            ),
+            (
+                "node_config",
+                text("name"),
+                "value",
+                Value::Text("owned".into()),
+            ),
+            (
+                "node_identity",
+                fazt_sync::pack::pack(&[Value::Integer(1)]),
+                "secret",
+                Value::Blob(vec![0; 32]),
+            ),
+            (
+                "peer_invites",
+                text("00"),
+                "expires_at",
+                Value::Integer(i64::MAX >> 12),
+            ),
+        ];
+        let version = crate::db::open_existing(&a.0)
+            .unwrap()
+            .db_version()
+            .unwrap()
+            + 1;
+        let extra: Vec<NetChange> = forged
+            .into_iter()
+            .enumerate()
+            .map(|(seq, (table, pk, cid, val))| NetChange {
+                change: Change {
+                    table: table.into(),
+                    pk,
+                    cid: cid.into(),
+                    val,
+                    col_version: 1,
+                    db_version: version,
+                    site_id: site,
+                    cl: 1,
+                    seq: seq as i64,
+                }
+                .to_wire(),
+                content: None,
+            })
+            .collect();
+        let (result, seen) = scripted(
+            &a,
+            &b,
+            crate::db::migrations::latest_version(),
+            |d, b| chunks(d, b, 1 << 20),
+            Some((extra, site, version)),
+        )
+        .await;
+        result.unwrap();
+        assert!(
+            matches!(seen.last(), Some(Message::Applied { .. })),
+            "{seen:?}"
+        );
+        assert_eq!(local(&b.0), before, "node-local tables are byte-identical");
+        let parked: i64 = crate::db::open_existing(&b.0)
+            .unwrap()
+            .conn()
+            .query_row("SELECT count(*) FROM fazt_sync_pending", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(parked, 5, "the forged changes wait, never applied");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_session_refuses_a_peer_that_is_not_the_one_expected() {
         let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ mod database;
 mod gc;
 mod hostile_bundles;
 mod http_edge;
+mod peer_claims;
 mod peers;
 mod secrets;
 mod serverless;

@@ -10,7 +10,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use fazt_proto::bundle::{WireChange, WireValue};
+use fazt_proto::wire::{self, Changes, Heads, Hello, Join, Message, NetChange};
+
 use crate::harness::{Node, Server};
+use crate::peers::eventually;
 
 /// A guard against a test hanging forever, not a timing assertion.
 const GUARD: Duration = Duration::from_secs(60);
@@ -58,7 +62,11 @@ impl ServerCertVerifier for AnyServer {
 fn stranger() -> quinn::ClientConfig {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).unwrap();
-    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    presenting(&ed25519_dalek::SigningKey::from_bytes(&secret))
+}
+
+/// A client config presenting `key`.
+fn presenting(key: &ed25519_dalek::SigningKey) -> quinn::ClientConfig {
     let spki = key.verifying_key().to_public_key_der().unwrap().into_vec();
     let pkcs8 = key.to_pkcs8_der().unwrap();
     let signer =
@@ -266,4 +274,396 @@ fn strangers_that_stall_are_dropped_a_few_at_a_time_and_a_real_join_still_works(
     let joiner = Node::new();
     joiner.ok(&["peer", "join", &t, "--name", "zyt", "--as", "real"]);
     assert_eq!(peers(&zyt).as_array().unwrap().len(), 1);
+}
+
+/// A connection to the node at `addr` presenting `key`, and one stream on it.
+async fn open(
+    addr: SocketAddr,
+    key: &ed25519_dalek::SigningKey,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(presenting(key), addr, "fazt.invalid")
+        .unwrap()
+        .await
+        .expect("handshake");
+    let (send, recv) = conn.open_bi().await.unwrap();
+    (endpoint, conn, send, recv)
+}
+
+fn random_key() -> ed25519_dalek::SigningKey {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).unwrap();
+    ed25519_dalek::SigningKey::from_bytes(&secret)
+}
+
+fn id_of(key: &ed25519_dalek::SigningKey) -> String {
+    fazt_proto::NodeId::from_bytes(key.verifying_key().to_bytes()).to_string()
+}
+
+/// One frame, as `fazt_proto::wire` reads it; None when the stream ended.
+async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Message> {
+    let mut header = [0u8; 4];
+    tokio::time::timeout(GUARD, recv.read_exact(&mut header))
+        .await
+        .expect("an answer in time")
+        .ok()?;
+    let len = wire::frame_len(header).unwrap();
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await.ok()?;
+    Some(Message::decode(&payload).unwrap())
+}
+
+/// A stranger (a key zyt does not trust, admitted by an open invitation) sends `msg`:
+/// what zyt answers.
+async fn stranger_sends(addr: SocketAddr, msg: Message) -> Option<Message> {
+    let (_endpoint, conn, mut send, mut recv) = open(addr, &random_key()).await;
+    send.write_all(&msg.encode()).await.unwrap();
+    let answer = read_frame(&mut recv).await;
+    conn.close(quinn::VarInt::from_u32(0), b"done");
+    answer
+}
+
+#[test]
+fn a_stranger_admitted_by_an_open_invitation_may_only_join() {
+    let zyt = Node::new();
+    let _server = zyt.start(&[]);
+    zyt.deploy(&zyt.site("blog", &[("index.html", "zyt's")]), &[]);
+    let addr = sync_addr(&ticket(&zyt, &[]));
+    let before = zyt.state();
+    let rt = runtime();
+    let hello = Message::Hello(Hello {
+        node: [9; 32],
+        protocol: fazt_proto::PROTOCOL_VERSION,
+        schema: 1,
+        heads: Heads::default(),
+    });
+    // A change that would rename zyt's app, were it applied.
+    let changes = Message::Changes(Changes {
+        changes: vec![NetChange {
+            change: WireChange {
+                table: "settings".into(),
+                pk: fazt_sync::pack::pack(&[fazt_sync::Value::Text("stolen".into())]),
+                cid: "value".into(),
+                val: WireValue::Text("yes".into()),
+                col_version: 1,
+                db_version: 1,
+                site: [9; 16],
+                cl: 1,
+                seq: 0,
+            },
+            content: None,
+        }],
+        complete: Some(Heads(vec![([9; 16], vec![(1, 1)])])),
+    });
+    let answers = rt.block_on(async {
+        let mut out = Vec::new();
+        for msg in [
+            hello,
+            changes,
+            Message::Want(vec![[1; 32]]),
+            Message::Applied {
+                groups: 1,
+                heads: Heads::default(),
+            },
+        ] {
+            out.push(stranger_sends(addr, msg).await);
+        }
+        out
+    });
+    let refusals: Vec<String> = answers
+        .into_iter()
+        .map(|a| match a {
+            Some(Message::Refuse(reason)) => reason,
+            other => panic!("want a Refuse, got {other:?}"),
+        })
+        .collect();
+    assert!(
+        refusals[0].contains("this node does not trust yours"),
+        "{refusals:?}"
+    );
+    for r in &refusals[1..] {
+        assert_eq!(r, "expected Hello or Join");
+    }
+    assert_eq!(zyt.state(), before, "nothing a stranger sent was kept");
+    // The invitation still works for a real Join.
+    let joiner = Node::new();
+    joiner.ok(&["peer", "join", &ticket(&zyt, &[]), "--name", "zyt"]);
+}
+
+#[test]
+fn two_joins_racing_with_one_ticket_get_exactly_one_welcome() {
+    let zyt = Node::new();
+    let _server = zyt.start(&[]);
+    let text = ticket(&zyt, &[]);
+    let t: fazt_proto::ticket::Ticket = text.parse().unwrap();
+    let addr = sync_addr(&text);
+    let keys = [random_key(), random_key()];
+    let rt = runtime();
+    let answers = rt.block_on(async {
+        // Both handshakes are done (the invitation admits both keys) before either sends
+        // its Join; then both Joins go out at once.
+        let mut opened = Vec::new();
+        for key in &keys {
+            opened.push(open(addr, key).await);
+        }
+        let joins = opened.iter_mut().enumerate().map(|(i, (_, _, send, _))| {
+            let frame = Message::Join(Join {
+                secret: t.secret,
+                name: format!("racer{i}"),
+                addr: String::new(),
+            })
+            .encode();
+            async move { send.write_all(&frame).await.unwrap() }
+        });
+        futures_join_all(joins).await;
+        let mut answers = Vec::new();
+        for (_, conn, _, recv) in &mut opened {
+            answers.push(read_frame(recv).await);
+            conn.close(quinn::VarInt::from_u32(0), b"done");
+        }
+        answers
+    });
+    let welcomed: Vec<usize> = (0..2)
+        .filter(|&i| matches!(answers[i], Some(Message::Welcome { .. })))
+        .collect();
+    assert_eq!(welcomed.len(), 1, "exactly one Welcome: {answers:?}");
+    let other = 1 - welcomed[0];
+    match &answers[other] {
+        Some(Message::Refuse(reason)) => assert!(reason.contains("already used"), "{reason}"),
+        a => panic!("the other join is refused, got {a:?}"),
+    }
+    let list = peers(&zyt);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["node_id"], id_of(&keys[welcomed[0]]));
+    assert_eq!(list[0]["name"], format!("racer{}", welcomed[0]));
+}
+
+/// Runs `futures` concurrently on the current task.
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let mut set = Vec::new();
+    for f in futures {
+        set.push(Box::pin(f));
+    }
+    // Poll all of them together until every one is done.
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for f in set.iter_mut() {
+            if f.as_mut().poll(cx).is_pending() {
+                pending = true;
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await
+}
+
+/// The versions `node` holds, from `sync status --json` (its coverage, all origins).
+fn versions_held(node: &Node) -> i64 {
+    node.json(&["sync", "status", "--json"])["coverage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|o| o["ranges"].as_array().unwrap().clone())
+        .map(|r| r[1].as_i64().unwrap() - r[0].as_i64().unwrap() + 1)
+        .sum()
+}
+
+#[test]
+fn a_silent_peer_stays_connected_a_dead_one_is_dropped_and_peer_list_shows_lag_and_last_seen() {
+    let zyt = Node::new();
+    // A connection silent for 1 s (not 10) is dead here; keep-alives go every 200 ms.
+    let server = Server::spawn(
+        zyt.command()
+            .env("FAZT_PEER_IDLE_TIMEOUT_MS", "1000")
+            .args(["server", "start", "--port", "0"]),
+    );
+    zyt.deploy(&zyt.site("blog", &[("index.html", "v1")]), &[]);
+    zyt.deploy(&zyt.site("blog", &[("index.html", "v2")]), &[]);
+    let key = random_key();
+    zyt.ok(&["peer", "trust", &id_of(&key), "--name", "mute"]);
+    let never = peers(&zyt);
+    assert_eq!(never[0]["last_seen"], serde_json::Value::Null, "{never}");
+    assert_eq!(never[0]["lag"], serde_json::Value::Null, "{never}");
+    assert!(zyt.ok(&["peer", "list"]).contains("never"));
+    let held = versions_held(&zyt);
+    assert!(held > 0);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+
+    // A trusted peer that says Hello with nothing held, takes what zyt sends and never
+    // acknowledges it: zyt is `held` versions ahead of it.
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.port));
+    let rt = runtime();
+    let (_endpoint, conn, _send, _drain) = rt.block_on(async {
+        let (endpoint, conn, mut send, mut recv) = open(addr, &key).await;
+        let hello = Message::Hello(Hello {
+            node: key.verifying_key().to_bytes(),
+            protocol: fazt_proto::PROTOCOL_VERSION,
+            schema: 1,
+            heads: Heads::default(),
+        });
+        send.write_all(&hello.encode()).await.unwrap();
+        assert!(matches!(
+            read_frame(&mut recv).await,
+            Some(Message::Hello(_))
+        ));
+        let drain = tokio::spawn(async move { while read_frame(&mut recv).await.is_some() {} });
+        (endpoint, conn, send, drain)
+    });
+    let seen = eventually("zyt shows the peer connected, with its lag", || {
+        let list = peers(&zyt);
+        (list[0]["connected"] == true && list[0]["lag"] == held).then_some(list)
+    });
+    assert!(seen[0]["last_seen"].as_i64().unwrap() >= started, "{seen}");
+    let text = zyt.ok(&["peer", "list"]);
+    assert!(text.contains(&format!("{held} versions")), "{text}");
+
+    // Three idle timeouts without a byte of data either way: keep-alives hold it open.
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
+    assert!(conn.close_reason().is_none(), "{:?}", conn.close_reason());
+    assert_eq!(peers(&zyt)[0]["connected"], true);
+
+    // The peer goes silent for good (nothing drives its side of the connection any more):
+    // zyt declares the connection dead and the peer disconnected.
+    eventually("zyt drops the dead connection", || {
+        (peers(&zyt)[0]["connected"] == false).then_some(())
+    });
+    drop(conn);
+}
+
+/// Accepts any client key: the fake node below only wants to be dialed.
+#[derive(Debug)]
+struct AnyClient;
+
+impl rustls::server::danger::ClientCertVerifier for AnyClient {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+    fn requires_raw_public_keys(&self) -> bool {
+        true
+    }
+}
+
+/// A QUIC endpoint on loopback that presents `key` as a node does, completes handshakes,
+/// accepts streams, reads what arrives, and never answers.
+fn speechless_node(
+    rt: &tokio::runtime::Runtime,
+    key: &ed25519_dalek::SigningKey,
+) -> quinn::Endpoint {
+    let spki = key.verifying_key().to_public_key_der().unwrap().into_vec();
+    let pkcs8 = key.to_pkcs8_der().unwrap();
+    let signer =
+        rustls::crypto::ring::sign::any_eddsa_type(&PrivatePkcs8KeyDer::from(pkcs8.as_bytes()))
+            .unwrap();
+    let certified = rustls::sign::CertifiedKey::new(vec![CertificateDer::from(spki)], signer);
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_client_cert_verifier(Arc::new(AnyClient))
+    .with_cert_resolver(Arc::new(
+        rustls::server::AlwaysResolvesServerRawPublicKeys::new(Arc::new(certified)),
+    ));
+    tls.alpn_protocols = vec![fazt_proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
+    let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let _guard = rt.enter();
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let accepting = endpoint.clone();
+    rt.spawn(async move {
+        while let Some(incoming) = accepting.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((_send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut sink = [0u8; 4096];
+                        while let Ok(Some(_)) = recv.read(&mut sink).await {}
+                        // Keep the send half open: the other side waits for an answer.
+                        std::future::pending::<()>().await;
+                        drop(_send);
+                    });
+                }
+            });
+        }
+    });
+    endpoint
+}
+
+#[test]
+fn peer_sync_with_a_peer_that_never_answers_times_out_with_the_reason() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = random_key();
+    let endpoint = speechless_node(&rt, &key);
+    let port = endpoint.local_addr().unwrap().port();
+    let local = Node::new();
+    local.deploy(&local.site("blog", &[("index.html", "mine")]), &[]);
+    local.ok(&[
+        "peer",
+        "add",
+        "zyt",
+        &format!("127.0.0.1:{port}"),
+        "--key",
+        &id_of(&key),
+    ]);
+    let before = local.state();
+    let run = local.run(&["peer", "sync", "zyt", "--timeout", "2"]);
+    assert_eq!(run.status.code(), Some(1), "{}{}", run.stdout, run.stderr);
+    let errors: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors,
+        ["error: zyt and this node did not converge within 2s; run `fazt peer sync zyt` again or give a longer --timeout"],
+        "{}",
+        run.stderr
+    );
+    assert_eq!(local.state(), before);
+    drop(endpoint);
 }
