@@ -74,7 +74,8 @@ pub(super) fn run(
             break;
         };
         let reply = worker.handle(job.call, job.queued);
-        let _ = job.reply.send(reply);
+        // The request's lines go to the log writer before its answer goes out, so a client
+        // that sends one request after another finds their lines in that order in the log.
         let lines = worker.host.take_logs();
         if !lines.is_empty() {
             let _ = logs.send(LogBatch {
@@ -82,6 +83,7 @@ pub(super) fn run(
                 lines,
             });
         }
+        let _ = job.reply.send(reply);
         worker.prepare_next();
     }
 }

@@ -4,9 +4,11 @@
 //! nodes merge per document — one whole version wins, the same on every node. Fields
 //! changed with `$inc` are counters and merge by adding up: each node keeps its own running
 //! total per field in `app_doc_counters`, and a field's value is its stored value plus every
-//! node's total. `$set`/`$unset` of a counter field starts it afresh: the document keeps a
-//! stamp per counter field (under the reserved key `$fazt`), and only totals made on top of
-//! the current stamp count. A set and a concurrent increment: the set wins.
+//! node's total. `$set`/`$unset` of a field starts its counters afresh: the document keeps a
+//! stamp per field an update set or unset (under the reserved key `$fazt`), and only totals
+//! made on top of the current stamps of the field and of the objects that hold it count. A
+//! set and a concurrent increment: the set wins, even where the setting node had never seen
+//! the field incremented.
 
 use anyhow::{anyhow, bail, Result};
 use rusqlite::{params, Connection, OptionalExtension};
@@ -48,13 +50,30 @@ impl Stored {
     }
 
     fn stamp(&self, path: &str) -> String {
-        self.data
-            .get(STAMPS)
-            .and_then(|s| s.get(path))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
+        stamp_of(&self.data, path)
     }
+}
+
+/// The stamp a counter on `path` is counted against: the stamps of `path` and of every object
+/// that holds it (`a`, `a.b` for `a.b.c`), so setting `a` also restarts a counter on `a.b`. A
+/// path with no stamped prefix has stamp `""`, and one with only its own stamp has that stamp.
+fn stamp_of(data: &Map<String, Value>, path: &str) -> String {
+    let Some(stamps) = data.get(STAMPS) else {
+        return String::new();
+    };
+    let mut out = String::new();
+    let mut end = 0;
+    for part in path.split('.') {
+        end += part.len();
+        if let Some(stamp) = stamps.get(&path[..end]).and_then(Value::as_str) {
+            if !out.is_empty() {
+                out.push('/');
+            }
+            out.push_str(stamp);
+        }
+        end += 1;
+    }
+    out
 }
 
 fn new_id() -> String {
@@ -746,17 +765,6 @@ pub fn update(
 ) -> Result<usize> {
     let changes = parse_changes(changes)?;
     let node = hex::encode(db.site_id().0);
-    // Counter fields each matched document has, to restart those that are set or unset.
-    let counter_fields = |conn: &Connection, id: &str| -> Result<Vec<String>> {
-        let mut stmt = conn.prepare_cached(
-            "SELECT DISTINCT field FROM app_doc_counters
-             WHERE app_id = ?1 AND user_id = ?2 AND collection = ?3 AND doc_id = ?4",
-        )?;
-        let rows = stmt.query_map(params![scope.app_id, scope.user_id, collection, id], |r| {
-            r.get(0)
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    };
     let mut plans = Vec::new();
     let mut bytes = 0;
     let conn = db.conn();
@@ -765,26 +773,24 @@ pub fn update(
         // What the stored document becomes: stored values (without counter totals) changed.
         let stored = load_raw(conn, scope, collection, &doc.id)?;
         let mut data = stored.clone();
-        let counters = counter_fields(conn, &doc.id)?;
-        let mut touched = Vec::new();
         for (path, value) in &changes.set {
             set_path(&mut data, path, value.clone())?;
-            touched.push(path.clone());
         }
         for path in &changes.unset {
             unset_path(&mut data, path);
-            touched.push(path.clone());
         }
-        for field in &counters {
-            if touched
-                .iter()
-                .any(|t| field == t || field.starts_with(&format!("{t}.")))
-            {
-                let stamps = data
-                    .entry(STAMPS.to_string())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if let Value::Object(s) = stamps {
-                    s.insert(field.clone(), Value::String(new_id()));
+        // Every field set or unset gets a new stamp, whether or not this node has seen it
+        // counted: another node may be incrementing it concurrently, and the set must win.
+        let touched = changes.set.iter().map(|(p, _)| p).chain(&changes.unset);
+        let mut touched = touched.peekable();
+        if touched.peek().is_some() {
+            let stamp = new_id();
+            let stamps = data
+                .entry(STAMPS.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(s) = stamps {
+                for path in touched {
+                    s.insert(path.clone(), Value::String(stamp.clone()));
                 }
             }
         }
@@ -805,12 +811,7 @@ pub fn update(
                 set_path(&mut data, path, number(base + n))?;
                 continue;
             }
-            let stamp = data
-                .get(STAMPS)
-                .and_then(|s| s.get(path.as_str()))
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string();
+            let stamp = stamp_of(&data, path);
             incs.push((path.clone(), stamp, *n));
         }
         let text = (data != stored)
@@ -1103,6 +1104,46 @@ mod tests {
         assert_eq!(
             count(db.conn(), &s, "c", &json!({}), &Budget::untimed()).unwrap(),
             0
+        );
+    }
+
+    #[test]
+    fn a_set_beats_increments_made_concurrently_on_another_node() {
+        let (_d, mut db) = db();
+        let s = Scope::app("a");
+        let id = insert(&mut db, &s, "c", json!({"n": 1, "home": {"visits": 1}}), 1).unwrap();
+        let set = |db: &mut Db, changes: Value| {
+            update(db, &s, "c", &json!({}), &changes, 2, &Budget::untimed()).unwrap()
+        };
+        // Set here, where neither field was ever incremented...
+        set(&mut db, json!({"$set": {"n": 100, "home": {"visits": 5}}}));
+        // ...while another node, which had not seen the sets, incremented both fields.
+        for field in ["n", "home.visits"] {
+            db.write(|tx| {
+                tx.execute(
+                    "INSERT INTO app_doc_counters (app_id, user_id, collection, doc_id, field, node, base, amount)
+                     VALUES ('a', '', 'c', ?1, ?2, 'ff', '', 7)",
+                    params![id, field],
+                )
+            })
+            .unwrap();
+        }
+        let doc = |db: &Db| {
+            find_one(db.conn(), &s, "c", &json!(id.clone()), &Budget::untimed())
+                .unwrap()
+                .unwrap()
+        };
+        let doc_now = doc(&db);
+        assert_eq!(
+            (doc_now["n"].clone(), doc_now["home"].clone()),
+            (json!(100), json!({"visits": 5}))
+        );
+        // Increments made after the set count.
+        set(&mut db, json!({"$inc": {"n": 1, "home.visits": 2}}));
+        let doc_now = doc(&db);
+        assert_eq!(
+            (doc_now["n"].clone(), doc_now["home"].clone()),
+            (json!(101), json!({"visits": 7}))
         );
     }
 

@@ -3,6 +3,7 @@
 mod harness;
 
 mod aliases;
+mod app_claims;
 mod app_logs;
 mod bad_input;
 mod bundles;

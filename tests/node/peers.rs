@@ -48,7 +48,7 @@ fn wait_for_page(server: &Server, app: &str, body: &str) {
 
 /// Starts `node`'s server on a given HTTP port (its sync port then has the same number), as a
 /// restart does so that peers find it at the address they stored.
-fn start_on(node: &Node, port: u16) -> Server {
+pub(crate) fn start_on(node: &Node, port: u16) -> Server {
     Server::spawn(
         node.command()
             .args(["server", "start", "--port", &port.to_string()]),
@@ -62,7 +62,7 @@ fn node_id(node: &Node) -> String {
 }
 
 /// A ticket from `node` (the last line `peer invite` prints).
-fn ticket(node: &Node, extra: &[&str]) -> String {
+pub(crate) fn ticket(node: &Node, extra: &[&str]) -> String {
     let mut args = vec!["peer", "invite"];
     args.extend_from_slice(extra);
     let out = node.ok(&args);
