@@ -769,6 +769,7 @@ fn a_merge_dropped_before_commit_changes_nothing() {
     exec(&mut b, "INSERT INTO items (id, a) VALUES (3, 'more')", []);
     sync(&a, &mut b);
     assert_eq!(data(&b).len(), 3);
+}
 
 /// SQLite's `IS` holds 0 and 0.0, and 0.0 and -0.0, equal; a write from one to the other
 /// still changes the value, and must replicate, or the writer differs from everyone else
