@@ -223,6 +223,11 @@ impl Replica {
     }
 }
 
+/// The version of the triggers [`create_sql`] writes: raise it whenever they change, and
+/// [`Replica::open`] rebuilds the triggers of tables registered by an older engine
+/// (2: checked clock steps; 3: updates that change only a value's type or a zero's sign).
+pub(crate) const TRIGGERS_VERSION: i64 = 3;
+
 /// The clock and key tables, their indexes, and the triggers.
 fn create_sql(conn: &Connection, t: &TableInfo) -> Result<String, Error> {
     let name = quote(&t.name);

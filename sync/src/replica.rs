@@ -201,7 +201,34 @@ impl Replica {
             merge_hook: None,
         };
         replica.refresh()?;
+        replica.upgrade_triggers()?;
         Ok(replica)
+    }
+
+    /// Rebuilds the triggers of every replicated table when an older engine wrote them
+    /// (they capture writes; a fix to them must reach tables registered before it).
+    fn upgrade_triggers(&mut self) -> Result<(), Error> {
+        let stored: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM fazt_sync_state WHERE key = 'triggers'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if stored.is_some_and(|v| v >= crate::crr::TRIGGERS_VERSION) {
+            return Ok(());
+        }
+        let mut tables: Vec<String> = self.tables.keys().cloned().collect();
+        tables.sort();
+        for table in tables {
+            self.replicate(&table)?;
+        }
+        self.conn.execute(
+            "INSERT OR REPLACE INTO fazt_sync_state (key, value) VALUES ('triggers', ?1)",
+            [crate::crr::TRIGGERS_VERSION],
+        )?;
+        Ok(())
     }
 
     /// The underlying connection, for reads. Writes to replicated tables through it fail;

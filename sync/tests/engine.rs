@@ -816,3 +816,24 @@ fn an_update_that_changes_only_a_values_type_or_a_zeros_sign_replicates() {
         "writing the very same value again is no change"
     );
 }
+
+#[test]
+fn triggers_written_by_an_older_engine_are_rebuilt_at_open() {
+    let mut a = replica();
+    let mut b = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
+    sync(&a, &mut b);
+    // As an older engine left it: an update trigger that captures nothing, and no stamp.
+    let conn = a.into_inner();
+    conn.execute_batch(
+        "DROP TRIGGER items__fazt_upd;
+         CREATE TRIGGER items__fazt_upd AFTER UPDATE ON items BEGIN SELECT 1; END;
+         DELETE FROM fazt_sync_state WHERE key = 'triggers';",
+    )
+    .unwrap();
+    let mut a = Replica::open(conn).unwrap();
+    exec(&mut a, "UPDATE items SET a = 'y' WHERE id = 1", []);
+    sync(&a, &mut b);
+    assert_eq!(data(&b), data(&a), "the update was captured and reached b");
+    assert_eq!(clocks(&b), clocks(&a));
+}
