@@ -8,7 +8,8 @@
 //!
 //! cr-sqlite is test-only. `scripts/build-crsqlite-oracle` builds its loadable extension into
 //! `target/crsqlite-oracle/crsqlite.so` (or set `FAZT_CRSQLITE` to another path). Without it
-//! the tests skip, unless `FAZT_REQUIRE_ORACLE=1` (as in CI), where they fail.
+//! the tests skip, saying so on stderr, unless `FAZT_REQUIRE_ORACLE=1`, where they fail.
+//! `scripts/test` (the README's test command, which CI runs) builds the oracle and sets it.
 //!
 //! Twins share a site id (the cr-sqlite replica is given its fazt twin's), so tie-breaks on
 //! site id pick the same winner on both sides, and winners can be compared by site.
@@ -65,7 +66,14 @@ fn oracle() -> Option<PathBuf> {
             path.display()
         );
     }
-    eprintln!("cr-sqlite oracle not built: run scripts/build-crsqlite-oracle; skipping");
+    // Past libtest's capture, so that it shows even though the test passes.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: the cr-sqlite differential test did not run: no oracle at {} \
+         (scripts/test builds it; so does scripts/build-crsqlite-oracle)",
+        path.display()
+    );
     None
 }
 

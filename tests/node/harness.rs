@@ -283,6 +283,13 @@ impl Drop for Server {
     }
 }
 
+/// Says on the test process's own stderr (past libtest's capture, so it shows even when the
+/// test passes) that part of a test did not run, and why.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED in {test}: {why}");
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
