@@ -306,8 +306,10 @@ fn prune_keeps_the_current_and_the_newest_versions_and_their_content() {
         "{out}"
     );
     assert_eq!(version_numbers(&node, "app"), vec![(4, false), (2, true)]);
+    let before = node.state();
     let err = node.fails(&["app", "rollback", "app", "--to", "v1"]);
     assert!(err.contains("no version \"v1\" (pruned"), "{err}");
+    assert_eq!(node.state(), before);
 
     let done = gc(&node, "0");
     assert_eq!(done["deleted"], 2, "{done}");

@@ -62,13 +62,16 @@ impl Node {
         r.stdout
     }
 
-    /// Runs a command that must fail with a one-line error; returns that line.
+    /// Runs a command that must fail with a one-line error and exit status 1 (docs/cli.md);
+    /// returns that line.
     pub fn fails(&self, args: &[&str]) -> String {
         let r = self.run(args);
-        assert!(
-            !r.status.success(),
-            "fazt {args:?} should fail but printed:\n{}",
-            r.stdout
+        assert_eq!(
+            r.status.code(),
+            Some(1),
+            "fazt {args:?} should fail with exit status 1, but printed:\n{}{}",
+            r.stdout,
+            r.stderr
         );
         let lines: Vec<&str> = r
             .stderr
@@ -85,10 +88,33 @@ impl Node {
         lines[0].to_string()
     }
 
+    /// Runs a command line the argument parser refuses (unknown flag, missing argument): exit
+    /// status 2, an `error: ` line first and the usage after it (docs/cli.md); returns that line.
+    pub fn fails_usage(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(
+            r.status.code(),
+            Some(2),
+            "fazt {args:?} should be refused as a usage error, but printed:\n{}{}",
+            r.stdout,
+            r.stderr
+        );
+        let first = r.stderr.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: "), "{}", r.stderr);
+        assert!(r.stderr.contains("Usage: fazt"), "{}", r.stderr);
+        first.to_string()
+    }
+
     /// Everything the database holds, schema and rows of every table (replicated and
     /// node-local alike), as one sorted text: equal before and after a refused command
     /// means it changed nothing. Read-only; works while a server runs.
     pub fn state(&self) -> String {
+        self.state_without(&[])
+    }
+
+    /// [`Node::state`] without the named tables: for a node whose running server legitimately
+    /// writes node-local bookkeeping meanwhile. Each caller says which tables and why.
+    pub fn state_without(&self, skipped: &[&str]) -> String {
         use rusqlite::types::ValueRef;
         let conn = rusqlite::Connection::open_with_flags(
             self.db(),
@@ -112,7 +138,8 @@ impl Node {
         for row in rows {
             let (kind, name, sql) = row.unwrap();
             out.push_str(&format!("{kind} {name}: {}\n", sql.unwrap_or_default()));
-            if kind == "table" && !name.starts_with("sqlite_") {
+            if kind == "table" && !name.starts_with("sqlite_") && !skipped.contains(&name.as_str())
+            {
                 tables.push(name);
             }
         }
