@@ -386,7 +386,10 @@ fn a_ticket_works_once() {
     let (zyt_before, joiner_before) = (zyt.state(), joiner.state());
 
     let err = error_of(&join(&joiner, &t, "again"), "joining twice with one ticket");
-    assert!(err.contains("already used"), "{err}");
+    assert!(
+        err.contains("zyt refused the ticket: the ticket was already used"),
+        "{err}"
+    );
     assert_eq!(zyt.state(), zyt_before);
     assert_eq!(joiner.state(), joiner_before);
 }
@@ -401,7 +404,10 @@ fn an_expired_ticket_is_refused() {
     std::thread::sleep(Duration::from_millis(2100));
     let before = zyt.state();
     let err = error_of(&join(&joiner, &t, "late"), "joining with an expired ticket");
-    assert!(err.contains("expired"), "{err}");
+    assert!(
+        err.contains("zyt refused the ticket: the ticket expired"),
+        "{err}"
+    );
     assert_eq!(zyt.state(), before);
     assert!(peers(&joiner).is_empty());
 }
@@ -409,9 +415,13 @@ fn an_expired_ticket_is_refused() {
 #[test]
 fn a_spent_ticket_is_refused_with_its_reason_when_no_invitation_is_open() {
     let (zyt, _server, joiner) = inviter_and_joiner();
+    // With no invitation open, zyt refuses an unknown key in the handshake (it refreshes what
+    // is open before it refuses, and a join that succeeds closes its own invitation), so the
+    // joiner can only name the possible reasons.
+    const NO_OPEN_INVITATION: &str = "zyt refused this node: the ticket was already used, has \
+        expired, or was not issued there (it has no open invitation)";
     let t = ticket(&zyt, &[]);
     assert!(join(&joiner, &t, "first").status.success());
-    let before = peers(&zyt);
     let state = zyt.state();
     // The usual mistake: the same ticket pasted on a second machine.
     let other = Node::new();
@@ -419,30 +429,19 @@ fn a_spent_ticket_is_refused_with_its_reason_when_no_invitation_is_open() {
         &join(&other, &t, "second"),
         "reusing a ticket on another node",
     );
-    assert!(err.contains("already used"), "{err}");
+    assert!(err.contains(NO_OPEN_INVITATION), "{err}");
     assert_eq!(zyt.state(), state);
 
     let late = ticket(&zyt, &["--ttl", "1s"]);
+    // Lets the shortest ticket lifetime (one second, counted in whole seconds) pass.
     std::thread::sleep(Duration::from_millis(2100));
-    // Any write makes the running server look at its invitations again.
-    zyt.ok(&[
-        "peer",
-        "trust",
-        &node_id(&Node::new()),
-        "--name",
-        "bystander",
-    ]);
-    std::thread::sleep(Duration::from_millis(500));
+    let state = zyt.state();
     let err = error_of(
         &join(&other, &late, "second"),
         "joining with an expired ticket",
     );
-    assert!(err.contains("expired"), "{err}");
-    assert_eq!(
-        peers(&zyt).len(),
-        before.len() + 1,
-        "only the bystander was added"
-    );
+    assert!(err.contains(NO_OPEN_INVITATION), "{err}");
+    assert_eq!(zyt.state(), state);
     assert!(peers(&other).is_empty());
 }
 
@@ -469,7 +468,10 @@ fn a_forged_ticket_is_refused() {
         &join(&joiner, &forged, "forger"),
         "joining with a forged ticket",
     );
-    assert!(err.contains("never issued"), "{err}");
+    assert!(
+        err.contains("zyt refused the ticket: this node never issued that ticket"),
+        "{err}"
+    );
     assert_eq!(zyt.state(), before);
     assert!(peers(&joiner).is_empty());
     // The real ticket still works.
@@ -482,12 +484,14 @@ fn text_that_is_not_a_ticket_is_refused() {
     let (zyt, _server, joiner) = inviter_and_joiner();
     joiner.ok(&["peer", "id"]);
     let (zyt_before, joiner_before) = (zyt.state(), joiner.state());
-    for garbage in ["hello", "fazt1!!!", "fazt1ae", "FAZT2abc"] {
+    for (garbage, reason) in [
+        ("hello", "not a fazt ticket"),
+        ("fazt1!!!", "the ticket is damaged (not base32)"),
+        ("fazt1ae", "the ticket is damaged (too short)"),
+        ("FAZT2abc", "not a fazt ticket"),
+    ] {
         let err = joiner.fails(&["peer", "join", garbage, "--name", "zyt"]);
-        assert!(
-            err.contains("not a fazt ticket") || err.contains("damaged"),
-            "{garbage}: {err}"
-        );
+        assert!(err.contains(reason), "{garbage}: {err}");
     }
     assert!(joiner
         .fails(&["peer", "join", "hello"])
@@ -550,16 +554,19 @@ fn bad_peer_commands_are_refused_with_the_reason() {
     assert!(node
         .fails(&["peer", "add", "zyt", "localhost:4698", "--key", short])
         .contains("invalid node id"));
-    for addr in [
-        "localhost",
-        "localhost:0",
-        "localhost:99999",
-        ":4698",
-        "a b:1",
-        "localhost:port",
+    for (addr, reason) in [
+        ("localhost", "must be HOST:PORT"),
+        ("localhost:0", "has no valid port (1-65535)"),
+        ("localhost:99999", "has no valid port (1-65535)"),
+        (":4698", "has no valid host"),
+        ("a b:1", "has no valid host"),
+        ("localhost:port", "has no valid port (1-65535)"),
     ] {
         let err = node.fails(&["peer", "add", "zyt", addr, "--key", &other]);
-        assert!(err.contains("address"), "{addr}: {err}");
+        assert!(
+            err.contains(&format!("address {addr:?} {reason}")),
+            "{addr}: {err}"
+        );
     }
     for name in ["Zyt", "-zyt", "a b", "zyt!", ""] {
         let err = node.fails(&["peer", "add", "--key", &other, "--", name, "localhost:4698"]);
@@ -579,10 +586,10 @@ fn bad_peer_commands_are_refused_with_the_reason() {
     }
     assert!(node
         .fails(&["peer", "invite", "--addr", "nohost"])
-        .contains("address"));
+        .contains("address \"nohost\" must be HOST:PORT"));
     assert!(node
         .fails(&["peer", "sync", "nosuch", "--timeout", "0"])
-        .contains("timeout"));
+        .contains("--timeout must be at least 1 second"));
     // Nothing of the above was stored.
     assert_eq!(node.state(), before);
 

@@ -51,9 +51,15 @@ fn rollback_to_an_unknown_version_or_app_changes_nothing() {
     node.deploy(&dir, &[]);
     let before = node.state();
     let err = node.fails(&["app", "rollback", "app"]);
-    assert!(err.contains("no version older"), "{err}");
+    assert!(
+        err.contains("app app has no version older than the current one"),
+        "{err}"
+    );
     let err = node.fails(&["app", "rollback", "app", "--to", "9"]);
-    assert!(err.contains("no version"), "{err}");
+    assert!(
+        err.contains("app app has no version \"9\" (pruned or never deployed"),
+        "{err}"
+    );
     let err = node.fails(&["app", "rollback", "ghost"]);
     assert!(err.contains("no app named"), "{err}");
     assert_eq!(node.state(), before);
