@@ -400,13 +400,8 @@ fn hostile_paths_do_not_escape() {
 #[test]
 fn a_deploy_while_serving_is_served_at_once_and_never_half_way() {
     let node = Node::new();
-    let files = |tag: &str| {
-        (0..20)
-            .map(|i| (format!("f{i}.txt"), format!("{tag}-{i}")))
-            .collect::<Vec<_>>()
-    };
     let dir = node.path("live");
-    for (p, c) in files("one") {
+    for (p, c) in files_of("one") {
         write(&dir.join(p), c.as_bytes());
     }
     write(&dir.join("index.html"), b"one");
@@ -415,22 +410,69 @@ fn a_deploy_while_serving_is_served_at_once_and_never_half_way() {
     assert_eq!(server.text("live.localhost", "/"), "one");
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Over HTTP, file after file: once any file of the new version is served, every file is,
+    // from then on (a half deploy shows as a new file followed by an old one).
     let reader = {
         let (server, stop) = (server.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut seen = 0;
+            let mut new_since = None;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let body = server.text("live.localhost", "/f7.txt");
-                assert!(
-                    body == "one-7" || body == "two-7",
-                    "unexpected body {body:?}"
-                );
+                let i = seen % 20;
+                let body = server.text("live.localhost", &format!("/f{i}.txt"));
+                if body == format!("two-{i}") {
+                    new_since.get_or_insert(seen);
+                } else {
+                    assert_eq!(body, format!("one-{i}"), "unexpected body");
+                    assert!(
+                        new_since.is_none(),
+                        "half a deploy: f{i}.txt of the old version served after a file of \
+                         the new version (request {new_since:?})"
+                    );
+                }
                 seen += 1;
             }
             seen
         })
     };
-    for (p, c) in files("two") {
+    // In the database, every file of the current version in one read (one statement, one
+    // snapshot, as a request reads it): always all of one version or all of the other.
+    let snapshots = {
+        let (db, stop) = (node.db(), stop.clone());
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open_with_flags(
+                db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let mut read = conn
+                .prepare(
+                    "SELECT vf.path, CAST(b.data AS TEXT) FROM apps a
+                     JOIN version_files vf ON vf.version_id = a.current_version
+                     JOIN blobs b ON b.hash = vf.hash
+                     WHERE a.name = 'live' AND vf.path != 'index.html' ORDER BY vf.path",
+                )
+                .unwrap();
+            let mut seen = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut files: Vec<(String, String)> = read
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .unwrap()
+                    .map(|r| r.unwrap())
+                    .collect();
+                files.sort();
+                let whole = |tag: &str| {
+                    let mut all = files_of(tag);
+                    all.sort();
+                    all == files
+                };
+                assert!(whole("one") || whole("two"), "half a deploy: {files:?}");
+                seen += 1;
+            }
+            seen
+        })
+    };
+    for (p, c) in files_of("two") {
         write(&dir.join(p), c.as_bytes());
     }
     write(&dir.join("index.html"), b"two");
@@ -440,4 +482,12 @@ fn a_deploy_while_serving_is_served_at_once_and_never_half_way() {
     assert_eq!(server.text("live.localhost", "/f7.txt"), "two-7");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(reader.join().unwrap() > 0);
+    assert!(snapshots.join().unwrap() > 0);
+}
+
+/// The 20 numbered files of a test version tagged `tag`, as (path, content).
+fn files_of(tag: &str) -> Vec<(String, String)> {
+    (0..20)
+        .map(|i| (format!("f{i}.txt"), format!("{tag}-{i}")))
+        .collect()
 }
