@@ -531,11 +531,18 @@ fn removing_a_peer_ends_its_live_session() {
     zyt.ok(&["peer", "remove", "local"]);
 
     local.deploy(&local.site("after", &[("index.html", "after")]), &[]);
-    // A sync that zyt refuses, then a deploy made after it: neither may have reached zyt.
+    // The live session ends: local's server sees it gone (it would push "after" through it).
+    eventually("local's server sees its session with zyt end", || {
+        let status = local.json(&["peer", "status", "--json"]);
+        (status[0]["connected"] == false).then_some(())
+    });
+    // A sync that zyt refuses, then a deploy made after it: with the session gone and a new
+    // one refused (the sync after it shows the door still shut), neither reached zyt.
     let run = local.run(&["peer", "sync", "zyt", "--timeout", "20"]);
     error_of(&run, "peer sync after being removed");
     local.deploy(&local.site("later", &[("index.html", "later")]), &[]);
-    std::thread::sleep(Duration::from_secs(2));
+    let run = local.run(&["peer", "sync", "zyt", "--timeout", "20"]);
+    error_of(&run, "peer sync after the later deploy");
     assert_eq!(app_names(&zyt), ["before"]);
 }
 

@@ -251,7 +251,6 @@ fn strangers_that_stall_are_dropped_a_few_at_a_time_and_a_real_join_still_works(
         for i in 0..10 {
             let bytes = if i == 9 { Vec::new() } else { partial.clone() };
             tasks.push(tokio::spawn(send_and_stall(addr, bytes)));
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut out = Vec::new();
         for task in tasks {
