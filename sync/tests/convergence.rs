@@ -150,29 +150,34 @@ fn statement(op: &Op) -> (&'static str, Vec<Value>) {
     }
 }
 
-fn write(r: &mut Replica, sql: &str, params: &[&dyn rusqlite::ToSql]) {
+/// Lets through only the refusals random writes are bound to meet: a key that is taken (an
+/// insert, or a key moved onto another row's) and NULL for `items.b` (NOT NULL). Either rolls
+/// the whole transaction back; any other error fails the test.
+fn expect_ok_or_constraint(result: rusqlite::Result<()>, what: &dyn std::fmt::Debug) {
     use rusqlite::ffi::{SQLITE_CONSTRAINT_NOTNULL, SQLITE_CONSTRAINT_PRIMARYKEY};
-    match r.write(|tx| tx.execute(sql, params).map(|_| ())) {
+    match result {
         Ok(()) => {}
-        // The refusals random writes are bound to meet, and only those: a key that is taken
-        // (an insert, or a key moved onto another row's) and NULL for `items.b` (NOT NULL).
         Err(rusqlite::Error::SqliteFailure(e, _))
             if [SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_NOTNULL]
                 .contains(&e.extended_code) => {}
-        Err(e) => panic!("write refused for an unexpected reason: {sql} {e:?}"),
+        Err(e) => panic!("write refused for an unexpected reason: {what:?} {e:?}"),
     }
+}
+
+fn write(r: &mut Replica, sql: &str, params: &[&dyn rusqlite::ToSql]) {
+    expect_ok_or_constraint(r.write(|tx| tx.execute(sql, params).map(|_| ())), &sql);
 }
 
 /// Several writes in one transaction.
 fn write_txn(r: &mut Replica, writes: &[Op]) {
     let statements: Vec<_> = writes.iter().map(statement).collect();
-    // As in `write`: a constraint failure rolls the whole transaction back.
-    let _ = r.write(|tx| {
+    let result = r.write(|tx| {
         for (sql, params) in &statements {
             tx.execute(sql, rusqlite::params_from_iter(params))?;
         }
         Ok::<_, rusqlite::Error>(())
     });
+    expect_ok_or_constraint(result, &writes);
 }
 
 fn deliver(replicas: &mut [Replica], from: usize, to: usize, how: Delivery) {
