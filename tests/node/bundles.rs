@@ -2,7 +2,7 @@
 
 use std::str::FromStr;
 
-use crate::harness::{write, Node};
+use crate::harness::{assert_same_state, write, Node};
 
 fn count(node: &Node, sql: &str) -> i64 {
     node.json(&["sql", sql, "--json"])[0]["n"].as_i64().unwrap()
@@ -88,7 +88,7 @@ fn a_bundle_from_an_unknown_node_is_refused_and_changes_nothing_unless_explicitl
         )) && err.contains("fazt peer trust"),
         "{err}"
     );
-    assert_eq!(b.state(), before);
+    assert_same_state(&before, &b.state());
     assert!(!b.path("data.db.import-spool").exists());
 
     let out = b.ok(&[
@@ -138,7 +138,7 @@ fn a_bundle_altered_after_signing_is_refused_even_with_the_flag() {
                 err.contains(&format!("the bundle's signature does not match its content: it was altered after it was signed, or node {signer} never signed it")),
                 "{err}"
             );
-            assert_eq!(b.state(), before);
+            assert_same_state(&before, &b.state());
         }
     }
 }
@@ -165,7 +165,7 @@ fn an_unsigned_version_1_bundle_is_refused_without_the_flag() {
             && err.contains("--trust-unknown-signer"),
         "{err}"
     );
-    assert_eq!(b.state(), before);
+    assert_same_state(&before, &b.state());
     let out = b.ok(&[
         "sync",
         "import",
@@ -201,7 +201,7 @@ fn a_deploy_travels_by_bundle_and_is_served_by_the_other_node() {
     let before = server_node.state();
     let out = server_node.ok(&["sync", "import", bundle.to_str().unwrap()]);
     assert!(out.contains("0 changes applied"), "{out}");
-    assert_eq!(server_node.state(), before);
+    assert_same_state(&before, &server_node.state());
 }
 
 #[test]
@@ -325,7 +325,7 @@ fn truncated_corrupt_and_foreign_bundles_are_refused_and_change_nothing() {
         std::fs::write(&bad, &content).unwrap();
         let err = b.fails(&["sync", "import", bad.to_str().unwrap()]);
         assert!(err.contains(expect), "{expect}: {err}");
-        assert_eq!(b.state(), before);
+        assert_same_state(&before, &b.state());
     }
     assert!(b
         .fails(&["sync", "import", b.path("missing.fzb").to_str().unwrap()])
@@ -422,7 +422,7 @@ fn kill_9_during_import_leaves_a_consistent_database_and_importing_again_complet
 
     let out = b.ok(&["sync", "import", bundle.to_str().unwrap()]);
     assert!(out.contains("imported"), "{out}");
-    assert_eq!(imported_state(&b), imported_state(&clean));
+    assert_same_state(&imported_state(&clean), &imported_state(&b));
     let server = b.start(&[]);
     assert_eq!(server.text("site.localhost", "/"), "a site");
 }
@@ -438,7 +438,8 @@ fn sql_prints_rows_and_refuses_bad_statements_without_changing_anything() {
         "INSERT INTO t VALUES (1, 'a'); INSERT INTO nope VALUES (1)",
     ]);
     assert!(err.contains("no such table: nope"), "{err}");
-    assert_eq!(a.state(), before, "the whole command rolled back");
+    // The whole command rolled back.
+    assert_same_state(&before, &a.state());
     let rows = a.json(&[
         "sql",
         "INSERT INTO t VALUES (1, x'00ff'), (2, 2.5); SELECT * FROM t ORDER BY id",
@@ -469,5 +470,5 @@ fn db_replicate_refuses_tables_that_break_the_rules_or_belong_to_the_node() {
     assert!(a
         .fails(&["db", "replicate", "missing"])
         .contains("table missing does not exist"));
-    assert_eq!(a.state(), before);
+    assert_same_state(&before, &a.state());
 }

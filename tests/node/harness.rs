@@ -107,7 +107,8 @@ impl Node {
 
     /// Everything the database holds, schema and rows of every table (replicated and
     /// node-local alike), as one sorted text: equal before and after a refused command
-    /// means it changed nothing. Read-only; works while a server runs.
+    /// means it changed nothing (compare with [`assert_same_state`]). Read-only; works while
+    /// a server runs.
     pub fn state(&self) -> String {
         self.state_without(&[])
     }
@@ -308,6 +309,37 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// Asserts that two [`Node::state`] texts are equal; when they are not, shows only the lines
+/// that differ, under the table (or schema) they belong to, instead of both whole texts.
+#[track_caller]
+pub fn assert_same_state(before: &str, after: &str) {
+    if before == after {
+        return;
+    }
+    // (section, line) -> how many more times it is in `after` than in `before`.
+    let mut diff: std::collections::BTreeMap<(String, String), i64> = Default::default();
+    for (text, sign) in [(before, -1), (after, 1)] {
+        let mut section = "schema".to_string();
+        for line in text.lines() {
+            if line.starts_with("== ") {
+                section = line.to_string();
+            }
+            *diff.entry((section.clone(), line.to_string())).or_default() += sign;
+        }
+    }
+    let mut shown = String::new();
+    let mut last = String::new();
+    for ((section, line), n) in diff.into_iter().filter(|(_, n)| *n != 0) {
+        if section != last {
+            shown.push_str(&format!("{section}\n"));
+            last = section;
+        }
+        let sign = if n > 0 { '+' } else { '-' };
+        shown.push_str(&format!("  {sign} {line}\n"));
+    }
+    panic!("the database changed (- before, + after):\n{shown}");
 }
 
 /// Says on the test process's own stderr (past libtest's capture, so it shows even when the

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{write, Node, Run, Server};
+use crate::harness::{assert_same_state, write, Node, Run, Server};
 
 /// How long replication may take before a test gives up (a loaded 2-core machine is slow).
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -339,7 +339,7 @@ fn a_node_that_pins_zyt_but_is_not_trusted_is_refused_and_sends_nothing() {
     let _outsider_server = outsider.start(&[]);
     let run = outsider.run(&["peer", "sync", "zyt", "--timeout", "20"]);
     assert!(error_of(&run, "a second sync").contains("does not trust this node"));
-    assert_eq!(zyt.state(), before);
+    assert_same_state(&before, &zyt.state());
     assert_eq!(page(&zyt_server, "intruder"), None);
 }
 
@@ -361,7 +361,7 @@ fn a_node_presenting_another_key_than_the_pinned_one_is_refused() {
         "{err}"
     );
     assert!(err.contains(&node_id(&zyt)), "names the key it saw: {err}");
-    assert_eq!(zyt.state(), before);
+    assert_same_state(&before, &zyt.state());
 }
 
 /// zyt (server running, one unrelated peer) and a node about to use its tickets.
@@ -390,8 +390,8 @@ fn a_ticket_works_once() {
         err.contains("zyt refused the ticket: the ticket was already used"),
         "{err}"
     );
-    assert_eq!(zyt.state(), zyt_before);
-    assert_eq!(joiner.state(), joiner_before);
+    assert_same_state(&zyt_before, &zyt.state());
+    assert_same_state(&joiner_before, &joiner.state());
 }
 
 #[test]
@@ -408,7 +408,7 @@ fn an_expired_ticket_is_refused() {
         err.contains("zyt refused the ticket: the ticket expired"),
         "{err}"
     );
-    assert_eq!(zyt.state(), before);
+    assert_same_state(&before, &zyt.state());
     assert!(peers(&joiner).is_empty());
 }
 
@@ -430,7 +430,7 @@ fn a_spent_ticket_is_refused_with_its_reason_when_no_invitation_is_open() {
         "reusing a ticket on another node",
     );
     assert!(err.contains(NO_OPEN_INVITATION), "{err}");
-    assert_eq!(zyt.state(), state);
+    assert_same_state(&state, &zyt.state());
 
     let late = ticket(&zyt, &["--ttl", "1s"]);
     // Lets the shortest ticket lifetime (one second, counted in whole seconds) pass.
@@ -441,7 +441,7 @@ fn a_spent_ticket_is_refused_with_its_reason_when_no_invitation_is_open() {
         "joining with an expired ticket",
     );
     assert!(err.contains(NO_OPEN_INVITATION), "{err}");
-    assert_eq!(zyt.state(), state);
+    assert_same_state(&state, &zyt.state());
     assert!(peers(&other).is_empty());
 }
 
@@ -472,7 +472,7 @@ fn a_forged_ticket_is_refused() {
         err.contains("zyt refused the ticket: this node never issued that ticket"),
         "{err}"
     );
-    assert_eq!(zyt.state(), before);
+    assert_same_state(&before, &zyt.state());
     assert!(peers(&joiner).is_empty());
     // The real ticket still works.
     assert!(join(&joiner, &real, "honest").status.success());
@@ -496,8 +496,8 @@ fn text_that_is_not_a_ticket_is_refused() {
     assert!(joiner
         .fails(&["peer", "join", "hello"])
         .contains("not a fazt ticket"));
-    assert_eq!(zyt.state(), zyt_before);
-    assert_eq!(joiner.state(), joiner_before);
+    assert_same_state(&zyt_before, &zyt.state());
+    assert_same_state(&joiner_before, &joiner.state());
 }
 
 #[test]
@@ -598,7 +598,7 @@ fn bad_peer_commands_are_refused_with_the_reason() {
         .fails(&["peer", "sync", "nosuch", "--timeout", "0"])
         .contains("--timeout must be at least 1 second"));
     // Nothing of the above was stored.
-    assert_eq!(node.state(), before);
+    assert_same_state(&before, &node.state());
 
     // A peer that dials this node has no address to be dialed at.
     node.ok(&["peer", "trust", &other, "--name", "laptop"]);
