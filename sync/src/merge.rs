@@ -270,7 +270,9 @@ impl Merge<'_> {
 
     fn merge_changes(&mut self, changes: &[Change], may_continue: bool) -> Result<(), Error> {
         if !self.active {
-            return Err(Error::Corrupt("a failed merge cannot take more changes".into()));
+            return Err(Error::Corrupt(
+                "a failed merge cannot take more changes".into(),
+            ));
         }
         let result = self.merge_changes_inner(changes, may_continue);
         if result.is_err() {
@@ -431,9 +433,7 @@ impl Merge<'_> {
                     "an origin transaction went on past its part without a savepoint".into(),
                 ));
             }
-            self.replica
-                .conn
-                .execute_batch("ROLLBACK TO fazt_group")?;
+            self.replica.conn.execute_batch("ROLLBACK TO fazt_group")?;
             // Sites registered since the savepoint are gone from the database.
             self.replica.reload_sites()?;
         }

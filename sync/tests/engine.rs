@@ -691,13 +691,21 @@ fn a_transaction_whose_later_part_names_a_missing_table_is_undone_and_left_uncov
     exec(&mut a, "INSERT INTO items (id, a) VALUES (9, 'later')", []);
     let batch = a.batch_since(&Coverage::default()).unwrap();
     let first = batch.changes.iter().filter(|c| c.db_version == 1).count();
-    assert!(batch.changes[..first - 2].iter().all(|c| c.table == "items"));
+    assert!(batch.changes[..first - 2]
+        .iter()
+        .all(|c| c.table == "items"));
 
     let mut b = replica_without_pairs();
     let report = merge_in_parts(&mut b, &batch, 2);
-    assert_eq!(report.pending_full, first, "the whole first transaction is not kept");
+    assert_eq!(
+        report.pending_full, first,
+        "the whole first transaction is not kept"
+    );
     let later = batch.changes.len() - first;
-    assert_eq!((report.applied, report.pending, report.transactions), (later, 0, 1));
+    assert_eq!(
+        (report.applied, report.pending, report.transactions),
+        (later, 0, 1)
+    );
     // Nothing of it stayed; the later transaction merged; only its version is covered.
     let ids: Vec<i64> = b
         .conn()
@@ -756,13 +764,23 @@ fn a_merge_dropped_before_commit_changes_nothing() {
     let batch = a.batch_since(&Coverage::default()).unwrap();
     let mut b = replica();
     exec(&mut b, "INSERT INTO items (id, a) VALUES (2, 'mine')", []);
-    let before = (data(&b), clocks(&b), b.coverage().unwrap(), b.db_version().unwrap());
+    let before = (
+        data(&b),
+        clocks(&b),
+        b.coverage().unwrap(),
+        b.db_version().unwrap(),
+    );
     {
         let mut merge = b.begin_merge().unwrap();
         merge.part(&batch.changes).unwrap();
     }
     assert_eq!(
-        (data(&b), clocks(&b), b.coverage().unwrap(), b.db_version().unwrap()),
+        (
+            data(&b),
+            clocks(&b),
+            b.coverage().unwrap(),
+            b.db_version().unwrap()
+        ),
         before
     );
     // The replica is usable afterwards.
