@@ -213,6 +213,18 @@ impl Drop for CrSqlite {
     }
 }
 
+/// [`contents`] as fazt and cr-sqlite must agree on it: with -0.0 read as 0.0. cr-sqlite
+/// compares values with SQL's ordering, where the two are equal, and on a col_version tie
+/// between them keeps what it has — so its own replicas may end with different signs. fazt
+/// orders REALs totally (-0.0 below 0.0), so its replicas agree; fazt replicas are compared
+/// with each other exactly.
+fn contents_signless(conn: &Connection) -> Vec<String> {
+    contents(conn)
+        .into_iter()
+        .map(|row| row.replace("Real(-0.0, 0x8000000000000000)", "Real(0.0, 0x0)"))
+        .collect()
+}
+
 /// What a user sees: every row of `SCHEMA`'s tables, each value with its type, exactly
 /// (a REAL by its bits: `quote()` would print -0.0 as 0.0).
 fn contents(conn: &Connection) -> Vec<String> {
@@ -562,8 +574,8 @@ impl World {
                 continue;
             }
             prop_assert_eq!(
-                contents(f.conn()),
-                contents(&c.conn),
+                contents_signless(f.conn()),
+                contents_signless(&c.conn),
                 "replica {} after {}: fazt (left) vs cr-sqlite (right)",
                 n,
                 after
@@ -601,8 +613,8 @@ fn differential(extension: &std::path::Path, n: usize, ops: &[Op]) -> Result<(),
             r
         );
         prop_assert_eq!(
-            &contents(&world.cr[r].conn),
-            &want,
+            &contents_signless(&world.cr[r].conn),
+            &contents_signless(world.fazt[0].conn()),
             "cr-sqlite replica {} vs fazt replica 0",
             r
         );
