@@ -213,18 +213,6 @@ impl Drop for CrSqlite {
     }
 }
 
-/// [`contents`] as fazt and cr-sqlite must agree on it: with -0.0 read as 0.0. cr-sqlite
-/// compares values with SQL's ordering, where the two are equal, and on a col_version tie
-/// between them keeps what it has — so its own replicas may end with different signs. fazt
-/// orders REALs totally (-0.0 below 0.0), so its replicas agree; fazt replicas are compared
-/// with each other exactly.
-fn contents_signless(conn: &Connection) -> Vec<String> {
-    contents(conn)
-        .into_iter()
-        .map(|row| row.replace("Real(-0.0, 0x8000000000000000)", "Real(0.0, 0x0)"))
-        .collect()
-}
-
 /// What a user sees: every row of `SCHEMA`'s tables, each value with its type, exactly
 /// (a REAL by its bits: `quote()` would print -0.0 as 0.0).
 fn contents(conn: &Connection) -> Vec<String> {
@@ -416,15 +404,18 @@ impl Op {
 }
 
 /// Few distinct values of every type, so that concurrent writes often tie on value, and
-/// some extremes: integer bounds, 0.0 and -0.0 (kept apart only by `pairs.v`, which has no
-/// type), infinity, long text that differs only at its end.
+/// some extremes: integer bounds, 0.0 (and 1 vs 1.0, kept apart only by `pairs.v`, which has
+/// no type), infinity, long text that differs only at its end. Not -0.0: cr-sqlite orders
+/// values as SQL does, where -0.0 equals 0.0, so on a tie between them it keeps either sign
+/// and either site; fazt orders REALs totally (-0.0 below 0.0). The convergence test covers
+/// -0.0 among fazt replicas.
 fn value() -> BoxedStrategy<Value> {
     prop_oneof![
         2 => Just(Value::Null),
         3 => (-1i64..3).prop_map(Value::Integer),
         1 => prop_oneof![Just(i64::MIN), Just(i64::MAX)].prop_map(Value::Integer),
         3 => prop_oneof![Just(0.5f64), Just(-1.0), Just(2.0)].prop_map(Value::Real),
-        1 => prop_oneof![Just(0.0f64), Just(-0.0), Just(f64::INFINITY)].prop_map(Value::Real),
+        1 => prop_oneof![Just(0.0f64), Just(f64::INFINITY)].prop_map(Value::Real),
         3 => prop_oneof![Just("a"), Just("b"), Just(""), Just("1")].prop_map(|s| Value::Text(s.into())),
         1 => prop_oneof![Just('a'), Just('b')].prop_map(|c| Value::Text(format!("{}{c}", "x".repeat(2000)))),
         3 => prop_oneof![Just(vec![]), Just(vec![0u8]), Just(vec![1u8, 2])].prop_map(Value::Blob),
@@ -498,6 +489,13 @@ impl World {
         }
         if self.gap[from] || matches!(how, Delivery::Partial(_)) {
             self.gap[to] = true;
+        }
+        // The receiver of a partial delivery itself may differ too: a row's new incarnation
+        // can arrive without the sender's later write to one of its cells; fazt then shows
+        // the incarnation as it began (the old incarnation's cells wiped), cr-sqlite keeps
+        // the receiver's own older cell. Both end equal once the later write arrives.
+        if matches!(how, Delivery::Partial(_)) {
+            self.unchecked[to] = true;
         }
         let batch = self.fazt[from]
             .batch_since(&self.fazt[to].coverage().unwrap())
@@ -574,8 +572,8 @@ impl World {
                 continue;
             }
             prop_assert_eq!(
-                contents_signless(f.conn()),
-                contents_signless(&c.conn),
+                contents(f.conn()),
+                contents(&c.conn),
                 "replica {} after {}: fazt (left) vs cr-sqlite (right)",
                 n,
                 after
@@ -613,8 +611,8 @@ fn differential(extension: &std::path::Path, n: usize, ops: &[Op]) -> Result<(),
             r
         );
         prop_assert_eq!(
-            &contents_signless(&world.cr[r].conn),
-            &contents_signless(world.fazt[0].conn()),
+            &contents(&world.cr[r].conn),
+            &want,
             "cr-sqlite replica {} vs fazt replica 0",
             r
         );
