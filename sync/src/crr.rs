@@ -156,8 +156,14 @@ impl Replica {
     /// COLUMN`): checks the replication rules, creates its clock and key tables and its
     /// triggers, records existing rows as changes of this replica, and applies pending
     /// changes that were waiting for this table or its new columns.
+    ///
+    /// Refuses the engine's own tables, and a first registration while another object already
+    /// has one of the names the engine would give the table's bookkeeping.
     pub fn replicate(&mut self, table: &str) -> Result<(), Error> {
         crate::schema::check_replicable(&self.conn, table)?;
+        if !self.tables.contains_key(table) {
+            crate::schema::check_names_free(&self.conn, table)?;
+        }
         let columns: Vec<(String, i64)> = self
             .conn
             .prepare("SELECT name, pk FROM pragma_table_info(?1) ORDER BY cid")?

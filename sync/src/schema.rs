@@ -12,6 +12,10 @@ use rusqlite::Connection;
 /// Why a table cannot be replicated. Each message names the rule and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CrrRuleViolation {
+    #[error("{0} is one of the replication engine's own tables (fazt_sync_*, <table>__fazt_*): they describe this replica and never replicate")]
+    EngineTable(String),
+    #[error("table {table}: {object} already exists, but the engine keeps {table}'s replication bookkeeping under that name: rename {object} or {table}")]
+    NameTaken { table: String, object: String },
     #[error("table {0} does not exist")]
     NoSuchTable(String),
     #[error("table {0} has no primary key: replicated rows are identified by their primary key")]
@@ -37,11 +41,23 @@ struct Column {
     pk_position: i64,
 }
 
+/// Whether `name` is, or is named like, one of the engine's own tables: `fazt_sync_*` (the
+/// replica's bookkeeping) or anything with `__fazt_` in it (the clock and key tables, indexes
+/// and triggers kept beside each replicated table). SQLite names ignore ASCII case, so this
+/// does too.
+pub fn is_engine_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.starts_with("fazt_sync_") || name.contains("__fazt_")
+}
+
 /// Checks that `table` follows every rule for replicated tables.
 ///
-/// Returns the first violation found, in a fixed order (existence, primary key, uniqueness,
-/// AUTOINCREMENT, foreign keys, defaults), so that the message is stable.
+/// Returns the first violation found, in a fixed order (an engine name, existence, primary
+/// key, uniqueness, AUTOINCREMENT, foreign keys, defaults), so that the message is stable.
 pub fn check_replicable(conn: &Connection, table: &str) -> Result<(), CrrRuleViolation> {
+    if is_engine_name(table) {
+        return Err(CrrRuleViolation::EngineTable(table.to_string()));
+    }
     let sqlite_err = |e: rusqlite::Error| CrrRuleViolation::Sqlite {
         table: table.to_string(),
         message: e.to_string(),
@@ -123,6 +139,33 @@ pub fn check_replicable(conn: &Connection, table: &str) -> Result<(), CrrRuleVio
         });
     }
     Ok(())
+}
+
+/// Refuses to register `table` for the first time while something else already has a name the
+/// engine would give its bookkeeping (`<table>__fazt_clock`, `<table>__fazt_pks`, their
+/// indexes and triggers): the engine's `CREATE ... IF NOT EXISTS` would adopt a user's table.
+pub(crate) fn check_names_free(conn: &Connection, table: &str) -> Result<(), CrrRuleViolation> {
+    let prefix = format!("{}__fazt_", table.to_ascii_lowercase());
+    let names = conn
+        .prepare("SELECT name FROM sqlite_master ORDER BY name")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(|e| CrrRuleViolation::Sqlite {
+            table: table.to_string(),
+            message: e.to_string(),
+        })?;
+    match names
+        .into_iter()
+        .find(|name| name.to_ascii_lowercase().starts_with(&prefix))
+    {
+        Some(object) => Err(CrrRuleViolation::NameTaken {
+            table: table.to_string(),
+            object,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<Column>> {

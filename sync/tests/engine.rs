@@ -238,6 +238,70 @@ fn tables_that_break_the_rules_are_refused() {
 }
 
 #[test]
+fn a_user_table_named_like_an_engine_table_cannot_be_registered() {
+    let mut a = replica();
+    a.conn()
+        .execute_batch(
+            "CREATE TABLE notes (id TEXT PRIMARY KEY NOT NULL, body TEXT);
+             CREATE TABLE notes__fazt_clock (key INTEGER PRIMARY KEY NOT NULL, note TEXT);
+             CREATE TABLE my__fazt_things (id TEXT PRIMARY KEY NOT NULL, v TEXT);
+             CREATE TABLE fazt_sync_extra (id TEXT PRIMARY KEY NOT NULL, v TEXT);",
+        )
+        .unwrap();
+    let schema = |r: &Replica| -> Vec<String> {
+        r.conn()
+            .prepare("SELECT type || ' ' || name FROM sqlite_master ORDER BY name")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    let before = (data(&a), clocks(&a), a.tables(), schema(&a));
+    for (table, reason) in [
+        (
+            "fazt_sync_pending",
+            "fazt_sync_pending is one of the replication engine's own tables",
+        ),
+        (
+            "FAZT_SYNC_COVERAGE",
+            "FAZT_SYNC_COVERAGE is one of the replication engine's own tables",
+        ),
+        (
+            "fazt_sync_extra",
+            "fazt_sync_extra is one of the replication engine's own tables",
+        ),
+        (
+            "items__fazt_clock",
+            "items__fazt_clock is one of the replication engine's own tables",
+        ),
+        (
+            "pairs__fazt_pks",
+            "pairs__fazt_pks is one of the replication engine's own tables",
+        ),
+        (
+            "my__fazt_things",
+            "my__fazt_things is one of the replication engine's own tables",
+        ),
+        (
+            "notes",
+            "table notes: notes__fazt_clock already exists, but the engine keeps notes's replication bookkeeping under that name",
+        ),
+    ] {
+        let err = a.replicate(table).unwrap_err().to_string();
+        assert!(err.starts_with(reason), "{table}: {err}");
+    }
+    assert_eq!((data(&a), clocks(&a), a.tables(), schema(&a)), before);
+    // Registered tables can still be refreshed (their bookkeeping is theirs).
+    a.replicate("items").unwrap();
+    // Once the squatter is gone, the table registers.
+    a.conn()
+        .execute_batch("DROP TABLE notes__fazt_clock")
+        .unwrap();
+    a.replicate("notes").unwrap();
+}
+
+#[test]
 fn changes_for_a_missing_table_wait_until_it_exists() {
     let mut a = replica();
     exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'early')", []);
