@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Subcommand;
 use fallible_iterator::FallibleIterator;
 use fazt_sync::Value;
@@ -134,16 +134,10 @@ pub fn run(cmd: DbCmd, db: &Path) -> Result<()> {
             Ok(())
         }
         DbCmd::Replicate { table } => {
-            if crate::db::NODE_LOCAL_TABLES.contains(&table.as_str())
-                || table.starts_with("fazt_sync_")
-                || table.starts_with("sqlite_")
-                || table.contains("__fazt_")
-            {
-                bail!("{table} belongs to this node or to the engine and never replicates");
-            }
+            // Refused before the database is opened, so even without one.
+            crate::db::check_user_table(&table)?;
             let mut database = super::open_for_write(db)?;
-            let already = database.tables().contains(&table);
-            database.replicate(&table)?;
+            let already = crate::db::replicate_user_table(&mut database, &table)?;
             if already {
                 println!("{table} was already replicated; its columns are up to date");
             } else {

@@ -86,6 +86,28 @@ fn into_db(mut conn: Connection) -> Result<Db> {
     Ok(db)
 }
 
+/// Registers a user's own table for replication (`fazt db replicate`), or refreshes its
+/// columns; says whether it was registered already. Refuses this node's own tables
+/// ([`NODE_LOCAL_TABLES`]), SQLite's and the engine's, whatever their schema: they describe
+/// this node and must never reach a peer.
+pub fn replicate_user_table(db: &mut Db, table: &str) -> Result<bool> {
+    check_user_table(table)?;
+    let already = db.tables().iter().any(|t| t == table);
+    db.replicate(table)?;
+    Ok(already)
+}
+
+/// Refuses a name [`replicate_user_table`] would refuse without looking at any database.
+pub fn check_user_table(table: &str) -> Result<()> {
+    if NODE_LOCAL_TABLES.contains(&table)
+        || table.starts_with("sqlite_")
+        || fazt_sync::schema::is_engine_name(table)
+    {
+        bail!("{table} belongs to this node or to the engine and never replicates");
+    }
+    Ok(())
+}
+
 /// Opens the database, creating it (and its parent directory) when missing.
 pub fn open_or_create(path: &Path) -> Result<Opened> {
     if path.exists() {

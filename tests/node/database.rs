@@ -221,3 +221,40 @@ fn content_persists_across_restart_and_kill_9() {
     let server = node.start(&[]);
     assert_eq!(server.text("keep.localhost", "/"), "kept");
 }
+
+#[test]
+fn a_user_table_named_like_an_engine_table_cannot_be_registered() {
+    let node = Node::new();
+    node.ok(&[
+        "sql",
+        "CREATE TABLE notes (id TEXT PRIMARY KEY NOT NULL, body TEXT);
+         CREATE TABLE notes__fazt_clock (id TEXT PRIMARY KEY NOT NULL, mine TEXT);
+         CREATE TABLE fazt_sync_mine (id TEXT PRIMARY KEY NOT NULL, v TEXT)",
+    ]);
+    let before = node.state();
+    for (table, reason) in [
+        (
+            "fazt_sync_pending",
+            "error: fazt_sync_pending belongs to this node or to the engine and never replicates",
+        ),
+        (
+            "fazt_sync_mine",
+            "error: fazt_sync_mine belongs to this node or to the engine and never replicates",
+        ),
+        (
+            "apps__fazt_clock",
+            "error: apps__fazt_clock belongs to this node or to the engine and never replicates",
+        ),
+        (
+            "notes__fazt_clock",
+            "error: notes__fazt_clock belongs to this node or to the engine and never replicates",
+        ),
+        (
+            "notes",
+            "error: table notes: notes__fazt_clock already exists, but the engine keeps notes's replication bookkeeping under that name: rename notes__fazt_clock or notes",
+        ),
+    ] {
+        assert_eq!(node.fails(&["db", "replicate", table]), reason);
+    }
+    crate::harness::assert_same_state(&before, &node.state());
+}
