@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use fazt_proto::NodeId;
-use fazt_sync::{Coverage, SiteId};
-use serde::{Deserialize, Serialize};
+use fazt_sync::{Coverage, Status, StatusFileError};
 
 use super::output;
 
@@ -38,91 +37,11 @@ pub enum SyncCmd {
     },
 }
 
-#[derive(Serialize, Deserialize)]
-struct OriginStatus {
-    site_id: String,
-    /// Every version up to this one is held.
-    head: i64,
-    /// Held version ranges (inclusive); more than one means gaps.
-    ranges: Vec<(i64, i64)>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Status {
-    site_id: String,
-    db_version: i64,
-    coverage: Vec<OriginStatus>,
-    pending_changes: i64,
-    /// Bytes the pending area holds, as counted against its cap.
-    #[serde(default)]
-    pending_bytes: i64,
-    /// The pending area's caps; changes beyond them are not kept (a later sync brings them).
-    #[serde(default)]
-    pending_max_changes: i64,
-    #[serde(default)]
-    pending_max_bytes: i64,
-    /// What one bundle may carry (the same on export and import).
-    #[serde(default)]
-    bundle_limits: BundleLimits,
-    tables: Vec<String>,
-}
-
-#[derive(Serialize, Deserialize, Default)]
-struct BundleLimits {
-    names: u64,
-    name_bytes: u64,
-    sites: u64,
-    transaction_changes: u64,
-    transaction_bytes: u64,
-    /// What an import holds in memory at once (a larger origin transaction is merged in
-    /// parts of this size).
-    #[serde(default)]
-    import_part_changes: u64,
-    #[serde(default)]
-    import_part_bytes: u64,
-}
-
-impl BundleLimits {
-    fn current() -> BundleLimits {
-        use fazt_proto::bundle as b;
-        BundleLimits {
-            names: b::MAX_STRINGS as u64,
-            name_bytes: b::MAX_STRING_BYTES,
-            sites: b::MAX_SITES as u64,
-            transaction_changes: b::MAX_TXN_CHANGES,
-            transaction_bytes: b::MAX_TXN_BYTES,
-            import_part_changes: fazt_sync::IMPORT_PART as u64,
-            import_part_bytes: fazt_sync::IMPORT_PART_BYTES as u64,
-        }
-    }
-}
-
 pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
     match cmd {
         SyncCmd::Status { json } => {
             let database = crate::db::open_existing(db)?;
-            let coverage = database.coverage()?;
-            let (pending_changes, pending_bytes) = database.pending_usage()?;
-            let (pending_max_changes, pending_max_bytes) = database.pending_caps();
-            let status = Status {
-                site_id: database.site_id().to_string(),
-                db_version: database.db_version()?,
-                coverage: coverage
-                    .0
-                    .iter()
-                    .map(|(site, set)| OriginStatus {
-                        site_id: site.to_string(),
-                        head: set.head(),
-                        ranges: set.ranges().to_vec(),
-                    })
-                    .collect(),
-                pending_changes,
-                pending_bytes,
-                pending_max_changes,
-                pending_max_bytes,
-                bundle_limits: BundleLimits::current(),
-                tables: database.tables(),
-            };
+            let status = database.status()?;
             if json {
                 return output::json(&status);
             }
@@ -286,21 +205,13 @@ fn check_signer(
 fn read_coverage(path: &Path) -> Result<Coverage> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let status: Status = serde_json::from_str(&text).map_err(|e| {
-        anyhow!(
-            "{} is not the output of `fazt sync status --json`: {e}",
-            path.display()
-        )
-    })?;
-    let mut cov = Coverage::default();
-    for origin in status.coverage {
-        let bytes: [u8; 16] = hex::decode(&origin.site_id)
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| anyhow!("{}: {:?} is not a site id", path.display(), origin.site_id))?;
-        for (start, end) in origin.ranges {
-            cov.insert(SiteId(bytes), start, end);
-        }
-    }
-    Ok(cov)
+    Status::from_json(&text)
+        .and_then(|status| status.coverage())
+        .map_err(|e| match e {
+            StatusFileError::NotStatus(e) => anyhow!(
+                "{} is not the output of `fazt sync status --json`: {e}",
+                path.display()
+            ),
+            StatusFileError::BadSiteId(_) => anyhow!("{}: {e}", path.display()),
+        })
 }

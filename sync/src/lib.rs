@@ -8,6 +8,8 @@
 //! - [`Replica::changes_since`] / [`Replica::apply`]: exporting and merging [`Change`]s,
 //!   with per-origin [`Coverage`] saying what a replica holds.
 //! - [`Replica::export_bundle`] / [`Replica::import_bundle_file`]: changes as files.
+//! - [`Replica::status`]: what a replica reports about itself; [`Status::coverage`] reads
+//!   another node's report back for `fazt sync export --since`.
 
 mod bundle;
 mod changes;
@@ -17,6 +19,7 @@ mod merge;
 pub mod pack;
 mod replica;
 pub mod schema;
+mod status;
 mod value;
 
 pub use bundle::{ExportReport, IMPORT_PART, IMPORT_PART_BYTES};
@@ -26,6 +29,7 @@ pub use fazt_proto::wire::MAX_VERSION;
 pub use merge::{ApplyReport, Merge, MergeHook, MAX_PENDING_BYTES, MAX_PENDING_CHANGES};
 pub use replica::Replica;
 pub use schema::{check_replicable, CrrRuleViolation};
+pub use status::{BundleLimits, OriginStatus, Status, StatusFileError};
 pub use value::Value;
 
 /// Everything the engine can refuse or fail at.
