@@ -16,7 +16,7 @@ pub fn ensure(conn: &Connection) -> Result<NodeId> {
     let key = SigningKey::from_bytes(&secret);
     conn.execute(
         "INSERT INTO node_identity (id, secret_key, created_at) VALUES (1, ?1, ?2)",
-        rusqlite::params![&secret[..], crate::db::now_secs()],
+        rusqlite::params![&secret[..], crate::clock::now_secs()],
     )
     .context("storing the node key")?;
     Ok(node_id(&key))

@@ -1,7 +1,9 @@
 //! fazt: one binary and one SQLite file that host sites and apps, on every peer.
 
 mod cli;
+mod clock;
 mod config;
+mod content_type;
 mod db;
 mod hosting;
 mod identity;
@@ -9,6 +11,7 @@ mod peer;
 mod runtime;
 mod server;
 mod storage;
+mod units;
 
 use clap::Parser;
 

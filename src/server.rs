@@ -35,7 +35,7 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
         let sync_port = peers.local_port();
         conn.execute(
             "INSERT OR REPLACE INTO node_runtime (id, pid, port, domain, started_at, sync_port) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
-            rusqlite::params![std::process::id(), port, config.domain.value.as_str(), crate::db::now_secs(), sync_port],
+            rusqlite::params![std::process::id(), port, config.domain.value.as_str(), crate::clock::now_secs(), sync_port],
         )?;
         let hosting = Arc::new(Hosting {
             site: Arc::new(Site::open(db_path.to_path_buf())?),
@@ -77,7 +77,7 @@ async fn collect_blobs(db_path: std::path::PathBuf) {
             crate::hosting::gc::collect(
                 &mut db,
                 i64::from(crate::hosting::gc::DEFAULT_GRACE_SECS),
-                crate::db::now_secs(),
+                crate::clock::now_secs(),
             )?;
             Ok(())
         })

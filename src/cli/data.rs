@@ -112,7 +112,7 @@ pub fn run(cmd: DbCmd, db: &Path) -> Result<()> {
             let done = crate::hosting::gc::collect(
                 &mut database,
                 i64::from(grace),
-                crate::db::now_secs(),
+                crate::clock::now_secs(),
             )?;
             if json {
                 return output::json(&done);

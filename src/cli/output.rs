@@ -34,19 +34,9 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) {
     }
 }
 
-pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["KB", "MB", "GB", "TB"];
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
-}
+// Byte sizes are formatted in a leaf module, so that progress lines below the CLI (peer sync)
+// print them alike without importing the CLI.
+pub use crate::units::size;
 
 pub fn time(secs: i64) -> String {
     if secs <= 0 {

@@ -8,22 +8,6 @@ const MIN_COMPRESS_BYTES: usize = 256;
 /// Brotli's best setting is slow on big files; above this size use a quicker one.
 const BROTLI_BEST_MAX_BYTES: usize = 1 << 20;
 
-/// The Content-Type for a path (with a UTF-8 charset for text).
-pub fn mime_for(path: &str) -> String {
-    let mime = mime_guess::from_path(path).first_or_octet_stream();
-    let essence = mime.essence_str();
-    if mime.type_() == mime_guess::mime::TEXT
-        || matches!(
-            essence,
-            "application/javascript" | "application/json" | "image/svg+xml"
-        )
-    {
-        format!("{essence}; charset=utf-8")
-    } else {
-        essence.to_string()
-    }
-}
-
 fn compressible(mime: &str) -> bool {
     let essence = mime.split(';').next().unwrap_or("").trim();
     essence.starts_with("text/")
@@ -145,18 +129,6 @@ mod tests {
         assert_eq!(cache_control("my-component.js"), "public, max-age=300");
         assert_eq!(cache_control("jquery-3.7.1.min.js"), "public, max-age=300");
         assert_eq!(cache_control("logo.png"), "public, max-age=300");
-    }
-
-    #[test]
-    fn types_carry_a_charset_for_text() {
-        assert_eq!(mime_for("a/index.html"), "text/html; charset=utf-8");
-        assert!(
-            mime_for("app.js").ends_with("javascript; charset=utf-8"),
-            "{}",
-            mime_for("app.js")
-        );
-        assert_eq!(mime_for("logo.png"), "image/png");
-        assert_eq!(mime_for("noext"), "application/octet-stream");
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub fn stage(dir: &Path, limits: &Limits) -> Result<Staged> {
         if data.len() as u64 > limits.max_file_bytes {
             bail!("{rel} grew past the file limit while being read");
         }
-        let mime = content::mime_for(&rel);
+        let mime = crate::content_type::mime_for(&rel);
         files.insert(
             rel,
             StagedFile {
@@ -224,7 +224,7 @@ pub fn commit(
     staged: Staged,
 ) -> Result<DeployReport> {
     let app_id = name.derive_id();
-    let now = crate::db::now_secs();
+    let now = crate::clock::now_secs();
     // Nanoseconds plus the node's randomness keep ids distinct even for identical redeploys.
     let mut salt = [0u8; 8];
     getrandom::fill(&mut salt).map_err(|e| anyhow!("no randomness: {e}"))?;

@@ -156,7 +156,7 @@ pub fn rollback(db: &mut Db, app: &AppName, to: Option<&str>) -> Result<VersionS
         };
         tx.execute(
             "UPDATE apps SET current_version = ?1, updated_at = ?2 WHERE id = ?3",
-            params![target.id.0, crate::db::now_secs(), id.0],
+            params![target.id.0, crate::clock::now_secs(), id.0],
         )?;
         Ok(VersionSummary {
             current: true,
@@ -267,7 +267,7 @@ pub fn link(db: &mut Db, sub: &Subdomain, app: &AppName) -> Result<Option<String
     conn.execute(
         "INSERT INTO aliases (subdomain, app_id, updated_at) VALUES (?1, ?2, ?3)
          ON CONFLICT (subdomain) DO UPDATE SET app_id = excluded.app_id, updated_at = excluded.updated_at",
-        params![sub.as_str(), id.0, crate::db::now_secs()],
+        params![sub.as_str(), id.0, crate::clock::now_secs()],
     )?;
     Ok(previous)
     })
@@ -298,7 +298,7 @@ pub fn swap(db: &mut Db, a: &Subdomain, b: &Subdomain) -> Result<()> {
             .ok_or_else(|| anyhow!("no alias {sub} (see `fazt alias list`)"))
         };
         let (app_a, app_b) = (target(a)?, target(b)?);
-        let now = crate::db::now_secs();
+        let now = crate::clock::now_secs();
         tx.execute(
             "UPDATE aliases SET app_id = ?1, updated_at = ?2 WHERE subdomain = ?3",
             params![app_b, now, a.as_str()],

@@ -180,9 +180,9 @@ fn show_progress(name: &str, mut rx: watch::Receiver<Stats>) -> tokio::task::Joi
             eprint!(
                 "\r{name}: sent {} changes ({}), received {} changes ({})   ",
                 s.sent_changes,
-                crate::cli::output::size(s.sent_bytes),
+                crate::units::size(s.sent_bytes),
                 s.received_changes,
-                crate::cli::output::size(s.received_bytes),
+                crate::units::size(s.received_bytes),
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -182,7 +182,12 @@ pub fn add(
     conn.execute(
         "INSERT INTO peers (name, node_id, addr, added_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (name) DO UPDATE SET addr = coalesce(excluded.addr, peers.addr)",
-        params![name.as_str(), key.to_string(), addr, crate::db::now_secs()],
+        params![
+            name.as_str(),
+            key.to_string(),
+            addr,
+            crate::clock::now_secs()
+        ],
     )?;
     Ok(())
 }
@@ -220,7 +225,7 @@ pub fn record_state(
 ) -> Result<()> {
     conn.execute(
         "UPDATE peers SET connected = ?2, last_seen = ?3, lag = coalesce(?4, lag) WHERE node_id = ?1",
-        params![key.to_string(), connected, crate::db::now_secs(), lag],
+        params![key.to_string(), connected, crate::clock::now_secs(), lag],
     )?;
     Ok(())
 }
@@ -240,7 +245,7 @@ pub fn create_invite(conn: &Connection, ttl_secs: i64) -> Result<[u8; 32]> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret)
         .map_err(|e| anyhow::anyhow!("no randomness for an invitation: {e}"))?;
-    let now = crate::db::now_secs();
+    let now = crate::clock::now_secs();
     conn.execute(
         "INSERT INTO peer_invites (secret_hash, created_at, expires_at) VALUES (?1, ?2, ?3)",
         params![secret_hash(&secret), now, now.saturating_add(ttl_secs)],
@@ -272,7 +277,7 @@ pub fn redeem_invite(
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
-    let now = crate::db::now_secs();
+    let now = crate::clock::now_secs();
     Ok(match row {
         None => Err(InviteError::Unknown),
         Some((_, Some(_))) => Err(InviteError::Used),
@@ -298,7 +303,7 @@ pub fn redeem_invite(
 pub fn invite_open_until(conn: &Connection) -> Result<Option<i64>> {
     Ok(conn.query_row(
         "SELECT max(expires_at) FROM peer_invites WHERE used_at IS NULL AND expires_at > ?1",
-        [crate::db::now_secs()],
+        [crate::clock::now_secs()],
         |r| r.get(0),
     )?)
 }

@@ -10,8 +10,9 @@ use rquickjs::{Array, ArrayBuffer, Ctx, Exception, Function, Object, Value};
 use serde_json::Value as Json;
 
 use super::script;
+use crate::clock::now_ms;
 use crate::db::Db;
-use crate::storage::{self, docs, files, kv, now_ms, Budget, Scope};
+use crate::storage::{self, docs, files, kv, Budget, Scope};
 
 /// Longest console line kept, in bytes; a longer one is cut and ends with ` [truncated]`.
 pub const MAX_LOG_LINE: usize = 16 << 10;

@@ -51,7 +51,7 @@ pub fn put(
             }
             m.to_string()
         }
-        _ => crate::hosting::content::mime_for(path),
+        _ => crate::content_type::mime_for(path),
     };
     let meta = Meta {
         hash: hex::encode(Sha256::digest(data)),

@@ -94,14 +94,6 @@ pub(crate) fn explain(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Keys, collection names and paths: non-empty, at most 1 KiB, no NUL.
 pub(crate) fn check_name(kind: &str, s: &str) -> Result<()> {
     if s.is_empty() {
