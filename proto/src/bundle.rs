@@ -40,7 +40,9 @@ use sha2::{Digest, Sha512};
 use crate::codec::{unzigzag, zigzag};
 use crate::NodeId;
 
+/// The first bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"FAZTBNDL";
+/// The format version this build writes; it reads this one and older.
 pub const FORMAT_VERSION: u16 = 2;
 /// Domain separation for bundle signatures: the signed message is this followed by the
 /// SHA-512 digest of the bundle's content, so a bundle signature is never valid as anything
@@ -60,56 +62,86 @@ pub const MAX_TXN_BYTES: u64 = 1 << 30;
 /// Longest string or blob a bundle may carry (guards allocations on hostile input).
 const MAX_LEN: u64 = MAX_TXN_BYTES;
 
+/// A column value as bundles and the peer protocol carry it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WireValue {
+    /// NULL.
     Null,
+    /// A 64-bit signed integer.
     Integer(i64),
+    /// A 64-bit float.
     Real(f64),
+    /// UTF-8 text.
     Text(String),
+    /// Bytes.
     Blob(Vec<u8>),
 }
 
+/// A change row as bundles and the peer protocol carry it (the fields of cr-sqlite's
+/// `crsql_changes`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WireChange {
+    /// The replicated table.
     pub table: String,
+    /// The row's packed primary key.
     pub pk: Vec<u8>,
+    /// The column's name, or `-1` for the row's existence.
     pub cid: String,
+    /// The column's value.
     pub val: WireValue,
+    /// The column's version.
     pub col_version: i64,
+    /// The origin's db_version of the write.
     pub db_version: i64,
+    /// The origin's site id.
     pub site: [u8; 16],
+    /// The row's causal length.
     pub cl: i64,
+    /// The write's position in its origin transaction.
     pub seq: i64,
 }
 
 /// One record of a bundle as the reader hands it out.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Record {
+    /// A change.
     Change(WireChange),
     /// The bundle holds everything of `site`'s versions `start..=end`.
     Cover {
+        /// The origin's site id.
         site: [u8; 16],
+        /// The first version held.
         start: i64,
+        /// The last version held.
         end: i64,
     },
 }
 
+/// Why a bundle could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
+    /// The input does not start with [`MAGIC`].
     #[error("not a fazt change bundle (wrong magic bytes)")]
     NotABundle,
+    /// The format is newer than [`FORMAT_VERSION`].
     #[error("bundle format version {0} is newer than this fazt understands ({FORMAT_VERSION}): upgrade fazt")]
     NewerVersion(u16),
+    /// The input ends before the bundle does.
     #[error("the bundle is truncated")]
     Truncated,
+    /// The bytes break the format; the text says how.
     #[error("the bundle is corrupt: {0}")]
     Corrupt(&'static str),
+    /// The CRC-32 does not match.
     #[error("the bundle's checksum does not match: the file is damaged")]
     Checksum,
+    /// The signature does not verify with the signer's key.
     #[error("the bundle's signature does not match its content: it was altered after it was signed, or node {0} never signed it; refused (ask for a fresh export)")]
     BadSignature(NodeId),
+    /// The bundle exceeds one of the limits; the text names it.
     #[error("{0}")]
     Limit(String),
+    /// Reading or writing failed.
     #[error(transparent)]
     Io(io::Error),
 }
@@ -270,6 +302,7 @@ impl<W: Write> BundleWriter<W> {
         Ok(())
     }
 
+    /// Writes one change; refuses one that would exceed a limit.
     pub fn change(&mut self, c: &WireChange) -> Result<(), BundleError> {
         let table = self.string(&c.table)?;
         let cid = self.string(&c.cid)?;
@@ -310,6 +343,7 @@ impl<W: Write> BundleWriter<W> {
         Ok(self.flush_if_full()?)
     }
 
+    /// Records that the bundle holds everything of `site`'s versions `start..=end`.
     pub fn cover(&mut self, site: [u8; 16], start: i64, end: i64) -> Result<(), BundleError> {
         let s = self.site(site)?;
         self.buf.push(COVER);
@@ -409,6 +443,7 @@ fn reader_limit(what: String) -> BundleError {
 }
 
 impl<R: Read> BundleReader<R> {
+    /// Reads the header; refuses input that is not a bundle or is of a newer format.
     pub fn new(input: R) -> Result<Self, BundleError> {
         let mut input = HashingReader {
             inner: input,
@@ -454,6 +489,7 @@ impl<R: Read> BundleReader<R> {
         })
     }
 
+    /// The site id of the replica that exported the bundle.
     pub fn sender(&self) -> [u8; 16] {
         self.sender
     }
@@ -621,7 +657,9 @@ impl<R: Read> BundleReader<R> {
 pub struct Verified {
     /// The node whose signature checked out; `None` for an unsigned (version 1) bundle.
     pub signer: Option<NodeId>,
+    /// Change records in the bundle.
     pub changes: u64,
+    /// Cover records in the bundle.
     pub covers: u64,
 }
 

@@ -43,8 +43,10 @@ pub(crate) fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
 /// Why a slice could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// The bytes end before the value does.
     #[error("message truncated")]
     Truncated,
+    /// The bytes break the format; the text says how.
     #[error("malformed message: {0}")]
     Malformed(&'static str),
 }

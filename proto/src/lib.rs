@@ -6,6 +6,8 @@
 //! - [`ticket`]: invitation tickets (`fazt peer invite` / `join`).
 //! - [`PROTOCOL_VERSION`] / [`ALPN`]: the peer protocol's version.
 
+#![warn(missing_docs)]
+
 pub mod bundle;
 mod codec;
 mod node_id;

@@ -10,19 +10,24 @@ use data_encoding::BASE32_NOPAD;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NodeId([u8; 32]);
 
+/// Why a text is not a node id.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NodeIdError {
+    /// It does not have 52 characters.
     #[error("a node id is 52 base32 characters, got {0}")]
     Length(usize),
+    /// It has a character outside base32's alphabet.
     #[error("a node id uses only the letters a-z and digits 2-7")]
     Alphabet,
 }
 
 impl NodeId {
+    /// The node id of an ed25519 public key.
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         NodeId(bytes)
     }
 
+    /// The ed25519 public key.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

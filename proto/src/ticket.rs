@@ -2,7 +2,7 @@
 //!
 //! A ticket names the inviting node (its key, so the joiner pins it before sending anything),
 //! where to reach it, and a one-time secret. Printed as `fazt1` followed by lower-case
-//! unpadded base32 of: version byte 1, node key [32], secret [32], address (UTF-8).
+//! unpadded base32 of: version byte 1, node key (32 bytes), secret (32 bytes), address (UTF-8).
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,9 +14,13 @@ use crate::NodeId;
 const PREFIX: &str = "fazt1";
 const VERSION: u8 = 1;
 
+/// An invitation: who invites, the one-time secret that proves the holder was invited, and
+/// where to reach the inviting node.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Ticket {
+    /// The inviting node.
     pub node: NodeId,
+    /// The one-time secret; the inviting node keeps only its hash.
     pub secret: [u8; 32],
     /// HOST:PORT of the inviting node's sync listener.
     pub addr: String,
@@ -32,16 +36,22 @@ impl fmt::Debug for Ticket {
     }
 }
 
+/// Why a text is not a ticket this build can read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TicketError {
+    /// It does not start with the ticket prefix.
     #[error("not a fazt ticket (it starts with `{PREFIX}`): copy the whole last line `fazt peer invite` printed")]
     Prefix,
+    /// It is not base32.
     #[error("the ticket is damaged (not base32): copy the whole line again")]
     Encoding,
+    /// It is too short.
     #[error("the ticket is damaged (too short): copy the whole line again")]
     Truncated,
+    /// A newer format than this build reads.
     #[error("the ticket was made by a newer fazt (format {0}): upgrade fazt")]
     Version(u8),
+    /// The address is not UTF-8.
     #[error("the ticket's address is not valid text")]
     Address,
 }

@@ -72,10 +72,13 @@ pub type SiteRanges = ([u8; 16], Vec<(i64, i64)>);
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Heads(pub Vec<SiteRanges>);
 
+/// A large value sent by reference: the receiver fetches its bytes with [`Message::Want`]
+/// unless it already holds them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContentRef {
     /// SHA-256 of the value's bytes.
     pub digest: [u8; 32],
+    /// Length of the value in bytes.
     pub len: u64,
     /// The value is TEXT (its UTF-8 bytes), not a BLOB.
     pub text: bool,
@@ -86,19 +89,27 @@ pub struct ContentRef {
 pub struct NetChange {
     /// When `content` is set, `change.val` is not sent (it decodes as NULL).
     pub change: WireChange,
+    /// The value's content reference, for a value sent by reference.
     pub content: Option<ContentRef>,
 }
 
+/// The first message of a sync session, from each side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
+    /// The sender's node key.
     pub node: [u8; 32],
+    /// The protocol version the sender speaks.
     pub protocol: u32,
+    /// The sender's database schema version.
     pub schema: u32,
+    /// Everything the sender holds.
     pub heads: Heads,
 }
 
+/// A node that holds a ticket asks to be trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Join {
+    /// The ticket's one-time secret.
     pub secret: [u8; 32],
     /// The name the joining node suggests for itself.
     pub name: String,
@@ -106,38 +117,54 @@ pub struct Join {
     pub addr: String,
 }
 
+/// Part of a group of changes (whole origin transactions) the receiver lacks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Changes {
+    /// The changes, in order.
     pub changes: Vec<NetChange>,
     /// Set on a group's last message: the versions the group completes.
     pub complete: Option<Heads>,
 }
 
+/// A chunk of content asked for with [`Message::Want`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Content {
+    /// SHA-256 of the whole content.
     pub digest: [u8; 32],
     /// The sender no longer holds these bytes (the value was overwritten meanwhile).
     pub gone: bool,
+    /// Length of the whole content in bytes.
     pub total: u64,
+    /// Where this chunk starts in the content.
     pub offset: u64,
+    /// The chunk's bytes.
     pub data: Vec<u8>,
 }
 
+/// Every message of the peer protocol.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
+    /// Opens a sync session.
     Hello(Hello),
+    /// Asks to be trusted, with a ticket.
     Join(Join),
     /// The inviting node accepted a Join; carries the name it suggests for itself.
     Welcome {
+        /// The name the inviting node suggests for itself.
         name: String,
     },
+    /// Changes the receiver lacks.
     Changes(Changes),
     /// Groups applied so far in this session, and everything the sender now holds.
     Applied {
+        /// Groups applied so far in this session.
         groups: u64,
+        /// Everything the sender now holds.
         heads: Heads,
     },
+    /// Asks for the content with these digests.
     Want(Vec<[u8; 32]>),
+    /// A chunk of content.
     Content(Content),
     /// The sender ends the session; the reason is meant for people.
     Refuse(String),

@@ -29,9 +29,12 @@ pub const IMPORT_PART: usize = 4_096;
 /// held alone).
 pub const IMPORT_PART_BYTES: usize = 8 << 20;
 
+/// What an export wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportReport {
+    /// Changes written.
     pub changes: u64,
+    /// Bytes written.
     pub bytes: u64,
     /// What the bundle completes, per origin.
     pub covers: Coverage,
@@ -43,6 +46,7 @@ impl Change {
         to_wire(self)
     }
 
+    /// The change from fazt-proto's representation (its bounds were checked at decode).
     pub fn from_wire(w: WireChange) -> Change {
         from_wire(w)
     }

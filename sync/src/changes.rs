@@ -14,22 +14,33 @@ use crate::Error;
 /// The column id of a row's existence (its causal length), as in cr-sqlite.
 pub const ROW_CID: &str = "-1";
 
+/// One change row, shaped like a row of cr-sqlite's `crsql_changes`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
+    /// The replicated table.
     pub table: String,
+    /// The row's primary key, packed ([`crate::pack`]).
     pub pk: Vec<u8>,
+    /// The column's name, or [`ROW_CID`] for the row's existence.
     pub cid: String,
+    /// The column's value (NULL for the row's existence).
     pub val: Value,
+    /// How many times the column was written in this incarnation of the row.
     pub col_version: i64,
+    /// The origin's db_version of the write that produced this change.
     pub db_version: i64,
+    /// The origin: the replica that made the write.
     pub site_id: SiteId,
+    /// The row's causal length: odd while it exists, even once deleted.
     pub cl: i64,
+    /// The write's position in its origin transaction.
     pub seq: i64,
 }
 
 /// What [`Replica::export_groups`] hands out, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Exported {
+    /// The next change.
     Change(Change),
     /// The changes handed out since the previous group complete these versions.
     Group(Coverage),
@@ -39,7 +50,9 @@ pub enum Exported {
 /// sender held for those (origin, version) ranges.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Batch {
+    /// The changes, origin transaction by origin transaction.
     pub changes: Vec<Change>,
+    /// The (origin, version) ranges these changes complete.
     pub covers: Coverage,
     /// The sender's Lamport clock as it declares it (0: not declared). Covers are believed
     /// only up to the receiver's clock after the merge, or this; see `docs/sync-protocol.md`.

@@ -30,10 +30,12 @@ impl fmt::Debug for SiteId {
 pub struct RangeSet(Vec<(i64, i64)>);
 
 impl RangeSet {
+    /// The empty set.
     pub fn new() -> Self {
         RangeSet(Vec::new())
     }
 
+    /// The union of `ranges` (each inclusive; empty ones are ignored).
     pub fn from_ranges(ranges: impl IntoIterator<Item = (i64, i64)>) -> Self {
         let mut set = RangeSet::new();
         for (a, b) in ranges {
@@ -42,10 +44,12 @@ impl RangeSet {
         set
     }
 
+    /// The ranges, sorted, disjoint and non-adjacent.
     pub fn ranges(&self) -> &[(i64, i64)] {
         &self.0
     }
 
+    /// Whether the set holds no version.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -122,6 +126,7 @@ impl RangeSet {
         *self = merged;
     }
 
+    /// Whether version `v` is in the set.
     pub fn contains(&self, v: i64) -> bool {
         let idx = self.0.partition_point(|&(_, b)| b < v);
         self.0.get(idx).is_some_and(|&(a, _)| a <= v)
@@ -176,20 +181,24 @@ impl RangeSet {
 pub struct Coverage(pub BTreeMap<SiteId, RangeSet>);
 
 impl Coverage {
+    /// The versions held from origin `site`, if any.
     pub fn get(&self, site: &SiteId) -> Option<&RangeSet> {
         self.0.get(site)
     }
 
+    /// Adds `start..=end` of origin `site`.
     pub fn insert(&mut self, site: SiteId, start: i64, end: i64) {
         self.0.entry(site).or_default().insert(start, end);
     }
 
+    /// Adds everything `other` covers.
     pub fn union(&mut self, other: &Coverage) {
         for (site, set) in &other.0 {
             self.0.entry(*site).or_default().union(set);
         }
     }
 
+    /// Whether version `version` of origin `site` is covered.
     pub fn contains(&self, site: &SiteId, version: i64) -> bool {
         self.0.get(site).is_some_and(|s| s.contains(version))
     }

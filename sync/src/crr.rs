@@ -22,19 +22,19 @@ use crate::Error;
 
 /// The catalog entry of one replicated table.
 #[derive(Debug, Clone)]
-pub struct TableInfo {
-    pub name: String,
+pub(crate) struct TableInfo {
+    pub(crate) name: String,
     /// Primary-key column names, in primary-key order.
-    pub pk: Vec<String>,
+    pub(crate) pk: Vec<String>,
     /// Non-key columns: (cid, name).
-    pub columns: Vec<(i64, String)>,
+    pub(crate) columns: Vec<(i64, String)>,
     /// The key is one `INTEGER PRIMARY KEY` (the rowid): its value is the clock's row key
     /// and no key table is needed.
-    pub rowid_key: bool,
+    pub(crate) rowid_key: bool,
 }
 
 impl TableInfo {
-    pub fn cid_of(&self, name: &str) -> Option<i64> {
+    pub(crate) fn cid_of(&self, name: &str) -> Option<i64> {
         self.columns
             .iter()
             .find(|(_, n)| n == name)

@@ -11,6 +11,8 @@
 //! - [`Replica::status`]: what a replica reports about itself; [`Status::coverage`] reads
 //!   another node's report back for `fazt sync export --since`.
 
+#![warn(missing_docs)]
+
 mod bundle;
 mod changes;
 mod coverage;
@@ -26,7 +28,9 @@ pub use bundle::{ExportReport, IMPORT_PART, IMPORT_PART_BYTES};
 pub use changes::{Batch, Change, Exported, ROW_CID};
 pub use coverage::{Coverage, RangeSet, SiteId};
 pub use fazt_proto::wire::MAX_VERSION;
-pub use merge::{ApplyReport, Merge, MergeHook, MAX_PENDING_BYTES, MAX_PENDING_CHANGES};
+pub use merge::{
+    ApplyReport, Merge, MergeHook, MAX_PENDING_BYTES, MAX_PENDING_CHANGES, PENDING_ROW_OVERHEAD,
+};
 pub use replica::Replica;
 pub use schema::{check_replicable, CrrRuleViolation};
 pub use status::{BundleLimits, OriginStatus, Status, StatusFileError};
@@ -35,18 +39,25 @@ pub use value::Value;
 /// Everything the engine can refuse or fail at.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// SQLite failed.
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
+    /// A table does not follow the replication rules.
     #[error(transparent)]
     Rule(#[from] CrrRuleViolation),
+    /// A registered table changed in a way replication cannot follow.
     #[error("{0}")]
     Schema(String),
+    /// A change from outside breaks a bound or names something impossible.
     #[error("malformed change: {0}")]
     Malformed(String),
+    /// The engine's own tables contradict each other.
     #[error("replication bookkeeping is damaged: {0}")]
     Corrupt(String),
+    /// A bundle file is malformed or its signature does not verify.
     #[error(transparent)]
     Bundle(#[from] fazt_proto::bundle::BundleError),
+    /// Reading or writing a bundle file failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -113,7 +113,9 @@ fn check_covers(covers: &Coverage) -> Result<(), Error> {
 /// rolls the whole merge back. The node uses it to keep the bytes of content a peer deleted
 /// while this node still references it.
 pub trait MergeHook: Send + Sync {
+    /// Runs before a part of a merge is applied, with that part's changes.
     fn before(&self, conn: &Connection, changes: &[Change]) -> rusqlite::Result<()>;
+    /// Runs after that part was applied, in the same transaction.
     fn after(&self, conn: &Connection) -> rusqlite::Result<()>;
 }
 

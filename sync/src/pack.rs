@@ -9,6 +9,7 @@
 
 use crate::value::Value;
 
+/// A packed primary key that does not follow the layout above.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("malformed packed primary key: {0}")]
 pub struct PackError(&'static str);
@@ -29,6 +30,7 @@ fn put_sized(out: &mut Vec<u8>, tag: u8, n: u64) {
     out.extend_from_slice(&n.to_be_bytes()[8 - w as usize..]);
 }
 
+/// Packs a primary key's values, in primary-key order.
 pub fn pack(values: &[Value]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + values.len() * 9);
     out.push(values.len() as u8);
@@ -53,6 +55,8 @@ pub fn pack(values: &[Value]) -> Vec<u8> {
     out
 }
 
+/// The values of a packed primary key; refuses bytes that do not follow the layout
+/// (truncated, trailing bytes, unknown types, text that is not UTF-8).
 pub fn unpack(mut data: &[u8]) -> Result<Vec<Value>, PackError> {
     fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8], PackError> {
         if data.len() < n {

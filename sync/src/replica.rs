@@ -103,6 +103,8 @@ CREATE TABLE IF NOT EXISTS fazt_sync_pending (
 );
 ";
 
+/// A SQLite connection with the replication engine on it: the catalog of replicated tables,
+/// the capture of local writes and the merging of changes from other replicas.
 pub struct Replica {
     pub(crate) conn: Connection,
     pub(crate) capture: Arc<Capture>,
@@ -242,6 +244,7 @@ impl Replica {
         self.conn
     }
 
+    /// This replica's site id, the origin of its own writes.
     pub fn site_id(&self) -> SiteId {
         self.site_id
     }

@@ -12,26 +12,61 @@ use rusqlite::Connection;
 /// Why a table cannot be replicated. Each message names the rule and the fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CrrRuleViolation {
+    /// The name is one of the engine's own tables, or named like one.
     #[error("{0} is one of the replication engine's own tables (fazt_sync_*, <table>__fazt_*): they describe this replica and never replicate")]
     EngineTable(String),
+    /// Something else already has a name the engine would give the table's bookkeeping.
     #[error("table {table}: {object} already exists, but the engine keeps {table}'s replication bookkeeping under that name: rename {object} or {table}")]
-    NameTaken { table: String, object: String },
+    NameTaken {
+        /// The table being registered.
+        table: String,
+        /// The existing object that has one of its bookkeeping names.
+        object: String,
+    },
+    /// No such table.
     #[error("table {0} does not exist")]
     NoSuchTable(String),
+    /// The table has no primary key.
     #[error("table {0} has no primary key: replicated rows are identified by their primary key")]
     NoPrimaryKey(String),
+    /// A primary-key column may be NULL.
     #[error("table {table}: primary key column {column} must be declared NOT NULL")]
-    NullablePrimaryKey { table: String, column: String },
+    NullablePrimaryKey {
+        /// The table.
+        table: String,
+        /// The nullable key column.
+        column: String,
+    },
+    /// The table has a UNIQUE index besides its primary key.
     #[error("table {table}: unique index {index} is not allowed (only the primary key may be unique): merges could violate it")]
-    UniqueIndex { table: String, index: String },
+    UniqueIndex {
+        /// The table.
+        table: String,
+        /// The unique index besides the primary key.
+        index: String,
+    },
+    /// The table uses AUTOINCREMENT.
     #[error("table {0} uses AUTOINCREMENT: two nodes would mint the same key; use random or content-derived keys")]
     Autoincrement(String),
+    /// The table has a FOREIGN KEY.
     #[error("table {0} has a FOREIGN KEY: changes may arrive in any order, so references cannot be enforced")]
     ForeignKey(String),
+    /// A NOT NULL column has no DEFAULT.
     #[error("table {table}: NOT NULL column {column} needs a DEFAULT so rows can be built one column at a time")]
-    NotNullWithoutDefault { table: String, column: String },
+    NotNullWithoutDefault {
+        /// The table.
+        table: String,
+        /// The NOT NULL column without a default.
+        column: String,
+    },
+    /// SQLite failed while the schema was read.
     #[error("reading the schema of {table}: {message}")]
-    Sqlite { table: String, message: String },
+    Sqlite {
+        /// The table whose schema was being read.
+        table: String,
+        /// SQLite's error.
+        message: String,
+    },
 }
 
 struct Column {

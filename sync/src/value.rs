@@ -9,10 +9,15 @@ use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 /// numerically within their type, text and blobs bytewise.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// NULL.
     Null,
+    /// A 64-bit signed integer.
     Integer(i64),
+    /// A 64-bit float.
     Real(f64),
+    /// UTF-8 text.
     Text(String),
+    /// Bytes.
     Blob(Vec<u8>),
 }
 
@@ -27,6 +32,7 @@ impl Value {
         }
     }
 
+    /// Copies a value read from SQLite (text that is not UTF-8 is converted lossily).
     pub fn from_ref(v: ValueRef<'_>) -> Value {
         match v {
             ValueRef::Null => Value::Null,

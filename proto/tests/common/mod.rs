@@ -9,23 +9,23 @@ use fazt_proto::NodeId;
 use proptest::prelude::*;
 
 /// The signing key every generated bundle is signed with.
-pub fn key() -> SigningKey {
+pub(crate) fn key() -> SigningKey {
     SigningKey::from_bytes(&[7; 32])
 }
 
 /// Names: a few that repeat (so interning is exercised) and arbitrary ones.
-pub fn name() -> impl Strategy<Value = String> {
+pub(crate) fn name() -> impl Strategy<Value = String> {
     prop_oneof![
         3 => prop_oneof![Just("apps"), Just("kv"), Just("-1"), Just("")].prop_map(String::from),
         1 => ".{0,12}",
     ]
 }
 
-pub fn site() -> impl Strategy<Value = [u8; 16]> {
+pub(crate) fn site() -> impl Strategy<Value = [u8; 16]> {
     prop_oneof![3 => (0u8..3).prop_map(|b| [b; 16]), 1 => any::<[u8; 16]>()]
 }
 
-pub fn value() -> impl Strategy<Value = WireValue> {
+pub(crate) fn value() -> impl Strategy<Value = WireValue> {
     prop_oneof![
         Just(WireValue::Null),
         any::<i64>().prop_map(WireValue::Integer),
@@ -43,7 +43,7 @@ pub fn value() -> impl Strategy<Value = WireValue> {
 }
 
 /// A change whose numbers are any i64 (a bundle carries what it is given; importers check).
-pub fn bundle_change() -> impl Strategy<Value = WireChange> {
+pub(crate) fn bundle_change() -> impl Strategy<Value = WireChange> {
     (
         (
             name(),
@@ -74,7 +74,7 @@ pub fn bundle_change() -> impl Strategy<Value = WireChange> {
         )
 }
 
-pub fn record() -> impl Strategy<Value = Record> {
+pub(crate) fn record() -> impl Strategy<Value = Record> {
     prop_oneof![
         4 => bundle_change().prop_map(Record::Change),
         1 => (site(), 1i64..=i64::MAX, 0i64..1000).prop_map(|(site, start, len)| Record::Cover {
@@ -86,7 +86,7 @@ pub fn record() -> impl Strategy<Value = Record> {
 }
 
 /// Writes `records` as one bundle from `sender`, signed with [`key`].
-pub fn write_bundle(sender: [u8; 16], records: &[Record]) -> Vec<u8> {
+pub(crate) fn write_bundle(sender: [u8; 16], records: &[Record]) -> Vec<u8> {
     let mut w = BundleWriter::new(Vec::new(), sender, &key()).unwrap();
     for r in records {
         match r {
@@ -104,10 +104,10 @@ pub fn write_bundle(sender: [u8; 16], records: &[Record]) -> Vec<u8> {
 }
 
 /// What a bundle says: its sender, its signer, its records.
-pub type Read = ([u8; 16], Option<NodeId>, Vec<Record>);
+pub(crate) type Read = ([u8; 16], Option<NodeId>, Vec<Record>);
 
 /// Reads a whole bundle (checksum and signature included).
-pub fn read_bundle(bytes: &[u8]) -> Result<Read, bundle::BundleError> {
+pub(crate) fn read_bundle(bytes: &[u8]) -> Result<Read, bundle::BundleError> {
     let mut r = BundleReader::new(bytes)?;
     let mut records = Vec::new();
     while let Some(record) = r.next_record()? {

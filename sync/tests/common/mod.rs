@@ -7,12 +7,12 @@ use rusqlite::Connection;
 
 /// `items.c` converts as NUMERIC affinity does (2.0 is stored as 2, -0.0 as 0); `pairs.v` has
 /// no type, so it keeps every value as given (-0.0 stays a REAL with its sign).
-pub const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE items (id INTEGER PRIMARY KEY NOT NULL, a TEXT, b INTEGER NOT NULL DEFAULT 0, c ANY);
 CREATE TABLE pairs (x TEXT NOT NULL, y INTEGER NOT NULL, v, PRIMARY KEY (x, y));
 ";
 
-pub fn replica() -> Replica {
+pub(crate) fn replica() -> Replica {
     let conn = Connection::open_in_memory().unwrap();
     conn.execute_batch(SCHEMA).unwrap();
     let mut r = Replica::open(conn).unwrap();
@@ -21,12 +21,12 @@ pub fn replica() -> Replica {
     r
 }
 
-pub fn exec(r: &mut Replica, sql: &str, params: impl rusqlite::Params) {
+pub(crate) fn exec(r: &mut Replica, sql: &str, params: impl rusqlite::Params) {
     r.write(|tx| tx.execute(sql, params).map(|_| ())).unwrap();
 }
 
 /// Sends everything `to` lacks from `from`.
-pub fn sync(from: &Replica, to: &mut Replica) -> Batch {
+pub(crate) fn sync(from: &Replica, to: &mut Replica) -> Batch {
     let batch = from.batch_since(&to.coverage().unwrap()).unwrap();
     to.apply(&batch).unwrap();
     batch
@@ -34,7 +34,7 @@ pub fn sync(from: &Replica, to: &mut Replica) -> Batch {
 
 /// `batch` with its origin transactions in reverse order (last origin first, and within an
 /// origin the highest version first); each transaction's changes keep their order.
-pub fn reversed(batch: &Batch) -> Batch {
+pub(crate) fn reversed(batch: &Batch) -> Batch {
     let mut changes = batch.changes.clone();
     changes.sort_by_key(|c| std::cmp::Reverse((c.site_id, c.db_version)));
     Batch {
@@ -46,7 +46,7 @@ pub fn reversed(batch: &Batch) -> Batch {
 
 /// Part of `batch`: the origin transactions whose bit in `mask` is set (the `i`-th
 /// transaction is bit `i % 64`), covering just those.
-pub fn partial(batch: &Batch, mask: u64) -> Batch {
+pub(crate) fn partial(batch: &Batch, mask: u64) -> Batch {
     let mut groups: Vec<(SiteId, i64)> = batch
         .changes
         .iter()
@@ -77,7 +77,7 @@ pub fn partial(batch: &Batch, mask: u64) -> Batch {
 
 /// Table contents, in a canonical text form. Values are read as they are (not `quote()`d,
 /// which prints -0.0 as 0.0).
-pub fn data(r: &Replica) -> Vec<String> {
+pub(crate) fn data(r: &Replica) -> Vec<String> {
     let mut out = Vec::new();
     for sql in [
         "SELECT id, a, b, c FROM items ORDER BY id",
@@ -100,7 +100,7 @@ pub fn data(r: &Replica) -> Vec<String> {
 
 /// Clock metadata with site ordinals and row keys replaced by what they stand for, so that
 /// replicas can be compared byte for byte.
-pub fn clocks(r: &Replica) -> Vec<String> {
+pub(crate) fn clocks(r: &Replica) -> Vec<String> {
     let mut out = Vec::new();
     for (table, pk, join) in [
         ("items", "c.key", String::new()),
