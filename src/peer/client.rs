@@ -11,9 +11,10 @@ use fazt_proto::wire::{Join, Message};
 use fazt_proto::NodeId;
 use tokio::sync::watch;
 
+use super::error::{Closed, Stage, Unreachable, Violation, Wait};
 use super::session::{self, Mode, Session, Stats};
 use super::store::{self, PeerName};
-use super::tls;
+use super::{tls, Error};
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -62,40 +63,12 @@ pub fn join(
     let welcome = runtime()?.block_on(async {
         let endpoint = client_endpoint()?;
         let conn = super::connect(&endpoint, &key, &label, &ticket.addr, &ticket.node).await?;
-        let exchange = async {
-            let (mut send, mut recv) = conn.open_bi().await?;
-            session::write_message(
-                &mut send,
-                &Message::Join(Join { secret: ticket.secret, name: me.to_string(), addr: advertise.to_string() }),
-            )
-            .await?;
-            let reply = tokio::time::timeout(super::CONNECT_TIMEOUT, session::read_message(&mut recv))
-                .await
-                .map_err(|_| anyhow!("{label} did not answer the join in time"))??;
-            match reply {
-                Some((Message::Welcome { name }, _)) => Ok(name),
-                Some((Message::Refuse(reason), _)) => Err(anyhow!("{label} refused the ticket: {reason}")),
-                Some(_) => Err(anyhow!("{label} broke the protocol while joining")),
-                None => Err(anyhow!("{label} closed the connection while joining")),
-            }
-        }
-        .await;
-        let welcome = exchange.map_err(|e: anyhow::Error| {
-            let refused = conn.close_reason().is_some_and(|r| tls::classify(&r) == tls::Refusal::NotTrusted);
-            if refused {
-                // Unknown keys only get through the handshake while an invitation is open.
-                anyhow!(
-                    "{label} refused this node: the ticket was already used, has expired, or was not issued there (it has no open invitation); run `fazt peer invite` on it for a new ticket"
-                )
-            } else if e.to_string().contains("refused the ticket") {
-                e
-            } else {
-                super::refine(&conn, &label, &ticket.addr, e)
-            }
-        });
+        let welcome = redeem(&conn, &label, ticket, me, advertise)
+            .await
+            .map_err(|e| join_failure(e, || super::closed_by(&conn, &label, &ticket.addr)));
         conn.close(quinn::VarInt::from_u32(0), b"joined");
         endpoint.wait_idle().await;
-        welcome
+        anyhow::Ok(welcome?)
     })?;
     let name = match name {
         Some(n) => n,
@@ -107,6 +80,63 @@ pub fn join(
         node: ticket.node,
         addr: ticket.addr.clone(),
     })
+}
+
+/// Sends the ticket's Join on `conn` and returns the name the inviting node gives itself. A
+/// refusal in the handshake surfaces only on the first stream operation (TLS 1.3 client
+/// authentication): the caller reads it from the connection.
+async fn redeem(
+    conn: &quinn::Connection,
+    label: &str,
+    ticket: &Ticket,
+    me: &str,
+    advertise: &str,
+) -> Result<String, Error> {
+    let peer = || label.to_string();
+    // How the connection ended is read by the caller.
+    let (mut send, mut recv) = conn.open_bi().await.map_err(anyhow::Error::from)?;
+    let join = Message::Join(Join {
+        secret: ticket.secret,
+        name: me.to_string(),
+        addr: advertise.to_string(),
+    });
+    session::write_message(&mut send, &join).await?;
+    let reply = tokio::time::timeout(super::CONNECT_TIMEOUT, session::read_message(&mut recv))
+        .await
+        .map_err(|_| Error::Timeout {
+            peer: peer(),
+            wait: Wait::JoinAnswer,
+        })?;
+    match reply? {
+        Some((Message::Welcome { name }, _)) => Ok(name),
+        Some((Message::Refuse(reason), _)) => Err(Error::Refused {
+            peer: peer(),
+            during: Stage::Join,
+            reason,
+        }),
+        Some(_) => Err(Error::Protocol {
+            peer: peer(),
+            what: Violation::JoinAnswer,
+        }),
+        None => Err(Error::Closed {
+            peer: peer(),
+            when: Closed::WhileJoining,
+        }),
+    }
+}
+
+/// Why joining failed, for the user: the inviting node's own refusal says it best; else how
+/// it closed the connection (`closed`), if it did. A handshake refusal means it has no open
+/// invitation, since unknown keys only get through the handshake while one is open.
+fn join_failure(err: Error, closed: impl FnOnce() -> Option<Error>) -> Error {
+    let err = match err {
+        refused @ Error::Refused { .. } => refused,
+        err => closed().unwrap_or(err),
+    };
+    match err {
+        Error::NotTrusted { peer } => Error::NoInvitation { peer },
+        err => err,
+    }
 }
 
 /// What a one-off sync did.
@@ -131,9 +161,13 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
         let work = async {
             let conn = super::connect(&endpoint, &key, name, &addr, &peer.node_id).await?;
             connected.store(true, std::sync::atomic::Ordering::Relaxed);
-            let (send, recv) = conn.open_bi().await.map_err(|e| super::explain(name, &addr, &e))?;
+            let (send, recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| Error::from_connection(name, &addr, &e))?;
             let (progress_tx, progress_rx) = watch::channel(Stats::default());
-            let bar = (progress && std::io::stderr().is_terminal()).then(|| show_progress(name, progress_rx));
+            let bar = (progress && std::io::stderr().is_terminal())
+                .then(|| show_progress(name, progress_rx));
             let session = Session {
                 db_path: db_path.to_path_buf(),
                 own,
@@ -143,7 +177,10 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
                 changed,
                 progress: Some(progress_tx),
             };
-            let result = session.run(recv, send, None).await.map_err(|e| super::refine(&conn, name, &addr, e));
+            let result = session
+                .run(recv, send, None)
+                .await
+                .map_err(|e| super::refine(&conn, name, &addr, e));
             if let Some(bar) = bar {
                 bar.abort();
                 eprintln!();
@@ -153,14 +190,22 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
         };
         let result = match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
-            Err(_) if !connected.load(std::sync::atomic::Ordering::Relaxed) => Err(anyhow!(
-                "could not reach {name} at {addr} within {}s: is `fazt server start` running there, and is its UDP port open?",
-                timeout.as_secs()
-            )),
-            Err(_) => Err(anyhow!(
-                "{name} and this node did not converge within {}s; run `fazt peer sync {name}` again or give a longer --timeout",
-                timeout.as_secs()
-            )),
+            Err(_) if !connected.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(Error::Unreachable {
+                    peer: name.to_string(),
+                    addr: addr.clone(),
+                    cause: Unreachable::Silent {
+                        within: timeout,
+                        port: None,
+                    },
+                }
+                .into())
+            }
+            Err(_) => Err(Error::Timeout {
+                peer: name.to_string(),
+                wait: Wait::Converge(timeout),
+            }
+            .into()),
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         result
@@ -187,4 +232,64 @@ fn show_progress(name: &str, mut rx: watch::Receiver<Stats>) -> tokio::task::Joi
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused_ticket() -> Error {
+        Error::Refused {
+            peer: "zyt".into(),
+            during: Stage::Join,
+            reason: "the ticket expired: run `fazt peer invite` for a new one".into(),
+        }
+    }
+
+    #[test]
+    fn a_refused_ticket_is_reported_as_the_inviting_node_put_it() {
+        let not_trusted = || Some(Error::NotTrusted { peer: "zyt".into() });
+        let err = join_failure(refused_ticket(), not_trusted);
+        assert!(
+            matches!(
+                err,
+                Error::Refused {
+                    during: Stage::Join,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "zyt refused the ticket: the ticket expired: run `fazt peer invite` for a new one"
+        );
+    }
+
+    #[test]
+    fn a_handshake_refusal_while_joining_means_no_open_invitation() {
+        let closed = Error::Closed {
+            peer: "zyt".into(),
+            when: Closed::WhileJoining,
+        };
+        let err = join_failure(closed, || Some(Error::NotTrusted { peer: "zyt".into() }));
+        assert!(matches!(err, Error::NoInvitation { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "zyt refused this node: the ticket was already used, has expired, or was not issued there (it has no open invitation); run `fazt peer invite` on it for a new ticket"
+        );
+    }
+
+    #[test]
+    fn a_join_that_fails_otherwise_keeps_its_cause() {
+        let timeout = Error::Timeout {
+            peer: "the inviting node".into(),
+            wait: Wait::JoinAnswer,
+        };
+        let err = join_failure(timeout, || None);
+        assert_eq!(
+            err.to_string(),
+            "the inviting node did not answer the join in time"
+        );
+    }
 }

@@ -6,8 +6,10 @@
 //! - [`service`]: what `fazt server start` runs: the listener, a dialer per peer, live
 //!   replication with backoff.
 //! - [`client`]: what the CLI runs: `peer join`, `peer sync`.
+//! - [`error`]: why talking to a peer failed, and those causes in words for the user.
 
 pub mod client;
+pub mod error;
 pub mod service;
 pub mod session;
 pub mod store;
@@ -17,9 +19,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use fazt_proto::NodeId;
 use tokio::sync::watch;
+
+pub use error::Error;
+use error::Unreachable;
 
 /// How often the database is checked for commits by other connections and processes: every
 /// 5 ms while commits keep coming, slowing to every 25 ms when idle (an idle node then costs
@@ -55,18 +60,23 @@ pub fn watch_db(path: &Path) -> Result<watch::Receiver<u64>> {
     Ok(rx)
 }
 
-/// Resolves HOST:PORT, preferring what the local stack can reach.
-pub async fn resolve(addr: &str) -> Result<SocketAddr> {
+/// Resolves HOST:PORT (the address of `peer`), preferring what the local stack can reach.
+async fn resolve(peer: &str, addr: &str) -> Result<SocketAddr, Error> {
+    let unreachable = |cause| Error::Unreachable {
+        peer: peer.to_string(),
+        addr: addr.to_string(),
+        cause,
+    };
     let mut found = tokio::net::lookup_host(addr)
         .await
-        .with_context(|| format!("cannot resolve {addr}"))?
+        .map_err(|e| unreachable(Unreachable::Resolve(e)))?
         .collect::<Vec<_>>();
     // IPv4 first: a host name usually has it, and it works on IPv6-less hosts too.
     found.sort_by_key(|a| !a.is_ipv4());
     found
         .into_iter()
         .next()
-        .ok_or_else(|| anyhow!("{addr} resolves to no address"))
+        .ok_or_else(|| unreachable(Unreachable::NoAddress))
 }
 
 /// How long a connection attempt may take before the peer counts as unreachable.
@@ -79,38 +89,41 @@ pub async fn connect(
     name: &str,
     addr: &str,
     key: &NodeId,
-) -> Result<quinn::Connection> {
-    let target = resolve(addr).await?;
+) -> Result<quinn::Connection, Error> {
+    let target = resolve(name, addr).await?;
     let config = tls::client_config(own, *key.as_bytes(), tls::ALPN)?;
+    let unreachable = |cause| Error::Unreachable {
+        peer: name.to_string(),
+        addr: addr.to_string(),
+        cause,
+    };
     let connecting = endpoint
         .connect_with(config, target, tls::SERVER_NAME)
-        .with_context(|| format!("cannot connect to {name} at {addr}"))?;
+        .map_err(|e| unreachable(Unreachable::Connect(e)))?;
     match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Err(_) => Err(anyhow!(
-            "could not reach {name} at {addr} within {}s: is `fazt server start` running there, and is UDP port {} open?",
-            CONNECT_TIMEOUT.as_secs(),
-            target.port()
-        )),
-        Ok(Err(e)) => Err(explain(name, addr, &e)),
+        Err(_) => Err(unreachable(Unreachable::Silent {
+            within: CONNECT_TIMEOUT,
+            port: Some(target.port()),
+        })),
+        Ok(Err(e)) => Err(Error::from_connection(name, addr, &e)),
         Ok(Ok(conn)) => Ok(conn),
     }
 }
 
-/// A connection failure in words that say what to do.
-pub fn explain(name: &str, addr: &str, err: &quinn::ConnectionError) -> anyhow::Error {
-    match tls::classify(err) {
-        tls::Refusal::NotTrusted => anyhow!(
-            "{name} does not trust this node: run `fazt peer join` with a new ticket from `fazt peer invite` on {name}"
-        ),
-        tls::Refusal::WrongKey { got } => anyhow!(
-            "the node at {addr} is not {name}: it presented {}, not the pinned key; check the address, or re-pin with `fazt peer remove {name}` and a new ticket",
-            got.map(|k| NodeId::from_bytes(k).to_string()).unwrap_or_else(|| "another key".into())
-        ),
-        tls::Refusal::ProtocolMismatch => anyhow!(
-            "{name} speaks another fazt protocol version than this node ({}): upgrade the older of the two",
-            String::from_utf8_lossy(tls::ALPN)
-        ),
-        tls::Refusal::Other(text) => anyhow!("connection to {name} at {addr} failed: {text}"),
+/// Why the other side closed `conn`, if it closed it with a refusal or a reason to give.
+pub fn closed_by(conn: &quinn::Connection, name: &str, addr: &str) -> Option<Error> {
+    match conn.close_reason()? {
+        reason @ (quinn::ConnectionError::ConnectionClosed(_)
+        | quinn::ConnectionError::TransportError(_)) => {
+            Some(Error::from_connection(name, addr, &reason))
+        }
+        quinn::ConnectionError::ApplicationClosed(close) if !close.reason.is_empty() => {
+            Some(Error::Closed {
+                peer: name.to_string(),
+                when: error::Closed::Because(String::from_utf8_lossy(&close.reason).into_owned()),
+            })
+        }
+        _ => None,
     }
 }
 
@@ -121,17 +134,7 @@ pub fn refine(
     addr: &str,
     err: anyhow::Error,
 ) -> anyhow::Error {
-    match conn.close_reason() {
-        Some(reason @ quinn::ConnectionError::ConnectionClosed(_))
-        | Some(reason @ quinn::ConnectionError::TransportError(_)) => explain(name, addr, &reason),
-        Some(quinn::ConnectionError::ApplicationClosed(close)) if !close.reason.is_empty() => {
-            anyhow!(
-                "{name} closed the connection: {}",
-                String::from_utf8_lossy(&close.reason)
-            )
-        }
-        _ => err,
-    }
+    closed_by(conn, name, addr).map_or(err, anyhow::Error::from)
 }
 
 /// The name this node suggests for itself when joining: `node_config.name`, else the host name.

@@ -266,7 +266,7 @@ async fn dial_loop(ctx: Arc<Ctx>, peer: Peer) {
             let (send, recv) = conn
                 .open_bi()
                 .await
-                .map_err(|e| super::explain(peer.name.as_str(), &addr, &e))?;
+                .map_err(|e| super::Error::from_connection(peer.name.as_str(), &addr, &e))?;
             let outcome = run_session(&ctx, &peer, &conn, send, recv, None).await;
             outcome.map_err(|e| super::refine(&conn, peer.name.as_str(), &addr, e))
         }
@@ -394,9 +394,11 @@ async fn handle_join(
     mut send: quinn::SendStream,
 ) -> Result<()> {
     let joiner = NodeId::from_bytes(key);
+    // A ticket that does not redeem is the joiner's to hear about (InviteError), not a
+    // failure of this node.
     let outcome = ctx.with_state(|c| {
         if let Err(e) = store::redeem_invite(c, &join.secret, &joiner)? {
-            return Ok(Err(e.to_string()));
+            return Err(e.into());
         }
         let name = store::free_name(c, &join.name, &joiner)?;
         let addr = (!join.addr.is_empty() && store::check_addr(&join.addr).is_ok())
@@ -404,12 +406,13 @@ async fn handle_join(
         if let Some(existing) = store::by_key(c, &joiner)? {
             // A node joining again keeps its name.
             store::add(c, &ctx.own, &existing.name, &joiner, addr)?;
-            return Ok(Ok(existing.name));
+            return Ok(existing.name);
         }
         store::add(c, &ctx.own, &name, &joiner, addr)?;
-        Ok(Ok(name))
-    })?;
-    match outcome {
+        Ok(name)
+    });
+    match outcome.map_err(|e| e.downcast::<store::InviteError>()) {
+        Err(Err(e)) => return Err(e),
         Ok(name) => {
             ctx.with_state(|c| refresh_trust(&ctx.trust, c))?;
             let own_name = ctx.with_state(super::own_name)?;
@@ -418,7 +421,7 @@ async fn handle_join(
             let _ = send.finish();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
         }
-        Err(reason) => refuse(conn, send, &reason).await,
+        Err(Ok(reason)) => refuse(conn, send, &reason.to_string()).await,
     }
     Ok(())
 }

@@ -26,6 +26,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
+use super::error::{Closed, Stage, Violation};
+use super::Error;
+
 /// Changes per group (a group never splits an origin transaction, so it may hold more).
 const GROUP_CHANGES: usize = 2_000;
 /// A Changes message is cut after about this many bytes.
@@ -257,7 +260,7 @@ impl Session {
                 heads: to_heads(&mine),
             }))
             .await
-            .map_err(|_| anyhow!("the connection to {} closed", self.peer_name))?;
+            .map_err(|_| self.error_closed(Closed::BeforeSending))?;
         let first = match first {
             Some(h) => Some((Message::Hello(h), 0)),
             None => read_message(&mut recv).await?,
@@ -268,16 +271,10 @@ impl Session {
         let hello = match first {
             Some((Message::Hello(h), _)) => h,
             Some((Message::Refuse(reason), _)) => {
-                bail!("{} refused the session: {reason}", self.peer_name)
+                return Err(self.error_refused(Stage::Hello, reason).into())
             }
-            Some(_) => bail!(
-                "{} broke the protocol: its first message was not Hello",
-                self.peer_name
-            ),
-            None => bail!(
-                "{} closed the connection before saying hello",
-                self.peer_name
-            ),
+            Some(_) => return Err(self.error_protocol(Violation::FirstNotHello).into()),
+            None => return Err(self.error_closed(Closed::BeforeHello).into()),
         };
         self.check_hello(&hello)?;
         {
@@ -355,20 +352,37 @@ impl Session {
         result.map(|_| stats)
     }
 
-    fn check_hello(&self, hello: &Hello) -> Result<()> {
+    fn error_refused(&self, during: Stage, reason: String) -> Error {
+        Error::Refused {
+            peer: self.peer_name.clone(),
+            during,
+            reason,
+        }
+    }
+
+    fn error_closed(&self, when: Closed) -> Error {
+        Error::Closed {
+            peer: self.peer_name.clone(),
+            when,
+        }
+    }
+
+    fn error_protocol(&self, what: Violation) -> Error {
+        Error::Protocol {
+            peer: self.peer_name.clone(),
+            what,
+        }
+    }
+
+    fn check_hello(&self, hello: &Hello) -> Result<(), Error> {
         if hello.node != *self.peer.as_bytes() {
-            bail!(
-                "{} introduced itself as another node than the one it authenticated as",
-                self.peer_name
-            );
+            return Err(self.error_protocol(Violation::NotWhoItAuthenticatedAs));
         }
         if hello.protocol != fazt_proto::PROTOCOL_VERSION {
-            bail!(
-                "{} speaks protocol version {}, this node {}: upgrade the older one",
-                self.peer_name,
-                hello.protocol,
-                fazt_proto::PROTOCOL_VERSION
-            );
+            return Err(Error::VersionMismatch {
+                peer: self.peer_name.clone(),
+                theirs: Some(hello.protocol),
+            });
         }
         let schema = crate::db::migrations::latest_version();
         if hello.schema > schema {
@@ -400,7 +414,7 @@ impl Session {
                     let Some((msg, size)) = msg.unwrap_or(Ok(None))? else {
                         return match self.mode {
                             Mode::Live => Ok(()),
-                            Mode::Once => bail!("{} closed the connection before the sync finished", self.peer_name),
+                            Mode::Once => Err(self.error_closed(Closed::BeforeConverged).into()),
                         };
                     };
                     lock(shared).stats.received_bytes += size as u64;
@@ -446,9 +460,9 @@ impl Session {
                         }
                         Message::Want(digests) => want_tx.send(digests).map_err(|_| anyhow!("serving content stopped"))?,
                         Message::Content(c) => content_tx.send(c).map_err(|_| anyhow!("applying stopped"))?,
-                        Message::Refuse(reason) => bail!("{} ended the session: {reason}", self.peer_name),
+                        Message::Refuse(reason) => return Err(self.error_refused(Stage::Session, reason).into()),
                         Message::Hello(_) | Message::Join(_) | Message::Welcome { .. } => {
-                            bail!("{} broke the protocol: unexpected {}", self.peer_name, kind(&msg))
+                            return Err(self.error_protocol(Violation::Unexpected(kind(&msg))).into())
                         }
                     }
                     self.report(shared);
@@ -619,16 +633,12 @@ fn export_pass(
     have: &Coverage,
     pieces: &mpsc::Sender<Outgoing>,
     kept: &AtomicUsize,
-) -> Result<()> {
+) -> Result<(), Error> {
     let mut batch: Vec<NetChange> = Vec::new();
     let mut offered = Vec::new();
     let mut batch_bytes = 0usize;
     let mut ref_bytes = 0usize;
-    let send = |piece: Outgoing| {
-        pieces
-            .blocking_send(piece)
-            .map_err(|_| fazt_sync::Error::Corrupt("session ended during export".into()))
-    };
+    let send = |piece: Outgoing| pieces.blocking_send(piece).map_err(|_| Error::Cancelled);
     db.export_groups(have, GROUP_CHANGES, |item| {
         match item {
             Exported::Change(c) => {
@@ -668,7 +678,7 @@ fn export_pass(
                 ref_bytes = 0;
             }
         }
-        Ok(())
+        Ok::<(), Error>(())
     })?;
     Ok(())
 }
@@ -1904,5 +1914,114 @@ mod tests {
         let err = sa.run(a_read, a_write, None).await.unwrap_err();
         assert!(err.to_string().contains("another node"), "{err}");
         other.abort();
+    }
+
+    /// Runs a one-off session on `b` against a hand-played `a` whose first message is
+    /// `first(a's id)`, not a proper Hello; returns how the session ended.
+    async fn answered_with(first: impl FnOnce(NodeId) -> Message) -> anyhow::Error {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node(dir.path(), "a.db");
+        let b = node(dir.path(), "b.db");
+        let (mine, theirs) = tokio::io::duplex(64 * 1024);
+        let (b_read, b_write) = tokio::io::split(theirs);
+        let (mut read, mut write) = tokio::io::split(mine);
+        let (_keep, changed) = watch::channel(0u64);
+        let session = Session {
+            db_path: b.0.clone(),
+            own: b.1,
+            peer: a.1,
+            peer_name: "a".into(),
+            mode: Mode::Once,
+            changed,
+            progress: None,
+        };
+        let run = tokio::spawn(session.run(b_read, b_write, None));
+        let _hello = read_message(&mut read).await.unwrap();
+        write_message(&mut write, &first(a.1)).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(20), run)
+            .await
+            .expect("the session ended")
+            .unwrap()
+            .expect_err("the session must fail")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refusal_instead_of_hello_is_refused_with_the_other_nodes_reason() {
+        let err = answered_with(|_| Message::Refuse("this node does not trust yours".into())).await;
+        match err.downcast_ref::<Error>() {
+            Some(Error::Refused {
+                peer,
+                during: Stage::Hello,
+                reason,
+            }) => {
+                assert_eq!(peer, "a");
+                assert_eq!(reason, "this node does not trust yours");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(
+            format!("{err:#}"),
+            "a refused the session: this node does not trust yours"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_message_other_than_hello_breaks_the_protocol() {
+        let err = answered_with(|_| Message::Welcome { name: "a".into() }).await;
+        assert!(
+            matches!(
+                err.downcast_ref::<Error>(),
+                Some(Error::Protocol {
+                    what: Violation::FirstNotHello,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            format!("{err:#}"),
+            "a broke the protocol: its first message was not Hello"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hello_in_another_protocol_version_is_a_version_mismatch() {
+        let theirs = fazt_proto::PROTOCOL_VERSION + 1;
+        let err = answered_with(|a| {
+            Message::Hello(Hello {
+                node: *a.as_bytes(),
+                protocol: theirs,
+                schema: crate::db::migrations::latest_version(),
+                heads: to_heads(&Coverage::default()),
+            })
+        })
+        .await;
+        assert!(
+            matches!(
+                err.downcast_ref::<Error>(),
+                Some(Error::VersionMismatch { theirs: Some(v), .. }) if *v == theirs
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            format!("{err:#}"),
+            format!(
+                "a speaks protocol version {theirs}, this node {}: upgrade the older one",
+                fazt_proto::PROTOCOL_VERSION
+            )
+        );
+    }
+
+    #[test]
+    fn an_export_whose_session_is_gone_is_cancelled_not_an_engine_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = node(dir.path(), "a.db");
+        put_blob(&a.0, &[7; 100]);
+        let db = crate::db::open_existing(&a.0).unwrap();
+        let (pieces, gone) = mpsc::channel(1);
+        drop(gone);
+        let kept = AtomicUsize::new(0);
+        let err = export_pass(&db, &Coverage::default(), &pieces, &kept).unwrap_err();
+        assert!(matches!(err, Error::Cancelled), "{err:?}");
     }
 }

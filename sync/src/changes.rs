@@ -83,19 +83,23 @@ impl Replica {
     /// complete (versions whose changes were all superseded included). Applying each group
     /// as one batch, in order, gives the receiver everything; stopping between groups leaves
     /// it with whole transactions and accurate coverage.
-    pub fn export_groups(
+    ///
+    /// An error from `sink` stops the export and is returned as it is: its type is the
+    /// caller's, so a caller that stops for its own reasons (its peer went away) says so in
+    /// its own words rather than in the engine's.
+    pub fn export_groups<E: From<Error>>(
         &self,
         have: &Coverage,
         group_changes: usize,
-        mut sink: impl FnMut(Exported) -> Result<(), Error>,
-    ) -> Result<Coverage, Error> {
-        let tx = self.conn.unchecked_transaction()?;
+        mut sink: impl FnMut(Exported) -> Result<(), E>,
+    ) -> Result<Coverage, E> {
+        let tx = self.conn.unchecked_transaction().map_err(Error::from)?;
         let need = self.coverage()?.minus(have);
         let mut done = Coverage::default();
         let mut count = 0usize;
         let sql = (!self.tables.is_empty()).then(|| self.export_sql());
         let mut stmt = match &sql {
-            Some(sql) => Some(tx.prepare_cached(sql)?),
+            Some(sql) => Some(tx.prepare_cached(sql).map_err(Error::from)?),
             None => None,
         };
         for (site, ranges) in &need.0 {
@@ -104,9 +108,11 @@ impl Replica {
             let mut last_version = None;
             if let (Some(stmt), Some(ord)) = (stmt.as_mut(), self.known_ord(site)?) {
                 for &(lo, hi) in ranges.ranges() {
-                    let mut rows = stmt.query(rusqlite::params![ord, lo, hi])?;
-                    while let Some(row) = rows.next()? {
-                        let db_version: i64 = row.get(5)?;
+                    let mut rows = stmt
+                        .query(rusqlite::params![ord, lo, hi])
+                        .map_err(Error::from)?;
+                    while let Some(row) = rows.next().map_err(Error::from)? {
+                        let db_version: i64 = row.get(5).map_err(Error::from)?;
                         if count >= group_changes && last_version.is_some_and(|v| v != db_version) {
                             done.0
                                 .entry(*site)
@@ -118,17 +124,7 @@ impl Replica {
                         }
                         last_version = Some(db_version);
                         count += 1;
-                        sink(Exported::Change(Change {
-                            table: row.get(0)?,
-                            pk: row.get(1)?,
-                            cid: row.get(2)?,
-                            val: row.get(3)?,
-                            col_version: row.get(4)?,
-                            db_version,
-                            site_id: *site,
-                            cl: row.get(6)?,
-                            seq: row.get(7)?,
-                        }))?;
+                        sink(Exported::Change(change_at(row, *site, db_version)?))?;
                     }
                 }
             }
@@ -141,7 +137,7 @@ impl Replica {
             sink(Exported::Group(done))?;
         }
         drop(stmt);
-        tx.commit()?;
+        tx.commit().map_err(Error::from)?;
         Ok(need)
     }
 
@@ -222,6 +218,21 @@ impl Replica {
             .collect();
         format!("{} ORDER BY 6, 8", parts.join(" UNION ALL "))
     }
+}
+
+/// The change an export row describes (the columns of [`Replica::export_sql`]).
+fn change_at(row: &rusqlite::Row<'_>, site: SiteId, db_version: i64) -> Result<Change, Error> {
+    Ok(Change {
+        table: row.get(0)?,
+        pk: row.get(1)?,
+        cid: row.get(2)?,
+        val: row.get(3)?,
+        col_version: row.get(4)?,
+        db_version,
+        site_id: site,
+        cl: row.get(6)?,
+        seq: row.get(7)?,
+    })
 }
 
 impl Replica {

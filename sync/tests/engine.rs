@@ -402,7 +402,7 @@ fn grouped_export_hands_out_whole_transactions_with_exact_coverage() {
                     groups.push(fazt_sync::Batch::default());
                 }
             }
-            Ok(())
+            Ok::<(), fazt_sync::Error>(())
         })
         .unwrap();
     assert!(groups.pop().unwrap().changes.is_empty());
