@@ -47,8 +47,9 @@ pub enum Error {
     Timeout { peer: String, wait: Wait },
     /// The other node sent something the protocol does not allow at that point.
     Protocol { peer: String, what: Violation },
-    /// This side stopped the work because the session ended meanwhile (no user sees this:
-    /// the session's own ending is what is reported).
+    /// This side stopped a piece of work (export, serving or fetching content) because the
+    /// session it served ended meanwhile. No user should see it: the session's own ending is
+    /// what is reported.
     Cancelled,
     /// The replication engine failed.
     Engine(fazt_sync::Error),
@@ -239,7 +240,7 @@ impl fmt::Display for Error {
                     "{peer} introduced itself as another node than the one it authenticated as"
                 ),
             },
-            Error::Cancelled => write!(f, "the session ended"),
+            Error::Cancelled => write!(f, "session ended"),
             Error::Engine(e) => e.fmt(f),
             // The whole chain: this error has no source of its own to show it.
             Error::Local(e) => write!(f, "{e:#}"),

@@ -586,7 +586,7 @@ async fn export_loop(
                 acked
                     .wait_for(|a| sent.saturating_sub(*a) < WINDOW)
                     .await
-                    .map_err(|_| anyhow!("session ended"))?;
+                    .map_err(|_| Error::Cancelled)?;
                 in_group = true;
             }
             {
@@ -603,7 +603,7 @@ async fn export_loop(
             }
             out.send(piece.message)
                 .await
-                .map_err(|_| anyhow!("session ended"))?;
+                .map_err(|_| Error::Cancelled)?;
             if let Some(covers) = piece.end {
                 let mut s = lock(&shared);
                 s.groups_sent += 1;
@@ -799,7 +799,7 @@ async fn serve_content(
                     data: Vec::new(),
                 }))
                 .await
-                .map_err(|_| anyhow!("session ended"))?;
+                .map_err(|_| Error::Cancelled)?;
                 continue;
             };
             let total = bytes.len() as u64;
@@ -815,7 +815,7 @@ async fn serve_content(
                     data,
                 }))
                 .await
-                .map_err(|_| anyhow!("session ended"))?;
+                .map_err(|_| Error::Cancelled)?;
                 offset = end;
                 if offset >= bytes.len() {
                     break;
@@ -865,10 +865,7 @@ async fn apply_loop(
         let covers = loop {
             let part = match next.take() {
                 Some(p) => p,
-                None => groups
-                    .recv()
-                    .await
-                    .ok_or_else(|| anyhow!("session ended"))?,
+                None => groups.recv().await.ok_or_else(|| Error::Cancelled)?,
             };
             // Ask for this part's content now; it arrives while later parts do.
             let cells: Vec<(String, Vec<u8>, String, [u8; 32])> = part
@@ -906,7 +903,7 @@ async fn apply_loop(
                 for chunk in list.chunks(WANT_BATCH) {
                     out.send(Message::Want(chunk.to_vec()))
                         .await
-                        .map_err(|_| anyhow!("session ended"))?;
+                        .map_err(|_| Error::Cancelled)?;
                 }
             }
             changes.extend(part.changes);
@@ -916,10 +913,7 @@ async fn apply_loop(
         };
         {
             while !missing.is_empty() {
-                let c = content
-                    .recv()
-                    .await
-                    .ok_or_else(|| anyhow!("session ended"))?;
+                let c = content.recv().await.ok_or_else(|| Error::Cancelled)?;
                 if !missing.contains(&c.digest) {
                     continue;
                 }
@@ -1055,7 +1049,7 @@ async fn apply_loop(
             heads: to_heads(&mine),
         })
         .await
-        .map_err(|_| anyhow!("session ended"))?;
+        .map_err(|_| Error::Cancelled)?;
         let _ = tick.send(());
     }
     Ok(())
