@@ -411,18 +411,22 @@ async fn handle_join(
         store::add(c, &ctx.own, &name, &joiner, addr)?;
         Ok(name)
     });
-    match outcome.map_err(|e| e.downcast::<store::InviteError>()) {
-        Err(Err(e)) => return Err(e),
-        Ok(name) => {
-            ctx.with_state(|c| refresh_trust(&ctx.trust, c))?;
-            let own_name = ctx.with_state(super::own_name)?;
-            tracing::info!(peer = %name, node = %joiner, "a node joined with a ticket");
-            session::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-        }
-        Err(Ok(reason)) => refuse(conn, send, &reason.to_string()).await,
-    }
+    let name = match outcome {
+        Ok(name) => name,
+        Err(e) => match e.downcast::<store::InviteError>() {
+            Ok(refused) => {
+                refuse(conn, send, &refused.to_string()).await;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    ctx.with_state(|c| refresh_trust(&ctx.trust, c))?;
+    let own_name = ctx.with_state(super::own_name)?;
+    tracing::info!(peer = %name, node = %joiner, "a node joined with a ticket");
+    session::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     Ok(())
 }
 
