@@ -271,9 +271,10 @@ impl From<fazt_sync::Error> for Error {
     }
 }
 
+/// An `anyhow` error that is a peer error keeps its variant; anything else is [`Error::Local`].
 impl From<anyhow::Error> for Error {
     fn from(e: anyhow::Error) -> Self {
-        Error::Local(e)
+        e.downcast::<Error>().unwrap_or_else(Error::Local)
     }
 }
 

@@ -127,14 +127,9 @@ pub fn closed_by(conn: &quinn::Connection, name: &str, addr: &str) -> Option<Err
     }
 }
 
-/// If the connection was closed by a refusal, that refusal explained; else `err` as it is.
-pub fn refine(
-    conn: &quinn::Connection,
-    name: &str,
-    addr: &str,
-    err: anyhow::Error,
-) -> anyhow::Error {
-    closed_by(conn, name, addr).map_or(err, anyhow::Error::from)
+/// If the connection was closed by a refusal, that refusal; else `err` as it is.
+pub fn refine(conn: &quinn::Connection, name: &str, addr: &str, err: Error) -> Error {
+    closed_by(conn, name, addr).unwrap_or(err)
 }
 
 /// The name this node suggests for itself when joining: `node_config.name`, else the host name.

@@ -369,7 +369,7 @@ async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()>
                 .await;
                 return Ok(());
             };
-            run_session(&ctx, &peer, &conn, send, recv, Some(hello)).await
+            Ok(run_session(&ctx, &peer, &conn, send, recv, Some(hello)).await?)
         }
         _ => {
             refuse(&conn, send, "expected Hello or Join").await;
@@ -438,7 +438,7 @@ async fn run_session(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     first: Option<Hello>,
-) -> Result<()> {
+) -> Result<(), super::Error> {
     let key = *peer.node_id.as_bytes();
     ctx.active
         .lock()

@@ -225,7 +225,7 @@ fn lock(shared: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
 impl Session {
     /// Runs the session until the stream ends (Live) or both sides hold the same versions
     /// (Once). `recv`/`send` are the two halves of one stream.
-    pub async fn run<R, W>(self, mut recv: R, send: W, first: Option<Hello>) -> Result<Stats>
+    pub async fn run<R, W>(self, mut recv: R, send: W, first: Option<Hello>) -> Result<Stats, Error>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -239,7 +239,8 @@ impl Session {
                     crate::db::open_existing(&path)?,
                 ))
             })
-            .await??;
+            .await
+            .map_err(anyhow::Error::from)??;
         let mine = applier_db.coverage()?;
         let shared: SharedRef = Arc::new(Mutex::new(Shared {
             mine: mine.clone(),
@@ -349,7 +350,7 @@ impl Session {
             t.abort();
         }
         let stats = lock(&shared).stats.clone();
-        result.map(|_| stats)
+        result.map(|_| stats).map_err(Error::from)
     }
 
     fn error_refused(&self, during: Stage, reason: String) -> Error {
@@ -1435,7 +1436,7 @@ mod tests {
         schema: u32,
         answer: Answer,
         forged: Forged,
-    ) -> (Result<Stats>, Vec<Message>) {
+    ) -> (Result<Stats, Error>, Vec<Message>) {
         let db = crate::db::open_existing(&b.0).unwrap();
         let name = crate::peer::store::PeerName::parse("a").unwrap();
         if crate::peer::store::by_key(db.conn(), &a.1)
@@ -1912,7 +1913,7 @@ mod tests {
 
     /// Runs a one-off session on `b` against a hand-played `a` whose first message is
     /// `first(a's id)`, not a proper Hello; returns how the session ended.
-    async fn answered_with(first: impl FnOnce(NodeId) -> Message) -> anyhow::Error {
+    async fn answered_with(first: impl FnOnce(NodeId) -> Message) -> Error {
         let dir = tempfile::tempdir().unwrap();
         let a = node(dir.path(), "a.db");
         let b = node(dir.path(), "b.db");
@@ -1942,12 +1943,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_refusal_instead_of_hello_is_refused_with_the_other_nodes_reason() {
         let err = answered_with(|_| Message::Refuse("this node does not trust yours".into())).await;
-        match err.downcast_ref::<Error>() {
-            Some(Error::Refused {
+        match &err {
+            Error::Refused {
                 peer,
                 during: Stage::Hello,
                 reason,
-            }) => {
+            } => {
                 assert_eq!(peer, "a");
                 assert_eq!(reason, "this node does not trust yours");
             }
@@ -1964,11 +1965,11 @@ mod tests {
         let err = answered_with(|_| Message::Welcome { name: "a".into() }).await;
         assert!(
             matches!(
-                err.downcast_ref::<Error>(),
-                Some(Error::Protocol {
+                err,
+                Error::Protocol {
                     what: Violation::FirstNotHello,
                     ..
-                })
+                }
             ),
             "{err:?}"
         );
@@ -1992,8 +1993,8 @@ mod tests {
         .await;
         assert!(
             matches!(
-                err.downcast_ref::<Error>(),
-                Some(Error::VersionMismatch { theirs: Some(v), .. }) if *v == theirs
+                err,
+                Error::VersionMismatch { theirs: Some(v), .. } if v == theirs
             ),
             "{err:?}"
         );
