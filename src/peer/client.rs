@@ -198,14 +198,12 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
                         within: timeout,
                         port: None,
                     },
-                }
-                .into())
+                })
             }
             Err(_) => Err(Error::Timeout {
                 peer: name.to_string(),
                 wait: Wait::Converge(timeout),
-            }
-            .into()),
+            }),
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         result

@@ -272,10 +272,10 @@ impl Session {
         let hello = match first {
             Some((Message::Hello(h), _)) => h,
             Some((Message::Refuse(reason), _)) => {
-                return Err(self.error_refused(Stage::Hello, reason).into())
+                return Err(self.error_refused(Stage::Hello, reason))
             }
-            Some(_) => return Err(self.error_protocol(Violation::FirstNotHello).into()),
-            None => return Err(self.error_closed(Closed::BeforeHello).into()),
+            Some(_) => return Err(self.error_protocol(Violation::FirstNotHello)),
+            None => return Err(self.error_closed(Closed::BeforeHello)),
         };
         self.check_hello(&hello)?;
         {
