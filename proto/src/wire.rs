@@ -189,6 +189,20 @@ pub fn frame_len(header: [u8; 4]) -> Result<usize, DecodeError> {
 }
 
 impl Message {
+    /// The message's kind, as logs and protocol errors name it ("Hello", "Changes", ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Join(_) => "Join",
+            Message::Welcome { .. } => "Welcome",
+            Message::Changes(_) => "Changes",
+            Message::Applied { .. } => "Applied",
+            Message::Want(_) => "Want",
+            Message::Content(_) => "Content",
+            Message::Refuse(_) => "Refuse",
+        }
+    }
+
     /// The message as one frame: length header plus payload.
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = vec![0u8; 4];

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 use fazt_proto::wire::{self, Changes, Content, ContentRef, Heads, Hello, Message, NetChange};
 use fazt_proto::NodeId;
-use fazt_sync::{Batch, Change, Coverage, Exported, Replica, SiteId, Value};
+use fazt_sync::{Batch, Change, Coverage, Exported, Replica, Value};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -90,24 +90,6 @@ pub struct Session {
     pub changed: watch::Receiver<u64>,
     /// Receives the session's figures as they change.
     pub progress: Option<watch::Sender<Stats>>,
-}
-
-pub fn to_heads(c: &Coverage) -> Heads {
-    Heads(
-        c.0.iter()
-            .map(|(s, r)| (s.0, r.ranges().to_vec()))
-            .collect(),
-    )
-}
-
-pub fn from_heads(h: &Heads) -> Coverage {
-    let mut c = Coverage::default();
-    for (site, ranges) in &h.0 {
-        for &(a, b) in ranges {
-            c.insert(SiteId(*site), a, b);
-        }
-    }
-    c
 }
 
 /// The highest version in `heads`: for an honest node's own heads, its Lamport clock (its
@@ -258,7 +240,7 @@ impl Session {
                 node: *self.own.as_bytes(),
                 protocol: fazt_proto::PROTOCOL_VERSION,
                 schema: crate::db::migrations::latest_version(),
-                heads: to_heads(&mine),
+                heads: Heads::from(&mine),
             }))
             .await
             .map_err(|_| self.error_closed(Closed::BeforeSending))?;
@@ -280,7 +262,7 @@ impl Session {
         self.check_hello(&hello)?;
         {
             let mut s = lock(&shared);
-            let theirs = from_heads(&hello.heads);
+            let theirs = Coverage::from(&hello.heads);
             s.peer_clock = s.peer_clock.max(clock_of(&theirs));
             s.peer_known = theirs.clone();
             s.their_heads = theirs;
@@ -421,7 +403,7 @@ impl Session {
                     lock(shared).stats.received_bytes += size as u64;
                     match msg {
                         Message::Changes(Changes { changes, complete }) => {
-                            let covers = complete.map(|h| from_heads(&h));
+                            let covers = complete.map(|h| Coverage::from(&h));
                             {
                                 let mut s = lock(shared);
                                 s.stats.received_changes += changes.len() as u64;
@@ -437,7 +419,7 @@ impl Session {
                             apply_tx.send(Incoming { changes, covers }).map_err(|_| anyhow!("applying stopped"))?;
                         }
                         Message::Applied { groups, heads } => {
-                            let heads = from_heads(&heads);
+                            let heads = Coverage::from(&heads);
                             {
                                 let mut s = lock(shared);
                                 s.peer_clock = s.peer_clock.max(clock_of(&heads));
@@ -463,7 +445,7 @@ impl Session {
                         Message::Content(c) => content_tx.send(c).map_err(|_| anyhow!("applying stopped"))?,
                         Message::Refuse(reason) => return Err(self.error_refused(Stage::Session, reason).into()),
                         Message::Hello(_) | Message::Join(_) | Message::Welcome { .. } => {
-                            return Err(self.error_protocol(Violation::Unexpected(kind(&msg))).into())
+                            return Err(self.error_protocol(Violation::Unexpected(msg.name())).into())
                         }
                     }
                     self.report(shared);
@@ -490,19 +472,6 @@ impl Session {
                 changed
             });
         }
-    }
-}
-
-fn kind(msg: &Message) -> &'static str {
-    match msg {
-        Message::Hello(_) => "Hello",
-        Message::Join(_) => "Join",
-        Message::Welcome { .. } => "Welcome",
-        Message::Changes(_) => "Changes",
-        Message::Applied { .. } => "Applied",
-        Message::Want(_) => "Want",
-        Message::Content(_) => "Content",
-        Message::Refuse(_) => "Refuse",
     }
 }
 
@@ -670,7 +639,7 @@ fn export_pass(
                     changes: changes.len() as u64,
                     message: Message::Changes(Changes {
                         changes,
-                        complete: Some(to_heads(&covers)),
+                        complete: Some(Heads::from(&covers)),
                     }),
                     offered: std::mem::take(&mut offered),
                     end: Some(covers),
@@ -1047,7 +1016,7 @@ async fn apply_loop(
         );
         out.send(Message::Applied {
             groups: groups_applied,
-            heads: to_heads(&mine),
+            heads: Heads::from(&mine),
         })
         .await
         .map_err(|_| Error::Cancelled)?;
@@ -1115,6 +1084,7 @@ fn local_content(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fazt_sync::SiteId;
 
     #[tokio::test]
     async fn a_frame_is_bounded_by_its_limit_and_by_the_bytes_that_arrive() {
@@ -1281,7 +1251,7 @@ mod tests {
         c.insert(SiteId([1; 16]), 1, 5);
         c.insert(SiteId([1; 16]), 9, 9);
         c.insert(SiteId([2; 16]), 3, 4);
-        let h = to_heads(&c);
+        let h = Heads::from(&c);
         assert_eq!(
             h,
             Heads(vec![
@@ -1289,14 +1259,17 @@ mod tests {
                 ([2; 16], vec![(3, 4)])
             ])
         );
-        assert_eq!(from_heads(&h), c);
+        assert_eq!(Coverage::from(&h), c);
         // Overlapping and adjacent ranges from the wire merge into the coverage they mean.
         let messy = Heads(vec![([1; 16], vec![(1, 3), (2, 5), (6, 6), (9, 9)])]);
         assert_eq!(
-            from_heads(&messy).get(&SiteId([1; 16])).unwrap().ranges(),
+            Coverage::from(&messy)
+                .get(&SiteId([1; 16]))
+                .unwrap()
+                .ranges(),
             &[(1, 6), (9, 9)]
         );
-        assert_eq!(from_heads(&Heads::default()), Coverage::default());
+        assert_eq!(Coverage::from(&Heads::default()), Coverage::default());
         // The clock a peer declares is the highest version anywhere in its heads.
         assert_eq!(clock_of(&c), 9);
         assert_eq!(clock_of(&Coverage::default()), 0);
@@ -1473,7 +1446,7 @@ mod tests {
                     node: *a.1.as_bytes(),
                     protocol: fazt_proto::PROTOCOL_VERSION,
                     schema,
-                    heads: to_heads(&covers),
+                    heads: Heads::from(&covers),
                 }),
             )
             .await?;
@@ -1484,7 +1457,7 @@ mod tests {
                 &mut write,
                 &Message::Changes(Changes {
                     changes: nets,
-                    complete: Some(to_heads(&covers)),
+                    complete: Some(Heads::from(&covers)),
                 }),
             )
             .await?;
@@ -1987,7 +1960,7 @@ mod tests {
                 node: *a.as_bytes(),
                 protocol: theirs,
                 schema: crate::db::migrations::latest_version(),
-                heads: to_heads(&Coverage::default()),
+                heads: Heads::from(&Coverage::default()),
             })
         })
         .await;

@@ -217,6 +217,31 @@ impl Coverage {
     }
 }
 
+/// Coverage as the peer protocol carries it: per origin, its ranges in ascending order.
+impl From<&Coverage> for fazt_proto::wire::Heads {
+    fn from(c: &Coverage) -> Self {
+        fazt_proto::wire::Heads(
+            c.0.iter()
+                .map(|(site, set)| (site.0, set.ranges().to_vec()))
+                .collect(),
+        )
+    }
+}
+
+/// Coverage from the peer protocol's heads. Ranges are merged as they are inserted, so heads
+/// that overlap or come out of order give the same coverage as sorted ones.
+impl From<&fazt_proto::wire::Heads> for Coverage {
+    fn from(h: &fazt_proto::wire::Heads) -> Self {
+        let mut c = Coverage::default();
+        for (site, ranges) in &h.0 {
+            for &(start, end) in ranges {
+                c.insert(SiteId(*site), start, end);
+            }
+        }
+        c
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
