@@ -142,12 +142,12 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
             };
             println!("{signed_by}");
             println!(
-                "imported {} transactions: {} changes applied, {} already held, {} superseded, {} waiting for a newer schema",
+                "imported {} transactions: {} changes applied, {} already held, {} superseded, {} waiting for tables or columns this node does not have (a newer schema's, or tables it never replicates)",
                 report.transactions, report.applied, report.already_seen, report.unchanged, report.pending
             );
             if report.pending_full > 0 {
                 println!(
-                    "{} changes for a newer schema were not kept: the pending area is full (see `fazt sync status`); import again after updating this node",
+                    "{} changes for tables or columns this node does not have were not kept: the pending area is full (see `fazt sync status`); import again after updating this node",
                     report.pending_full
                 );
             }
