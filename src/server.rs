@@ -8,14 +8,19 @@ use anyhow::{anyhow, Context, Result};
 use rusqlite::Connection;
 
 use crate::config::NodeConfig;
+use crate::db::Database;
 use crate::hosting::serve::Hosting;
 use crate::hosting::site::Site;
 
-/// Serves until Ctrl-C or SIGTERM. `conn` is the command's connection, already migrated.
-pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
-    crate::db::check_integrity(&conn, db_path)?;
-    let node_id = crate::identity::ensure(&conn)?;
-    let key = crate::identity::load(&conn)?.ok_or_else(|| anyhow!("this node has no key"))?;
+/// Serves until Ctrl-C or SIGTERM. `db` holds the command's connection, already migrated.
+pub fn run(db: Database, config: NodeConfig) -> Result<()> {
+    let (node_id, key) = db.write_blocking(|w| {
+        let conn = w.conn();
+        crate::db::check_integrity(conn, db.path())?;
+        let node_id = crate::identity::ensure(conn)?;
+        let key = crate::identity::load(conn)?.ok_or_else(|| anyhow!("this node has no key"))?;
+        Ok((node_id, key))
+    })?;
     let open_files = crate::hosting::listener::raise_open_files();
     let limits = crate::hosting::listener::Limits::from_env(open_files)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -31,31 +36,41 @@ pub fn run(conn: Connection, db_path: &Path, config: NodeConfig) -> Result<()> {
             crate::config::Source::Default => port,
             _ => config.sync_port.value,
         };
-        let peers = crate::peer::service::start(db_path.to_path_buf(), key, sync_port).await?;
+        let peers = crate::peer::service::start(db.clone(), key, sync_port).await?;
         let sync_port = peers.local_port();
-        conn.execute(
-            "INSERT OR REPLACE INTO node_runtime (id, pid, port, domain, started_at, sync_port) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
-            rusqlite::params![std::process::id(), port, config.domain.value.as_str(), crate::clock::now_secs(), sync_port],
-        )?;
+        let domain = config.domain.value.as_str().to_string();
+        db.write(move |w| {
+            w.conn().execute(
+                "INSERT OR REPLACE INTO node_runtime (id, pid, port, domain, started_at, sync_port) VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![std::process::id(), port, domain, crate::clock::now_secs(), sync_port],
+            )?;
+            Ok(())
+        })
+        .await?;
         let hosting = Arc::new(Hosting {
-            site: Arc::new(Site::open(db_path.to_path_buf())?),
+            site: Arc::new(Site::new(db.clone())),
             domain: config.domain.value.as_str().to_string(),
-            runtimes: crate::runtime::Runtimes::new(db_path.to_path_buf(), crate::runtime::Limits::default()),
+            runtimes: crate::runtime::Runtimes::new(db.clone(), crate::runtime::Limits::default()),
             body_timeout: limits.body,
         });
-        let collector = tokio::spawn(collect_blobs(db_path.to_path_buf()));
+        let collector = tokio::spawn(collect_blobs(db.clone()));
         println!(
             "fazt serving http://{}:{port}/ (domain {}, node {}, db {}, peers on udp {sync_port})",
             config.domain.value,
             config.domain.value,
             node_id,
-            db_path.display()
+            db.path().display()
         );
         crate::hosting::listener::serve(listener, hosting, limits, shutdown_signal()).await;
         collector.abort();
         peers.shutdown().await;
-        let _ = crate::peer::store::reset_connections(&conn);
-        conn.execute("DELETE FROM node_runtime WHERE id = 1 AND pid = ?1", [std::process::id()])?;
+        db.write(|w| {
+            let conn = w.conn();
+            let _ = crate::peer::store::reset_connections(conn);
+            conn.execute("DELETE FROM node_runtime WHERE id = 1 AND pid = ?1", [std::process::id()])?;
+            Ok(())
+        })
+        .await?;
         eprintln!("fazt stopped");
         Ok(())
     })
@@ -66,26 +81,23 @@ const GC_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 const GC_FIRST_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Deletes unreferenced blobs once their grace period is over (hosting::gc), every hour.
-async fn collect_blobs(db_path: std::path::PathBuf) {
+async fn collect_blobs(db: Database) {
     let mut wait = GC_FIRST_AFTER;
     loop {
         tokio::time::sleep(wait).await;
         wait = GC_EVERY;
-        let path = db_path.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut db = crate::db::open_existing(&path)?;
-            crate::hosting::gc::collect(
-                &mut db,
-                i64::from(crate::hosting::gc::DEFAULT_GRACE_SECS),
-                crate::clock::now_secs(),
-            )?;
-            Ok(())
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!("collecting unreferenced blobs failed: {e:#}"),
-            Err(e) => tracing::warn!("the blob collector stopped: {e}"),
+        let result = db
+            .write(|w| {
+                crate::hosting::gc::collect(
+                    w,
+                    i64::from(crate::hosting::gc::DEFAULT_GRACE_SECS),
+                    crate::clock::now_secs(),
+                )?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::warn!("collecting unreferenced blobs failed: {e:#}");
         }
     }
 }

@@ -65,7 +65,7 @@ pub fn run(cmd: ServerCmd, db: &Path) -> Result<()> {
             };
             let database = super::open_for_write(db)?;
             let config = NodeConfig::load(database.conn(), &overrides)?;
-            crate::server::run(database.into_inner(), db, config)
+            crate::server::run(crate::db::Database::with_writer(db, database)?, config)
         }
         ServerCmd::Init { domain, port } => {
             let domain = domain.as_deref().map(Domain::parse).transpose()?;

@@ -3,6 +3,7 @@
 //! The file is the instance. Opening refuses anything that is not a fazt database (a corrupt
 //! file, another program's SQLite file) before writing a single byte to it.
 
+mod database;
 pub(crate) mod migrations;
 mod pool;
 
@@ -12,8 +13,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{Connection, OpenFlags};
 
+pub use database::Database;
 pub use migrations::{NODE_LOCAL_TABLES, REPLICATED_TABLES};
-pub use pool::ReadPool;
+use pool::ReadPool;
 
 /// The node's database: a connection with the replication engine on it. Reads go through
 /// `conn()`; writes to replicated tables through `write()`, which captures them as changes.
@@ -72,10 +74,7 @@ pub fn open_existing_with(
 /// replicated table (again after a migration, which may have changed their columns).
 fn into_db(mut conn: Connection) -> Result<Db> {
     let migrated = migrations::migrate(&mut conn)?;
-    let mut db = fazt_sync::Replica::open(conn).context("starting the replication engine")?;
-    // Every merge on every connection keeps the bytes of blobs it deletes that this node
-    // still references (hosting::gc).
-    crate::hosting::gc::RescueHook::install(&mut db);
+    let mut db = attach_engine(conn)?;
     let registered = db.tables();
     for table in REPLICATED_TABLES {
         if migrated || !registered.iter().any(|t| t == table) {
@@ -84,6 +83,26 @@ fn into_db(mut conn: Connection) -> Result<Db> {
         }
     }
     Ok(db)
+}
+
+/// Puts the replication engine on a connection to a migrated database.
+fn attach_engine(conn: Connection) -> Result<Db> {
+    let mut db = fazt_sync::Replica::open(conn).context("starting the replication engine")?;
+    // Every merge on every connection keeps the bytes of blobs it deletes that this node
+    // still references (hosting::gc).
+    crate::hosting::gc::RescueHook::install(&mut db);
+    Ok(db)
+}
+
+/// Another engine connection to a database this process has opened (and so migrated) with
+/// [`open_existing`]: the same checks, no migration (see [`Database::engine`]).
+fn open_engine(path: &Path, setup: impl FnOnce(&mut Connection) -> Result<()>) -> Result<Db> {
+    let mut conn = match open_checked(path)? {
+        Checked::Existing(conn) => conn,
+        Checked::Recreated(db) => db.into_inner(),
+    };
+    setup(&mut conn)?;
+    attach_engine(conn)
 }
 
 /// Registers a user's own table for replication (`fazt db replicate`), or refreshes its

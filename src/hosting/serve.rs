@@ -149,7 +149,7 @@ async fn respond(hosting: &Hosting, req: Request) -> anyhow::Result<Response> {
         .or_else(|| req.uri.host())
         .unwrap_or("");
     let site = &hosting.site;
-    let routes = site.routes()?;
+    let routes = site.routes().await?;
     let alias = match host_target(host, &hosting.domain) {
         HostTarget::Alias(a) => a,
         HostTarget::Admin | HostTarget::Unknown => return not_found(site, &routes, &req).await,
@@ -186,7 +186,7 @@ async fn api(
     let HostTarget::Alias(alias) = host_target(host, &hosting.domain) else {
         return Ok(None);
     };
-    let routes = hosting.site.routes()?;
+    let routes = hosting.site.routes().await?;
     let Some(route) = routes.get(&alias) else {
         return Ok(None);
     };

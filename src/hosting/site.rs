@@ -3,12 +3,12 @@
 //!
 //! Versions and content are immutable, so their cached forms never go stale. What changes
 //! is small: which version is current, where aliases point. Before answering a request the
-//! server asks SQLite whether any other connection has committed since it last looked
-//! (`PRAGMA data_version`, a read of shared memory) and reloads the routing table if so, so
-//! a deploy or rollback from the CLI is served by the very next request.
+//! server asks the database's commit watcher whether anyone has committed since it last
+//! looked ([`Database::check_commits`], a read of shared memory) and reloads the routing table
+//! if so, so a deploy or rollback from the CLI is served by the very next request.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result};
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::content;
-use crate::db::ReadPool;
+use crate::db::Database;
 
 /// Total bytes of file content kept in memory.
 const BLOB_CACHE_BYTES: u64 = 128 << 20;
@@ -86,14 +86,12 @@ impl FileEntry {
 
 pub type Manifest = HashMap<String, Arc<FileEntry>>;
 
-struct Watch {
-    conn: Connection,
-    data_version: Option<i64>,
-}
-
 pub struct Site {
-    pool: ReadPool,
-    watch: Mutex<Watch>,
+    db: Database,
+    /// The watcher's count when `routes` was loaded (0: never).
+    loaded: AtomicU64,
+    /// Held while the routes are reloaded, so that concurrent requests load them once.
+    reloading: tokio::sync::Mutex<()>,
     routes: RwLock<Arc<HashMap<String, Route>>>,
     manifests: Mutex<HashMap<Arc<str>, Arc<Manifest>>>,
     blobs: quick_cache::sync::Cache<(Arc<str>, Encoding), Bytes, BlobWeight>,
@@ -109,37 +107,34 @@ impl quick_cache::Weighter<(Arc<str>, Encoding), Bytes> for BlobWeight {
 }
 
 impl Site {
-    pub fn open(path: PathBuf) -> Result<Site> {
-        let conn = crate::db::open_reader(&path)?;
-        Ok(Site {
-            pool: ReadPool::new(path, 4),
-            watch: Mutex::new(Watch {
-                conn,
-                data_version: None,
-            }),
+    pub fn new(db: Database) -> Site {
+        Site {
+            db,
+            loaded: AtomicU64::new(0),
+            reloading: tokio::sync::Mutex::new(()),
             routes: RwLock::new(Arc::new(HashMap::new())),
             manifests: Mutex::new(HashMap::new()),
             blobs: quick_cache::sync::Cache::with_weighter(4096, BLOB_CACHE_BYTES, BlobWeight),
-        })
+        }
     }
 
     /// The alias table as of the latest commit to the database.
-    pub fn routes(&self) -> Result<Arc<HashMap<String, Route>>> {
-        let mut watch = self.watch.lock().unwrap_or_else(|e| e.into_inner());
-        let version: i64 = watch
-            .conn
-            .prepare_cached("PRAGMA data_version")?
-            .query_row([], |r| r.get(0))?;
-        if watch.data_version != Some(version) {
-            let routes = Arc::new(load_routes(&watch.conn)?);
-            self.manifests
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|v, _| routes.values().any(|r| &r.version == v));
-            *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
-            watch.data_version = Some(version);
+    pub async fn routes(&self) -> Result<Arc<HashMap<String, Route>>> {
+        let latest = self.db.check_commits()?;
+        if self.loaded.load(Ordering::Acquire) != latest {
+            let _one = self.reloading.lock().await;
+            if self.loaded.load(Ordering::Acquire) != latest {
+                let routes = Arc::new(self.db.read(load_routes).await?);
+                self.manifests
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|v, _| routes.values().any(|r| &r.version == v));
+                *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
+                // Loaded after the watcher counted `latest`, so it holds that commit (and
+                // maybe later ones, which only cost a reload too many).
+                self.loaded.store(latest, Ordering::Release);
+            }
         }
-        drop(watch);
         Ok(self
             .routes
             .read()
@@ -148,7 +143,7 @@ impl Site {
     }
 
     /// The files of a version (immutable, so cached until the version stops being served).
-    pub async fn manifest(self: &Arc<Self>, version: &Arc<str>) -> Result<Arc<Manifest>> {
+    pub async fn manifest(&self, version: &Arc<str>) -> Result<Arc<Manifest>> {
         if let Some(m) = self
             .manifests
             .lock()
@@ -157,12 +152,12 @@ impl Site {
         {
             return Ok(m.clone());
         }
-        let site = self.clone();
         let v = version.clone();
-        let manifest =
-            tokio::task::spawn_blocking(move || site.pool.with(|conn| load_manifest(conn, &v)))
-                .await
-                .context("loading a version's file list")??;
+        let manifest = self
+            .db
+            .read(move |conn| load_manifest(conn, &v))
+            .await
+            .context("loading a version's file list")?;
         let manifest = Arc::new(manifest);
         self.manifests
             .lock()
@@ -172,15 +167,15 @@ impl Site {
     }
 
     /// A file's bytes in one encoding.
-    pub async fn content(self: &Arc<Self>, hash: &Arc<str>, enc: Encoding) -> Result<Bytes> {
+    pub async fn content(&self, hash: &Arc<str>, enc: Encoding) -> Result<Bytes> {
         let key = (hash.clone(), enc);
         if let Some(bytes) = self.blobs.get(&key) {
             return Ok(bytes);
         }
-        let site = self.clone();
         let h = hash.clone();
-        let bytes = tokio::task::spawn_blocking(move || {
-            site.pool.with(|conn| {
+        let bytes = self
+            .db
+            .read(move |conn| {
                 let sql = format!("SELECT {} FROM blobs WHERE hash = ?1", enc.column());
                 let data: Option<Option<Vec<u8>>> = conn
                     .prepare_cached(&sql)?
@@ -190,9 +185,8 @@ impl Site {
                     .map(Bytes::from)
                     .ok_or_else(|| anyhow::anyhow!("content {h} is missing from the database"))
             })
-        })
-        .await
-        .context("reading file content")??;
+            .await
+            .context("reading file content")?;
         if bytes.len() <= BLOB_CACHE_MAX_ITEM {
             self.blobs.insert(key, bytes.clone());
         }

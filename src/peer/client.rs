@@ -147,15 +147,13 @@ pub struct Synced {
 
 /// Syncs both ways with the peer named `name` until both hold the same versions.
 pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) -> Result<Synced> {
-    let db = crate::db::open_existing(db_path)?;
-    let peer = store::ready_to_dial(db.conn(), name)?;
+    let db = crate::db::Database::open(db_path)?;
+    let (peer, key) = db.write_blocking(|w| Ok((store::ready_to_dial(w.conn(), name)?, node_key(w)?)))?;
     let addr = peer.addr.clone().unwrap_or_default();
-    let key = node_key(&db)?;
     let own = crate::identity::node_id(&key);
-    drop(db);
     let started = Instant::now();
     let stats = runtime()?.block_on(async {
-        let changed = super::watch_db(db_path)?;
+        let changed = db.commits();
         let endpoint = client_endpoint()?;
         let connected = std::sync::atomic::AtomicBool::new(false);
         let work = async {

@@ -16,48 +16,24 @@ pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use fazt_proto::NodeId;
 use tokio::sync::watch;
 
 pub use error::Error;
 use error::Unreachable;
 
-/// How often the database is checked for commits by other connections and processes: every
-/// 5 ms while commits keep coming, slowing to every 25 ms when idle (an idle node then costs
-/// 40 cheap reads a second, and a first commit after a quiet spell waits at most 25 ms).
-const WATCH_BUSY: Duration = Duration::from_millis(5);
-const WATCH_IDLE: Duration = Duration::from_millis(25);
-
-/// Ticks whenever anyone commits to the database (this process or another, such as a CLI
-/// deploy). Polls SQLite's `data_version`, which changes on every commit by another
-/// connection; the thread ends when every receiver is gone.
-pub fn watch_db(path: &Path) -> Result<watch::Receiver<u64>> {
-    let conn = crate::db::open_reader(path)?;
-    let (tx, rx) = watch::channel(0u64);
-    std::thread::Builder::new()
-        .name("fazt-db-watch".into())
-        .spawn(move || {
-            let mut last: i64 = -1;
-            let mut interval = WATCH_BUSY;
-            while !tx.is_closed() {
-                if let Ok(v) = conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0)) {
-                    if v != last {
-                        last = v;
-                        tx.send_modify(|n| *n += 1);
-                        interval = WATCH_BUSY;
-                    } else {
-                        interval = (interval + Duration::from_millis(1)).min(WATCH_IDLE);
-                    }
-                }
-                std::thread::sleep(interval);
-            }
-        })
-        .context("starting the database watcher")?;
-    Ok(rx)
+/// Ticks whenever anyone commits to the database at `path` (for the session's tests, until
+/// the session takes a [`crate::db::Database`]).
+#[cfg(test)]
+pub fn watch_db(path: &std::path::Path) -> Result<watch::Receiver<u64>> {
+    let db = crate::db::Database::open(path)?;
+    let changed = db.commits();
+    // The watcher lives as long as a handle does: keep one for the test's lifetime.
+    std::mem::forget(db);
+    Ok(changed)
 }
 
 /// Resolves HOST:PORT (the address of `peer`), preferring what the local stack can reach.

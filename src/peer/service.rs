@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use tokio::task::JoinHandle;
 use super::session::{self, Mode, Session, Stats};
 use super::store::{self, Peer};
 use super::tls;
+use crate::db::Database;
 
 /// First wait before redialing a peer; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
@@ -64,13 +64,11 @@ impl Trust {
 }
 
 struct Ctx {
-    db_path: PathBuf,
+    db: Database,
     key: SigningKey,
     own: NodeId,
     trust: Trust,
     changed: watch::Receiver<u64>,
-    /// A writable connection for the peers table.
-    state: Mutex<rusqlite::Connection>,
     /// Connections with a running session, per peer key (either direction).
     active: Mutex<HashMap<[u8; 32], Vec<quinn::Connection>>>,
     /// Slots for connections from unknown keys (see [`MAX_JOINERS`]).
@@ -101,13 +99,16 @@ impl Service {
 }
 
 /// Starts listening on UDP `port` and replicating with every trusted peer.
-pub async fn start(db_path: PathBuf, key: SigningKey, port: u16) -> Result<Service> {
-    let db = crate::db::open_existing(&db_path)?;
-    let state = db.into_inner();
-    store::reset_connections(&state)?;
+pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> {
     let trust = Trust::default();
-    refresh_trust(&trust, &state)?;
-    let changed = super::watch_db(&db_path)?;
+    let trust = db
+        .write(move |w| {
+            store::reset_connections(w.conn())?;
+            refresh_trust(&trust, w.conn())?;
+            Ok(trust)
+        })
+        .await?;
+    let changed = db.commits();
 
     // The admit check needs the trust set before the context exists; share it through an Arc.
     let ctx_slot: Arc<std::sync::OnceLock<Arc<Ctx>>> = Arc::new(std::sync::OnceLock::new());
@@ -130,12 +131,11 @@ pub async fn start(db_path: PathBuf, key: SigningKey, port: u16) -> Result<Servi
     })?;
     let own = NodeId::from_bytes(key.verifying_key().to_bytes());
     let ctx = Arc::new(Ctx {
-        db_path,
+        db,
         key,
         own,
         trust,
         changed,
-        state: Mutex::new(state),
         active: Mutex::new(HashMap::new()),
         joiners: Arc::new(tokio::sync::Semaphore::new(MAX_JOINERS)),
         endpoint: endpoint.clone(),
@@ -165,8 +165,7 @@ fn refresh_trust(trust: &Trust, conn: &rusqlite::Connection) -> Result<()> {
 
 impl Ctx {
     fn with_state<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T> {
-        let conn = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        f(&conn)
+        self.db.write_blocking(|w| f(w.conn()))
     }
 
     /// Takes the connections of peers no longer trusted out of the active set.
@@ -461,7 +460,7 @@ async fn run_session(
         })
     };
     let session = Session {
-        db_path: ctx.db_path.clone(),
+        db_path: ctx.db.path().to_path_buf(),
         own: ctx.own,
         peer: peer.node_id,
         peer_name: peer.name.to_string(),

@@ -13,11 +13,12 @@ mod script;
 mod worker;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+
+use crate::db::Database;
 
 /// What an app's code may use.
 #[derive(Debug, Clone)]
@@ -90,7 +91,7 @@ struct Job {
 
 /// The app workers of one server.
 pub struct Runtimes {
-    db_path: PathBuf,
+    db: Database,
     limits: Limits,
     /// Worker threads per app (each with its own runtime), sharing the app's queue.
     per_app: usize,
@@ -99,17 +100,17 @@ pub struct Runtimes {
 }
 
 impl Runtimes {
-    pub fn new(db_path: PathBuf, limits: Limits) -> Runtimes {
+    pub fn new(db: Database, limits: Limits) -> Runtimes {
         let (logs, rx) = std::sync::mpsc::channel();
-        let path = db_path.clone();
+        let writer = db.clone();
         if let Err(e) = std::thread::Builder::new()
             .name("fazt-app-logs".into())
-            .spawn(move || worker::write_logs(path, rx))
+            .spawn(move || worker::write_logs(writer, rx))
         {
             tracing::error!(error = %e, "cannot start the app log writer");
         }
         Runtimes {
-            db_path,
+            db,
             limits,
             per_app: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
             workers: Mutex::new(HashMap::new()),
@@ -163,8 +164,8 @@ impl Runtimes {
         let queue = Arc::new(Mutex::new(rx));
         let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for _ in 0..self.per_app {
-            let (db_path, limits, id) = (
-                self.db_path.clone(),
+            let (db, limits, id) = (
+                self.db.clone(),
                 self.limits.clone(),
                 app_id.to_string(),
             );
@@ -172,7 +173,7 @@ impl Runtimes {
             let spawned = std::thread::Builder::new()
                 .name(format!("fazt-js-{}", &app_id[..app_id.len().min(12)]))
                 .stack_size(8 << 20)
-                .spawn(move || worker::run(id, db_path, limits, queue, logs));
+                .spawn(move || worker::run(id, db, limits, queue, logs));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start an app worker thread");
             }

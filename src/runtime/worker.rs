@@ -2,7 +2,6 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -15,6 +14,7 @@ use rquickjs::module::Declared;
 use rquickjs::{Array, ArrayBuffer, Context, Ctx, Function, Module, Object, Promise, Value};
 
 use super::host::{self, Code, Host};
+use crate::db::Database;
 use super::script::{self, JsError};
 use super::{request, Call, Job, Limits, Reply};
 
@@ -46,12 +46,12 @@ const LOG_FLUSH: Duration = Duration::from_millis(200);
 
 pub(super) fn run(
     app_id: String,
-    db_path: PathBuf,
+    db: Database,
     limits: Limits,
     queue: Arc<Mutex<Receiver<Job>>>,
     logs: Sender<LogBatch>,
 ) {
-    let mut worker = match Worker::open(&app_id, &db_path, limits) {
+    let mut worker = match Worker::open(&app_id, &db, limits) {
         Ok(w) => w,
         Err(e) => {
             tracing::error!(app = %app_id, error = %format!("{e:#}"), "cannot start the app's runtime");
@@ -95,16 +95,7 @@ pub(super) struct LogBatch {
 }
 
 /// Writes app log lines in batches (at most every `LOG_FLUSH`), off the request path.
-pub(super) fn write_logs(db_path: PathBuf, rx: Receiver<LogBatch>) {
-    let mut conn = match rusqlite::Connection::open(&db_path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot open the database for app logs");
-            return;
-        }
-    };
-    let _ = conn.busy_timeout(Duration::from_secs(10));
-    let _ = conn.pragma_update(None, "synchronous", "NORMAL");
+pub(super) fn write_logs(db: Database, rx: Receiver<LogBatch>) {
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
         let until = Instant::now() + LOG_FLUSH;
@@ -119,7 +110,10 @@ pub(super) fn write_logs(db_path: PathBuf, rx: Receiver<LogBatch>) {
             by_app.entry(b.app_id).or_default().extend(b.lines);
         }
         for (app, lines) in by_app {
-            if let Err(e) = crate::storage::logs::append(&mut conn, &app, &lines) {
+            let saved = db.write_blocking(|w| {
+                w.write(|tx| crate::storage::logs::append(tx, &app, &lines))
+            });
+            if let Err(e) = saved {
                 tracing::warn!(app = %app, error = %format!("{e:#}"), "app log lines were not saved");
             }
         }
@@ -207,7 +201,7 @@ enum Failure {
 }
 
 impl Worker {
-    fn open(app_id: &str, db_path: &std::path::Path, limits: Limits) -> Result<Worker> {
+    fn open(app_id: &str, db: &Database, limits: Limits) -> Result<Worker> {
         let deadline = Arc::new(AtomicU64::new(0));
         let epoch = Instant::now();
         let d = deadline.clone();
@@ -218,7 +212,7 @@ impl Worker {
         // Host calls check the deadline between rows; SQLite's own loops (a scan that
         // skips many rows) are stopped by the progress handler.
         let in_sqlite = expired.clone();
-        let db = crate::db::open_existing_with(db_path, move |conn| {
+        let db = db.engine_with(move |conn| {
             conn.progress_handler(SQLITE_CHECK_EVERY, Some(in_sqlite))?;
             Ok(())
         })?;

@@ -20,14 +20,14 @@ pub struct Line {
     pub message: String,
 }
 
-/// Appends lines (one transaction), pruning the app's oldest beyond `KEEP` lines or
-/// `KEEP_BYTES` of messages.
-pub fn append(conn: &mut Connection, app_id: &str, lines: &[(i64, String, String)]) -> Result<()> {
+/// Appends lines, pruning the app's oldest beyond `KEEP` lines or `KEEP_BYTES` of messages.
+/// Run it in a transaction: its statements belong together.
+pub fn append(conn: &Connection, app_id: &str, lines: &[(i64, String, String)]) -> Result<()> {
     append_within(conn, app_id, lines, KEEP, KEEP_BYTES)
 }
 
 fn append_within(
-    conn: &mut Connection,
+    tx: &Connection,
     app_id: &str,
     lines: &[(i64, String, String)],
     keep: i64,
@@ -36,7 +36,6 @@ fn append_within(
     if lines.is_empty() {
         return Ok(());
     }
-    let tx = conn.transaction()?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT INTO app_logs (app_id, at, level, message) VALUES (?1, ?2, ?3, ?4)",
@@ -59,7 +58,6 @@ fn append_within(
         )?
         .execute(params![app_id, keep_bytes])?;
     }
-    tx.commit()?;
     Ok(())
 }
 
@@ -119,10 +117,10 @@ mod tests {
 
     #[test]
     fn an_apps_stored_log_keeps_its_newest_lines_within_the_byte_budget() {
-        let mut conn = table();
+        let conn = table();
         let lines: Vec<_> = (0..10).map(|n| line(n, 100)).collect();
-        append_within(&mut conn, "a", &lines, 1000, 350).unwrap();
-        append_within(&mut conn, "b", &[line(0, 100)], 1000, 350).unwrap();
+        append_within(&conn, "a", &lines, 1000, 350).unwrap();
+        append_within(&conn, "b", &[line(0, 100)], 1000, 350).unwrap();
         let kept: Vec<String> = since(&conn, "a", 0, 100)
             .unwrap()
             .into_iter()
@@ -132,7 +130,7 @@ mod tests {
         // Another app's lines are its own.
         assert_eq!(since(&conn, "b", 0, 100).unwrap().len(), 1);
         // One line larger than the whole budget leaves nothing older behind.
-        append_within(&mut conn, "a", &[line(10, 400)], 1000, 350).unwrap();
+        append_within(&conn, "a", &[line(10, 400)], 1000, 350).unwrap();
         assert_eq!(since(&conn, "a", 0, 100).unwrap().len(), 0);
     }
 }
