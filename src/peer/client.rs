@@ -12,7 +12,8 @@ use fazt_proto::NodeId;
 use tokio::sync::watch;
 
 use super::error::{Closed, Stage, Unreachable, Violation, Wait};
-use super::session::{self, Mode, Session, Stats};
+use super::frame;
+use super::session::{Mode, Session, Stats};
 use super::store::{self, PeerName};
 use super::{tls, Error};
 
@@ -100,8 +101,8 @@ async fn redeem(
         name: me.to_string(),
         addr: advertise.to_string(),
     });
-    session::write_message(&mut send, &join).await?;
-    let reply = tokio::time::timeout(super::CONNECT_TIMEOUT, session::read_message(&mut recv))
+    frame::write_message(&mut send, &join).await?;
+    let reply = tokio::time::timeout(super::CONNECT_TIMEOUT, frame::read_message(&mut recv))
         .await
         .map_err(|_| Error::Timeout {
             peer: peer(),

@@ -2,6 +2,7 @@
 //!
 //! - [`store`]: the node-local tables of peers and invitations.
 //! - [`tls`]: the QUIC endpoint and mutual ed25519 authentication.
+//! - [`frame`]: reading and writing the frames of a peer stream.
 //! - [`session`]: one replication session over one stream (docs/sync-protocol.md).
 //! - [`service`]: what `fazt server start` runs: the listener, a dialer per peer, live
 //!   replication with backoff.
@@ -10,6 +11,7 @@
 
 pub mod client;
 pub mod error;
+pub mod frame;
 pub mod service;
 pub mod session;
 pub mod store;

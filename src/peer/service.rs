@@ -15,7 +15,8 @@ use fazt_proto::NodeId;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::session::{self, Mode, Session, Stats};
+use super::frame;
+use super::session::{Mode, Session, Stats};
 use super::store::{self, Peer};
 use super::tls;
 use crate::db::Database;
@@ -317,7 +318,7 @@ async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()>
     let key = tls::remote_key(&conn).ok_or_else(|| anyhow!("the peer presented no usable key"))?;
     let (send, recv, first, _slot) = if ctx.trust.trusts(&key) {
         let (send, mut recv) = conn.accept_bi().await?;
-        let first = session::read_message(&mut recv).await?;
+        let first = frame::read_message(&mut recv).await?;
         (send, recv, first, None)
     } else {
         // Admitted only because an invitation is open: whoever this is has proved nothing
@@ -333,7 +334,7 @@ async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()>
         };
         let first = tokio::time::timeout(JOIN_TIMEOUT, async {
             let (send, mut recv) = conn.accept_bi().await?;
-            let first = session::read_message_within(&mut recv, JOIN_FRAME).await?;
+            let first = frame::read_message_within(&mut recv, JOIN_FRAME).await?;
             anyhow::Ok((send, recv, first))
         })
         .await;
@@ -379,7 +380,7 @@ async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()>
 
 /// Sends a refusal the other side can show, and closes once it has been read.
 async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: &str) {
-    let _ = session::write_message(&mut send, &Message::Refuse(reason.to_string())).await;
+    let _ = frame::write_message(&mut send, &Message::Refuse(reason.to_string())).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     conn.close(quinn::VarInt::from_u32(1), reason.as_bytes());
@@ -423,7 +424,7 @@ async fn handle_join(
     ctx.with_state(|c| refresh_trust(&ctx.trust, c))?;
     let own_name = ctx.with_state(super::own_name)?;
     tracing::info!(peer = %name, node = %joiner, "a node joined with a ticket");
-    session::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
+    frame::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     Ok(())

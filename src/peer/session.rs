@@ -23,10 +23,11 @@ use fazt_proto::wire::{self, Changes, Content, ContentRef, Heads, Hello, Message
 use fazt_proto::NodeId;
 use fazt_sync::{Batch, Change, Coverage, Exported, Replica, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use super::error::{Closed, Stage, Violation};
+use super::frame::read_message;
 use super::Error;
 
 /// Changes per group (a group never splits an origin transaction, so it may hold more).
@@ -112,54 +113,6 @@ fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
         .fold(0u64, |n, &(s, e)| {
             n.saturating_add(u64::try_from(e.saturating_sub(s).saturating_add(1)).unwrap_or(0))
         })
-}
-
-/// Reads one frame; None when the stream ends cleanly.
-pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Message, usize)>> {
-    read_message_within(r, wire::MAX_FRAME).await
-}
-
-/// Reads one frame whose header may claim at most `max` bytes. The buffer grows with the
-/// bytes that actually arrive (never to the claimed length up front), so a header that
-/// claims much and a sender that then stalls cost nothing.
-pub async fn read_message_within<R: AsyncRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> Result<Option<(Message, usize)>> {
-    let mut header = [0u8; 4];
-    match r.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e).context("reading from the peer"),
-    }
-    let len = wire::frame_len(header)?;
-    if len > max {
-        anyhow::bail!(
-            "the peer announced a {len}-byte message where at most {max} bytes are accepted"
-        );
-    }
-    let mut payload = Vec::new();
-    let read = (&mut *r)
-        .take(len as u64)
-        .read_to_end(&mut payload)
-        .await
-        .context("reading from the peer")?;
-    if read != len {
-        anyhow::bail!(
-            "the peer closed the stream in the middle of a message ({read} of {len} bytes)"
-        );
-    }
-    Ok(Some((
-        Message::decode(&payload).context("the peer sent a malformed message")?,
-        len + 4,
-    )))
-}
-
-pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> Result<()> {
-    w.write_all(&msg.encode())
-        .await
-        .context("writing to the peer")?;
-    Ok(())
 }
 
 /// A group received whole, waiting to be applied.
@@ -1084,29 +1037,8 @@ fn local_content(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::peer::frame::write_message;
     use fazt_sync::SiteId;
-
-    #[tokio::test]
-    async fn a_frame_is_bounded_by_its_limit_and_by_the_bytes_that_arrive() {
-        let whole = Message::Refuse("no".into()).encode();
-        let mut r = &whole[..];
-        assert!(read_message_within(&mut r, 64).await.unwrap().is_some());
-        let mut r = &whole[..];
-        let err = read_message_within(&mut r, 2)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("at most 2 bytes"), "{err}");
-        // A header claiming the largest frame, then five bytes and the end of the stream.
-        let mut claim = (wire::MAX_FRAME as u32).to_le_bytes().to_vec();
-        claim.extend_from_slice(b"12345");
-        let mut r = &claim[..];
-        let err = read_message(&mut r).await.unwrap_err().to_string();
-        assert!(
-            err.contains(&format!("5 of {} bytes", wire::MAX_FRAME)),
-            "{err}"
-        );
-    }
 
     fn node(dir: &std::path::Path, name: &str) -> (PathBuf, NodeId) {
         let path = dir.join(name);
@@ -1282,38 +1214,6 @@ mod tests {
         let mut huge = Coverage::default();
         huge.insert(SiteId([3; 16]), 1, wire::MAX_VERSION);
         assert_eq!(versions_lacking(&huge, &c), wire::MAX_VERSION as u64);
-    }
-
-    #[tokio::test]
-    async fn frames_read_back_in_order_and_a_clean_end_is_none() {
-        let msgs = vec![
-            Message::Want(vec![[7; 32], [8; 32]]),
-            Message::Refuse("bye".into()),
-            Message::Applied {
-                groups: 3,
-                heads: Heads(vec![([1; 16], vec![(1, 2)])]),
-            },
-        ];
-        let mut bytes = Vec::new();
-        for m in &msgs {
-            write_message(&mut bytes, m).await.unwrap();
-        }
-        let mut r = &bytes[..];
-        for m in &msgs {
-            let (got, size) = read_message(&mut r).await.unwrap().unwrap();
-            assert_eq!(&got, m);
-            assert_eq!(size, m.encode().len());
-        }
-        assert!(read_message(&mut r).await.unwrap().is_none());
-        // A stream cut inside a header reads as the end of the stream (no frame was started).
-        let mut r = &bytes[..2];
-        assert!(read_message(&mut r).await.unwrap().is_none());
-        // A zero length and an unknown tag are refused.
-        let mut r = &[0u8, 0, 0, 0][..];
-        assert!(read_message(&mut r).await.is_err());
-        let mut r = &[1u8, 0, 0, 0, 0xee][..];
-        let err = read_message(&mut r).await.unwrap_err();
-        assert!(format!("{err:#}").contains("malformed message"), "{err:#}");
     }
 
     #[test]
