@@ -1,6 +1,7 @@
 //! Peers: trust, the QUIC transport, and replication sessions.
 //!
 //! - [`store`]: the node-local tables of peers and invitations.
+//! - [`limits`]: the tunables: batch sizes, memory budgets, windows, timeouts.
 //! - [`tls`]: the QUIC endpoint and mutual ed25519 authentication.
 //! - [`frame`]: reading and writing the frames of a peer stream.
 //! - [`session`]: one replication session over one stream (docs/sync-protocol.md).
@@ -12,6 +13,7 @@
 pub mod client;
 pub mod error;
 pub mod frame;
+mod limits;
 pub mod service;
 pub mod session;
 pub mod store;
@@ -25,6 +27,7 @@ use fazt_proto::NodeId;
 use tokio::sync::watch;
 
 pub use error::Error;
+pub use limits::Limits;
 use error::Unreachable;
 
 /// Ticks whenever anyone commits to the database at `path` (for the session's tests, until

@@ -60,24 +60,6 @@ pub const SERVER_NAME: &str = "fazt.invalid";
 /// driver, so it must answer quickly (look up an in-memory set, not the database).
 pub type Admit = Arc<dyn Fn(&[u8; 32]) -> bool + Send + Sync>;
 
-/// How long a connection (or a handshake) may go without hearing from the peer before it is
-/// declared dead: five missed keep-alives. Short, because a peer restarted after kill -9
-/// cannot close its old connections, and the dialer waits for them to die before redialing.
-/// `FAZT_PEER_IDLE_TIMEOUT_MS` overrides it (tests shorten it).
-const IDLE_TIMEOUT_MS: u32 = 10_000;
-
-/// The idle timeout, and the keep-alive interval that follows from it: an idle connection
-/// sends a keep-alive every fifth of it (2 s by default), so NATs keep their mapping and the
-/// timeout only fires for a peer that is really gone.
-fn idle_timeout() -> (u32, Duration) {
-    let ms = std::env::var("FAZT_PEER_IDLE_TIMEOUT_MS")
-        .ok()
-        .and_then(|v| v.parse::<u32>().ok())
-        .filter(|&ms| ms >= 50)
-        .unwrap_or(IDLE_TIMEOUT_MS);
-    (ms, Duration::from_millis(u64::from(ms / 5)))
-}
-
 /// Why a connection attempt failed, classified for clear user-facing errors.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -260,12 +242,15 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Keep-alives and the idle timeout of [`super::Limits`].
 fn transport() -> Arc<TransportConfig> {
+    let limits = super::Limits::from_env();
     let mut transport = TransportConfig::default();
-    let (idle_ms, keep_alive) = idle_timeout();
-    transport.keep_alive_interval(Some(keep_alive));
+    transport.keep_alive_interval(Some(limits.keep_alive()));
     // Also bounds the handshake: quinn has no separate handshake timeout.
-    transport.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(idle_ms))));
+    transport.max_idle_timeout(Some(IdleTimeout::from(VarInt::from_u32(
+        limits.idle_timeout_ms(),
+    ))));
     Arc::new(transport)
 }
 

@@ -1,0 +1,572 @@
+//! One replication session with a peer over one bidirectional stream.
+//!
+//! Both sides run the same code (docs/sync-protocol.md, "A session"), as the phases of
+//! [`Phase`]:
+//! 1. greeting: each sends `Hello` with the versions it holds per origin;
+//! 2. catching up: each exports what the other lacks as groups of whole origin transactions,
+//!    at most [`Limits::window`] groups ahead of the other's `Applied` acknowledgements
+//!    ([`export`]); large blobs travel as content references, and the receiver fetches
+//!    (`Want`/`Content`) only the content it does not hold, keeps it in `peer_content` as it
+//!    arrives once the transfer has lasted a while ([`content`]), and applies each group in
+//!    one transaction once its content is complete ([`apply`]);
+//! 3. live: every local commit (the `changed` watch) starts another export, until the peer
+//!    hangs up; a one-off session instead ends once both sides hold the same versions.
+//!
+//! The conductor here reads the peer's messages and moves between the phases; SQLite work
+//! runs on blocking threads, each task with its own connection, so a slow export never holds
+//! up applying or serving content. Its tunables come in as [`Limits`].
+
+mod apply;
+mod content;
+mod export;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Context, Result};
+use fazt_proto::wire::{Changes, Content, Heads, Hello, Message};
+use fazt_proto::NodeId;
+use fazt_sync::{Coverage, Replica};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::error::{Closed, Stage, Violation};
+use super::frame::read_message;
+use super::{Error, Limits};
+use apply::Incoming;
+use export::Offers;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Keep pushing local commits until the connection ends.
+    Live,
+    /// Return once both sides hold the same versions.
+    Once,
+}
+
+/// What moved during a session.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub sent_changes: u64,
+    pub received_changes: u64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    pub sent_content: u64,
+    pub received_content: u64,
+    /// Origin versions this node holds that the peer does not (as last reported).
+    pub lag: u64,
+}
+
+/// A session's settings.
+pub struct Session {
+    pub db_path: PathBuf,
+    pub own: NodeId,
+    pub peer: NodeId,
+    pub peer_name: String,
+    pub mode: Mode,
+    pub limits: Limits,
+    /// Ticks on every commit to the database by anyone.
+    pub changed: watch::Receiver<u64>,
+    /// Receives the session's figures as they change.
+    pub progress: Option<watch::Sender<Stats>>,
+}
+
+/// Where a session stands (the steps of docs/sync-protocol.md, "A session"). It moves only
+/// in [`Conductor::on`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// This side's Hello is sent; the peer's first message must be its Hello.
+    Greeting,
+    /// Each side exports what the other lacks, fetches content and applies, until both hold
+    /// the same versions with nothing in flight either way.
+    CatchingUp,
+    /// A [`Mode::Live`] session that caught up once: local commits are exported as they come,
+    /// until the peer hangs up.
+    Live,
+    /// Over, and well: caught up ([`Mode::Once`]), or the peer hung up ([`Mode::Live`]).
+    Done,
+}
+
+/// What the conductor reacts to.
+enum Event {
+    /// A message from the peer, with its size on the wire.
+    Received(Message, usize),
+    /// The peer ended the stream cleanly.
+    HungUp,
+    /// A task exported or applied something: the figures changed, the sides may be converged.
+    Progressed,
+}
+
+/// The highest version in `heads`: for an honest node's own heads, its Lamport clock (its
+/// own coverage is 1..=clock, and it holds nothing beyond).
+fn clock_of(heads: &Coverage) -> i64 {
+    heads
+        .0
+        .values()
+        .filter_map(|r| r.ranges().last().map(|&(_, end)| end))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Versions in `a` that `b` lacks.
+fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
+    a.minus(b)
+        .0
+        .values()
+        .flat_map(|r| r.ranges().iter())
+        .fold(0u64, |n, &(s, e)| {
+            n.saturating_add(u64::try_from(e.saturating_sub(s).saturating_add(1)).unwrap_or(0))
+        })
+}
+
+/// State shared by the session's tasks.
+#[derive(Default)]
+struct Shared {
+    /// What the peer holds, as far as this side knows: its Hello, its acknowledgements,
+    /// what it sent, and what was sent to it.
+    peer_known: Coverage,
+    /// What the peer said it holds (Hello and Applied), plus what it sent.
+    their_heads: Coverage,
+    /// What this side holds, as of its last export or apply.
+    mine: Coverage,
+    /// The peer's Lamport clock as it declares it: the highest version in its Hello and
+    /// Applied heads (its own coverage ends there). Covers it sends are believed up to it.
+    peer_clock: i64,
+    stats: Stats,
+    groups_sent: u64,
+    groups_acked: u64,
+    exporting: bool,
+    groups_received: u64,
+    /// Part of a group has arrived, not its end.
+    mid_group: bool,
+    groups_applied: u64,
+}
+
+type SharedRef = Arc<Mutex<Shared>>;
+
+fn lock(shared: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
+    // A panicking task is reported through its join handle; the state is still usable.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Both sides hold the same versions and nothing is in flight either way.
+fn converged(shared: &SharedRef) -> bool {
+    let s = lock(shared);
+    !s.exporting
+        && !s.mid_group
+        && s.groups_received == s.groups_applied
+        && s.groups_acked >= s.groups_sent
+        && s.mine == s.their_heads
+}
+
+impl Session {
+    /// Runs the session until the stream ends (Live) or both sides hold the same versions
+    /// (Once). `recv`/`send` are the two halves of one stream; `first` is the peer's Hello
+    /// when the caller has read it already.
+    pub async fn run<R, W>(self, mut recv: R, send: W, first: Option<Hello>) -> Result<Stats, Error>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let path = self.db_path.clone();
+        let (exporter_db, applier_db, content_db) =
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                Ok((
+                    crate::db::open_existing(&path)?,
+                    crate::db::open_existing(&path)?,
+                    crate::db::open_existing(&path)?,
+                ))
+            })
+            .await
+            .map_err(anyhow::Error::from)??;
+        let mine = applier_db.coverage()?;
+        let shared: SharedRef = Arc::new(Mutex::new(Shared {
+            mine: mine.clone(),
+            ..Shared::default()
+        }));
+
+        // Everything this side sends goes through one writer task.
+        let (out_tx, out_rx) = mpsc::channel::<Message>(16);
+        let (fail_tx, mut fail_rx) = mpsc::unbounded_channel::<anyhow::Error>();
+        let (tick_tx, mut tick_rx) = mpsc::unbounded_channel::<()>();
+        let writer = spawn_task(write_loop(send, out_rx, shared.clone()), fail_tx.clone());
+
+        out_tx
+            .send(Message::Hello(Hello {
+                node: *self.own.as_bytes(),
+                protocol: fazt_proto::PROTOCOL_VERSION,
+                schema: crate::db::migrations::latest_version(),
+                heads: Heads::from(&mine),
+            }))
+            .await
+            .map_err(|_| self.error_closed(Closed::BeforeSending))?;
+
+        let (acked_tx, acked_rx) = watch::channel(0u64);
+        let (apply_tx, apply_rx) = mpsc::unbounded_channel::<Incoming>();
+        let (want_tx, want_rx) = mpsc::unbounded_channel::<Vec<[u8; 32]>>();
+        let (content_tx, content_rx) = mpsc::unbounded_channel::<Content>();
+        let mut conductor = Conductor {
+            session: &self,
+            phase: Phase::Greeting,
+            shared: shared.clone(),
+            offers: Arc::new(Offers::new(self.limits.keep_offered_bytes)),
+            start: Some(Start {
+                exporter_db,
+                applier_db,
+                content_db,
+                out: out_tx,
+                fail: fail_tx,
+                tick: tick_tx,
+                acked: acked_rx,
+                groups: apply_rx,
+                wants: want_rx,
+                content: content_rx,
+            }),
+            acked: acked_tx,
+            apply: apply_tx,
+            wants: want_tx,
+            content: content_tx,
+            tasks: vec![writer],
+        };
+
+        // Frames are read by their own task: a frame half-read when another event wins the
+        // select below would otherwise be lost, and the stream would fall out of step.
+        let (msg_tx, mut msg_rx) = mpsc::channel(16);
+        let reader = tokio::spawn(async move {
+            loop {
+                let next = read_message(&mut recv).await;
+                let end = !matches!(next, Ok(Some(_)));
+                if msg_tx.send(next).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let first = first.map(|hello| Event::Received(Message::Hello(hello), 0));
+        let result = conductor
+            .conduct(first, &mut msg_rx, &mut fail_rx, &mut tick_rx)
+            .await;
+        reader.abort();
+        for t in conductor.tasks {
+            t.abort();
+        }
+        let stats = lock(&shared).stats.clone();
+        result.map(|_| stats).map_err(Error::from)
+    }
+
+    fn error_refused(&self, during: Stage, reason: String) -> Error {
+        Error::Refused {
+            peer: self.peer_name.clone(),
+            during,
+            reason,
+        }
+    }
+
+    fn error_closed(&self, when: Closed) -> Error {
+        Error::Closed {
+            peer: self.peer_name.clone(),
+            when,
+        }
+    }
+
+    fn error_protocol(&self, what: Violation) -> Error {
+        Error::Protocol {
+            peer: self.peer_name.clone(),
+            what,
+        }
+    }
+
+    fn check_hello(&self, hello: &Hello) -> Result<(), Error> {
+        if hello.node != *self.peer.as_bytes() {
+            return Err(self.error_protocol(Violation::NotWhoItAuthenticatedAs));
+        }
+        if hello.protocol != fazt_proto::PROTOCOL_VERSION {
+            return Err(Error::VersionMismatch {
+                peer: self.peer_name.clone(),
+                theirs: Some(hello.protocol),
+            });
+        }
+        let schema = crate::db::migrations::latest_version();
+        if hello.schema > schema {
+            tracing::info!(
+                peer = %self.peer_name,
+                theirs = hello.schema,
+                ours = schema,
+                "peer has a newer schema: changes for tables this node lacks wait until it is upgraded"
+            );
+        }
+        Ok(())
+    }
+
+    /// Publishes the figures when they changed. Only then: the server writes them to the
+    /// peers table, and that commit wakes the exporters, which report again.
+    fn report(&self, shared: &SharedRef) {
+        if let Some(progress) = &self.progress {
+            let stats = lock(shared).stats.clone();
+            progress.send_if_modified(|old| {
+                let changed = *old != stats;
+                *old = stats;
+                changed
+            });
+        }
+    }
+}
+
+/// What the session's tasks take when the greeting is over: their connections and their
+/// ends of the channels.
+struct Start {
+    exporter_db: Replica,
+    applier_db: Replica,
+    content_db: Replica,
+    out: mpsc::Sender<Message>,
+    fail: mpsc::UnboundedSender<anyhow::Error>,
+    tick: mpsc::UnboundedSender<()>,
+    acked: watch::Receiver<u64>,
+    groups: mpsc::UnboundedReceiver<Incoming>,
+    wants: mpsc::UnboundedReceiver<Vec<[u8; 32]>>,
+    content: mpsc::UnboundedReceiver<Content>,
+}
+
+/// Reads the peer's messages, hands them to the tasks, and moves the session between its
+/// phases.
+struct Conductor<'s> {
+    session: &'s Session,
+    phase: Phase,
+    shared: SharedRef,
+    offers: Arc<Offers>,
+    /// Until the greeting is over.
+    start: Option<Start>,
+    acked: watch::Sender<u64>,
+    apply: mpsc::UnboundedSender<Incoming>,
+    wants: mpsc::UnboundedSender<Vec<[u8; 32]>>,
+    content: mpsc::UnboundedSender<Content>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Conductor<'_> {
+    /// Runs until the session is [`Phase::Done`] or fails. `first` is handled before
+    /// anything the stream brings.
+    async fn conduct(
+        &mut self,
+        first: Option<Event>,
+        messages: &mut mpsc::Receiver<Result<Option<(Message, usize)>>>,
+        failed: &mut mpsc::UnboundedReceiver<anyhow::Error>,
+        ticks: &mut mpsc::UnboundedReceiver<()>,
+    ) -> Result<()> {
+        let mut next = first;
+        loop {
+            let event = match next.take() {
+                Some(event) => event,
+                None => tokio::select! {
+                    msg = messages.recv() => match msg.unwrap_or(Ok(None))? {
+                        Some((msg, size)) => Event::Received(msg, size),
+                        None => Event::HungUp,
+                    },
+                    // A task's failure is the session's once the greeting is over (only the
+                    // writer runs before, and a failed Hello shows in what the peer answers).
+                    Some(err) = failed.recv(), if self.phase != Phase::Greeting => return Err(err),
+                    Some(()) = ticks.recv() => Event::Progressed,
+                },
+            };
+            self.on(event)?;
+            if self.phase == Phase::Done {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The one place where the session changes phase or ends: how it reacts to `event`.
+    fn on(&mut self, event: Event) -> Result<()> {
+        let session = self.session;
+        match (self.phase, event) {
+            (Phase::Done, _) => {}
+            (Phase::Greeting, Event::HungUp) => {
+                return Err(session.error_closed(Closed::BeforeHello).into())
+            }
+            (Phase::CatchingUp | Phase::Live, Event::HungUp) => match session.mode {
+                Mode::Live => self.phase = Phase::Done,
+                Mode::Once => return Err(session.error_closed(Closed::BeforeConverged).into()),
+            },
+            (Phase::Greeting, Event::Progressed) => {}
+            (Phase::CatchingUp | Phase::Live, Event::Progressed) => {
+                session.report(&self.shared);
+                self.catch_up();
+            }
+            (Phase::Greeting, Event::Received(msg, size)) => {
+                lock(&self.shared).stats.received_bytes += size as u64;
+                match msg {
+                    Message::Hello(hello) => {
+                        self.greeted(&hello)?;
+                        self.phase = Phase::CatchingUp;
+                    }
+                    Message::Refuse(reason) => {
+                        return Err(session.error_refused(Stage::Hello, reason).into())
+                    }
+                    _ => return Err(session.error_protocol(Violation::FirstNotHello).into()),
+                }
+            }
+            (Phase::CatchingUp | Phase::Live, Event::Received(msg, size)) => {
+                lock(&self.shared).stats.received_bytes += size as u64;
+                match msg {
+                    Message::Changes(changes) => self.changes(changes)?,
+                    Message::Applied { groups, heads } => {
+                        self.applied(groups, &Coverage::from(&heads));
+                        self.catch_up();
+                        if self.phase == Phase::Done {
+                            return Ok(());
+                        }
+                    }
+                    Message::Want(digests) => self
+                        .wants
+                        .send(digests)
+                        .map_err(|_| anyhow!("serving content stopped"))?,
+                    Message::Content(c) => self
+                        .content
+                        .send(c)
+                        .map_err(|_| anyhow!("applying stopped"))?,
+                    Message::Refuse(reason) => {
+                        return Err(session.error_refused(Stage::Session, reason).into())
+                    }
+                    Message::Hello(_) | Message::Join(_) | Message::Welcome { .. } => {
+                        return Err(session
+                            .error_protocol(Violation::Unexpected(msg.name()))
+                            .into())
+                    }
+                }
+                session.report(&self.shared);
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves [`Phase::CatchingUp`] once both sides hold the same versions with nothing in
+    /// flight: a one-off session is done, a live one goes on pushing local commits.
+    fn catch_up(&mut self) {
+        if self.phase == Phase::CatchingUp && converged(&self.shared) {
+            self.phase = match self.session.mode {
+                Mode::Once => Phase::Done,
+                Mode::Live => {
+                    tracing::debug!(peer = %self.session.peer_name, "caught up");
+                    Phase::Live
+                }
+            };
+        }
+    }
+
+    /// The peer's Hello: checked, its heads taken as what it holds, and the tasks started.
+    fn greeted(&mut self, hello: &Hello) -> Result<(), Error> {
+        self.session.check_hello(hello)?;
+        {
+            let mut s = lock(&self.shared);
+            let theirs = Coverage::from(&hello.heads);
+            s.peer_clock = s.peer_clock.max(clock_of(&theirs));
+            s.peer_known = theirs.clone();
+            s.their_heads = theirs;
+        }
+        let Some(start) = self.start.take() else {
+            return Ok(());
+        };
+        let session = self.session;
+        self.tasks.extend([
+            spawn_task(
+                export::export_loop(
+                    start.exporter_db,
+                    self.shared.clone(),
+                    self.offers.clone(),
+                    session.limits.clone(),
+                    start.out.clone(),
+                    start.acked,
+                    session.changed.clone(),
+                    start.tick.clone(),
+                ),
+                start.fail.clone(),
+            ),
+            spawn_task(
+                content::serve_content(
+                    start.content_db,
+                    self.shared.clone(),
+                    self.offers.clone(),
+                    start.out.clone(),
+                    start.wants,
+                ),
+                start.fail.clone(),
+            ),
+            spawn_task(
+                apply::apply_loop(
+                    start.applier_db,
+                    session.peer,
+                    self.shared.clone(),
+                    content::Fetcher::new(start.out.clone(), start.content, &session.limits),
+                    start.out,
+                    start.groups,
+                    start.tick,
+                ),
+                start.fail,
+            ),
+        ]);
+        Ok(())
+    }
+
+    /// A piece of a group; the group's last one says which versions it completes.
+    fn changes(&mut self, Changes { changes, complete }: Changes) -> Result<()> {
+        let covers = complete.map(|h| Coverage::from(&h));
+        {
+            let mut s = lock(&self.shared);
+            s.stats.received_changes += changes.len() as u64;
+            s.mid_group = covers.is_none();
+            if let Some(covers) = &covers {
+                s.groups_received += 1;
+                s.peer_known.union(covers);
+                s.their_heads.union(covers);
+            }
+        }
+        // Parts go to the applier at once, so it can fetch content while the rest of a large
+        // group is still arriving.
+        self.apply
+            .send(Incoming { changes, covers })
+            .map_err(|_| anyhow!("applying stopped"))
+    }
+
+    /// The peer applied `groups` of this side's groups and now holds `heads`.
+    fn applied(&mut self, groups: u64, heads: &Coverage) {
+        {
+            let mut s = lock(&self.shared);
+            s.peer_clock = s.peer_clock.max(clock_of(heads));
+            s.peer_known.union(heads);
+            s.their_heads.union(heads);
+            s.groups_acked = s.groups_acked.max(groups);
+            s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
+        }
+        self.offers.acknowledged(groups);
+        self.acked.send_replace(groups);
+    }
+}
+
+fn spawn_task(
+    fut: impl std::future::Future<Output = Result<()>> + Send + 'static,
+    fail: mpsc::UnboundedSender<anyhow::Error>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = fut.await {
+            let _ = fail.send(e);
+        }
+    })
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut send: W,
+    mut rx: mpsc::Receiver<Message>,
+    shared: SharedRef,
+) -> Result<()> {
+    while let Some(msg) = rx.recv().await {
+        let frame = msg.encode();
+        send.write_all(&frame)
+            .await
+            .context("writing to the peer")?;
+        lock(&shared).stats.sent_bytes += frame.len() as u64;
+    }
+    send.shutdown().await.ok();
+    Ok(())
+}

@@ -1,0 +1,802 @@
+//! Sessions end to end: two real databases over an in-memory pipe, or one session against a
+//! peer played by hand.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::bail;
+use fazt_proto::wire::{self, Changes, Content, Heads, Hello, Message, NetChange};
+use fazt_proto::NodeId;
+use fazt_sync::{Change, Coverage, SiteId, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use super::export::{to_net, Offers};
+use super::*;
+use crate::peer::error::{Stage, Violation};
+use crate::peer::frame::{read_message, write_message};
+
+pub(super) fn node(dir: &std::path::Path, name: &str) -> (PathBuf, NodeId) {
+    let path = dir.join(name);
+    let db = crate::db::create(&path).unwrap();
+    let key = crate::identity::load(db.conn()).unwrap().unwrap();
+    (path, crate::identity::node_id(&key))
+}
+
+pub(super) fn put_blob(path: &std::path::Path, bytes: &[u8]) {
+    let mut db = crate::db::open_existing(path).unwrap();
+    let hash = hex::encode(Sha256::digest(bytes));
+    db.write(|tx| {
+        tx.execute(
+            "INSERT INTO blobs (hash, size, data) VALUES (?1, ?2, ?3)",
+            rusqlite::params![hash, bytes.len() as i64, bytes],
+        )
+    })
+    .unwrap();
+}
+
+fn rows(path: &std::path::Path) -> Vec<(String, i64, Vec<u8>)> {
+    let db = crate::db::open_existing(path).unwrap();
+    let mut stmt = db
+        .conn()
+        .prepare("SELECT hash, size, data FROM blobs ORDER BY hash")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+/// Runs a one-off session from `a` (Once) against `b` (Live) over an in-memory pipe.
+async fn sync(a: &(PathBuf, NodeId), b: &(PathBuf, NodeId)) -> (Stats, Stats) {
+    for (me, other) in [(a, b), (b, a)] {
+        let db = crate::db::open_existing(&me.0).unwrap();
+        let name = crate::peer::store::PeerName::parse("peer").unwrap();
+        crate::peer::store::add(db.conn(), &me.1, &name, &other.1, None).unwrap();
+    }
+    let (a_io, b_io) = tokio::io::duplex(64 * 1024);
+    let (a_read, a_write) = tokio::io::split(a_io);
+    let (b_read, b_write) = tokio::io::split(b_io);
+    let changed_a = crate::peer::watch_db(&a.0).unwrap();
+    let changed_b = crate::peer::watch_db(&b.0).unwrap();
+    let session = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), mode, changed| Session {
+        db_path: me.0.clone(),
+        own: me.1,
+        peer: other.1,
+        peer_name: "peer".into(),
+        mode,
+        limits: Limits::default(),
+        changed,
+        progress: None,
+    };
+    let live = tokio::spawn(session(b, a, Mode::Live, changed_b).run(b_read, b_write, None));
+    let once = session(a, b, Mode::Once, changed_a).run(a_read, a_write, None);
+    let a_stats = tokio::time::timeout(std::time::Duration::from_secs(20), once)
+        .await
+        .unwrap()
+        .unwrap();
+    let b_stats = tokio::time::timeout(std::time::Duration::from_secs(20), live)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    (a_stats, b_stats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_the_peer_already_holds_is_not_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a.db");
+    let b = node(dir.path(), "b.db");
+    let shared: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let only_a: Vec<u8> = (0..30_000u32).map(|i| (i * 13 % 253) as u8).collect();
+    // The same content written independently on both nodes, plus content only `a` has.
+    put_blob(&a.0, &shared);
+    put_blob(&b.0, &shared);
+    put_blob(&a.0, &only_a);
+    put_blob(&a.0, b"small values travel inline");
+    // Large text travels as content too, and stays text.
+    let text = "é".repeat(3000);
+    crate::db::open_existing(&a.0)
+        .unwrap()
+        .write(|tx| {
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES ('big', ?1)",
+                [&text],
+            )
+        })
+        .unwrap();
+
+    let (a_stats, b_stats) = sync(&a, &b).await;
+    assert_eq!(rows(&a.0), rows(&b.0));
+    let (kind, value): (String, String) = crate::db::open_existing(&b.0)
+        .unwrap()
+        .conn()
+        .query_row(
+            "SELECT typeof(value), value FROM settings WHERE key = 'big'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((kind.as_str(), value), ("text", text.clone()));
+    assert_eq!(
+        a_stats.sent_content,
+        (only_a.len() + text.len()) as u64,
+        "only the content b lacked travels"
+    );
+    assert_eq!(b_stats.sent_content, 0, "a already held everything b has");
+    assert_eq!(
+        crate::db::open_existing(&b.0).unwrap().coverage().unwrap(),
+        crate::db::open_existing(&a.0).unwrap().coverage().unwrap()
+    );
+    // Nothing fetched is left behind once applied.
+    let left: i64 = crate::db::open_existing(&b.0)
+        .unwrap()
+        .conn()
+        .query_row("SELECT count(*) FROM peer_content", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0);
+
+    // A second sync has nothing to do and moves only the handshake.
+    let (again, _) = sync(&a, &b).await;
+    assert_eq!(
+        (
+            again.sent_changes,
+            again.received_changes,
+            again.sent_content
+        ),
+        (0, 0, 0)
+    );
+    assert!(
+        again.sent_bytes < 1024,
+        "idle handshake sent {} bytes",
+        again.sent_bytes
+    );
+}
+
+#[test]
+fn heads_and_coverage_convert_both_ways_and_count_what_is_lacking() {
+    let mut c = Coverage::default();
+    c.insert(SiteId([1; 16]), 1, 5);
+    c.insert(SiteId([1; 16]), 9, 9);
+    c.insert(SiteId([2; 16]), 3, 4);
+    let h = Heads::from(&c);
+    assert_eq!(
+        h,
+        Heads(vec![
+            ([1; 16], vec![(1, 5), (9, 9)]),
+            ([2; 16], vec![(3, 4)])
+        ])
+    );
+    assert_eq!(Coverage::from(&h), c);
+    // Overlapping and adjacent ranges from the wire merge into the coverage they mean.
+    let messy = Heads(vec![([1; 16], vec![(1, 3), (2, 5), (6, 6), (9, 9)])]);
+    assert_eq!(
+        Coverage::from(&messy)
+            .get(&SiteId([1; 16]))
+            .unwrap()
+            .ranges(),
+        &[(1, 6), (9, 9)]
+    );
+    assert_eq!(Coverage::from(&Heads::default()), Coverage::default());
+    // The clock a peer declares is the highest version anywhere in its heads.
+    assert_eq!(clock_of(&c), 9);
+    assert_eq!(clock_of(&Coverage::default()), 0);
+    // Lag: versions held here that the other side lacks, across origins.
+    let mut theirs = Coverage::default();
+    theirs.insert(SiteId([1; 16]), 1, 3);
+    assert_eq!(versions_lacking(&c, &theirs), 2 + 1 + 2);
+    assert_eq!(versions_lacking(&c, &c), 0);
+    assert_eq!(versions_lacking(&theirs, &c), 0);
+    let mut huge = Coverage::default();
+    huge.insert(SiteId([3; 16]), 1, wire::MAX_VERSION);
+    assert_eq!(versions_lacking(&huge, &c), wire::MAX_VERSION as u64);
+}
+
+/// Changes a test adds to the scripted peer's group, with the version they complete.
+type Forged = Option<(Vec<NetChange>, SiteId, i64)>;
+
+/// What a scripted peer does when the session under test asks for content.
+type Answer = fn([u8; 32], &[u8]) -> Vec<Content>;
+
+/// `a`'s real changes (everything it holds), as the wire carries them, with their content.
+fn wire_changes(a: &std::path::Path) -> (Vec<NetChange>, Coverage, HashMap<[u8; 32], Vec<u8>>) {
+    let db = crate::db::open_existing(a).unwrap();
+    let batch = db.batch_since(&Coverage::default()).unwrap();
+    let offers = Offers::new(Limits::default().keep_offered_bytes);
+    let mut offered = Vec::new();
+    let nets = batch
+        .changes
+        .into_iter()
+        .map(|c| to_net(c, &mut offered, &offers).0)
+        .collect();
+    let content = offered
+        .into_iter()
+        .map(|(d, o)| (d, o.bytes.unwrap().as_ref().clone()))
+        .collect();
+    (nets, db.coverage().unwrap(), content)
+}
+
+/// Plays `a` (trusted by `b`) by hand against a live session on `b`: Hello with `schema`,
+/// all of `a`'s changes as one group, and content as `answer` says. Returns how `b`'s
+/// session ended and the messages it sent after its Hello.
+async fn scripted(
+    a: &(PathBuf, NodeId),
+    b: &(PathBuf, NodeId),
+    schema: u32,
+    answer: Answer,
+    forged: Forged,
+) -> (Result<Stats, Error>, Vec<Message>) {
+    let db = crate::db::open_existing(&b.0).unwrap();
+    let name = crate::peer::store::PeerName::parse("a").unwrap();
+    if crate::peer::store::by_key(db.conn(), &a.1)
+        .unwrap()
+        .is_none()
+    {
+        crate::peer::store::add(db.conn(), &b.1, &name, &a.1, None).unwrap();
+    }
+    drop(db);
+    let (mut nets, mut covers, content) = wire_changes(&a.0);
+    if let Some((extra, site, version)) = forged {
+        nets.extend(extra);
+        covers.insert(site, version, version);
+    }
+    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    let (b_read, b_write) = tokio::io::split(theirs);
+    let (mut read, mut write) = tokio::io::split(mine);
+    let (_keep, changed) = watch::channel(0u64);
+    let session = Session {
+        db_path: b.0.clone(),
+        own: b.1,
+        peer: a.1,
+        peer_name: "a".into(),
+        mode: Mode::Live,
+        limits: Limits::default(),
+        changed,
+        progress: None,
+    };
+    let run = tokio::spawn(session.run(b_read, b_write, None));
+    let script = async {
+        let mut seen = Vec::new();
+        write_message(
+            &mut write,
+            &Message::Hello(Hello {
+                node: *a.1.as_bytes(),
+                protocol: fazt_proto::PROTOCOL_VERSION,
+                schema,
+                heads: Heads::from(&covers),
+            }),
+        )
+        .await?;
+        let Some((Message::Hello(_), _)) = read_message(&mut read).await? else {
+            bail!("no Hello first");
+        };
+        write_message(
+            &mut write,
+            &Message::Changes(Changes {
+                changes: nets,
+                complete: Some(Heads::from(&covers)),
+            }),
+        )
+        .await?;
+        while let Some((msg, _)) = read_message(&mut read).await? {
+            match &msg {
+                Message::Want(digests) => {
+                    for d in digests {
+                        for c in answer(*d, &content[d]) {
+                            write_message(&mut write, &Message::Content(c)).await?;
+                        }
+                    }
+                }
+                Message::Applied { .. } => {
+                    seen.push(msg);
+                    break;
+                }
+                _ => {}
+            }
+            seen.push(msg);
+        }
+        Ok(seen)
+    };
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(20), script)
+        .await
+        .expect("the scripted peer finished");
+    // The peer hangs up: a live session that ended well returns Ok.
+    drop(write);
+    drop(read);
+    let result = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the session ended")
+        .unwrap();
+    (result, seen.unwrap_or_default())
+}
+
+fn chunks(digest: [u8; 32], bytes: &[u8], size: usize) -> Vec<Content> {
+    bytes
+        .chunks(size)
+        .enumerate()
+        .map(|(i, data)| Content {
+            digest,
+            gone: false,
+            total: bytes.len() as u64,
+            offset: (i * size) as u64,
+            data: data.to_vec(),
+        })
+        .collect()
+}
+
+/// Everything `b` holds that a group from a peer could change.
+/// Blob rows, coverage, and staged content rows.
+type Holdings = (Vec<(String, i64, Vec<u8>)>, Coverage, i64);
+
+fn holdings(path: &std::path::Path) -> Holdings {
+    let db = crate::db::open_existing(path).unwrap();
+    let staged: i64 = db
+        .conn()
+        .query_row("SELECT count(*) FROM peer_content", [], |r| r.get(0))
+        .unwrap();
+    (rows(path), db.coverage().unwrap(), staged)
+}
+
+/// Two nodes; `a` holds a blob large enough to travel as content.
+fn with_content() -> (
+    tempfile::TempDir,
+    (PathBuf, NodeId),
+    (PathBuf, NodeId),
+    Vec<u8>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a.db");
+    let b = node(dir.path(), "b.db");
+    let blob: Vec<u8> = (0..40_000u32).map(|i| (i * 31 % 241) as u8).collect();
+    put_blob(&a.0, &blob);
+    (dir, a, b, blob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_content_in_chunks_is_applied_and_acknowledged() {
+    let (_dir, a, b, blob) = with_content();
+    let (result, seen) = scripted(
+        &a,
+        &b,
+        crate::db::migrations::latest_version(),
+        |d, b| chunks(d, b, 7_000),
+        None,
+    )
+    .await;
+    result.unwrap();
+    assert!(
+        matches!(seen.last(), Some(Message::Applied { groups: 1, .. })),
+        "{seen:?}"
+    );
+    let (blobs, coverage, staged) = holdings(&b.0);
+    assert!(blobs.iter().any(|(_, _, data)| *data == blob));
+    let theirs = crate::db::open_existing(&a.0).unwrap().coverage().unwrap();
+    assert_eq!(
+        theirs.minus(&coverage),
+        Coverage::default(),
+        "b holds all of a"
+    );
+    assert_eq!(staged, 0);
+}
+
+/// A hostile answer ends the session with `reason`; the group is not applied.
+async fn refused(answer: Answer, reason: &str) {
+    let (_dir, a, b, blob) = with_content();
+    let before = holdings(&b.0);
+    let (result, seen) = scripted(
+        &a,
+        &b,
+        crate::db::migrations::latest_version(),
+        answer,
+        None,
+    )
+    .await;
+    let err = format!(
+        "{:#}",
+        result.expect_err("the session must end with an error")
+    );
+    assert!(err.contains(reason), "{err}");
+    assert!(
+        !seen.iter().any(|m| matches!(m, Message::Applied { .. })),
+        "{seen:?}"
+    );
+    assert_eq!(holdings(&b.0), before, "nothing of the group was applied");
+    assert!(!holdings(&b.0).0.iter().any(|(_, _, d)| *d == blob));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_that_does_not_match_its_digest_ends_the_session() {
+    refused(
+        |d, b| {
+            let mut bytes = b.to_vec();
+            bytes[100] ^= 1;
+            chunks(d, &bytes, 7_000)
+        },
+        "does not match its digest",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_chunks_out_of_order_end_the_session() {
+    refused(
+        |d, b| {
+            let mut parts = chunks(d, b, 7_000);
+            parts.swap(0, 1);
+            parts
+        },
+        "content out of order",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_the_peer_says_is_gone_ends_the_session() {
+    refused(
+        |d, _| {
+            vec![Content {
+                digest: d,
+                gone: true,
+                total: 0,
+                offset: 0,
+                data: Vec::new(),
+            }]
+        },
+        "content changed on the peer",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_longer_than_the_peer_announced_ends_the_session() {
+    refused(
+        |d, b| {
+            let mut parts = chunks(d, b, 7_000);
+            for p in &mut parts {
+                p.total = 1_000;
+            }
+            parts
+        },
+        "content chunk beyond its total",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_a_newer_schema_is_accepted_and_changes_for_tables_this_node_lacks_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a.db");
+    let b = node(dir.path(), "b.db");
+    // `a` runs a newer fazt: it has a replicated table `b` does not know yet.
+    let create = "CREATE TABLE future_things (id TEXT PRIMARY KEY NOT NULL, note TEXT)";
+    {
+        let mut db = crate::db::open_existing(&a.0).unwrap();
+        db.conn().execute_batch(create).unwrap();
+        db.replicate("future_things").unwrap();
+        db.write(|tx| {
+            tx.execute(
+                "INSERT INTO future_things (id, note) VALUES ('one', 'from the future')",
+                [],
+            )
+        })
+        .unwrap();
+    }
+    put_blob(&a.0, b"a blob b can apply now");
+    let (result, seen) = scripted(
+        &a,
+        &b,
+        crate::db::migrations::latest_version() + 1,
+        |d, b| chunks(d, b, 1 << 20),
+        None,
+    )
+    .await;
+    result.unwrap();
+    assert!(
+        matches!(seen.last(), Some(Message::Applied { .. })),
+        "{seen:?}"
+    );
+    let pending = |path: &std::path::Path| -> i64 {
+        crate::db::open_existing(path)
+            .unwrap()
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM fazt_sync_pending WHERE tbl = 'future_things'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert!(pending(&b.0) > 0, "the change waits in the pending area");
+    assert!(rows(&b.0)
+        .iter()
+        .any(|(_, _, d)| d == b"a blob b can apply now"));
+
+    // The upgrade creates the table: the waiting change is applied.
+    let mut db = crate::db::open_existing(&b.0).unwrap();
+    db.conn().execute_batch(create).unwrap();
+    db.replicate("future_things").unwrap();
+    let note: String = db
+        .conn()
+        .query_row("SELECT note FROM future_things WHERE id = 'one'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(note, "from the future");
+    assert_eq!(pending(&b.0), 0);
+}
+
+/// The whole database file as text (schema and every row), for "nothing changed".
+fn everything(path: &std::path::Path) -> String {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let names: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    let mut out = String::new();
+    for name in names {
+        let mut stmt = conn.prepare(&format!("SELECT * FROM \"{name}\"")).unwrap();
+        let n = stmt.column_count();
+        let mut lines: Vec<String> = stmt
+            .query_map([], |r| {
+                Ok((0..n)
+                    .map(|i| format!("{:?}", r.get_ref(i).unwrap()))
+                    .collect::<Vec<_>>()
+                    .join("|"))
+            })
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        lines.sort();
+        out.push_str(&format!("== {name}\n{}\n", lines.join("\n")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_naming_node_local_tables_changes_none_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a.db");
+    let b = node(dir.path(), "b.db");
+    // Trusted first (the session needs it), so the peers row exists before the snapshot.
+    crate::peer::store::add(
+        crate::db::open_existing(&b.0).unwrap().conn(),
+        &b.1,
+        &crate::peer::store::PeerName::parse("a").unwrap(),
+        &a.1,
+        None,
+    )
+    .unwrap();
+    let local = |p: &std::path::Path| {
+        let all = everything(p);
+        crate::db::NODE_LOCAL_TABLES
+            .iter()
+            .map(|t| {
+                let head = format!("== {t}\n");
+                let from = all.find(&head).unwrap_or_else(|| panic!("no table {t}"));
+                let rest = &all[from + head.len()..];
+                let to = rest.find("\n== ").map_or(rest.len(), |i| i + 1);
+                format!("{head}{}", &rest[..to])
+            })
+            .collect::<String>()
+    };
+    let before = local(&b.0);
+    // a's honest changes, plus one transaction of a's that writes b's node-local tables:
+    // a new address for a, a new name and key for this node, a fresh invitation.
+    let site = crate::db::open_existing(&a.0).unwrap().site_id();
+    let text = |t: &str| fazt_sync::pack::pack(&[Value::Text(t.into())]);
+    let forged = [
+        (
+            "peers",
+            text("a"),
+            "addr",
+            Value::Text("evil.example:1".into()),
+        ),
+        (
+            "peers",
+            text("evil"),
+            "node_id",
+            Value::Text(a.1.to_string()),
+        ),
+        (
+            "node_config",
+            text("name"),
+            "value",
+            Value::Text("owned".into()),
+        ),
+        (
+            "node_identity",
+            fazt_sync::pack::pack(&[Value::Integer(1)]),
+            "secret",
+            Value::Blob(vec![0; 32]),
+        ),
+        (
+            "peer_invites",
+            text("00"),
+            "expires_at",
+            Value::Integer(i64::MAX >> 12),
+        ),
+    ];
+    let version = crate::db::open_existing(&a.0)
+        .unwrap()
+        .db_version()
+        .unwrap()
+        + 1;
+    let extra: Vec<NetChange> = forged
+        .into_iter()
+        .enumerate()
+        .map(|(seq, (table, pk, cid, val))| NetChange {
+            change: Change {
+                table: table.into(),
+                pk,
+                cid: cid.into(),
+                val,
+                col_version: 1,
+                db_version: version,
+                site_id: site,
+                cl: 1,
+                seq: seq as i64,
+            }
+            .to_wire(),
+            content: None,
+        })
+        .collect();
+    let (result, seen) = scripted(
+        &a,
+        &b,
+        crate::db::migrations::latest_version(),
+        |d, b| chunks(d, b, 1 << 20),
+        Some((extra, site, version)),
+    )
+    .await;
+    result.unwrap();
+    assert!(
+        matches!(seen.last(), Some(Message::Applied { .. })),
+        "{seen:?}"
+    );
+    assert_eq!(local(&b.0), before, "node-local tables are byte-identical");
+    let parked: i64 = crate::db::open_existing(&b.0)
+        .unwrap()
+        .conn()
+        .query_row("SELECT count(*) FROM fazt_sync_pending", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(parked, 5, "the forged changes wait, never applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_refuses_a_peer_that_is_not_the_one_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a.db");
+    let b = node(dir.path(), "b.db");
+    let c = node(dir.path(), "c.db");
+    // `a` expects to talk to `c`, but `b` answers.
+    let (a_io, b_io) = tokio::io::duplex(64 * 1024);
+    let (a_read, a_write) = tokio::io::split(a_io);
+    let (b_read, b_write) = tokio::io::split(b_io);
+    let (_k1, w1) = watch::channel(0u64);
+    let (_k2, w2) = watch::channel(0u64);
+    let sa = Session {
+        db_path: a.0.clone(),
+        own: a.1,
+        peer: c.1,
+        peer_name: "c".into(),
+        mode: Mode::Once,
+        limits: Limits::default(),
+        changed: w1,
+        progress: None,
+    };
+    let sb = Session {
+        db_path: b.0.clone(),
+        own: b.1,
+        peer: a.1,
+        peer_name: "a".into(),
+        mode: Mode::Live,
+        limits: Limits::default(),
+        changed: w2,
+        progress: None,
+    };
+    let other = tokio::spawn(sb.run(b_read, b_write, None));
+    let err = sa.run(a_read, a_write, None).await.unwrap_err();
+    assert!(err.to_string().contains("another node"), "{err}");
+    other.abort();
+}
+
+/// Runs a one-off session on `b` against a hand-played `a` whose first message is
+/// `first(a's id)`, not a proper Hello; returns how the session ended.
+async fn answered_with(first: impl FnOnce(NodeId) -> Message) -> Error {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a.db");
+    let b = node(dir.path(), "b.db");
+    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    let (b_read, b_write) = tokio::io::split(theirs);
+    let (mut read, mut write) = tokio::io::split(mine);
+    let (_keep, changed) = watch::channel(0u64);
+    let session = Session {
+        db_path: b.0.clone(),
+        own: b.1,
+        peer: a.1,
+        peer_name: "a".into(),
+        mode: Mode::Once,
+        limits: Limits::default(),
+        changed,
+        progress: None,
+    };
+    let run = tokio::spawn(session.run(b_read, b_write, None));
+    let _hello = read_message(&mut read).await.unwrap();
+    write_message(&mut write, &first(a.1)).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the session ended")
+        .unwrap()
+        .expect_err("the session must fail")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_instead_of_hello_is_refused_with_the_other_nodes_reason() {
+    let err = answered_with(|_| Message::Refuse("this node does not trust yours".into())).await;
+    match &err {
+        Error::Refused {
+            peer,
+            during: Stage::Hello,
+            reason,
+        } => {
+            assert_eq!(peer, "a");
+            assert_eq!(reason, "this node does not trust yours");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        format!("{err:#}"),
+        "a refused the session: this node does not trust yours"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_message_other_than_hello_breaks_the_protocol() {
+    let err = answered_with(|_| Message::Welcome { name: "a".into() }).await;
+    assert!(
+        matches!(
+            err,
+            Error::Protocol {
+                what: Violation::FirstNotHello,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        format!("{err:#}"),
+        "a broke the protocol: its first message was not Hello"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_in_another_protocol_version_is_a_version_mismatch() {
+    let theirs = fazt_proto::PROTOCOL_VERSION + 1;
+    let err = answered_with(|a| {
+        Message::Hello(Hello {
+            node: *a.as_bytes(),
+            protocol: theirs,
+            schema: crate::db::migrations::latest_version(),
+            heads: Heads::from(&Coverage::default()),
+        })
+    })
+    .await;
+    assert!(
+        matches!(
+            err,
+            Error::VersionMismatch { theirs: Some(v), .. } if v == theirs
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        format!("{err:#}"),
+        format!(
+            "a speaks protocol version {theirs}, this node {}: upgrade the older one",
+            fazt_proto::PROTOCOL_VERSION
+        )
+    );
+}
