@@ -173,6 +173,7 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
                 peer: peer.node_id,
                 peer_name: name.to_string(),
                 mode: Mode::Once,
+                node: super::session_node(),
                 limits: super::Limits::from_env(),
                 changed,
                 progress: Some(progress_tx),

@@ -41,6 +41,18 @@ pub fn watch_db(path: &std::path::Path) -> Result<watch::Receiver<u64>> {
     Ok(changed)
 }
 
+/// This node as a replication session sees it: its schema, its clock, its peers table (a
+/// removed peer is refused at once), and hosting's rescue of blobs a merge deleted that
+/// this node still references (see hosting::gc).
+pub fn session_node() -> session::Node {
+    session::Node {
+        schema: crate::db::migrations::latest_version(),
+        now: crate::db::now_secs,
+        trusts: |db, peer| Ok(store::by_key(db.conn(), peer)?.is_some()),
+        after_apply: |db| crate::hosting::gc::rescue(db).map(|_| ()),
+    }
+}
+
 /// Resolves HOST:PORT (the address of `peer`), preferring what the local stack can reach.
 async fn resolve(peer: &str, addr: &str) -> Result<SocketAddr, Error> {
     let unreachable = |cause| Error::Unreachable {

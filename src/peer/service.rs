@@ -466,6 +466,7 @@ async fn run_session(
         peer: peer.node_id,
         peer_name: peer.name.to_string(),
         mode: Mode::Live,
+        node: super::session_node(),
         limits: super::Limits::from_env(),
         changed: ctx.changed.clone(),
         progress: Some(progress_tx),

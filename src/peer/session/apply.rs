@@ -11,7 +11,7 @@ use fazt_sync::{ApplyReport, Batch, Change, Coverage, Replica, Value};
 use tokio::sync::mpsc;
 
 use super::content::{local_content, ApplyDb, Fetched, Fetcher, Wanted};
-use super::{lock, versions_lacking, Error, SharedRef};
+use super::{lock, versions_lacking, Error, Node, SharedRef};
 
 /// One Changes message, handed to the applier as it arrives; `covers` is set on a group's
 /// last one.
@@ -26,6 +26,7 @@ pub(super) struct Incoming {
 pub(super) async fn apply_loop(
     db: Replica,
     peer: NodeId,
+    node: Node,
     shared: SharedRef,
     mut fetcher: Fetcher,
     out: mpsc::Sender<Message>,
@@ -60,7 +61,7 @@ pub(super) async fn apply_loop(
         let apply_db = db.clone();
         let (applied, mine) = tokio::task::spawn_blocking(move || {
             let mut db = apply_db.lock().unwrap_or_else(|e| e.into_inner());
-            apply_group(&mut db, peer, changes, received, covers, sender_clock)
+            apply_group(&mut db, peer, node, changes, received, covers, sender_clock)
         })
         .await??;
         let groups_applied = {
@@ -92,6 +93,7 @@ pub(super) async fn apply_loop(
 fn apply_group(
     db: &mut Replica,
     peer: NodeId,
+    node: Node,
     nets: Vec<NetChange>,
     mut received: Fetched,
     covers: Coverage,
@@ -137,7 +139,7 @@ fn apply_group(
     }
     drop(received);
     // `fazt peer remove` takes effect at once, even on a session already open.
-    if crate::peer::store::by_key(db.conn(), &peer)?.is_none() {
+    if !(node.trusts)(db, &peer)? {
         bail!("this node no longer trusts the peer (it was removed)");
     }
     // Staged copies go in the same transaction as the cells they became.
@@ -155,8 +157,8 @@ fn apply_group(
             Ok(())
         },
     )?;
-    // Blobs a peer deleted that this node still references go back, and the re-insert
+    // E.g. blobs a peer deleted that this node still references go back, and the re-insert
     // replicates (hosting::gc).
-    crate::hosting::gc::rescue(db)?;
+    (node.after_apply)(db)?;
     Ok((report, db.coverage()?))
 }

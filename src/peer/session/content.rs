@@ -109,6 +109,7 @@ pub(super) struct Fetcher {
     want_batch: usize,
     stage_bytes: usize,
     stage_after: Duration,
+    now: fn() -> i64,
 }
 
 /// One group's content: asked for as the group's parts arrive, then received whole.
@@ -130,6 +131,7 @@ impl Fetcher {
         out: mpsc::Sender<Message>,
         content: mpsc::UnboundedReceiver<Content>,
         limits: &Limits,
+        now: fn() -> i64,
     ) -> Fetcher {
         Fetcher {
             out,
@@ -138,6 +140,7 @@ impl Fetcher {
             want_batch: limits.want_batch,
             stage_bytes: limits.stage_bytes,
             stage_after: limits.stage_after,
+            now,
         }
     }
 
@@ -235,8 +238,9 @@ impl Fetcher {
                     let batch = std::mem::take(&mut group.unstaged);
                     group.unstaged_bytes = 0;
                     let store_db = db.clone();
+                    let now = self.now;
                     group.staging.push(tokio::task::spawn_blocking(move || {
-                        stage_content(&store_db, &batch)
+                        stage_content(&store_db, &batch, now())
                     }));
                 }
             }
@@ -248,29 +252,28 @@ impl Fetcher {
     }
 }
 
-/// Keeps fetched content in `peer_content`, in one transaction.
-fn stage_content(db: &Mutex<Replica>, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
+/// Keeps fetched content in `peer_content`, in one transaction, as received at `now`.
+fn stage_content(db: &Mutex<Replica>, batch: &[([u8; 32], Arc<Vec<u8>>)], now: i64) -> Result<()> {
     let db = db.lock().unwrap_or_else(|e| e.into_inner());
-    stage_rows(&db, batch)
+    stage_rows(&db, batch, now)
 }
 
-fn stage_rows(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
+fn stage_rows(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)], now: i64) -> Result<()> {
     // Staged content is a cache of what the peer still holds: a power cut that loses it only
     // means fetching it again, so its commits skip the fsync (the group's own commit, with
     // full durability, syncs the log they share).
     db.conn().pragma_update(None, "synchronous", "OFF")?;
-    let staged = stage_in_transaction(db, batch);
+    let staged = stage_in_transaction(db, batch, now);
     db.conn().pragma_update(None, "synchronous", "FULL")?;
     staged
 }
 
-fn stage_in_transaction(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)]) -> Result<()> {
+fn stage_in_transaction(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)], now: i64) -> Result<()> {
     let tx = db.conn().unchecked_transaction()?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR REPLACE INTO peer_content (digest, data, received_at) VALUES (?1, ?2, ?3)",
         )?;
-        let now = crate::db::now_secs();
         for (digest, bytes) in batch {
             insert.execute(rusqlite::params![&digest[..], bytes.as_slice(), now])?;
         }

@@ -14,7 +14,8 @@
 //!
 //! The conductor here reads the peer's messages and moves between the phases; SQLite work
 //! runs on blocking threads, each task with its own connection, so a slow export never holds
-//! up applying or serving content. Its tunables come in as [`Limits`].
+//! up applying or serving content. What the session needs from the node it runs in comes in
+//! through [`Node`] and [`Limits`].
 
 mod apply;
 mod content;
@@ -60,6 +61,21 @@ pub struct Stats {
     pub lag: u64,
 }
 
+/// What a session needs from the node it runs in, passed in so that the session knows none
+/// of the node's internals.
+#[derive(Clone, Copy)]
+pub struct Node {
+    /// The schema version of this node's database, announced in Hello.
+    pub schema: u32,
+    /// Unix seconds now (when fetched content was kept).
+    pub now: fn() -> i64,
+    /// Whether this node still trusts the peer, asked before each group is applied: `fazt
+    /// peer remove` takes effect at once, even on a session already open.
+    pub trusts: fn(&Replica, &NodeId) -> Result<bool>,
+    /// Runs after each group is applied, on the applying connection.
+    pub after_apply: fn(&mut Replica) -> Result<()>,
+}
+
 /// A session's settings.
 pub struct Session {
     pub db_path: PathBuf,
@@ -67,6 +83,7 @@ pub struct Session {
     pub peer: NodeId,
     pub peer_name: String,
     pub mode: Mode,
+    pub node: Node,
     pub limits: Limits,
     /// Ticks on every commit to the database by anyone.
     pub changed: watch::Receiver<u64>,
@@ -198,7 +215,7 @@ impl Session {
             .send(Message::Hello(Hello {
                 node: *self.own.as_bytes(),
                 protocol: fazt_proto::PROTOCOL_VERSION,
-                schema: crate::db::migrations::latest_version(),
+                schema: self.node.schema,
                 heads: Heads::from(&mine),
             }))
             .await
@@ -288,7 +305,7 @@ impl Session {
                 theirs: Some(hello.protocol),
             });
         }
-        let schema = crate::db::migrations::latest_version();
+        let schema = self.node.schema;
         if hello.schema > schema {
             tracing::info!(
                 peer = %self.peer_name,
@@ -497,8 +514,14 @@ impl Conductor<'_> {
                 apply::apply_loop(
                     start.applier_db,
                     session.peer,
+                    session.node,
                     self.shared.clone(),
-                    content::Fetcher::new(start.out.clone(), start.content, &session.limits),
+                    content::Fetcher::new(
+                        start.out.clone(),
+                        start.content,
+                        &session.limits,
+                        session.node.now,
+                    ),
                     start.out,
                     start.groups,
                     start.tick,
