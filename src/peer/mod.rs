@@ -27,8 +27,8 @@ use fazt_proto::NodeId;
 use tokio::sync::watch;
 
 pub use error::Error;
-pub use limits::Limits;
 use error::Unreachable;
+pub use limits::Limits;
 
 /// Ticks whenever anyone commits to the database at `path` (for the session's tests, until
 /// the session takes a [`crate::db::Database`]).

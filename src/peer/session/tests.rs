@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::export::{to_net, Offers};
 use super::*;
-use crate::peer::error::{Stage, Violation};
+use crate::peer::error::{Closed, Stage, Violation};
 use crate::peer::frame::{read_message, write_message};
 
 pub(super) fn node(dir: &std::path::Path, name: &str) -> (PathBuf, NodeId) {
@@ -737,6 +737,81 @@ async fn answered_with(first: impl FnOnce(NodeId) -> Message) -> Error {
         .expect("the session ended")
         .unwrap()
         .expect_err("the session must fail")
+}
+
+/// Runs a one-off session on `b` against a hand-played `a` that sends `script(a's id)`, then
+/// ends the stream (still reading what `b` sends); returns how the session ended.
+async fn hung_up_after(script: impl FnOnce(NodeId) -> Vec<Message>) -> Error {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a.db");
+    let b = node(dir.path(), "b.db");
+    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    let (b_read, b_write) = tokio::io::split(theirs);
+    let (mut read, mut write) = tokio::io::split(mine);
+    let (_keep, changed) = watch::channel(0u64);
+    let session = Session {
+        db_path: b.0.clone(),
+        own: b.1,
+        peer: a.1,
+        peer_name: "a".into(),
+        mode: Mode::Once,
+        node: crate::peer::session_node(),
+        limits: Limits::default(),
+        changed,
+        progress: None,
+    };
+    let run = tokio::spawn(session.run(b_read, b_write, None));
+    for msg in script(a.1) {
+        write_message(&mut write, &msg).await.unwrap();
+    }
+    write.shutdown().await.unwrap();
+    let drain =
+        tokio::spawn(async move { while let Ok(Some(_)) = read_message(&mut read).await {} });
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the session ended")
+        .unwrap()
+        .expect_err("the session must fail");
+    drain.abort();
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_off_session_cut_off_says_whether_it_was_greeting_or_catching_up() {
+    let err = hung_up_after(|_| Vec::new()).await;
+    assert!(
+        matches!(
+            err,
+            Error::Closed {
+                when: Closed::BeforeHello,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // `a` says it holds versions `b` lacks, then hangs up before sending them.
+    let err = hung_up_after(|a| {
+        let mut heads = Coverage::default();
+        heads.insert(SiteId([9; 16]), 1, 5);
+        vec![Message::Hello(Hello {
+            node: *a.as_bytes(),
+            protocol: fazt_proto::PROTOCOL_VERSION,
+            schema: crate::db::migrations::latest_version(),
+            heads: Heads::from(&heads),
+        })]
+    })
+    .await;
+    assert!(
+        matches!(
+            err,
+            Error::Closed {
+                when: Closed::BeforeConverged,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
