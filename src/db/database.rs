@@ -130,7 +130,6 @@ impl Database {
 
     /// An engine connection of its own, for work that holds one for long (a session's
     /// export, an app worker's storage calls). Opened with the node's checks, not migrated.
-    #[allow(dead_code)] // the peer session's, once it takes a Database
     pub fn engine(&self) -> Result<Db> {
         self.engine_with(|_| Ok(()))
     }

@@ -168,7 +168,7 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
             let bar = (progress && std::io::stderr().is_terminal())
                 .then(|| show_progress(name, progress_rx));
             let session = Session {
-                db_path: db_path.to_path_buf(),
+                connect: super::session_connect(&db),
                 own,
                 peer: peer.node_id,
                 peer_name: name.to_string(),

@@ -24,21 +24,16 @@ use std::time::Duration;
 
 use anyhow::Result;
 use fazt_proto::NodeId;
-use tokio::sync::watch;
 
 pub use error::Error;
 use error::Unreachable;
 pub use limits::Limits;
 
-/// Ticks whenever anyone commits to the database at `path` (for the session's tests, until
-/// the session takes a [`crate::db::Database`]).
-#[cfg(test)]
-pub fn watch_db(path: &std::path::Path) -> Result<watch::Receiver<u64>> {
-    let db = crate::db::Database::open(path)?;
-    let changed = db.commits();
-    // The watcher lives as long as a handle does: keep one for the test's lifetime.
-    std::mem::forget(db);
-    Ok(changed)
+/// How a session on this node opens its connections: engine connections from the handle,
+/// with the node's checks and without re-running migrations.
+pub fn session_connect(db: &crate::db::Database) -> session::Connect {
+    let db = db.clone();
+    std::sync::Arc::new(move || db.engine())
 }
 
 /// This node as a replication session sees it: its schema, its clock, its peers table (a

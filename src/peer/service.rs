@@ -461,7 +461,7 @@ async fn run_session(
         })
     };
     let session = Session {
-        db_path: ctx.db.path().to_path_buf(),
+        connect: super::session_connect(&ctx.db),
         own: ctx.own,
         peer: peer.node_id,
         peer_name: peer.name.to_string(),

@@ -23,7 +23,6 @@ mod export;
 #[cfg(test)]
 mod tests;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context, Result};
@@ -76,9 +75,15 @@ pub struct Node {
     pub after_apply: fn(&mut Replica) -> Result<()>,
 }
 
+/// Opens a connection to this node's database with the replication engine on it. A session
+/// opens three (export, apply, serving content), each used by one task at a time: the
+/// applier tunes its own (no automatic checkpoint while a transfer runs, staging without
+/// fsync), which a shared connection could not.
+pub type Connect = Arc<dyn Fn() -> Result<Replica> + Send + Sync>;
+
 /// A session's settings.
 pub struct Session {
-    pub db_path: PathBuf,
+    pub connect: Connect,
     pub own: NodeId,
     pub peer: NodeId,
     pub peer_name: String,
@@ -188,14 +193,10 @@ impl Session {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let path = self.db_path.clone();
+        let connect = self.connect.clone();
         let (exporter_db, applier_db, content_db) =
             tokio::task::spawn_blocking(move || -> Result<_> {
-                Ok((
-                    crate::db::open_existing(&path)?,
-                    crate::db::open_existing(&path)?,
-                    crate::db::open_existing(&path)?,
-                ))
+                Ok((connect()?, connect()?, connect()?))
             })
             .await
             .map_err(anyhow::Error::from)??;

@@ -16,6 +16,21 @@ use super::*;
 use crate::peer::error::{Closed, Stage, Violation};
 use crate::peer::frame::{read_message, write_message};
 
+/// Connections as a node's own would be opened.
+pub(super) fn connect(path: &std::path::Path) -> Connect {
+    let path = path.to_path_buf();
+    std::sync::Arc::new(move || crate::db::open_existing(&path))
+}
+
+/// Ticks whenever anyone commits to the database at `path`.
+fn watch_db(path: &std::path::Path) -> anyhow::Result<watch::Receiver<u64>> {
+    let db = crate::db::Database::open(path)?;
+    let changed = db.commits();
+    // The watcher lives as long as a handle does: keep one for the test's lifetime.
+    std::mem::forget(db);
+    Ok(changed)
+}
+
 pub(super) fn node(dir: &std::path::Path, name: &str) -> (PathBuf, NodeId) {
     let path = dir.join(name);
     let db = crate::db::create(&path).unwrap();
@@ -57,10 +72,10 @@ async fn sync(a: &(PathBuf, NodeId), b: &(PathBuf, NodeId)) -> (Stats, Stats) {
     let (a_io, b_io) = tokio::io::duplex(64 * 1024);
     let (a_read, a_write) = tokio::io::split(a_io);
     let (b_read, b_write) = tokio::io::split(b_io);
-    let changed_a = crate::peer::watch_db(&a.0).unwrap();
-    let changed_b = crate::peer::watch_db(&b.0).unwrap();
+    let changed_a = watch_db(&a.0).unwrap();
+    let changed_b = watch_db(&b.0).unwrap();
     let session = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), mode, changed| Session {
-        db_path: me.0.clone(),
+        connect: connect(&me.0),
         own: me.1,
         peer: other.1,
         peer_name: "peer".into(),
@@ -247,7 +262,7 @@ async fn scripted(
     let (mut read, mut write) = tokio::io::split(mine);
     let (_keep, changed) = watch::channel(0u64);
     let session = Session {
-        db_path: b.0.clone(),
+        connect: connect(&b.0),
         own: b.1,
         peer: a.1,
         peer_name: "a".into(),
@@ -681,7 +696,7 @@ async fn a_session_refuses_a_peer_that_is_not_the_one_expected() {
     let (_k1, w1) = watch::channel(0u64);
     let (_k2, w2) = watch::channel(0u64);
     let sa = Session {
-        db_path: a.0.clone(),
+        connect: connect(&a.0),
         own: a.1,
         peer: c.1,
         peer_name: "c".into(),
@@ -692,7 +707,7 @@ async fn a_session_refuses_a_peer_that_is_not_the_one_expected() {
         progress: None,
     };
     let sb = Session {
-        db_path: b.0.clone(),
+        connect: connect(&b.0),
         own: b.1,
         peer: a.1,
         peer_name: "a".into(),
@@ -719,7 +734,7 @@ async fn answered_with(first: impl FnOnce(NodeId) -> Message) -> Error {
     let (mut read, mut write) = tokio::io::split(mine);
     let (_keep, changed) = watch::channel(0u64);
     let session = Session {
-        db_path: b.0.clone(),
+        connect: connect(&b.0),
         own: b.1,
         peer: a.1,
         peer_name: "a".into(),
@@ -751,7 +766,7 @@ async fn hung_up_after(script: impl FnOnce(NodeId) -> Vec<Message>) -> Error {
     let (mut read, mut write) = tokio::io::split(mine);
     let (_keep, changed) = watch::channel(0u64);
     let session = Session {
-        db_path: b.0.clone(),
+        connect: connect(&b.0),
         own: b.1,
         peer: a.1,
         peer_name: "a".into(),
