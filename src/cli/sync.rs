@@ -70,7 +70,10 @@ pub fn run(cmd: SyncCmd, db: &Path) -> Result<()> {
                 .coverage
                 .iter()
                 .map(|o| {
-                    let gaps = o.ranges.len().saturating_sub(usize::from(o.head > 0));
+                    let gaps = o
+                        .ranges
+                        .len()
+                        .saturating_sub(usize::from(o.head > fazt_sync::DbVersion(0)));
                     vec![
                         if o.site_id == status.site_id {
                             format!("{} (this node)", o.site_id)

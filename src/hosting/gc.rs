@@ -166,7 +166,7 @@ pub struct RescueHook {
 
 /// The text primary key of a row delete of `table` in a change, if it is one.
 fn deleted_key(c: &fazt_sync::Change, table: &str) -> Option<String> {
-    if c.table != table || c.cid != ROW_CID || c.cl.rem_euclid(2) != 0 {
+    if c.table != table || c.cid != ROW_CID || c.cl.is_live() {
         return None;
     }
     // A pk that does not unpack to one text is not a row of ours: the merge decides what

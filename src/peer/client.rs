@@ -149,7 +149,8 @@ pub struct Synced {
 /// Syncs both ways with the peer named `name` until both hold the same versions.
 pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) -> Result<Synced> {
     let db = crate::db::Database::open(db_path)?;
-    let (peer, key) = db.write_blocking(|w| Ok((store::ready_to_dial(w.conn(), name)?, node_key(w)?)))?;
+    let (peer, key) =
+        db.write_blocking(|w| Ok((store::ready_to_dial(w.conn(), name)?, node_key(w)?)))?;
     let addr = peer.addr.clone().unwrap_or_default();
     let own = crate::identity::node_id(&key);
     let started = Instant::now();

@@ -164,11 +164,7 @@ impl Runtimes {
         let queue = Arc::new(Mutex::new(rx));
         let logs = self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for _ in 0..self.per_app {
-            let (db, limits, id) = (
-                self.db.clone(),
-                self.limits.clone(),
-                app_id.to_string(),
-            );
+            let (db, limits, id) = (self.db.clone(), self.limits.clone(), app_id.to_string());
             let (queue, logs) = (queue.clone(), logs.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("fazt-js-{}", &app_id[..app_id.len().min(12)]))

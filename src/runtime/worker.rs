@@ -14,9 +14,9 @@ use rquickjs::module::Declared;
 use rquickjs::{Array, ArrayBuffer, Context, Ctx, Function, Module, Object, Promise, Value};
 
 use super::host::{self, Code, Host};
-use crate::db::Database;
 use super::script::{self, JsError};
 use super::{request, Call, Job, Limits, Reply};
+use crate::db::Database;
 
 const WEB_JS: &str = include_str!("js/web.js");
 const PRELUDE_JS: &str = include_str!("js/prelude.js");
@@ -110,9 +110,8 @@ pub(super) fn write_logs(db: Database, rx: Receiver<LogBatch>) {
             by_app.entry(b.app_id).or_default().extend(b.lines);
         }
         for (app, lines) in by_app {
-            let saved = db.write_blocking(|w| {
-                w.write(|tx| crate::storage::logs::append(tx, &app, &lines))
-            });
+            let saved =
+                db.write_blocking(|w| w.write(|tx| crate::storage::logs::append(tx, &app, &lines)));
             if let Err(e) = saved {
                 tracing::warn!(app = %app, error = %format!("{e:#}"), "app log lines were not saved");
             }

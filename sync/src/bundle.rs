@@ -9,6 +9,7 @@ use fazt_proto::bundle::{
 };
 
 use crate::changes::Change;
+use crate::clock::{CausalLength, ColVersion, DbVersion, Seq};
 use crate::coverage::{Coverage, SiteId};
 use crate::merge::ApplyReport;
 use crate::replica::Replica;
@@ -64,11 +65,11 @@ fn to_wire(c: &Change) -> WireChange {
             Value::Text(t) => WireValue::Text(t.clone()),
             Value::Blob(b) => WireValue::Blob(b.clone()),
         },
-        col_version: c.col_version,
-        db_version: c.db_version,
+        col_version: c.col_version.0,
+        db_version: c.db_version.0,
         site: c.site_id.0,
-        cl: c.cl,
-        seq: c.seq,
+        cl: c.cl.0,
+        seq: c.seq.0,
     }
 }
 
@@ -84,11 +85,11 @@ fn from_wire(c: WireChange) -> Change {
             WireValue::Text(t) => Value::Text(t),
             WireValue::Blob(b) => Value::Blob(b),
         },
-        col_version: c.col_version,
-        db_version: c.db_version,
+        col_version: ColVersion(c.col_version),
+        db_version: DbVersion(c.db_version),
         site_id: SiteId(c.site),
-        cl: c.cl,
-        seq: c.seq,
+        cl: CausalLength(c.cl),
+        seq: Seq(c.seq),
     }
 }
 
@@ -111,7 +112,7 @@ impl Replica {
         })?;
         for (site, set) in &covers.0 {
             for &(start, end) in set.ranges() {
-                writer.cover(site.0, start, end)?;
+                writer.cover(site.0, start.0, end.0)?;
             }
         }
         let (_, bytes) = writer.finish()?;
@@ -213,7 +214,7 @@ impl Replica {
         // What the open SQLite transaction has taken so far (the part included).
         let (mut txn_changes, mut txn_bytes) = (0usize, 0usize);
         // The origin transaction of the last change read.
-        let mut last: Option<(SiteId, i64)> = None;
+        let mut last: Option<(SiteId, DbVersion)> = None;
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Change(c) => {
@@ -226,7 +227,10 @@ impl Replica {
                         merge.part(&part)?;
                         part.clear();
                         part_bytes = 0;
-                        add(&mut total, merge.commit(&Coverage::default(), 0)?);
+                        add(
+                            &mut total,
+                            merge.commit(&Coverage::default(), DbVersion(0))?,
+                        );
                         merge = self.begin_merge()?;
                         (txn_changes, txn_bytes) = (0, 0);
                     } else if part.len() >= IMPORT_PART || part_bytes >= IMPORT_PART_BYTES {
@@ -240,11 +244,13 @@ impl Replica {
                     txn_changes += 1;
                     part.push(c);
                 }
-                Record::Cover { site, start, end } => covers.insert(SiteId(site), start, end),
+                Record::Cover { site, start, end } => {
+                    covers.insert(SiteId(site), DbVersion(start), DbVersion(end))
+                }
             }
         }
         merge.part(&part)?;
-        add(&mut total, merge.commit(&covers, 0)?);
+        add(&mut total, merge.commit(&covers, DbVersion(0))?);
         Ok(total)
     }
 }

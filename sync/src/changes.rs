@@ -5,6 +5,7 @@
 //! its column version, the db_version and site of the write that produced it (its origin),
 //! the row's causal length, and the write's position in its origin transaction.
 
+use crate::clock::{CausalLength, ColVersion, DbVersion, Seq};
 use crate::coverage::{Coverage, SiteId};
 use crate::crr::quote;
 use crate::replica::Replica;
@@ -26,15 +27,15 @@ pub struct Change {
     /// The column's value (NULL for the row's existence).
     pub val: Value,
     /// How many times the column was written in this incarnation of the row.
-    pub col_version: i64,
+    pub col_version: ColVersion,
     /// The origin's db_version of the write that produced this change.
-    pub db_version: i64,
+    pub db_version: DbVersion,
     /// The origin: the replica that made the write.
     pub site_id: SiteId,
     /// The row's causal length: odd while it exists, even once deleted.
-    pub cl: i64,
+    pub cl: CausalLength,
     /// The write's position in its origin transaction.
-    pub seq: i64,
+    pub seq: Seq,
 }
 
 /// What [`Replica::export_groups`] hands out, in order.
@@ -56,7 +57,7 @@ pub struct Batch {
     pub covers: Coverage,
     /// The sender's Lamport clock as it declares it (0: not declared). Covers are believed
     /// only up to the receiver's clock after the merge, or this; see `docs/sync-protocol.md`.
-    pub sender_clock: i64,
+    pub sender_clock: DbVersion,
 }
 
 impl Replica {
@@ -104,7 +105,7 @@ impl Replica {
         };
         for (site, ranges) in &need.0 {
             // Versions of this site from `mark` on have not been handed out in a group yet.
-            let mut mark = i64::MIN;
+            let mut mark = DbVersion(i64::MIN);
             let mut last_version = None;
             if let (Some(stmt), Some(ord)) = (stmt.as_mut(), self.known_ord(site)?) {
                 for &(lo, hi) in ranges.ranges() {
@@ -112,12 +113,12 @@ impl Replica {
                         .query(rusqlite::params![ord, lo, hi])
                         .map_err(Error::from)?;
                     while let Some(row) = rows.next().map_err(Error::from)? {
-                        let db_version: i64 = row.get(5).map_err(Error::from)?;
+                        let db_version: DbVersion = row.get(5).map_err(Error::from)?;
                         if count >= group_changes && last_version.is_some_and(|v| v != db_version) {
                             done.0
                                 .entry(*site)
                                 .or_default()
-                                .union(&ranges.within(mark, db_version - 1));
+                                .union(&ranges.within(mark, db_version.prev()));
                             sink(Exported::Group(std::mem::take(&mut done)))?;
                             count = 0;
                             mark = db_version;
@@ -128,7 +129,7 @@ impl Replica {
                     }
                 }
             }
-            let rest = ranges.within(mark, i64::MAX);
+            let rest = ranges.within(mark, DbVersion(i64::MAX));
             if !rest.is_empty() {
                 done.0.entry(*site).or_default().union(&rest);
             }
@@ -221,7 +222,11 @@ impl Replica {
 }
 
 /// The change an export row describes (the columns of [`Replica::export_sql`]).
-fn change_at(row: &rusqlite::Row<'_>, site: SiteId, db_version: i64) -> Result<Change, Error> {
+fn change_at(
+    row: &rusqlite::Row<'_>,
+    site: SiteId,
+    db_version: DbVersion,
+) -> Result<Change, Error> {
     Ok(Change {
         table: row.get(0)?,
         pk: row.get(1)?,

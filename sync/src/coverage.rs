@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use crate::clock::DbVersion;
+
 /// A replica's 16-byte site id (a random UUIDv4-shaped value, as cr-sqlite's).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SiteId(pub [u8; 16]);
@@ -27,7 +29,7 @@ impl fmt::Debug for SiteId {
 
 /// Sorted, disjoint, non-adjacent inclusive ranges of positive versions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RangeSet(Vec<(i64, i64)>);
+pub struct RangeSet(Vec<(DbVersion, DbVersion)>);
 
 impl RangeSet {
     /// The empty set.
@@ -36,7 +38,7 @@ impl RangeSet {
     }
 
     /// The union of `ranges` (each inclusive; empty ones are ignored).
-    pub fn from_ranges(ranges: impl IntoIterator<Item = (i64, i64)>) -> Self {
+    pub fn from_ranges(ranges: impl IntoIterator<Item = (DbVersion, DbVersion)>) -> Self {
         let mut set = RangeSet::new();
         for (a, b) in ranges {
             set.insert(a, b);
@@ -45,7 +47,7 @@ impl RangeSet {
     }
 
     /// The ranges, sorted, disjoint and non-adjacent.
-    pub fn ranges(&self) -> &[(i64, i64)] {
+    pub fn ranges(&self) -> &[(DbVersion, DbVersion)] {
         &self.0
     }
 
@@ -55,7 +57,7 @@ impl RangeSet {
     }
 
     /// Adds `start..=end`, merging with overlapping or adjacent ranges.
-    pub fn insert(&mut self, start: i64, end: i64) {
+    pub fn insert(&mut self, start: DbVersion, end: DbVersion) {
         if start > end {
             return;
         }
@@ -65,7 +67,7 @@ impl RangeSet {
                 self.0.push((start, end));
                 return;
             }
-            Some(last) if last.1.saturating_add(1) < start => {
+            Some(last) if last.1.next() < start => {
                 self.0.push((start, end));
                 return;
             }
@@ -79,9 +81,9 @@ impl RangeSet {
         let mut out = Vec::with_capacity(self.0.len() + 1);
         let mut placed = false;
         for &(a, b) in &self.0 {
-            if b.saturating_add(1) < s {
+            if b.next() < s {
                 out.push((a, b));
-            } else if e.saturating_add(1) < a {
+            } else if e.next() < a {
                 if !placed {
                     out.push((s, e));
                     placed = true;
@@ -127,7 +129,7 @@ impl RangeSet {
     }
 
     /// Whether version `v` is in the set.
-    pub fn contains(&self, v: i64) -> bool {
+    pub fn contains(&self, v: DbVersion) -> bool {
         let idx = self.0.partition_point(|&(_, b)| b < v);
         self.0.get(idx).is_some_and(|&(a, _)| a <= v)
     }
@@ -142,9 +144,9 @@ impl RangeSet {
                     continue;
                 }
                 if c > cur {
-                    out.push((cur, c - 1));
+                    out.push((cur, c.prev()));
                 }
-                cur = d.saturating_add(1);
+                cur = d.next();
                 if cur > b {
                     break;
                 }
@@ -157,7 +159,7 @@ impl RangeSet {
     }
 
     /// The part of `self` within `lo..=hi`.
-    pub fn within(&self, lo: i64, hi: i64) -> RangeSet {
+    pub fn within(&self, lo: DbVersion, hi: DbVersion) -> RangeSet {
         RangeSet(
             self.0
                 .iter()
@@ -168,10 +170,10 @@ impl RangeSet {
     }
 
     /// The end of the range that starts at 1 (0 if there is none): everything up to it is held.
-    pub fn head(&self) -> i64 {
+    pub fn head(&self) -> DbVersion {
         match self.0.first() {
-            Some(&(1, b)) => b,
-            _ => 0,
+            Some(&(DbVersion(1), b)) => b,
+            _ => DbVersion(0),
         }
     }
 }
@@ -187,7 +189,7 @@ impl Coverage {
     }
 
     /// Adds `start..=end` of origin `site`.
-    pub fn insert(&mut self, site: SiteId, start: i64, end: i64) {
+    pub fn insert(&mut self, site: SiteId, start: DbVersion, end: DbVersion) {
         self.0.entry(site).or_default().insert(start, end);
     }
 
@@ -199,7 +201,7 @@ impl Coverage {
     }
 
     /// Whether version `version` of origin `site` is covered.
-    pub fn contains(&self, site: &SiteId, version: i64) -> bool {
+    pub fn contains(&self, site: &SiteId, version: DbVersion) -> bool {
         self.0.get(site).is_some_and(|s| s.contains(version))
     }
 
@@ -222,7 +224,10 @@ impl From<&Coverage> for fazt_proto::wire::Heads {
     fn from(c: &Coverage) -> Self {
         fazt_proto::wire::Heads(
             c.0.iter()
-                .map(|(site, set)| (site.0, set.ranges().to_vec()))
+                .map(|(site, set)| {
+                    let ranges = set.ranges().iter().map(|&(a, b)| (a.0, b.0)).collect();
+                    (site.0, ranges)
+                })
                 .collect(),
         )
     }
@@ -235,7 +240,7 @@ impl From<&fazt_proto::wire::Heads> for Coverage {
         let mut c = Coverage::default();
         for (site, ranges) in &h.0 {
             for &(start, end) in ranges {
-                c.insert(SiteId(*site), start, end);
+                c.insert(SiteId(*site), DbVersion(start), DbVersion(end));
             }
         }
         c
@@ -247,48 +252,57 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn v(n: i64) -> DbVersion {
+        DbVersion(n)
+    }
+
+    /// Ranges of plain numbers as ranges of versions.
+    fn r(ranges: &[(i64, i64)]) -> Vec<(DbVersion, DbVersion)> {
+        ranges.iter().map(|&(a, b)| (v(a), v(b))).collect()
+    }
+
     #[test]
     fn ranges_merge_and_subtract() {
         let mut s = RangeSet::new();
-        s.insert(5, 7);
-        s.insert(1, 2);
-        s.insert(3, 4);
-        assert_eq!(s.ranges(), &[(1, 7)]);
-        s.insert(10, 12);
-        assert_eq!(s.head(), 7);
-        assert!(s.contains(11) && !s.contains(8));
-        let other = RangeSet::from_ranges([(2, 3), (11, 20)]);
-        assert_eq!(s.minus(&other).ranges(), &[(1, 1), (4, 7), (10, 10)]);
+        s.insert(v(5), v(7));
+        s.insert(v(1), v(2));
+        s.insert(v(3), v(4));
+        assert_eq!(s.ranges(), r(&[(1, 7)]));
+        s.insert(v(10), v(12));
+        assert_eq!(s.head(), v(7));
+        assert!(s.contains(v(11)) && !s.contains(v(8)));
+        let other = RangeSet::from_ranges(r(&[(2, 3), (11, 20)]));
+        assert_eq!(s.minus(&other).ranges(), r(&[(1, 1), (4, 7), (10, 10)]));
     }
 
     proptest! {
         #[test]
         fn a_set_holds_exactly_what_was_inserted(ranges in proptest::collection::vec((1i64..60, 0i64..6), 0..12), probe in 0i64..70) {
-            let set = RangeSet::from_ranges(ranges.iter().map(|&(a, len)| (a, a + len)));
+            let set = RangeSet::from_ranges(ranges.iter().map(|&(a, len)| (v(a), v(a + len))));
             let expected = ranges.iter().any(|&(a, len)| probe >= a && probe <= a + len);
-            prop_assert_eq!(set.contains(probe), expected);
+            prop_assert_eq!(set.contains(v(probe)), expected);
             for w in set.ranges().windows(2) {
-                prop_assert!(w[0].1 + 1 < w[1].0, "ranges stay sorted, disjoint and apart");
+                prop_assert!(w[0].1.next() < w[1].0, "ranges stay sorted, disjoint and apart");
             }
         }
 
         #[test]
         fn union_holds_exactly_both_sets(a in proptest::collection::vec((1i64..60, 0i64..6), 0..8), b in proptest::collection::vec((1i64..60, 0i64..6), 0..8), probe in 0i64..70) {
-            let sa = RangeSet::from_ranges(a.iter().map(|&(x, l)| (x, x + l)));
-            let sb = RangeSet::from_ranges(b.iter().map(|&(x, l)| (x, x + l)));
+            let sa = RangeSet::from_ranges(a.iter().map(|&(x, l)| (v(x), v(x + l))));
+            let sb = RangeSet::from_ranges(b.iter().map(|&(x, l)| (v(x), v(x + l))));
             let mut u = sa.clone();
             u.union(&sb);
-            prop_assert_eq!(u.contains(probe), sa.contains(probe) || sb.contains(probe));
+            prop_assert_eq!(u.contains(v(probe)), sa.contains(v(probe)) || sb.contains(v(probe)));
             for w in u.ranges().windows(2) {
-                prop_assert!(w[0].1 + 1 < w[1].0, "ranges stay sorted, disjoint and apart");
+                prop_assert!(w[0].1.next() < w[1].0, "ranges stay sorted, disjoint and apart");
             }
         }
 
         #[test]
         fn minus_removes_exactly_the_other_set(a in proptest::collection::vec((1i64..60, 0i64..6), 0..8), b in proptest::collection::vec((1i64..60, 0i64..6), 0..8), probe in 0i64..70) {
-            let sa = RangeSet::from_ranges(a.iter().map(|&(x, l)| (x, x + l)));
-            let sb = RangeSet::from_ranges(b.iter().map(|&(x, l)| (x, x + l)));
-            prop_assert_eq!(sa.minus(&sb).contains(probe), sa.contains(probe) && !sb.contains(probe));
+            let sa = RangeSet::from_ranges(a.iter().map(|&(x, l)| (v(x), v(x + l))));
+            let sb = RangeSet::from_ranges(b.iter().map(|&(x, l)| (v(x), v(x + l))));
+            prop_assert_eq!(sa.minus(&sb).contains(v(probe)), sa.contains(v(probe)) && !sb.contains(v(probe)));
         }
     }
 }

@@ -6,7 +6,8 @@
 //!   local writes as origin transactions.
 //! - [`Replica::replicate`]: registers a table (clock and key tables, triggers, backfill).
 //! - [`Replica::changes_since`] / [`Replica::apply`]: exporting and merging [`Change`]s,
-//!   with per-origin [`Coverage`] saying what a replica holds.
+//!   with per-origin [`Coverage`] saying what a replica holds; a change's numbers are typed
+//!   ([`DbVersion`], [`Seq`], [`ColVersion`], [`CausalLength`]).
 //! - [`Replica::export_bundle`] / [`Replica::import_bundle_file`]: changes as files.
 //! - [`Replica::status`]: what a replica reports about itself; [`Status::coverage`] reads
 //!   another node's report back for `fazt sync export --since`.
@@ -15,6 +16,7 @@
 
 mod bundle;
 mod changes;
+mod clock;
 mod coverage;
 mod crr;
 mod merge;
@@ -26,6 +28,7 @@ mod value;
 
 pub use bundle::{ExportReport, IMPORT_PART, IMPORT_PART_BYTES};
 pub use changes::{Batch, Change, Exported, ROW_CID};
+pub use clock::{CausalLength, ColVersion, DbVersion, Seq};
 pub use coverage::{Coverage, RangeSet, SiteId};
 pub use fazt_proto::wire::MAX_VERSION;
 pub use merge::{

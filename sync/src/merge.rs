@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params_from_iter, Connection, OptionalExtension};
 
 use crate::changes::{Batch, Change, ROW_CID};
+use crate::clock::{CausalLength, ColVersion, DbVersion, Seq};
 use crate::coverage::{Coverage, RangeSet, SiteId};
 use crate::crr::{quote, TableInfo};
 use crate::pack;
@@ -80,7 +81,7 @@ pub(crate) fn pending_usage(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
 fn check_changes(changes: &[Change]) -> Result<(), Error> {
     for c in changes {
         if let Err(field) =
-            fazt_proto::wire::check_change_numbers(c.db_version, c.seq, c.col_version, c.cl)
+            fazt_proto::wire::check_change_numbers(c.db_version.0, c.seq.0, c.col_version.0, c.cl.0)
         {
             return Err(Error::Malformed(format!(
                 "{} of a change of origin {} in table {} is out of range (1..=2^53): the batch was refused and nothing applied; the sender is damaged or hostile",
@@ -97,7 +98,7 @@ fn check_changes(changes: &[Change]) -> Result<(), Error> {
 fn check_covers(covers: &Coverage) -> Result<(), Error> {
     for (site, set) in &covers.0 {
         if let (Some(&(start, _)), Some(&(_, end))) = (set.ranges().first(), set.ranges().last()) {
-            if start < 1 || end > fazt_proto::wire::MAX_VERSION {
+            if start < DbVersion(1) || end > DbVersion(fazt_proto::wire::MAX_VERSION) {
                 return Err(Error::Malformed(format!(
                     "the versions covered of origin {site} are out of range (1..=2^53): the batch was refused and nothing applied; the sender is damaged or hostile"
                 )));
@@ -121,7 +122,7 @@ pub trait MergeHook: Send + Sync {
 
 /// A clock row's origin for tie-breaks: (site id, db_version, seq); a placeholder (a row
 /// brought into existence by a column change before its creation arrived) sorts first.
-type Origin = (Option<SiteId>, i64, i64);
+type Origin = (Option<SiteId>, DbVersion, Seq);
 
 /// A merge in progress: one IMMEDIATE transaction with capture off, fed changes in parts
 /// ([`Merge::part`]) and ended by [`Merge::commit`]; dropped unfinished (or after an error),
@@ -129,7 +130,7 @@ type Origin = (Option<SiteId>, i64, i64);
 /// can merge one of any size holding only a part in memory at a time.
 pub struct Merge<'r> {
     replica: &'r mut Replica,
-    own_version: i64,
+    own_version: DbVersion,
     /// What this replica held before the merge.
     held: Coverage,
     report: ApplyReport,
@@ -139,7 +140,7 @@ pub struct Merge<'r> {
     pending_use: Option<(i64, i64)>,
     /// The highest version merged. Groups already held or only parked do not count: a
     /// parked change is not held, and its version must not move the clock.
-    max_version: i64,
+    max_version: DbVersion,
     /// The origin transaction the last part ended in: the next part may continue it.
     open: Option<Group>,
     /// Still in the transaction (not committed, not rolled back).
@@ -165,7 +166,7 @@ enum Fate {
 
 struct Group {
     site: SiteId,
-    version: i64,
+    version: DbVersion,
     fate: Fate,
     /// Its changes seen so far, counted as its fate says.
     counted: ApplyReport,
@@ -202,12 +203,12 @@ impl Replica {
         let capture_off = self.capture.merging();
         let mut merge = Merge {
             replica: self,
-            own_version: 0,
+            own_version: DbVersion(0),
             held: Coverage::default(),
             report: ApplyReport::default(),
             not_held: HashMap::new(),
             pending_use: None,
-            max_version: 0,
+            max_version: DbVersion(0),
             open: None,
             active: true,
             _capture_off: capture_off,
@@ -239,7 +240,7 @@ impl Merge<'_> {
 
     /// Records `covers` (believed up to the receiver's clock or `sender_clock`, the clock
     /// the sender declares; 0 if none), moves the clock and commits.
-    pub fn commit(self, covers: &Coverage, sender_clock: i64) -> Result<ApplyReport, Error> {
+    pub fn commit(self, covers: &Coverage, sender_clock: DbVersion) -> Result<ApplyReport, Error> {
         self.commit_then(covers, sender_clock, |_| Ok(()))
     }
 
@@ -247,7 +248,7 @@ impl Merge<'_> {
     pub fn commit_then(
         mut self,
         covers: &Coverage,
-        sender_clock: i64,
+        sender_clock: DbVersion,
         then: impl FnOnce(&Connection) -> rusqlite::Result<()>,
     ) -> Result<ApplyReport, Error> {
         if !self.active {
@@ -322,7 +323,7 @@ impl Merge<'_> {
     fn begin_group(
         &mut self,
         site: SiteId,
-        version: i64,
+        version: DbVersion,
         run: &[Change],
         savepoint: bool,
     ) -> Result<(), Error> {
@@ -346,7 +347,7 @@ impl Merge<'_> {
                     .prepare_cached(
                         "DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2",
                     )?
-                    .execute([ord, version])?;
+                    .execute(rusqlite::params![ord, version])?;
             }
             Fate::Merged
         };
@@ -473,7 +474,7 @@ impl Merge<'_> {
         Ok(())
     }
 
-    fn record_covers(&mut self, covers: &Coverage, sender_clock: i64) -> Result<(), Error> {
+    fn record_covers(&mut self, covers: &Coverage, sender_clock: DbVersion) -> Result<(), Error> {
         let r = &mut *self.replica;
         // Lamport: the next local write is numbered after everything merged. What this
         // replica made itself is stored too: a merged change may just have replaced the
@@ -500,7 +501,7 @@ impl Merge<'_> {
             if *site == r.site_id {
                 continue;
             }
-            let mut set = set.within(1, bound);
+            let mut set = set.within(DbVersion(1), bound);
             if let Some(p) = self.not_held.get(site) {
                 set = set.minus(p);
             }
@@ -564,7 +565,7 @@ impl Replica {
         Ok(pending_usage(&self.conn)?)
     }
 
-    fn is_parked(&self, site: SiteId, version: i64) -> Result<bool, Error> {
+    fn is_parked(&self, site: SiteId, version: DbVersion) -> Result<bool, Error> {
         let Some(ord) = self.known_ord(&site)? else {
             return Ok(false);
         };
@@ -573,7 +574,7 @@ impl Replica {
             .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2)",
             )?
-            .query_row([ord, version], |r| r.get(0))?)
+            .query_row(rusqlite::params![ord, version], |r| r.get(0))?)
     }
 
     fn parked_versions(&self) -> Result<HashMap<SiteId, RangeSet>, Error> {
@@ -581,7 +582,7 @@ impl Replica {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT DISTINCT site_ord, db_version FROM fazt_sync_pending")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, DbVersion>(1)?)))?;
         for row in rows {
             let (ord, v) = row?;
             if let Some(site) = self.site_of(ord) {
@@ -660,11 +661,11 @@ impl Replica {
                 )));
             }
             let (key, created) = row_key(&self.conn, &sql, &pk)?;
-            let (mut cl, mut sentinel, mut fresh) = (0, None, true);
+            let (mut cl, mut sentinel, mut fresh) = (CausalLength(0), None, true);
             if !created {
                 // One look at the row's clocks: the sentinel (cid -1) sorts first, then any
                 // column clock.
-                let mut found: Option<(i64, i64, i64, i64)> = None;
+                let mut found: Option<(CausalLength, DbVersion, i64, Seq)> = None;
                 let mut has_columns = false;
                 {
                     let mut stmt = self.conn.prepare_cached(&sql.row_clocks)?;
@@ -684,7 +685,7 @@ impl Replica {
                         sentinel = Some((d, o, q));
                     }
                     // Column clocks without a sentinel: a live first incarnation.
-                    None if has_columns => cl = 1,
+                    None if has_columns => cl = CausalLength::FIRST,
                     None => {}
                 }
             }
@@ -711,7 +712,7 @@ impl Replica {
 
         if c.cid == ROW_CID {
             if c.cl == state.cl {
-                let (d, o, q) = state.sentinel.unwrap_or((0, -1, 0));
+                let (d, o, q) = state.sentinel.unwrap_or((DbVersion(0), -1, Seq(0)));
                 let local: Origin = (site_of_ord(&self.sites, o), d, q);
                 let incoming: Origin = (Some(c.site_id), c.db_version, c.seq);
                 if incoming <= local {
@@ -719,49 +720,44 @@ impl Replica {
                 }
             } else {
                 write_pending(conn, state)?;
-                if c.cl % 2 == 0 {
+                if !c.cl.is_live() {
                     delete_row(conn, &sql, &state.pk, key)?;
                 } else {
                     reset_row(conn, &sql, &state.pk, key)?;
                 }
                 state.fresh = true;
             }
-            conn.prepare_cached(&sql.sentinel_upsert)?.execute([
-                key,
-                c.cl,
-                c.db_version,
-                ord,
-                c.seq,
-            ])?;
+            conn.prepare_cached(&sql.sentinel_upsert)?
+                .execute(rusqlite::params![key, c.cl, c.db_version, ord, c.seq])?;
             state.cl = c.cl;
             state.sentinel = Some((c.db_version, ord, c.seq));
             return Ok(true);
         }
 
-        if c.cl % 2 == 0 {
+        if !c.cl.is_live() {
             // A column value cannot belong to a deleted incarnation; nothing to merge.
             return Ok(false);
         }
         let column = sql.columns.get(&c.cid).expect("checked resolvable");
         let mut changed = false;
         if c.cl > state.cl {
-            if state.cl == 0 && c.cl == 1 {
+            if state.cl == CausalLength(0) && c.cl == CausalLength::FIRST {
                 // A first incarnation: the column clocks will say the row exists.
-                state.cl = 1;
+                state.cl = CausalLength::FIRST;
             } else {
                 write_pending(conn, state)?;
                 reset_row(conn, &sql, &state.pk, key)?;
                 // Until the creation itself arrives, a placeholder that loses every tie.
                 conn.prepare_cached(&sql.sentinel_upsert)?
-                    .execute([key, c.cl, 0, -1, 0])?;
+                    .execute(rusqlite::params![key, c.cl, DbVersion(0), -1, Seq(0)])?;
                 state.cl = c.cl;
-                state.sentinel = Some((0, -1, 0));
+                state.sentinel = Some((DbVersion(0), -1, Seq(0)));
                 state.fresh = true;
             }
             changed = true;
         }
         let wins = state.fresh || {
-            let local: Option<(i64, i64)> = conn
+            let local: Option<(ColVersion, i64)> = conn
                 .prepare_cached(&sql.column_clock_select)?
                 .query_row([key, column.cid], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
@@ -786,9 +782,14 @@ impl Replica {
             return Ok(changed);
         }
         state.pending.push((column.cid, &c.val));
-        state
-            .clocks
-            .push([key, column.cid, c.col_version, c.db_version, ord, c.seq]);
+        state.clocks.push([
+            key,
+            column.cid,
+            c.col_version.0,
+            c.db_version.0,
+            ord,
+            c.seq.0,
+        ]);
         Ok(true)
     }
 
@@ -810,14 +811,14 @@ impl Replica {
             let rows = stmt.query_map([], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
+                    r.get::<_, DbVersion>(1)?,
+                    r.get::<_, Seq>(2)?,
                     r.get::<_, String>(3)?,
                     r.get::<_, Vec<u8>>(4)?,
                     r.get::<_, String>(5)?,
                     r.get::<_, Value>(6)?,
-                    r.get::<_, i64>(7)?,
-                    r.get::<_, i64>(8)?,
+                    r.get::<_, ColVersion>(7)?,
+                    r.get::<_, CausalLength>(8)?,
                 ))
             })?;
             let mut out = Vec::new();
@@ -843,7 +844,7 @@ impl Replica {
             }
             out
         };
-        let mut groups: Vec<(i64, i64, Vec<Change>)> = Vec::new();
+        let mut groups: Vec<(i64, DbVersion, Vec<Change>)> = Vec::new();
         for (ord, change) in rows {
             match groups.last_mut() {
                 Some((o, v, g)) if *o == ord && *v == change.db_version => g.push(change),
@@ -868,11 +869,11 @@ impl Replica {
                 "DELETE FROM fazt_sync_pending WHERE site_ord = ?1 AND db_version = ?2",
             )?;
             for (ord, version) in ready {
-                delete.execute([ord, version])?;
+                delete.execute(rusqlite::params![ord, version])?;
             }
         }
         merge.merge_changes(&batch.changes, false)?;
-        merge.commit(&batch.covers, 0)
+        merge.commit(&batch.covers, DbVersion(0))
     }
 }
 
@@ -884,9 +885,9 @@ pub(crate) struct RowState<'a> {
     pk: Vec<Value>,
     key: i64,
     /// The row's causal length here (1 when implied by column clocks).
-    cl: i64,
+    cl: CausalLength,
     /// (db_version, site ordinal, seq) of the sentinel, if the row has one.
-    sentinel: Option<(i64, i64, i64)>,
+    sentinel: Option<(DbVersion, i64, Seq)>,
     /// No column clocks exist for the row: every column change wins without a lookup.
     fresh: bool,
     /// Winning values not yet written to the row: (cid, value).

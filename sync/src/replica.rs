@@ -24,6 +24,7 @@ use std::sync::Arc;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 
+use crate::clock::DbVersion;
 use crate::coverage::{Coverage, RangeSet, SiteId};
 use crate::crr::TableInfo;
 use crate::value::Value;
@@ -45,15 +46,15 @@ pub(crate) struct Capture {
 pub(crate) struct ModeGuard(Arc<Capture>);
 
 impl Capture {
-    pub(crate) fn enter(self: &Arc<Self>, mode: u8, db_version: i64) -> ModeGuard {
-        self.db_version.store(db_version, Ordering::Relaxed);
+    pub(crate) fn enter(self: &Arc<Self>, mode: u8, db_version: DbVersion) -> ModeGuard {
+        self.db_version.store(db_version.0, Ordering::Relaxed);
         self.seq.store(0, Ordering::Relaxed);
         self.mode.store(mode, Ordering::Relaxed);
         ModeGuard(self.clone())
     }
 
     pub(crate) fn merging(self: &Arc<Self>) -> ModeGuard {
-        self.enter(MERGING, 0)
+        self.enter(MERGING, DbVersion(0))
     }
 
     fn captured(&self) -> i64 {
@@ -125,7 +126,7 @@ pub struct Replica {
     /// The merge path's statements per table, for `catalog_version`.
     pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
     /// (`PRAGMA data_version`, db_version) as last derived or allocated on this connection.
-    pub(crate) version_cache: Cell<Option<(i64, i64)>>,
+    pub(crate) version_cache: Cell<Option<(i64, DbVersion)>>,
     /// Code of the application's that sees every merge from inside its transaction.
     pub(crate) merge_hook: Option<Arc<dyn crate::merge::MergeHook>>,
 }
@@ -257,7 +258,7 @@ impl Replica {
     }
 
     /// The highest db_version this replica has made or merged.
-    pub fn db_version(&self) -> Result<i64, Error> {
+    pub fn db_version(&self) -> Result<DbVersion, Error> {
         Ok(current_db_version(&self.conn, &self.version_cache)?.1)
     }
 
@@ -275,7 +276,9 @@ impl Replica {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (data_version, current) = current_db_version(&tx, cache)?;
-        let version = next_version(current, 1).map_err(rusqlite::Error::UserFunctionError)?;
+        let version = next_version(current.0, 1)
+            .map(DbVersion)
+            .map_err(rusqlite::Error::UserFunctionError)?;
         let guard = self.capture.enter(LOCAL, version);
         let result = f(&tx);
         let captured = self.capture.captured();
@@ -300,8 +303,8 @@ impl Replica {
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, i64>(2)?,
+                r.get::<_, DbVersion>(1)?,
+                r.get::<_, DbVersion>(2)?,
             ))
         })?;
         for row in rows {
@@ -313,8 +316,8 @@ impl Replica {
             cov.insert(site, start, end);
         }
         let own = self.db_version()?;
-        if own > 0 {
-            cov.insert(self.site_id, 1, own);
+        if own > DbVersion(0) {
+            cov.insert(self.site_id, DbVersion(1), own);
         }
         Ok(cov)
     }
@@ -337,7 +340,7 @@ impl Replica {
             "INSERT INTO fazt_sync_coverage (site_ord, start, end) VALUES (?1, ?2, ?3)",
         )?;
         for &(start, end) in set.ranges() {
-            insert.execute([ord, start, end])?;
+            insert.execute(rusqlite::params![ord, start, end])?;
         }
         Ok(())
     }
@@ -436,8 +439,8 @@ impl Replica {
 /// other connection has committed since it was filled.
 fn current_db_version(
     conn: &Connection,
-    cache: &Cell<Option<(i64, i64)>>,
-) -> rusqlite::Result<(i64, i64)> {
+    cache: &Cell<Option<(i64, DbVersion)>>,
+) -> rusqlite::Result<(i64, DbVersion)> {
     let data_version: i64 = conn
         .prepare_cached("PRAGMA data_version")?
         .query_row([], |r| r.get(0))?;
@@ -455,12 +458,12 @@ fn current_db_version(
 /// own clock rows if that is higher. Every registered table's clock counts, also one that
 /// another connection registered since this one loaded its catalog (the catalog is read
 /// from the file, not from memory).
-fn derive_db_version(conn: &Connection) -> rusqlite::Result<i64> {
-    let mut version: i64 = conn
+fn derive_db_version(conn: &Connection) -> rusqlite::Result<DbVersion> {
+    let mut version: DbVersion = conn
         .prepare_cached("SELECT value FROM fazt_sync_state WHERE key = 'db_version'")?
         .query_row([], |r| r.get(0))
         .optional()?
-        .unwrap_or(0);
+        .unwrap_or_default();
     let clocks: Vec<String> = conn
         .prepare_cached(
             "SELECT name FROM sqlite_schema WHERE type = 'table'
@@ -469,18 +472,18 @@ fn derive_db_version(conn: &Connection) -> rusqlite::Result<i64> {
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for clock in clocks {
-        let own: Option<i64> = conn
+        let own: Option<DbVersion> = conn
             .prepare_cached(&format!(
                 "SELECT max(db_version) FROM {} WHERE site_ord = 0",
                 crate::crr::quote(&clock)
             ))?
             .query_row([], |r| r.get(0))?;
-        version = version.max(own.unwrap_or(0));
+        version = version.max(own.unwrap_or_default());
     }
     Ok(version)
 }
 
-pub(crate) fn set_db_version(conn: &Connection, version: i64) -> rusqlite::Result<()> {
+pub(crate) fn set_db_version(conn: &Connection, version: DbVersion) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT INTO fazt_sync_state (key, value) VALUES ('db_version', ?1)
          ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Coverage, Error, Replica, SiteId};
+use crate::{Coverage, DbVersion, Error, Replica, SiteId};
 
 /// A replica's status report; its JSON form is the `--since` file.
 #[derive(Debug, Serialize, Deserialize)]
@@ -13,7 +13,7 @@ pub struct Status {
     /// This replica's site id, in hex.
     pub site_id: String,
     /// The highest db_version this replica has made or merged.
-    pub db_version: i64,
+    pub db_version: DbVersion,
     /// What this replica holds from each origin (itself included).
     pub coverage: Vec<OriginStatus>,
     /// Changes waiting in the pending area for a table or column this replica lacks.
@@ -40,9 +40,9 @@ pub struct OriginStatus {
     /// The origin's site id, in hex.
     pub site_id: String,
     /// Every version up to this one is held.
-    pub head: i64,
+    pub head: DbVersion,
     /// Held version ranges (inclusive); more than one means gaps.
-    pub ranges: Vec<(i64, i64)>,
+    pub ranges: Vec<(DbVersion, DbVersion)>,
 }
 
 /// What one bundle may carry, and what an import holds in memory at once.
@@ -152,15 +152,16 @@ mod tests {
     fn a_status_report_reads_back_as_the_coverage_it_describes() {
         let site = SiteId([7; 16]);
         let mut cov = Coverage::default();
-        cov.insert(site, 1, 4);
-        cov.insert(site, 9, 9);
+        let v = DbVersion;
+        cov.insert(site, v(1), v(4));
+        cov.insert(site, v(9), v(9));
         let status = Status {
             site_id: site.to_string(),
-            db_version: 9,
+            db_version: v(9),
             coverage: vec![OriginStatus {
                 site_id: site.to_string(),
-                head: 4,
-                ranges: vec![(1, 4), (9, 9)],
+                head: v(4),
+                ranges: vec![(v(1), v(4)), (v(9), v(9))],
             }],
             pending_changes: 0,
             pending_bytes: 0,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{clocks, data, replica};
-use fazt_sync::{Replica, Value};
+use fazt_sync::{DbVersion, Replica, Value};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -251,7 +251,7 @@ proptest! {
         for r in &replicas {
             let cov = r.coverage().unwrap();
             for origin in &replicas {
-                let head = cov.get(&origin.site_id()).map_or(0, |s| s.head());
+                let head = cov.get(&origin.site_id()).map_or(DbVersion(0), |s| s.head());
                 prop_assert!(head >= origin.db_version().unwrap());
             }
         }

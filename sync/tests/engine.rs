@@ -3,7 +3,7 @@
 mod common;
 
 use common::{clocks, data, exec, replica, sync};
-use fazt_sync::{Batch, Coverage, Replica};
+use fazt_sync::{Batch, CausalLength, ColVersion, Coverage, DbVersion, Replica, Seq};
 use rusqlite::Connection;
 
 #[test]
@@ -35,7 +35,10 @@ fn change_rows_have_cr_sqlites_shape() {
     assert_eq!(c.pk, vec![0x01, 0x09, 0x01]);
     assert_eq!(c.cid, "a");
     assert_eq!(c.val, fazt_sync::Value::Text("x".into()));
-    assert_eq!((c.col_version, c.db_version, c.cl, c.seq), (1, 1, 1, 0));
+    assert_eq!(
+        (c.col_version, c.db_version, c.cl, c.seq),
+        (ColVersion(1), DbVersion(1), CausalLength(1), Seq(0))
+    );
     assert_eq!(c.site_id, a.site_id());
     assert!(batch.changes.iter().all(|c| c.cid != "-1"));
 
@@ -49,7 +52,7 @@ fn change_rows_have_cr_sqlites_shape() {
     let c = &batch.changes[0];
     assert_eq!(
         (c.cid.as_str(), c.cl, c.val.clone()),
-        ("-1", 2, fazt_sync::Value::Null)
+        ("-1", CausalLength(2), fazt_sync::Value::Null)
     );
 }
 
@@ -311,7 +314,7 @@ fn changes_for_a_missing_table_wait_until_it_exists() {
     let report = b.apply(&batch).unwrap();
     assert_eq!(report.pending, batch.changes.len());
     assert!(
-        !b.coverage().unwrap().contains(&a.site_id(), 1),
+        !b.coverage().unwrap().contains(&a.site_id(), DbVersion(1)),
         "pending versions are not covered"
     );
     // The same changes again are kept once.
@@ -321,7 +324,7 @@ fn changes_for_a_missing_table_wait_until_it_exists() {
     b.replicate("items").unwrap();
     assert_eq!(data(&b), data(&a));
     assert_eq!(clocks(&b), clocks(&a));
-    assert!(b.coverage().unwrap().contains(&a.site_id(), 1));
+    assert!(b.coverage().unwrap().contains(&a.site_id(), DbVersion(1)));
     let left: i64 = b
         .conn()
         .query_row("SELECT count(*) FROM fazt_sync_pending", [], |r| r.get(0))
@@ -414,7 +417,7 @@ fn grouped_export_hands_out_whole_transactions_with_exact_coverage() {
     let mut covered = fazt_sync::Coverage::default();
     for (i, g) in groups.iter().enumerate() {
         // A group never splits a transaction: it starts where the previous one ended.
-        let versions: std::collections::BTreeSet<i64> =
+        let versions: std::collections::BTreeSet<DbVersion> =
             g.changes.iter().map(|c| c.db_version).collect();
         for v in &versions {
             assert!(
@@ -496,7 +499,7 @@ fn a_version_is_never_reused_after_a_merge_replaces_the_newest_local_clock() {
     sync(&a, &mut b);
     exec(&mut a, "UPDATE items SET a = 'a1' WHERE id = 1", []); // a: v2
     exec(&mut a, "UPDATE items SET a = 'a2' WHERE id = 1", []); // a: v3, col_version 3
-    assert_eq!(a.db_version().unwrap(), 3);
+    assert_eq!(a.db_version().unwrap(), DbVersion(3));
     // b changes the same cell three times in one transaction: col_version 4 at b's v2.
     b.write(|tx| {
         for v in ["b1", "b2", "b3"] {
@@ -505,7 +508,7 @@ fn a_version_is_never_reused_after_a_merge_replaces_the_newest_local_clock() {
         Ok::<_, rusqlite::Error>(())
     })
     .unwrap();
-    assert_eq!(b.db_version().unwrap(), 2);
+    assert_eq!(b.db_version().unwrap(), DbVersion(2));
     sync(&b, &mut a);
     assert_eq!(data(&a), data(&b), "b's cell wins on col_version");
     // a's clock rows now hold no version above 1, yet a made 3.
@@ -518,17 +521,17 @@ fn a_version_is_never_reused_after_a_merge_replaces_the_newest_local_clock() {
         )
         .unwrap();
     assert_eq!(own_max, 1);
-    assert_eq!(a.db_version().unwrap(), 3);
+    assert_eq!(a.db_version().unwrap(), DbVersion(3));
     exec(&mut a, "INSERT INTO items (id, a) VALUES (2, 'next')", []);
-    assert_eq!(a.db_version().unwrap(), 4);
+    assert_eq!(a.db_version().unwrap(), DbVersion(4));
     let mine = a.batch_since(&Coverage::default()).unwrap();
-    let versions: Vec<i64> = mine
+    let versions: Vec<DbVersion> = mine
         .changes
         .iter()
         .filter(|c| c.site_id == a.site_id())
         .map(|c| c.db_version)
         .collect();
-    assert!(versions.contains(&4), "{versions:?}");
+    assert!(versions.contains(&DbVersion(4)), "{versions:?}");
     sync(&a, &mut b);
     assert_eq!(data(&a), data(&b));
     assert_eq!(clocks(&a), clocks(&b));
@@ -553,7 +556,7 @@ fn connections_to_one_file_number_their_writes_after_each_other() {
     let mut one = open();
     one.replicate("items").unwrap();
     let mut two = open();
-    let start = one.db_version().unwrap();
+    let start = one.db_version().unwrap().0;
     for i in 0..3 {
         exec(
             &mut one,
@@ -566,8 +569,8 @@ fn connections_to_one_file_number_their_writes_after_each_other() {
             [i * 2 + 1],
         );
     }
-    assert_eq!(one.db_version().unwrap(), start + 6);
-    assert_eq!(two.db_version().unwrap(), start + 6);
+    assert_eq!(one.db_version().unwrap().0, start + 6);
+    assert_eq!(two.db_version().unwrap().0, start + 6);
     // `two` registers a table and writes to it; `one` has never loaded it.
     two.replicate("pairs").unwrap();
     exec(
@@ -575,24 +578,24 @@ fn connections_to_one_file_number_their_writes_after_each_other() {
         "INSERT INTO pairs (x, y, v) VALUES ('p', 1, 'two')",
         [],
     );
-    let after_two = two.db_version().unwrap();
+    let after_two = two.db_version().unwrap().0;
     assert!(after_two > start + 6);
     exec(
         &mut one,
         "INSERT INTO items (id, a) VALUES (100, 'one')",
         [],
     );
-    assert_eq!(one.db_version().unwrap(), after_two + 1);
+    assert_eq!(one.db_version().unwrap().0, after_two + 1);
     // Eight writes, eight versions (the three columns of an insert share theirs).
     one.refresh().unwrap();
     let all = one.batch_since(&Coverage::default()).unwrap();
-    let mut versions: Vec<i64> = all.changes.iter().map(|c| c.db_version).collect();
+    let mut versions: Vec<DbVersion> = all.changes.iter().map(|c| c.db_version).collect();
     versions.sort();
     versions.dedup();
     assert_eq!(versions.len(), 8, "{versions:?}");
     drop((one, two));
     assert_eq!(
-        open().db_version().unwrap(),
+        open().db_version().unwrap().0,
         after_two + 1,
         "derived again after reopening"
     );
@@ -612,7 +615,7 @@ fn a_table_named_like_a_clock_does_not_disturb_writes() {
     // A merge makes the next write derive the number again from the file.
     sync(&b, &mut a);
     exec(&mut a, "INSERT INTO items (id, a) VALUES (3, 'z')", []);
-    assert_eq!(a.db_version().unwrap(), 2);
+    assert_eq!(a.db_version().unwrap(), DbVersion(2));
 }
 
 /// Records how many `items` rows there are before and after each merge; fails after the
@@ -754,7 +757,11 @@ fn a_transaction_whose_later_part_names_a_missing_table_is_undone_and_left_uncov
     .unwrap();
     exec(&mut a, "INSERT INTO items (id, a) VALUES (9, 'later')", []);
     let batch = a.batch_since(&Coverage::default()).unwrap();
-    let first = batch.changes.iter().filter(|c| c.db_version == 1).count();
+    let first = batch
+        .changes
+        .iter()
+        .filter(|c| c.db_version == DbVersion(1))
+        .count();
     assert!(batch.changes[..first - 2]
         .iter()
         .all(|c| c.table == "items"));
@@ -783,7 +790,10 @@ fn a_transaction_whose_later_part_names_a_missing_table_is_undone_and_left_uncov
     assert_eq!(b.pending_usage().unwrap(), (0, 0));
     let covered = b.coverage().unwrap();
     let set = covered.get(&a.site_id()).unwrap();
-    assert!(!set.contains(1) && set.contains(2), "{set:?}");
+    assert!(
+        !set.contains(DbVersion(1)) && set.contains(DbVersion(2)),
+        "{set:?}"
+    );
 
     // Merged whole, the same transaction is parked instead, and applies once the table exists.
     let mut c = replica_without_pairs();
@@ -808,7 +818,11 @@ fn a_parked_transaction_spanning_parts_past_the_pending_cap_is_undone() {
     .unwrap();
     exec(&mut a, "INSERT INTO pairs (x, y) VALUES ('q', 1)", []);
     let batch = a.batch_since(&Coverage::default()).unwrap();
-    let first = batch.changes.iter().filter(|c| c.db_version == 1).count();
+    let first = batch
+        .changes
+        .iter()
+        .filter(|c| c.db_version == DbVersion(1))
+        .count();
     let second = batch.changes.len() - first;
     assert!(first > 4 && second <= 4, "{first} {second}");
 

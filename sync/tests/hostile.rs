@@ -4,11 +4,11 @@
 mod common;
 
 use common::{clocks, data, exec, replica, sync};
-use fazt_sync::{Batch, Coverage, Replica, MAX_VERSION};
+use fazt_sync::{Batch, CausalLength, ColVersion, Coverage, DbVersion, Replica, Seq, MAX_VERSION};
 use rusqlite::Connection;
 
 /// Everything a batch could have changed on a replica.
-fn state(r: &Replica) -> (Vec<String>, Vec<String>, Coverage, i64, (i64, i64)) {
+fn state(r: &Replica) -> (Vec<String>, Vec<String>, Coverage, DbVersion, (i64, i64)) {
     (
         data(r),
         clocks(r),
@@ -27,13 +27,13 @@ fn a_version_beyond_the_bound_is_refused_and_writing_goes_on() {
     let good = a.batch_since(&Coverage::default()).unwrap();
     type Poison = fn(&mut fazt_sync::Change);
     let poisons: [(&str, Poison); 7] = [
-        ("db_version", |c| c.db_version = i64::MAX - 1),
-        ("db_version", |c| c.db_version = MAX_VERSION + 1),
-        ("db_version", |c| c.db_version = 0),
-        ("seq", |c| c.seq = -1),
-        ("col_version", |c| c.col_version = i64::MAX),
-        ("col_version", |c| c.col_version = 0),
-        ("causal length", |c| c.cl = -3),
+        ("db_version", |c| c.db_version = DbVersion(i64::MAX - 1)),
+        ("db_version", |c| c.db_version = DbVersion(MAX_VERSION + 1)),
+        ("db_version", |c| c.db_version = DbVersion(0)),
+        ("seq", |c| c.seq = Seq(-1)),
+        ("col_version", |c| c.col_version = ColVersion(i64::MAX)),
+        ("col_version", |c| c.col_version = ColVersion(0)),
+        ("causal length", |c| c.cl = CausalLength(-3)),
     ];
     let before = state(&b);
     for (field, poison) in poisons {
@@ -50,14 +50,16 @@ fn a_version_beyond_the_bound_is_refused_and_writing_goes_on() {
     }
     // A cover beyond the bound is refused the same way.
     let mut batch = good.clone();
-    batch.covers.insert(a.site_id(), 1, 1 << 62);
+    batch
+        .covers
+        .insert(a.site_id(), DbVersion(1), DbVersion(1 << 62));
     let err = b.apply(&batch).unwrap_err().to_string();
     assert!(err.contains("covered") && err.contains("2^53"), "{err}");
     assert_eq!(state(&b), before);
 
     // The replica goes on writing, numbering and exporting as before.
     exec(&mut b, "INSERT INTO items (id, a) VALUES (3, 'later')", []);
-    assert_eq!(b.db_version().unwrap(), before.3 + 1);
+    assert_eq!(b.db_version().unwrap(), before.3.next());
     let mut c = replica();
     sync(&b, &mut c);
     sync(&a, &mut b);
@@ -73,12 +75,13 @@ fn a_version_at_the_bound_stops_local_writes_loudly_instead_of_wrapping() {
     exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
     let mut batch = a.batch_since(&Coverage::default()).unwrap();
     for c in &mut batch.changes {
-        c.db_version = MAX_VERSION;
+        c.db_version = DbVersion(MAX_VERSION);
     }
     batch.covers = Coverage::default();
-    batch.covers.insert(a.site_id(), MAX_VERSION, MAX_VERSION);
+    let max = DbVersion(MAX_VERSION);
+    batch.covers.insert(a.site_id(), max, max);
     b.apply(&batch).unwrap();
-    assert_eq!(b.db_version().unwrap(), MAX_VERSION);
+    assert_eq!(b.db_version().unwrap(), max);
     let before = state(&b);
     let err = b
         .write(|tx| {
@@ -98,7 +101,7 @@ fn a_col_version_at_the_bound_stops_writes_to_that_cell_loudly() {
     exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
     let mut batch = a.batch_since(&Coverage::default()).unwrap();
     for c in &mut batch.changes {
-        c.col_version = MAX_VERSION;
+        c.col_version = ColVersion(MAX_VERSION);
     }
     b.apply(&batch).unwrap();
     let before = state(&b);
@@ -121,11 +124,12 @@ fn a_parked_change_does_not_move_the_clock() {
     exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
     let mut batch = a.batch_since(&Coverage::default()).unwrap();
     for c in &mut batch.changes {
-        c.db_version = 1_000_000;
+        c.db_version = DbVersion(1_000_000);
     }
     batch.covers = Coverage::default();
-    batch.covers.insert(a.site_id(), 1_000_000, 1_000_000);
-    batch.sender_clock = 0;
+    let far = DbVersion(1_000_000);
+    batch.covers.insert(a.site_id(), far, far);
+    batch.sender_clock = DbVersion(0);
     // This replica has no `items` table yet: the change waits in the pending area.
     let mut b = Replica::open(Connection::open_in_memory().unwrap()).unwrap();
     b.conn()
@@ -136,7 +140,7 @@ fn a_parked_change_does_not_move_the_clock() {
     assert_eq!(report.pending, batch.changes.len());
     assert_eq!(
         b.db_version().unwrap(),
-        0,
+        DbVersion(0),
         "a parked version does not move the clock"
     );
     assert!(
@@ -148,7 +152,7 @@ fn a_parked_change_does_not_move_the_clock() {
             .map(|_| ())
     })
     .unwrap();
-    assert_eq!(b.db_version().unwrap(), 1);
+    assert_eq!(b.db_version().unwrap(), DbVersion(1));
 }
 
 #[test]
@@ -166,13 +170,15 @@ fn a_forged_cover_does_not_hide_an_origins_later_changes() {
         [],
     );
     let mut forged = m.batch_since(&Coverage::default()).unwrap();
-    forged.covers.insert(a.site_id(), 1, MAX_VERSION);
+    forged
+        .covers
+        .insert(a.site_id(), DbVersion(1), DbVersion(MAX_VERSION));
     b.apply(&forged).unwrap();
     let held = b.coverage().unwrap();
     let held_of_a = held.get(&a.site_id()).unwrap();
     assert_eq!(
         held_of_a.ranges(),
-        &[(1, 1)],
+        &[(DbVersion(1), DbVersion(1))],
         "the cover was clipped to the clock"
     );
     // Without the changes: only a cover.
@@ -180,10 +186,10 @@ fn a_forged_cover_does_not_hide_an_origins_later_changes() {
         changes: Vec::new(),
         covers: {
             let mut c = Coverage::default();
-            c.insert(a.site_id(), 1, 1 << 40);
+            c.insert(a.site_id(), DbVersion(1), DbVersion(1 << 40));
             c
         },
-        sender_clock: 0,
+        sender_clock: DbVersion(0),
     };
     b.apply(&cover_only).unwrap();
     assert_eq!(b.coverage().unwrap(), held);
@@ -234,7 +240,7 @@ fn an_honest_cover_of_superseded_versions_is_believed_up_to_the_senders_clock() 
     let mut c = replica();
     let mut batch = b.batch_since(&c.coverage().unwrap()).unwrap();
     let declared = batch.sender_clock;
-    batch.sender_clock = 0;
+    batch.sender_clock = DbVersion(0);
     c.apply(&batch).unwrap();
     assert_eq!(data(&c), data(&b));
     let (bc, cc) = (b.coverage().unwrap(), c.coverage().unwrap());

@@ -276,7 +276,8 @@ impl Clocks {
     fn of_fazt(r: &Replica) -> Clocks {
         let mut clocks = Clocks::default();
         for c in r.batch_since(&Coverage::default()).unwrap().changes {
-            clocks.add(c.table, &c.pk, c.cid, c.col_version, &c.site_id.0, c.cl);
+            // cr-sqlite's numbers are plain integers.
+            clocks.add(c.table, &c.pk, c.cid, c.col_version.0, &c.site_id.0, c.cl.0);
         }
         clocks
     }
@@ -733,7 +734,7 @@ fn packed_primary_keys_match_cr_sqlite_byte_for_byte() {
     }
     let mut fazt_pks = BTreeMap::new();
     for c in fazt.batch_since(&Coverage::default()).unwrap().changes {
-        fazt_pks.insert(c.db_version, (c.table, c.pk));
+        fazt_pks.insert(c.db_version.0, (c.table, c.pk));
     }
     let mut cr_pks = BTreeMap::new();
     for row in cr.changes(0, None) {

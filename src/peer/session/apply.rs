@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Result};
 use fazt_proto::wire::{Heads, Message, NetChange};
 use fazt_proto::NodeId;
-use fazt_sync::{ApplyReport, Batch, Change, Coverage, Replica, Value};
+use fazt_sync::{ApplyReport, Batch, Change, Coverage, DbVersion, Replica, Value};
 use tokio::sync::mpsc;
 
 use super::content::{local_content, ApplyDb, Fetched, Fetcher, Wanted};
@@ -97,7 +97,7 @@ fn apply_group(
     nets: Vec<NetChange>,
     mut received: Fetched,
     covers: Coverage,
-    sender_clock: i64,
+    sender_clock: DbVersion,
 ) -> Result<(ApplyReport, Coverage)> {
     let mut used = Vec::new();
     let mut remaining_uses: HashMap<[u8; 32], usize> = HashMap::new();

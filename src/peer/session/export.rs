@@ -309,7 +309,7 @@ pub(super) fn to_net(
 mod tests {
     use super::*;
     use crate::peer::session::tests::{node, put_blob};
-    use fazt_sync::SiteId;
+    use fazt_sync::{CausalLength, ColVersion, DbVersion, Seq, SiteId};
     #[test]
     fn large_values_become_content_references_and_small_ones_stay_inline() {
         let change = |val: Value| Change {
@@ -317,11 +317,11 @@ mod tests {
             pk: vec![1, 2, 3],
             cid: "data".into(),
             val,
-            col_version: 1,
-            db_version: 1,
+            col_version: ColVersion(1),
+            db_version: DbVersion(1),
             site_id: SiteId([1; 16]),
-            cl: 1,
-            seq: 0,
+            cl: CausalLength(1),
+            seq: Seq(0),
         };
         let offers = Offers::new(Limits::default().keep_offered_bytes);
         let mut offered = Vec::new();
@@ -355,11 +355,11 @@ mod tests {
             pk: vec![pk],
             cid: "data".into(),
             val: Value::Blob(vec![pk; len]),
-            col_version: 1,
-            db_version: 1,
+            col_version: ColVersion(1),
+            db_version: DbVersion(1),
             site_id: SiteId([1; 16]),
-            cl: 1,
-            seq: 0,
+            cl: CausalLength(1),
+            seq: Seq(0),
         }
     }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, Context, Result};
 use fazt_proto::wire::{Changes, Content, Heads, Hello, Message};
 use fazt_proto::NodeId;
-use fazt_sync::{Coverage, Replica};
+use fazt_sync::{Coverage, DbVersion, Replica};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -124,13 +124,13 @@ enum Event {
 
 /// The highest version in `heads`: for an honest node's own heads, its Lamport clock (its
 /// own coverage is 1..=clock, and it holds nothing beyond).
-fn clock_of(heads: &Coverage) -> i64 {
+fn clock_of(heads: &Coverage) -> DbVersion {
     heads
         .0
         .values()
         .filter_map(|r| r.ranges().last().map(|&(_, end)| end))
         .max()
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 /// Versions in `a` that `b` lacks.
@@ -140,7 +140,7 @@ fn versions_lacking(a: &Coverage, b: &Coverage) -> u64 {
         .values()
         .flat_map(|r| r.ranges().iter())
         .fold(0u64, |n, &(s, e)| {
-            n.saturating_add(u64::try_from(e.saturating_sub(s).saturating_add(1)).unwrap_or(0))
+            n.saturating_add(u64::try_from(e.0.saturating_sub(s.0).saturating_add(1)).unwrap_or(0))
         })
 }
 
@@ -156,7 +156,7 @@ struct Shared {
     mine: Coverage,
     /// The peer's Lamport clock as it declares it: the highest version in its Hello and
     /// Applied heads (its own coverage ends there). Covers it sends are believed up to it.
-    peer_clock: i64,
+    peer_clock: DbVersion,
     stats: Stats,
     groups_sent: u64,
     groups_acked: u64,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use fazt_proto::wire::{self, Changes, Content, Heads, Hello, Message, NetChange};
 use fazt_proto::NodeId;
-use fazt_sync::{Change, Coverage, SiteId, Value};
+use fazt_sync::{CausalLength, Change, ColVersion, Coverage, DbVersion, Seq, SiteId, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -173,9 +173,10 @@ async fn content_the_peer_already_holds_is_not_sent_again() {
 #[test]
 fn heads_and_coverage_convert_both_ways_and_count_what_is_lacking() {
     let mut c = Coverage::default();
-    c.insert(SiteId([1; 16]), 1, 5);
-    c.insert(SiteId([1; 16]), 9, 9);
-    c.insert(SiteId([2; 16]), 3, 4);
+    let v = DbVersion;
+    c.insert(SiteId([1; 16]), v(1), v(5));
+    c.insert(SiteId([1; 16]), v(9), v(9));
+    c.insert(SiteId([2; 16]), v(3), v(4));
     let h = Heads::from(&c);
     assert_eq!(
         h,
@@ -192,25 +193,25 @@ fn heads_and_coverage_convert_both_ways_and_count_what_is_lacking() {
             .get(&SiteId([1; 16]))
             .unwrap()
             .ranges(),
-        &[(1, 6), (9, 9)]
+        &[(v(1), v(6)), (v(9), v(9))]
     );
     assert_eq!(Coverage::from(&Heads::default()), Coverage::default());
     // The clock a peer declares is the highest version anywhere in its heads.
-    assert_eq!(clock_of(&c), 9);
-    assert_eq!(clock_of(&Coverage::default()), 0);
+    assert_eq!(clock_of(&c), v(9));
+    assert_eq!(clock_of(&Coverage::default()), v(0));
     // Lag: versions held here that the other side lacks, across origins.
     let mut theirs = Coverage::default();
-    theirs.insert(SiteId([1; 16]), 1, 3);
+    theirs.insert(SiteId([1; 16]), v(1), v(3));
     assert_eq!(versions_lacking(&c, &theirs), 2 + 1 + 2);
     assert_eq!(versions_lacking(&c, &c), 0);
     assert_eq!(versions_lacking(&theirs, &c), 0);
     let mut huge = Coverage::default();
-    huge.insert(SiteId([3; 16]), 1, wire::MAX_VERSION);
+    huge.insert(SiteId([3; 16]), v(1), v(wire::MAX_VERSION));
     assert_eq!(versions_lacking(&huge, &c), wire::MAX_VERSION as u64);
 }
 
 /// Changes a test adds to the scripted peer's group, with the version they complete.
-type Forged = Option<(Vec<NetChange>, SiteId, i64)>;
+type Forged = Option<(Vec<NetChange>, SiteId, DbVersion)>;
 
 /// What a scripted peer does when the session under test asks for content.
 type Answer = fn([u8; 32], &[u8]) -> Vec<Content>;
@@ -641,7 +642,7 @@ async fn a_peer_naming_node_local_tables_changes_none_of_them() {
         .unwrap()
         .db_version()
         .unwrap()
-        + 1;
+        .next();
     let extra: Vec<NetChange> = forged
         .into_iter()
         .enumerate()
@@ -651,11 +652,11 @@ async fn a_peer_naming_node_local_tables_changes_none_of_them() {
                 pk,
                 cid: cid.into(),
                 val,
-                col_version: 1,
+                col_version: ColVersion(1),
                 db_version: version,
                 site_id: site,
-                cl: 1,
-                seq: seq as i64,
+                cl: CausalLength(1),
+                seq: Seq(seq as i64),
             }
             .to_wire(),
             content: None,
@@ -808,7 +809,7 @@ async fn a_one_off_session_cut_off_says_whether_it_was_greeting_or_catching_up()
     // `a` says it holds versions `b` lacks, then hangs up before sending them.
     let err = hung_up_after(|a| {
         let mut heads = Coverage::default();
-        heads.insert(SiteId([9; 16]), 1, 5);
+        heads.insert(SiteId([9; 16]), DbVersion(1), DbVersion(5));
         vec![Message::Hello(Hello {
             node: *a.as_bytes(),
             protocol: fazt_proto::PROTOCOL_VERSION,

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use fazt_sync::{Batch, Coverage, Replica, SiteId};
+use fazt_sync::{Batch, Coverage, DbVersion, Replica, SiteId};
 use rusqlite::Connection;
 
 /// `items.c` converts as NUMERIC affinity does (2.0 is stored as 2, -0.0 as 0); `pairs.v` has
@@ -47,13 +47,13 @@ pub(crate) fn reversed(batch: &Batch) -> Batch {
 /// Part of `batch`: the origin transactions whose bit in `mask` is set (the `i`-th
 /// transaction is bit `i % 64`), covering just those.
 pub(crate) fn partial(batch: &Batch, mask: u64) -> Batch {
-    let mut groups: Vec<(SiteId, i64)> = batch
+    let mut groups: Vec<(SiteId, DbVersion)> = batch
         .changes
         .iter()
         .map(|c| (c.site_id, c.db_version))
         .collect();
     groups.dedup();
-    let keep: Vec<(SiteId, i64)> = groups
+    let keep: Vec<(SiteId, DbVersion)> = groups
         .into_iter()
         .enumerate()
         .filter(|(i, _)| mask >> (i % 64) & 1 == 1)
