@@ -1,6 +1,7 @@
 //! fazt-proto: what crosses the wire between fazt nodes, and nothing that does I/O.
 //!
 //! - [`NodeId`]: a node's identity, printable for copying between machines.
+//! - [`Digest`]: the SHA-256 hash that names content (large values) on the wire.
 //! - [`bundle`]: the change-bundle file format (`fazt sync export` / `import`).
 //! - [`wire`]: the peer protocol's messages and framing.
 //! - [`ticket`]: invitation tickets (`fazt peer invite` / `join`).
@@ -10,11 +11,13 @@
 
 pub mod bundle;
 mod codec;
+mod digest;
 mod node_id;
 pub mod ticket;
 pub mod wire;
 
 pub use codec::DecodeError;
+pub use digest::Digest;
 pub use node_id::{NodeId, NodeIdError};
 
 /// Protocol version spoken by this build, carried in ALPN so that a mismatch is refused

@@ -28,6 +28,7 @@ use std::collections::HashMap;
 
 use crate::bundle::{WireChange, WireValue};
 use crate::codec::{put_bytes, put_varint, zigzag, DecodeError, SliceReader};
+use crate::{Digest, NodeId};
 
 /// Largest frame a node sends or accepts.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -77,7 +78,7 @@ pub struct Heads(pub Vec<SiteRanges>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContentRef {
     /// SHA-256 of the value's bytes.
-    pub digest: [u8; 32],
+    pub digest: Digest,
     /// Length of the value in bytes.
     pub len: u64,
     /// The value is TEXT (its UTF-8 bytes), not a BLOB.
@@ -97,7 +98,7 @@ pub struct NetChange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     /// The sender's node key.
-    pub node: [u8; 32],
+    pub node: NodeId,
     /// The protocol version the sender speaks.
     pub protocol: u32,
     /// The sender's database schema version.
@@ -130,7 +131,7 @@ pub struct Changes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Content {
     /// SHA-256 of the whole content.
-    pub digest: [u8; 32],
+    pub digest: Digest,
     /// The sender no longer holds these bytes (the value was overwritten meanwhile).
     pub gone: bool,
     /// Length of the whole content in bytes.
@@ -163,7 +164,7 @@ pub enum Message {
         heads: Heads,
     },
     /// Asks for the content with these digests.
-    Want(Vec<[u8; 32]>),
+    Want(Vec<Digest>),
     /// A chunk of content.
     Content(Content),
     /// The sender ends the session; the reason is meant for people.
@@ -209,7 +210,7 @@ impl Message {
         match self {
             Message::Hello(h) => {
                 buf.push(HELLO);
-                buf.extend_from_slice(&h.node);
+                buf.extend_from_slice(h.node.as_bytes());
                 put_varint(&mut buf, h.protocol as u64);
                 put_varint(&mut buf, h.schema as u64);
                 put_heads(&mut buf, &h.heads);
@@ -237,12 +238,12 @@ impl Message {
                 buf.push(WANT);
                 put_varint(&mut buf, digests.len() as u64);
                 for d in digests {
-                    buf.extend_from_slice(d);
+                    buf.extend_from_slice(d.as_bytes());
                 }
             }
             Message::Content(c) => {
                 buf.push(CONTENT);
-                buf.extend_from_slice(&c.digest);
+                buf.extend_from_slice(c.digest.as_bytes());
                 buf.push(c.gone as u8);
                 put_varint(&mut buf, c.total);
                 put_varint(&mut buf, c.offset);
@@ -263,7 +264,7 @@ impl Message {
         let mut r = SliceReader::new(payload);
         let msg = match r.byte()? {
             HELLO => Message::Hello(Hello {
-                node: r.array()?,
+                node: NodeId::from_bytes(r.array()?),
                 protocol: u32::try_from(r.varint()?)
                     .map_err(|_| DecodeError::Malformed("protocol out of range"))?,
                 schema: u32::try_from(r.varint()?)
@@ -285,12 +286,12 @@ impl Message {
                 let n = r.count()?;
                 let mut digests = Vec::with_capacity(n.min(r.remaining() / 32));
                 for _ in 0..n {
-                    digests.push(r.array()?);
+                    digests.push(Digest::from_bytes(r.array()?));
                 }
                 Message::Want(digests)
             }
             CONTENT => {
-                let digest = r.array()?;
+                let digest = Digest::from_bytes(r.array()?);
                 let gone = match r.byte()? {
                     0 => false,
                     1 => true,
@@ -397,7 +398,7 @@ fn put_changes(buf: &mut Vec<u8>, c: &Changes) {
         match (&nc.content, &w.val) {
             (Some(content), _) => {
                 body.push(if content.text { 6 } else { 5 });
-                body.extend_from_slice(&content.digest);
+                body.extend_from_slice(content.digest.as_bytes());
                 put_varint(&mut body, content.len);
             }
             (None, WireValue::Null) => body.push(0),
@@ -482,7 +483,7 @@ fn read_changes(r: &mut SliceReader<'_>) -> Result<Changes, DecodeError> {
             4 => WireValue::Blob(r.bytes()?.to_vec()),
             tag @ (5 | 6) => {
                 content = Some(ContentRef {
-                    digest: r.array()?,
+                    digest: Digest::from_bytes(r.array()?),
                     len: r.varint()?,
                     text: tag == 6,
                 });
@@ -539,7 +540,7 @@ mod tests {
         ]);
         vec![
             Message::Hello(Hello {
-                node: [7; 32],
+                node: NodeId::from_bytes([7; 32]),
                 protocol: 1,
                 schema: 2,
                 heads: heads.clone(),
@@ -575,7 +576,7 @@ mod tests {
                     NetChange {
                         change: change("blobs", "data", WireValue::Null),
                         content: Some(ContentRef {
-                            digest: [3; 32],
+                            digest: Digest::from_bytes([3; 32]),
                             len: 4096,
                             text: false,
                         }),
@@ -583,7 +584,7 @@ mod tests {
                     NetChange {
                         change: change("kv", "value", WireValue::Null),
                         content: Some(ContentRef {
-                            digest: [4; 32],
+                            digest: Digest::from_bytes([4; 32]),
                             len: 9000,
                             text: true,
                         }),
@@ -596,16 +597,19 @@ mod tests {
                 complete: None,
             }),
             Message::Applied { groups: 3, heads },
-            Message::Want(vec![[1; 32], [2; 32]]),
+            Message::Want(vec![
+                Digest::from_bytes([1; 32]),
+                Digest::from_bytes([2; 32]),
+            ]),
             Message::Content(Content {
-                digest: [4; 32],
+                digest: Digest::from_bytes([4; 32]),
                 gone: false,
                 total: 10,
                 offset: 4,
                 data: vec![0; 6],
             }),
             Message::Content(Content {
-                digest: [4; 32],
+                digest: Digest::from_bytes([4; 32]),
                 gone: true,
                 total: 0,
                 offset: 0,
@@ -691,7 +695,7 @@ mod tests {
     #[test]
     fn a_content_chunk_past_its_total_is_refused() {
         let bad = Message::Content(Content {
-            digest: [0; 32],
+            digest: Digest::from_bytes([0; 32]),
             gone: false,
             total: 3,
             offset: 2,

@@ -11,7 +11,7 @@ use fazt_proto::bundle::{self, Record, WireValue};
 use fazt_proto::wire::{
     frame_len, Changes, Content, ContentRef, Heads, Hello, Join, Message, NetChange, MAX_VERSION,
 };
-use fazt_proto::NodeId;
+use fazt_proto::{Digest, NodeId};
 use proptest::prelude::*;
 
 /// A number the peer protocol accepts in a change: 1..=MAX_VERSION (seq from 0).
@@ -34,7 +34,11 @@ fn net_change() -> impl Strategy<Value = NetChange> {
                 let content = content.map(|(digest, len, text)| {
                     // A change with content carries no inline value.
                     change.val = WireValue::Null;
-                    ContentRef { digest, len, text }
+                    ContentRef {
+                        digest: Digest::from_bytes(digest),
+                        len,
+                        text,
+                    }
                 });
                 NetChange { change, content }
             },
@@ -65,7 +69,7 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (any::<[u8; 32]>(), any::<u32>(), any::<u32>(), heads()).prop_map(
             |(node, protocol, schema, heads)| Message::Hello(Hello {
-                node,
+                node: NodeId::from_bytes(node),
                 protocol,
                 schema,
                 heads
@@ -80,7 +84,8 @@ fn message() -> impl Strategy<Value = Message> {
         )
             .prop_map(|(changes, complete)| Message::Changes(Changes { changes, complete })),
         (any::<u64>(), heads()).prop_map(|(groups, heads)| Message::Applied { groups, heads }),
-        proptest::collection::vec(any::<[u8; 32]>(), 0..5).prop_map(Message::Want),
+        proptest::collection::vec(any::<[u8; 32]>().prop_map(Digest::from_bytes), 0..5)
+            .prop_map(Message::Want),
         (
             any::<[u8; 32]>(),
             any::<bool>(),
@@ -90,7 +95,7 @@ fn message() -> impl Strategy<Value = Message> {
         )
             .prop_map(
                 |(digest, gone, data, offset, extra)| Message::Content(Content {
-                    digest,
+                    digest: Digest::from_bytes(digest),
                     gone,
                     total: offset + data.len() as u64 + extra,
                     offset,

@@ -58,6 +58,7 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> R
 mod tests {
     use super::*;
     use fazt_proto::wire::Heads;
+    use fazt_proto::Digest;
 
     #[tokio::test]
     async fn a_frame_is_bounded_by_its_limit_and_by_the_bytes_that_arrive() {
@@ -84,7 +85,10 @@ mod tests {
     #[tokio::test]
     async fn frames_read_back_in_order_and_a_clean_end_is_none() {
         let msgs = vec![
-            Message::Want(vec![[7; 32], [8; 32]]),
+            Message::Want(vec![
+                Digest::from_bytes([7; 32]),
+                Digest::from_bytes([8; 32]),
+            ]),
             Message::Refuse("bye".into()),
             Message::Applied {
                 groups: 3,

@@ -337,7 +337,7 @@ fn a_stranger_admitted_by_an_open_invitation_may_only_join() {
     let before = zyt.state();
     let rt = runtime();
     let hello = Message::Hello(Hello {
-        node: [9; 32],
+        node: fazt_proto::NodeId::from_bytes([9; 32]),
         protocol: fazt_proto::PROTOCOL_VERSION,
         schema: 1,
         heads: Heads::default(),
@@ -365,7 +365,7 @@ fn a_stranger_admitted_by_an_open_invitation_may_only_join() {
         for msg in [
             hello,
             changes,
-            Message::Want(vec![[1; 32]]),
+            Message::Want(vec![fazt_proto::Digest::from_bytes([1; 32])]),
             Message::Applied {
                 groups: 1,
                 heads: Heads::default(),
@@ -510,7 +510,7 @@ fn a_silent_peer_stays_connected_a_dead_one_is_dropped_and_peer_list_shows_lag_a
     let (_endpoint, conn, _send, _drain) = rt.block_on(async {
         let (endpoint, conn, mut send, mut recv) = open(addr, &key).await;
         let hello = Message::Hello(Hello {
-            node: key.verifying_key().to_bytes(),
+            node: fazt_proto::NodeId::from_bytes(key.verifying_key().to_bytes()),
             protocol: fazt_proto::PROTOCOL_VERSION,
             schema: 1,
             heads: Heads::default(),

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Result};
 use fazt_proto::wire::{Heads, Message, NetChange};
-use fazt_proto::NodeId;
+use fazt_proto::{Digest, NodeId};
 use fazt_sync::{ApplyReport, Batch, Change, Coverage, DbVersion, Replica, Value};
 use tokio::sync::mpsc;
 
@@ -100,7 +100,7 @@ fn apply_group(
     sender_clock: DbVersion,
 ) -> Result<(ApplyReport, Coverage)> {
     let mut used = Vec::new();
-    let mut remaining_uses: HashMap<[u8; 32], usize> = HashMap::new();
+    let mut remaining_uses: HashMap<Digest, usize> = HashMap::new();
     for r in nets.iter().filter_map(|n| n.content.as_ref()) {
         *remaining_uses.entry(r.digest).or_insert(0) += 1;
     }
@@ -119,10 +119,7 @@ fn apply_group(
                 (Some(b), _) => b.as_ref().clone(),
                 (None, _) => local_content(db, &change.table, &change.pk, &change.cid, &r.digest)?
                     .ok_or_else(|| {
-                        anyhow!(
-                            "content {} vanished before it was applied",
-                            hex::encode(r.digest)
-                        )
+                        anyhow!("content {} vanished before it was applied", r.digest)
                     })?,
             };
             change.val = if r.text {
@@ -152,7 +149,7 @@ fn apply_group(
         |tx| {
             let mut delete = tx.prepare_cached("DELETE FROM peer_content WHERE digest = ?1")?;
             for digest in &used {
-                delete.execute([&digest[..]])?;
+                delete.execute([&digest.as_bytes()[..]])?;
             }
             Ok(())
         },

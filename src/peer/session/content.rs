@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use fazt_proto::wire::{self, Content, Message, NetChange};
+use fazt_proto::Digest;
 use fazt_sync::{Replica, Value};
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -32,7 +32,7 @@ pub(super) async fn serve_content(
     shared: SharedRef,
     offers: Arc<Offers>,
     out: mpsc::Sender<Message>,
-    mut wants: mpsc::UnboundedReceiver<Vec<[u8; 32]>>,
+    mut wants: mpsc::UnboundedReceiver<Vec<Digest>>,
 ) -> Result<()> {
     let db = Arc::new(Mutex::new(db));
     while let Some(digests) = wants.recv().await {
@@ -49,7 +49,7 @@ pub(super) async fn serve_content(
                         Ok(db
                             .cell(&table, &pk, &cid)?
                             .and_then(value_bytes)
-                            .filter(|b| <[u8; 32]>::from(Sha256::digest(b)) == digest)
+                            .filter(|b| digest.matches(b))
                             .map(Arc::new))
                     })
                     .await??
@@ -98,14 +98,14 @@ pub(super) async fn serve_content(
 pub(super) type ApplyDb = Arc<Mutex<Replica>>;
 
 /// Content fetched for a group, by digest.
-pub(super) type Fetched = HashMap<[u8; 32], Arc<Vec<u8>>>;
+pub(super) type Fetched = HashMap<Digest, Arc<Vec<u8>>>;
 
 /// Fetches the content a peer's groups reference and this node lacks.
 pub(super) struct Fetcher {
     out: mpsc::Sender<Message>,
     content: mpsc::UnboundedReceiver<Content>,
     /// Content arriving in chunks: digest -> bytes so far.
-    partial: HashMap<[u8; 32], Vec<u8>>,
+    partial: HashMap<Digest, Vec<u8>>,
     want_batch: usize,
     stage_bytes: usize,
     stage_after: Duration,
@@ -118,9 +118,9 @@ pub(super) struct Wanted {
     /// Content fetched for this group...
     received: Fetched,
     /// ... and what of it is not kept in `peer_content` yet.
-    unstaged: Vec<([u8; 32], Arc<Vec<u8>>)>,
+    unstaged: Vec<(Digest, Arc<Vec<u8>>)>,
     unstaged_bytes: usize,
-    missing: HashSet<[u8; 32]>,
+    missing: HashSet<Digest>,
     /// When this group's first content was asked for.
     since: Option<Instant>,
     staging: Vec<JoinHandle<Result<()>>>,
@@ -153,7 +153,7 @@ impl Fetcher {
         group: &mut Wanted,
         part: &[NetChange],
     ) -> Result<()> {
-        let cells: Vec<(String, Vec<u8>, String, [u8; 32])> = part
+        let cells: Vec<(String, Vec<u8>, String, Digest)> = part
             .iter()
             .filter_map(|c| c.content.as_ref().map(|r| (c, r.digest)))
             .filter(|(_, d)| !group.missing.contains(d))
@@ -170,7 +170,7 @@ impl Fetcher {
             return Ok(());
         }
         let check_db = db.clone();
-        let lacking = tokio::task::spawn_blocking(move || -> Result<HashSet<[u8; 32]>> {
+        let lacking = tokio::task::spawn_blocking(move || -> Result<HashSet<Digest>> {
             let db = check_db.lock().unwrap_or_else(|e| e.into_inner());
             let mut lacking = HashSet::new();
             for (table, pk, cid, digest) in &cells {
@@ -181,7 +181,7 @@ impl Fetcher {
             Ok(lacking)
         })
         .await??;
-        let list: Vec<[u8; 32]> = lacking
+        let list: Vec<Digest> = lacking
             .into_iter()
             .filter(|d| group.missing.insert(*d))
             .collect();
@@ -222,7 +222,7 @@ impl Fetcher {
             buf.extend_from_slice(&c.data);
             if buf.len() as u64 == c.total {
                 let bytes = Arc::new(self.partial.remove(&c.digest).unwrap_or_default());
-                if <[u8; 32]>::from(Sha256::digest(bytes.as_slice())) != c.digest {
+                if !c.digest.matches(&bytes) {
                     bail!("the peer sent content that does not match its digest");
                 }
                 group.missing.remove(&c.digest);
@@ -253,12 +253,12 @@ impl Fetcher {
 }
 
 /// Keeps fetched content in `peer_content`, in one transaction, as received at `now`.
-fn stage_content(db: &Mutex<Replica>, batch: &[([u8; 32], Arc<Vec<u8>>)], now: i64) -> Result<()> {
+fn stage_content(db: &Mutex<Replica>, batch: &[(Digest, Arc<Vec<u8>>)], now: i64) -> Result<()> {
     let db = db.lock().unwrap_or_else(|e| e.into_inner());
     stage_rows(&db, batch, now)
 }
 
-fn stage_rows(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)], now: i64) -> Result<()> {
+fn stage_rows(db: &Replica, batch: &[(Digest, Arc<Vec<u8>>)], now: i64) -> Result<()> {
     // Staged content is a cache of what the peer still holds: a power cut that loses it only
     // means fetching it again, so its commits skip the fsync (the group's own commit, with
     // full durability, syncs the log they share).
@@ -268,14 +268,18 @@ fn stage_rows(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)], now: i64) -> Res
     staged
 }
 
-fn stage_in_transaction(db: &Replica, batch: &[([u8; 32], Arc<Vec<u8>>)], now: i64) -> Result<()> {
+fn stage_in_transaction(db: &Replica, batch: &[(Digest, Arc<Vec<u8>>)], now: i64) -> Result<()> {
     let tx = db.conn().unchecked_transaction()?;
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR REPLACE INTO peer_content (digest, data, received_at) VALUES (?1, ?2, ?3)",
         )?;
         for (digest, bytes) in batch {
-            insert.execute(rusqlite::params![&digest[..], bytes.as_slice(), now])?;
+            insert.execute(rusqlite::params![
+                &digest.as_bytes()[..],
+                bytes.as_slice(),
+                now
+            ])?;
         }
     }
     tx.commit()?;
@@ -289,10 +293,10 @@ pub(super) fn local_content(
     table: &str,
     pk: &[u8],
     cid: &str,
-    digest: &[u8; 32],
+    digest: &Digest,
 ) -> Result<Option<Vec<u8>>> {
     if let Some(b) = db.cell(table, pk, cid)?.and_then(value_bytes) {
-        if <[u8; 32]>::from(Sha256::digest(&b)) == *digest {
+        if digest.matches(&b) {
             return Ok(Some(b));
         }
     }
@@ -301,7 +305,7 @@ pub(super) fn local_content(
         .conn()
         .query_row(
             "SELECT data FROM peer_content WHERE digest = ?1",
-            [&digest[..]],
+            [&digest.as_bytes()[..]],
             |r| r.get(0),
         )
         .optional()?)

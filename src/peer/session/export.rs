@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Result};
 use fazt_proto::wire::{self, Changes, ContentRef, Heads, Message, NetChange};
+use fazt_proto::Digest;
 use fazt_sync::{Change, Coverage, Exported, Replica, Value};
-use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
 use super::content::value_bytes;
@@ -33,7 +33,7 @@ pub(super) struct Offer {
 /// ([`Limits::keep_offered_bytes`]). Offering, recording, serving and dropping go through
 /// its methods only, so every kept byte is counted once and given back once.
 pub(super) struct Offers {
-    by_digest: Mutex<HashMap<[u8; 32], Offer>>,
+    by_digest: Mutex<HashMap<Digest, Offer>>,
     /// Bytes of offered content kept in memory, at most `budget` (counted without the lock:
     /// the export thread reserves while the session serves and drops).
     kept: AtomicUsize,
@@ -49,7 +49,7 @@ impl Offers {
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Offer>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Offer>> {
         self.by_digest.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -71,7 +71,7 @@ impl Offers {
 
     /// Records what a piece of group `group` offered. An older offer of the same digest is
     /// replaced, and its bytes go back to the budget.
-    fn record(&self, group: u64, offered: Vec<([u8; 32], Offer)>) {
+    fn record(&self, group: u64, offered: Vec<(Digest, Offer)>) {
         let mut map = self.map();
         for (digest, mut offer) in offered {
             offer.group = group;
@@ -93,13 +93,13 @@ impl Offers {
     }
 
     /// What was offered under `digest`, to serve it.
-    pub(super) fn get(&self, digest: &[u8; 32]) -> Option<Offer> {
+    pub(super) fn get(&self, digest: &Digest) -> Option<Offer> {
         self.map().get(digest).cloned()
     }
 
     /// `digest` was served: asked for once, its memory goes back to the budget for content
     /// not sent yet.
-    pub(super) fn served(&self, digest: &[u8; 32]) {
+    pub(super) fn served(&self, digest: &Digest) {
         let freed = self.map().get_mut(digest).and_then(|o| o.bytes.take());
         self.release(freed);
     }
@@ -116,7 +116,7 @@ impl Offers {
 pub(super) struct Outgoing {
     message: Message,
     changes: u64,
-    offered: Vec<([u8; 32], Offer)>,
+    offered: Vec<(Digest, Offer)>,
     /// Set on a group's last piece: the versions the group completes.
     end: Option<Coverage>,
 }
@@ -256,7 +256,7 @@ fn export_pass(
 /// `offered` (their bytes kept if `offers`' budget allows). Returns its rough size.
 pub(super) fn to_net(
     c: Change,
-    offered: &mut Vec<([u8; 32], Offer)>,
+    offered: &mut Vec<(Digest, Offer)>,
     offers: &Offers,
 ) -> (NetChange, usize) {
     let base = 48 + c.pk.len() + c.table.len() + c.cid.len();
@@ -285,7 +285,7 @@ pub(super) fn to_net(
         ..
     } = c;
     let bytes = value_bytes(val).unwrap_or_default();
-    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let digest = Digest::of(&bytes);
     let bytes = offers.keep(bytes);
     offered.push((
         digest,
@@ -338,7 +338,7 @@ mod tests {
         let big = vec![6u8; wire::CONTENT_MIN];
         let (net, _) = to_net(change(Value::Blob(big.clone())), &mut offered, &offers);
         let r = net.content.expect("a reference");
-        assert_eq!(r.digest, <[u8; 32]>::from(Sha256::digest(&big)));
+        assert_eq!(r.digest, Digest::of(&big));
         assert_eq!((r.len, r.text), (big.len() as u64, false));
         assert_eq!(net.change.val, fazt_proto::bundle::WireValue::Null);
         let text = "x".repeat(wire::CONTENT_MIN);

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context, Result};
 use fazt_proto::wire::{Changes, Content, Heads, Hello, Message};
-use fazt_proto::NodeId;
+use fazt_proto::{Digest, NodeId};
 use fazt_sync::{Coverage, DbVersion, Replica};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -214,7 +214,7 @@ impl Session {
 
         out_tx
             .send(Message::Hello(Hello {
-                node: *self.own.as_bytes(),
+                node: self.own,
                 protocol: fazt_proto::PROTOCOL_VERSION,
                 schema: self.node.schema,
                 heads: Heads::from(&mine),
@@ -224,7 +224,7 @@ impl Session {
 
         let (acked_tx, acked_rx) = watch::channel(0u64);
         let (apply_tx, apply_rx) = mpsc::unbounded_channel::<Incoming>();
-        let (want_tx, want_rx) = mpsc::unbounded_channel::<Vec<[u8; 32]>>();
+        let (want_tx, want_rx) = mpsc::unbounded_channel::<Vec<Digest>>();
         let (content_tx, content_rx) = mpsc::unbounded_channel::<Content>();
         let mut conductor = Conductor {
             session: &self,
@@ -297,7 +297,7 @@ impl Session {
     }
 
     fn check_hello(&self, hello: &Hello) -> Result<(), Error> {
-        if hello.node != *self.peer.as_bytes() {
+        if hello.node != self.peer {
             return Err(self.error_protocol(Violation::NotWhoItAuthenticatedAs));
         }
         if hello.protocol != fazt_proto::PROTOCOL_VERSION {
@@ -343,7 +343,7 @@ struct Start {
     tick: mpsc::UnboundedSender<()>,
     acked: watch::Receiver<u64>,
     groups: mpsc::UnboundedReceiver<Incoming>,
-    wants: mpsc::UnboundedReceiver<Vec<[u8; 32]>>,
+    wants: mpsc::UnboundedReceiver<Vec<Digest>>,
     content: mpsc::UnboundedReceiver<Content>,
 }
 
@@ -358,7 +358,7 @@ struct Conductor<'s> {
     start: Option<Start>,
     acked: watch::Sender<u64>,
     apply: mpsc::UnboundedSender<Incoming>,
-    wants: mpsc::UnboundedSender<Vec<[u8; 32]>>,
+    wants: mpsc::UnboundedSender<Vec<Digest>>,
     content: mpsc::UnboundedSender<Content>,
     tasks: Vec<JoinHandle<()>>,
 }

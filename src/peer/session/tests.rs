@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use fazt_proto::wire::{self, Changes, Content, Heads, Hello, Message, NetChange};
+use fazt_proto::Digest;
 use fazt_proto::NodeId;
 use fazt_sync::{CausalLength, Change, ColVersion, Coverage, DbVersion, Seq, SiteId, Value};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::export::{to_net, Offers};
@@ -40,7 +40,7 @@ pub(super) fn node(dir: &std::path::Path, name: &str) -> (PathBuf, NodeId) {
 
 pub(super) fn put_blob(path: &std::path::Path, bytes: &[u8]) {
     let mut db = crate::db::open_existing(path).unwrap();
-    let hash = hex::encode(Sha256::digest(bytes));
+    let hash = Digest::of(bytes).to_string();
     db.write(|tx| {
         tx.execute(
             "INSERT INTO blobs (hash, size, data) VALUES (?1, ?2, ?3)",
@@ -214,10 +214,10 @@ fn heads_and_coverage_convert_both_ways_and_count_what_is_lacking() {
 type Forged = Option<(Vec<NetChange>, SiteId, DbVersion)>;
 
 /// What a scripted peer does when the session under test asks for content.
-type Answer = fn([u8; 32], &[u8]) -> Vec<Content>;
+type Answer = fn(Digest, &[u8]) -> Vec<Content>;
 
 /// `a`'s real changes (everything it holds), as the wire carries them, with their content.
-fn wire_changes(a: &std::path::Path) -> (Vec<NetChange>, Coverage, HashMap<[u8; 32], Vec<u8>>) {
+fn wire_changes(a: &std::path::Path) -> (Vec<NetChange>, Coverage, HashMap<Digest, Vec<u8>>) {
     let db = crate::db::open_existing(a).unwrap();
     let batch = db.batch_since(&Coverage::default()).unwrap();
     let offers = Offers::new(Limits::default().keep_offered_bytes);
@@ -279,7 +279,7 @@ async fn scripted(
         write_message(
             &mut write,
             &Message::Hello(Hello {
-                node: *a.1.as_bytes(),
+                node: a.1,
                 protocol: fazt_proto::PROTOCOL_VERSION,
                 schema,
                 heads: Heads::from(&covers),
@@ -329,7 +329,7 @@ async fn scripted(
     (result, seen.unwrap_or_default())
 }
 
-fn chunks(digest: [u8; 32], bytes: &[u8], size: usize) -> Vec<Content> {
+fn chunks(digest: Digest, bytes: &[u8], size: usize) -> Vec<Content> {
     bytes
         .chunks(size)
         .enumerate()
@@ -811,7 +811,7 @@ async fn a_one_off_session_cut_off_says_whether_it_was_greeting_or_catching_up()
         let mut heads = Coverage::default();
         heads.insert(SiteId([9; 16]), DbVersion(1), DbVersion(5));
         vec![Message::Hello(Hello {
-            node: *a.as_bytes(),
+            node: a,
             protocol: fazt_proto::PROTOCOL_VERSION,
             schema: crate::db::migrations::latest_version(),
             heads: Heads::from(&heads),
@@ -874,7 +874,7 @@ async fn a_hello_in_another_protocol_version_is_a_version_mismatch() {
     let theirs = fazt_proto::PROTOCOL_VERSION + 1;
     let err = answered_with(|a| {
         Message::Hello(Hello {
-            node: *a.as_bytes(),
+            node: a,
             protocol: theirs,
             schema: crate::db::migrations::latest_version(),
             heads: Heads::from(&Coverage::default()),
