@@ -11,7 +11,8 @@
 //!             2 site:   16 bytes                        (interned: origin site ids)
 //!             3 change: varint table, varint cid, varint site (indexes into the above),
 //!                       zigzag db_version, zigzag seq, zigzag col_version, zigzag cl,
-//!                       varint pk length + packed pk, value
+//!                       varint pk length + packed pk, value (the encoding the peer
+//!                       protocol shares: [`crate::change`])
 //!             4 cover:  varint site, zigzag start, zigzag end (an inclusive version range)
 //! end       tag 0
 //! signature 64 bytes ed25519 by `signer` over SIGNATURE_CONTEXT + SHA-512 of every byte
@@ -37,8 +38,12 @@ pub use ed25519_dalek::SigningKey;
 use ed25519_dalek::{Signature, Signer, VerifyingKey};
 use sha2::{Digest, Sha512};
 
+use crate::change::{put_change, read_change, ChangeSource};
 use crate::codec::{unzigzag, zigzag};
 use crate::NodeId;
+
+/// The change a bundle carries (defined with its encoding in [`crate::change`]).
+pub use crate::change::{WireChange, WireValue};
 
 /// The first bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"FAZTBNDL";
@@ -61,45 +66,6 @@ pub const MAX_TXN_CHANGES: u64 = 1_000_000;
 pub const MAX_TXN_BYTES: u64 = 1 << 30;
 /// Longest string or blob a bundle may carry (guards allocations on hostile input).
 const MAX_LEN: u64 = MAX_TXN_BYTES;
-
-/// A column value as bundles and the peer protocol carry it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WireValue {
-    /// NULL.
-    Null,
-    /// A 64-bit signed integer.
-    Integer(i64),
-    /// A 64-bit float.
-    Real(f64),
-    /// UTF-8 text.
-    Text(String),
-    /// Bytes.
-    Blob(Vec<u8>),
-}
-
-/// A change row as bundles and the peer protocol carry it (the fields of cr-sqlite's
-/// `crsql_changes`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct WireChange {
-    /// The replicated table.
-    pub table: String,
-    /// The row's packed primary key.
-    pub pk: Vec<u8>,
-    /// The column's name, or `-1` for the row's existence.
-    pub cid: String,
-    /// The column's value.
-    pub val: WireValue,
-    /// The column's version.
-    pub col_version: i64,
-    /// The origin's db_version of the write.
-    pub db_version: i64,
-    /// The origin's site id.
-    pub site: [u8; 16],
-    /// The row's causal length.
-    pub cl: i64,
-    /// The write's position in its origin transaction.
-    pub seq: i64,
-}
 
 /// One record of a bundle as the reader hands it out.
 #[derive(Debug, Clone, PartialEq)]
@@ -309,33 +275,7 @@ impl<W: Write> BundleWriter<W> {
         let site = self.site(c.site)?;
         let start = self.buf.len();
         self.buf.push(CHANGE);
-        self.varint(table);
-        self.varint(cid);
-        self.varint(site);
-        self.varint(zigzag(c.db_version));
-        self.varint(zigzag(c.seq));
-        self.varint(zigzag(c.col_version));
-        self.varint(zigzag(c.cl));
-        self.bytes_field(&c.pk);
-        match &c.val {
-            WireValue::Null => self.buf.push(0),
-            WireValue::Integer(i) => {
-                self.buf.push(1);
-                self.varint(zigzag(*i));
-            }
-            WireValue::Real(f) => {
-                self.buf.push(2);
-                self.buf.extend_from_slice(&f.to_le_bytes());
-            }
-            WireValue::Text(t) => {
-                self.buf.push(3);
-                self.bytes_field(t.as_bytes());
-            }
-            WireValue::Blob(b) => {
-                self.buf.push(4);
-                self.bytes_field(b);
-            }
-        }
+        put_change(&mut self.buf, (table, cid), site, c, None);
         let len = (self.buf.len() - start) as u64;
         self.txn
             .add(c.site, c.db_version, len)
@@ -501,22 +441,6 @@ impl<R: Read> BundleReader<R> {
         self.signer
     }
 
-    fn site_at(&self, i: u64) -> Result<[u8; 16], BundleError> {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| self.sites.get(i))
-            .copied()
-            .ok_or(BundleError::Corrupt("unknown site index"))
-    }
-
-    fn string_at(&self, i: u64) -> Result<String, BundleError> {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| self.strings.get(i))
-            .cloned()
-            .ok_or(BundleError::Corrupt("unknown string index"))
-    }
-
     /// Checks the checksum and the signature after the end tag.
     fn check_end(&mut self) -> Result<(), BundleError> {
         let digest = self.input.digest.clone().finalize();
@@ -594,51 +518,21 @@ impl<R: Read> BundleReader<R> {
                 }
                 CHANGE => {
                     let start = self.input.read - 1;
-                    let (t, c, s) = (
-                        self.input.varint()?,
-                        self.input.varint()?,
-                        self.input.varint()?,
-                    );
-                    let (table, cid, site) =
-                        (self.string_at(t)?, self.string_at(c)?, self.site_at(s)?);
-                    let db_version = unzigzag(self.input.varint()?);
-                    let seq = unzigzag(self.input.varint()?);
-                    let col_version = unzigzag(self.input.varint()?);
-                    let cl = unzigzag(self.input.varint()?);
-                    let pk = self.input.bytes_field(MAX_LEN)?;
-                    let val = match self.input.byte()? {
-                        0 => WireValue::Null,
-                        1 => WireValue::Integer(unzigzag(self.input.varint()?)),
-                        2 => {
-                            let mut b = [0u8; 8];
-                            self.input.exact(&mut b)?;
-                            WireValue::Real(f64::from_le_bytes(b))
-                        }
-                        3 => WireValue::Text(
-                            String::from_utf8(self.input.bytes_field(MAX_LEN)?)
-                                .map_err(|_| BundleError::Corrupt("text is not UTF-8"))?,
-                        ),
-                        4 => WireValue::Blob(self.input.bytes_field(MAX_LEN)?),
-                        _ => return Err(BundleError::Corrupt("unknown value type")),
+                    let mut source = Source {
+                        input: &mut self.input,
+                        strings: &self.strings,
+                        sites: &self.sites,
                     };
+                    // Bundles carry values inline; their numbers are checked by the merge.
+                    let (change, _) = read_change(&mut source, false)?;
                     self.txn
-                        .add(site, db_version, self.input.read - start)
+                        .add(change.site, change.db_version, self.input.read - start)
                         .map_err(reader_limit)?;
-                    return Ok(Some(Record::Change(WireChange {
-                        table,
-                        pk,
-                        cid,
-                        val,
-                        col_version,
-                        db_version,
-                        site,
-                        cl,
-                        seq,
-                    })));
+                    return Ok(Some(Record::Change(change)));
                 }
                 COVER => {
                     let s = self.input.varint()?;
-                    let site = self.site_at(s)?;
+                    let site = site_at(&self.sites, s)?;
                     let start = unzigzag(self.input.varint()?);
                     let end = unzigzag(self.input.varint()?);
                     if start < 1 || end < start {
@@ -649,6 +543,64 @@ impl<R: Read> BundleReader<R> {
                 _ => return Err(BundleError::Corrupt("unknown record type")),
             }
         }
+    }
+}
+
+fn site_at(sites: &[[u8; 16]], i: u64) -> Result<[u8; 16], BundleError> {
+    usize::try_from(i)
+        .ok()
+        .and_then(|i| sites.get(i))
+        .copied()
+        .ok_or(BundleError::Corrupt("unknown site index"))
+}
+
+/// A change record's body as the shared decoder reads it: from the hashed input, with the
+/// names and sites declared so far, in the bundle's words.
+struct Source<'a, R> {
+    input: &'a mut HashingReader<R>,
+    strings: &'a [String],
+    sites: &'a [[u8; 16]],
+}
+
+impl<R: Read> ChangeSource for Source<'_, R> {
+    type Error = BundleError;
+
+    fn byte(&mut self) -> Result<u8, BundleError> {
+        self.input.byte()
+    }
+
+    fn varint(&mut self) -> Result<u64, BundleError> {
+        self.input.varint()
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], BundleError> {
+        let mut out = [0u8; N];
+        self.input.exact(&mut out)?;
+        Ok(out)
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>, BundleError> {
+        self.input.bytes_field(MAX_LEN)
+    }
+
+    fn name(&self, i: u64) -> Result<String, BundleError> {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.strings.get(i))
+            .cloned()
+            .ok_or(BundleError::Corrupt("unknown string index"))
+    }
+
+    fn site(&self, i: u64) -> Result<[u8; 16], BundleError> {
+        site_at(self.sites, i)
+    }
+
+    fn numbers(&self, _: [i64; 4]) -> Result<(), BundleError> {
+        Ok(())
+    }
+
+    fn malformed(what: &'static str) -> BundleError {
+        BundleError::Corrupt(what)
     }
 }
 

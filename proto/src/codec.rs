@@ -88,10 +88,6 @@ impl<'a> SliceReader<'a> {
         get_varint(|| self.byte(), DecodeError::Malformed("varint too long"))
     }
 
-    pub(crate) fn signed(&mut self) -> Result<i64, DecodeError> {
-        Ok(unzigzag(self.varint()?))
-    }
-
     /// A length-prefixed byte string; the length is checked against what is left, so a
     /// hostile length never causes a large allocation.
     pub(crate) fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {

@@ -2,6 +2,7 @@
 //!
 //! - [`NodeId`]: a node's identity, printable for copying between machines.
 //! - [`Digest`]: the SHA-256 hash that names content (large values) on the wire.
+//! - [`change`]: a change row as bundles and the peer protocol carry it, and its encoding.
 //! - [`bundle`]: the change-bundle file format (`fazt sync export` / `import`).
 //! - [`wire`]: the peer protocol's messages and framing.
 //! - [`ticket`]: invitation tickets (`fazt peer invite` / `join`).
@@ -10,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod bundle;
+pub mod change;
 mod codec;
 mod digest;
 mod node_id;

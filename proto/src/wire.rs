@@ -14,9 +14,10 @@
 //!   7 Content  digest [32], flags byte (1 = gone), total varint, offset varint, data bytes
 //!   8 Refuse   reason string
 //! heads    count + per site: site [16], count + ranges (start varint, end - start varint)
-//! change   table, cid, site (varint indexes), db_version, seq, col_version, cl (zigzag),
-//!          packed pk (bytes), value: tag 0 NULL, 1 INTEGER (zigzag), 2 REAL (8 bytes LE),
-//!          3 TEXT, 4 BLOB (bytes), 5 BLOB CONTENT and 6 TEXT CONTENT (digest [32], length varint)
+//! change   as in bundles ([`crate::change`]): table, cid, site (varint indexes), db_version,
+//!          seq, col_version, cl (zigzag), packed pk (bytes), value: tag 0 NULL, 1 INTEGER
+//!          (zigzag), 2 REAL (8 bytes LE), 3 TEXT, 4 BLOB (bytes), 5 BLOB CONTENT and
+//!          6 TEXT CONTENT (digest [32], length varint)
 //! ```
 //! A CONTENT value stands for a large blob or text the receiver fetches with `Want` unless it
 //! already holds bytes with that SHA-256 digest, so content is never sent twice.
@@ -26,8 +27,8 @@
 
 use std::collections::HashMap;
 
-use crate::bundle::{WireChange, WireValue};
-use crate::codec::{put_bytes, put_varint, zigzag, DecodeError, SliceReader};
+use crate::change::{put_change, read_change, ChangeSource, WireChange};
+use crate::codec::{put_bytes, put_varint, DecodeError, SliceReader};
 use crate::{Digest, NodeId};
 
 /// Largest frame a node sends or accepts.
@@ -388,37 +389,8 @@ fn put_changes(buf: &mut Vec<u8>, c: &Changes) {
             sites.push(w.site);
             sites.len() as u64 - 1
         });
-        put_varint(&mut body, string_ix[w.table.as_str()]);
-        put_varint(&mut body, string_ix[w.cid.as_str()]);
-        put_varint(&mut body, site_ix[&w.site]);
-        for v in [w.db_version, w.seq, w.col_version, w.cl] {
-            put_varint(&mut body, zigzag(v));
-        }
-        put_bytes(&mut body, &w.pk);
-        match (&nc.content, &w.val) {
-            (Some(content), _) => {
-                body.push(if content.text { 6 } else { 5 });
-                body.extend_from_slice(content.digest.as_bytes());
-                put_varint(&mut body, content.len);
-            }
-            (None, WireValue::Null) => body.push(0),
-            (None, WireValue::Integer(i)) => {
-                body.push(1);
-                put_varint(&mut body, zigzag(*i));
-            }
-            (None, WireValue::Real(f)) => {
-                body.push(2);
-                body.extend_from_slice(&f.to_le_bytes());
-            }
-            (None, WireValue::Text(t)) => {
-                body.push(3);
-                put_bytes(&mut body, t.as_bytes());
-            }
-            (None, WireValue::Blob(b)) => {
-                body.push(4);
-                put_bytes(&mut body, b);
-            }
-        }
+        let names = (string_ix[w.table.as_str()], string_ix[w.cid.as_str()]);
+        put_change(&mut body, names, site_ix[&w.site], w, nc.content.as_ref());
     }
     put_varint(buf, strings.len() as u64);
     for s in &strings {
@@ -450,61 +422,16 @@ fn read_changes(r: &mut SliceReader<'_>) -> Result<Changes, DecodeError> {
     for _ in 0..n {
         sites.push(r.array()?);
     }
-    let string_at = |i: u64| {
-        strings
-            .get(i as usize)
-            .cloned()
-            .ok_or(DecodeError::Malformed("unknown name index"))
-    };
     let n = r.count()?;
     let mut changes = Vec::with_capacity(n.min(r.remaining() / 8));
+    let mut source = Source {
+        r,
+        strings: &strings,
+        sites: &sites,
+    };
     for _ in 0..n {
-        let table = string_at(r.varint()?)?;
-        let cid = string_at(r.varint()?)?;
-        let site = *sites
-            .get(r.varint()? as usize)
-            .ok_or(DecodeError::Malformed("unknown site index"))?;
-        let db_version = r.signed()?;
-        let seq = r.signed()?;
-        let col_version = r.signed()?;
-        let cl = r.signed()?;
-        if check_change_numbers(db_version, seq, col_version, cl).is_err() {
-            return Err(DecodeError::Malformed(
-                "change number (db_version, seq, col_version or causal length) out of range",
-            ));
-        }
-        let pk = r.bytes()?.to_vec();
-        let mut content = None;
-        let val = match r.byte()? {
-            0 => WireValue::Null,
-            1 => WireValue::Integer(r.signed()?),
-            2 => WireValue::Real(f64::from_le_bytes(r.array()?)),
-            3 => WireValue::Text(r.string()?),
-            4 => WireValue::Blob(r.bytes()?.to_vec()),
-            tag @ (5 | 6) => {
-                content = Some(ContentRef {
-                    digest: Digest::from_bytes(r.array()?),
-                    len: r.varint()?,
-                    text: tag == 6,
-                });
-                WireValue::Null
-            }
-            _ => return Err(DecodeError::Malformed("unknown value type")),
-        };
-        changes.push(NetChange {
-            change: WireChange {
-                table,
-                pk,
-                cid,
-                val,
-                col_version,
-                db_version,
-                site,
-                cl,
-                seq,
-            },
-            content,
-        });
+        let (change, content) = read_change(&mut source, true)?;
+        changes.push(NetChange { change, content });
     }
     let complete = match r.byte()? {
         0 => None,
@@ -514,9 +441,64 @@ fn read_changes(r: &mut SliceReader<'_>) -> Result<Changes, DecodeError> {
     Ok(Changes { changes, complete })
 }
 
+/// A change's body as the shared decoder reads it: from the message, with the names and
+/// sites it declared, numbers checked at once, in the protocol's words.
+struct Source<'r, 'a> {
+    r: &'r mut SliceReader<'a>,
+    strings: &'r [String],
+    sites: &'r [[u8; 16]],
+}
+
+impl ChangeSource for Source<'_, '_> {
+    type Error = DecodeError;
+
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        self.r.byte()
+    }
+
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        self.r.varint()
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        self.r.array()
+    }
+
+    fn bytes(&mut self) -> Result<Vec<u8>, DecodeError> {
+        Ok(self.r.bytes()?.to_vec())
+    }
+
+    fn name(&self, i: u64) -> Result<String, DecodeError> {
+        self.strings
+            .get(i as usize)
+            .cloned()
+            .ok_or(DecodeError::Malformed("unknown name index"))
+    }
+
+    fn site(&self, i: u64) -> Result<[u8; 16], DecodeError> {
+        self.sites
+            .get(i as usize)
+            .copied()
+            .ok_or(DecodeError::Malformed("unknown site index"))
+    }
+
+    fn numbers(&self, [db_version, seq, col_version, cl]: [i64; 4]) -> Result<(), DecodeError> {
+        check_change_numbers(db_version, seq, col_version, cl).map_err(|_| {
+            DecodeError::Malformed(
+                "change number (db_version, seq, col_version or causal length) out of range",
+            )
+        })
+    }
+
+    fn malformed(what: &'static str) -> DecodeError {
+        DecodeError::Malformed(what)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::WireValue;
     use proptest::prelude::*;
 
     fn change(table: &str, cid: &str, val: WireValue) -> WireChange {

@@ -4,9 +4,8 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use fazt_proto::bundle::{
-    self, BundleReader, BundleWriter, Record, SigningKey, Verified, WireChange, WireValue,
-};
+use fazt_proto::bundle::{self, BundleReader, BundleWriter, Record, SigningKey, Verified};
+use fazt_proto::change::{WireChange, WireValue};
 
 use crate::changes::Change;
 use crate::clock::{CausalLength, ColVersion, DbVersion, Seq};

@@ -276,7 +276,7 @@ pub(super) fn to_net(
     }
     let text = matches!(c.val, Value::Text(_));
     let mut change = c.to_wire();
-    change.val = fazt_proto::bundle::WireValue::Null;
+    change.val = fazt_proto::change::WireValue::Null;
     let Change {
         table,
         pk,
@@ -340,7 +340,7 @@ mod tests {
         let r = net.content.expect("a reference");
         assert_eq!(r.digest, Digest::of(&big));
         assert_eq!((r.len, r.text), (big.len() as u64, false));
-        assert_eq!(net.change.val, fazt_proto::bundle::WireValue::Null);
+        assert_eq!(net.change.val, fazt_proto::change::WireValue::Null);
         let text = "x".repeat(wire::CONTENT_MIN);
         let (net, _) = to_net(change(Value::Text(text.clone())), &mut offered, &offers);
         assert!(net.content.unwrap().text);
