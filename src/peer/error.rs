@@ -30,7 +30,7 @@ pub enum Error {
     WrongKey {
         peer: String,
         addr: String,
-        got: Option<[u8; 32]>,
+        got: Option<NodeId>,
     },
     /// The two nodes speak different fazt protocols: told by the handshake (no common ALPN,
     /// `theirs` unknown) or by the other node's Hello (`theirs`).
@@ -167,7 +167,7 @@ impl fmt::Display for Error {
             Error::WrongKey { peer, addr, got } => write!(
                 f,
                 "the node at {addr} is not {peer}: it presented {}, not the pinned key; check the address, or re-pin with `fazt peer remove {peer}` and a new ticket",
-                got.map(|k| NodeId::from_bytes(k).to_string())
+                got.map(|k| k.to_string())
                     .unwrap_or_else(|| "another key".into())
             ),
             Error::VersionMismatch {
@@ -345,7 +345,7 @@ mod tests {
             Error::WrongKey {
                 peer: "zyt".into(),
                 addr: "10.0.0.2:7701".into(),
-                got: Some(key),
+                got: Some(NodeId::from_bytes(key)),
             }
             .to_string(),
             format!(

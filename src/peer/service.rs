@@ -316,7 +316,7 @@ async fn accept_loop(ctx: Arc<Ctx>) {
 async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()> {
     let conn = incoming.await.context("handshake")?;
     let key = tls::remote_key(&conn).ok_or_else(|| anyhow!("the peer presented no usable key"))?;
-    let (send, recv, first, _slot) = if ctx.trust.trusts(&key) {
+    let (send, recv, first, _slot) = if ctx.trust.trusts(key.as_bytes()) {
         let (send, mut recv) = conn.accept_bi().await?;
         let first = frame::read_message(&mut recv).await?;
         (send, recv, first, None)
@@ -359,7 +359,7 @@ async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()>
     match first {
         Some((Message::Join(join), _)) => handle_join(&ctx, &conn, key, join, send).await,
         Some((Message::Hello(hello), _)) => {
-            let peer = ctx.with_state(|c| store::by_key(c, &NodeId::from_bytes(key)))?;
+            let peer = ctx.with_state(|c| store::by_key(c, &key))?;
             let Some(peer) = peer else {
                 refuse(
                     &conn,
@@ -389,11 +389,10 @@ async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: &
 async fn handle_join(
     ctx: &Arc<Ctx>,
     conn: &quinn::Connection,
-    key: [u8; 32],
+    joiner: NodeId,
     join: Join,
     mut send: quinn::SendStream,
 ) -> Result<()> {
-    let joiner = NodeId::from_bytes(key);
     // A ticket that does not redeem is the joiner's to hear about (InviteError), not a
     // failure of this node.
     let outcome = ctx.with_state(|c| {

@@ -69,7 +69,7 @@ pub enum Refusal {
     /// The remote presented a different key than the one pinned. `got` = the key it presented
     /// (if known).
     #[error("the remote node is not the one pinned: it presented {}", presented(.got))]
-    WrongKey { got: Option<[u8; 32]> },
+    WrongKey { got: Option<NodeId> },
     /// No common ALPN: the remote speaks another protocol version.
     #[error("the remote node speaks another fazt protocol version")]
     ProtocolMismatch,
@@ -78,9 +78,9 @@ pub enum Refusal {
     Other(String),
 }
 
-fn presented(got: &Option<[u8; 32]>) -> String {
+fn presented(got: &Option<NodeId>) -> String {
     match got {
-        Some(key) => format!("key {}", NodeId::from_bytes(*key)),
+        Some(key) => format!("key {key}"),
         None => "an unreadable key".to_string(),
     }
 }
@@ -188,12 +188,12 @@ pub fn endpoint(
 }
 
 /// The ed25519 key the remote side presented on an established connection.
-pub fn remote_key(conn: &quinn::Connection) -> Option<[u8; 32]> {
+pub fn remote_key(conn: &quinn::Connection) -> Option<NodeId> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
-    ed25519_key(certs.first()?).ok()
+    ed25519_key(certs.first()?).ok().map(NodeId::from_bytes)
 }
 
 /// Why a connection attempt failed, for the user.
@@ -444,10 +444,9 @@ impl PinMismatch {
     const MARKER: &'static str = "fazt pin mismatch, the remote presented ";
 
     /// `None` if `reason` is not a pin mismatch; `Some(None)` if it is but the key is unreadable.
-    fn find_in(reason: &str) -> Option<Option<[u8; 32]>> {
+    fn find_in(reason: &str) -> Option<Option<NodeId>> {
         let (_, rest) = reason.split_once(Self::MARKER)?;
-        let id = rest.get(..52).and_then(|id| id.parse::<NodeId>().ok());
-        Some(id.map(|id| *id.as_bytes()))
+        Some(rest.get(..52).and_then(|id| id.parse::<NodeId>().ok()))
     }
 }
 
@@ -587,7 +586,10 @@ mod tests {
                 .unwrap()
                 .await
                 .unwrap();
-            assert_eq!(remote_key(&conn), Some(public(&server_key)));
+            assert_eq!(
+                remote_key(&conn),
+                Some(NodeId::from_bytes(public(&server_key)))
+            );
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             send.write_all(b"ping").await.unwrap();
             send.finish().unwrap();
@@ -596,7 +598,7 @@ mod tests {
 
             let (request, seen) = serving.await.unwrap();
             assert_eq!(request, b"ping");
-            assert_eq!(seen, Some(public(&client_key)));
+            assert_eq!(seen, Some(NodeId::from_bytes(public(&client_key))));
             client.wait_idle().await;
         })
         .await;
@@ -635,7 +637,7 @@ mod tests {
         assert_eq!(
             classify(&err),
             Refusal::WrongKey {
-                got: Some(public(&server_key))
+                got: Some(NodeId::from_bytes(public(&server_key)))
             },
             "{err}"
         );
@@ -684,9 +686,15 @@ mod tests {
                 .unwrap()
                 .await
                 .unwrap();
-            assert_eq!(remote_key(&conn), Some(public(&server_key)));
+            assert_eq!(
+                remote_key(&conn),
+                Some(NodeId::from_bytes(public(&server_key)))
+            );
             conn.close(0u32.into(), b"done");
-            assert_eq!(serving.await.unwrap(), Some(public(&client_key)));
+            assert_eq!(
+                serving.await.unwrap(),
+                Some(NodeId::from_bytes(public(&client_key)))
+            );
         })
         .await;
     }
@@ -723,7 +731,7 @@ mod tests {
             .into();
         assert_eq!(
             PinMismatch::find_in(&rustls_error.to_string()),
-            Some(Some(key))
+            Some(Some(NodeId::from_bytes(key)))
         );
         assert_eq!(
             PinMismatch::find_in("invalid peer certificate: BadEncoding"),
