@@ -6,12 +6,16 @@
 //! - [`bundle`]: the change-bundle file format (`fazt sync export` / `import`).
 //! - [`wire`]: the peer protocol's messages and framing.
 //! - [`ticket`]: invitation tickets (`fazt peer invite` / `join`).
-//! - [`PROTOCOL_VERSION`] / [`ALPN`]: the peer protocol's version.
+//! - [`alpn`]: the protocols between nodes, one ALPN token each, and version negotiation.
+//! - [`close`]: why a node closed a connection, as codes the other side branches on.
+//! - [`PROTOCOL_VERSION`]: the replication protocol's version, as its `Hello` carries it.
 
 #![warn(missing_docs)]
 
+pub mod alpn;
 pub mod bundle;
 pub mod change;
+pub mod close;
 mod codec;
 mod digest;
 mod node_id;
@@ -22,9 +26,9 @@ pub use codec::DecodeError;
 pub use digest::Digest;
 pub use node_id::{NodeId, NodeIdError};
 
-/// Protocol version spoken by this build, carried in ALPN so that a mismatch is refused
-/// during the handshake instead of hanging later.
+/// Version of the replication protocol spoken by this build, as `Hello` carries it; the
+/// handshake already agreed on it through [`alpn::SYNC`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// The ALPN token for [`PROTOCOL_VERSION`].
-pub const ALPN: &[u8] = b"fazt/1";
+/// The single ALPN token of builds before [`alpn`] (the same as [`alpn::LEGACY`]).
+pub const ALPN: &[u8] = alpn::LEGACY;
