@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ed25519_dalek::SigningKey;
 use fazt_proto::ticket::Ticket;
 use fazt_proto::wire::{Join, Message};
-use fazt_proto::NodeId;
+use fazt_proto::{alpn, close, NodeId};
 use tokio::sync::watch;
 
 use super::error::{Closed, Stage, Unreachable, Violation, Wait};
@@ -44,6 +44,13 @@ pub struct Joined {
     pub addr: String,
 }
 
+/// How often a join is tried when the inviting node's handshake refuses this node's key, and
+/// the wait between tries. The inviting node reads a new invitation into memory within a few
+/// dozen milliseconds of its commit; a join started right after `fazt peer invite` (another
+/// process) may beat that, and then a retry finds it.
+const JOIN_ATTEMPTS: u32 = 4;
+const JOIN_RETRY: Duration = Duration::from_millis(300);
+
 /// Redeems `ticket` at the inviting node; on success both nodes trust each other.
 pub fn join(
     db: &mut crate::db::Db,
@@ -63,11 +70,16 @@ pub fn join(
         .unwrap_or_else(|| "the inviting node".into());
     let welcome = runtime()?.block_on(async {
         let endpoint = client_endpoint()?;
-        let conn = super::connect(&endpoint, &key, &label, &ticket.addr, &ticket.node).await?;
-        let welcome = redeem(&conn, &label, ticket, me, advertise)
-            .await
-            .map_err(|e| join_failure(e, || super::closed_by(&conn, &label, &ticket.addr)));
-        conn.close(quinn::VarInt::from_u32(0), b"joined");
+        let mut attempt = 1;
+        let welcome = loop {
+            match join_once(&endpoint, &key, &label, ticket, me, advertise).await {
+                Err(Error::NoInvitation { .. }) if attempt < JOIN_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(JOIN_RETRY).await;
+                }
+                outcome => break outcome,
+            }
+        };
         endpoint.wait_idle().await;
         anyhow::Ok(welcome?)
     })?;
@@ -81,6 +93,25 @@ pub fn join(
         node: ticket.node,
         addr: ticket.addr.clone(),
     })
+}
+
+/// Dials the inviting node on the join protocol and redeems the ticket there.
+async fn join_once(
+    endpoint: &quinn::Endpoint,
+    key: &SigningKey,
+    label: &str,
+    ticket: &Ticket,
+    me: &str,
+    advertise: &str,
+) -> Result<String, Error> {
+    let conn = super::connect(endpoint, key, label, &ticket.addr, &ticket.node, alpn::JOIN)
+        .await
+        .map_err(|e| join_failure(e, || None))?;
+    let welcome = redeem(&conn, label, ticket, me, advertise)
+        .await
+        .map_err(|e| join_failure(e, || super::closed_by(&conn, label, &ticket.addr)));
+    conn.close(quinn::VarInt::from_u32(close::DONE), b"joined");
+    welcome
 }
 
 /// Sends the ticket's Join on `conn` and returns the name the inviting node gives itself. A
@@ -159,7 +190,8 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
         let endpoint = client_endpoint()?;
         let connected = std::sync::atomic::AtomicBool::new(false);
         let work = async {
-            let conn = super::connect(&endpoint, &key, name, &addr, &peer.node_id).await?;
+            let conn =
+                super::connect(&endpoint, &key, name, &addr, &peer.node_id, alpn::SYNC).await?;
             connected.store(true, std::sync::atomic::Ordering::Relaxed);
             let (send, recv) = conn
                 .open_bi()
@@ -187,7 +219,7 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
                 bar.abort();
                 eprintln!();
             }
-            conn.close(quinn::VarInt::from_u32(0), b"synced");
+            conn.close(quinn::VarInt::from_u32(close::DONE), b"synced");
             result
         };
         let result = match tokio::time::timeout(timeout, work).await {

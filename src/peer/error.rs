@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use fazt_proto::NodeId;
+use fazt_proto::{alpn, close, NodeId};
 
 use super::tls;
 
@@ -32,9 +32,9 @@ pub enum Error {
         addr: String,
         got: Option<NodeId>,
     },
-    /// The two nodes speak different fazt protocols: told by the handshake (no common ALPN,
-    /// `theirs` unknown) or by the other node's Hello (`theirs`).
-    VersionMismatch { peer: String, theirs: Option<u32> },
+    /// The two nodes speak different fazt protocols: told by the handshake, by the other
+    /// node's version-mismatch close, or by its Hello (see [`Theirs`]).
+    VersionMismatch { peer: String, theirs: Theirs },
     /// The other node could not be reached at `addr`.
     Unreachable {
         peer: String,
@@ -66,6 +66,18 @@ pub enum Stage {
     Hello,
     /// A running session, which the other node ended.
     Session,
+}
+
+/// What is known of the protocols the other node speaks, when they differ from this node's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Theirs {
+    /// Nothing: the handshake found no protocol in common (neither side offered the
+    /// negotiation token).
+    Unknown,
+    /// The protocols its version-mismatch close listed (`fazt_proto::alpn::parse_mismatch`).
+    Protocols(Vec<String>),
+    /// The replication protocol version its Hello carried.
+    Hello(u32),
 }
 
 /// Why a node could not be reached.
@@ -121,8 +133,14 @@ pub enum Violation {
 }
 
 impl Error {
-    /// A connection failure reported by quinn, classified by what the handshake said.
+    /// A connection failure reported by quinn, classified by what the handshake said, or by
+    /// the code the other node closed the connection with.
     pub fn from_connection(peer: &str, addr: &str, err: &quinn::ConnectionError) -> Self {
+        if let quinn::ConnectionError::ApplicationClosed(closed) = err {
+            if let Some(e) = Error::from_close(peer, closed) {
+                return e;
+            }
+        }
         let peer = peer.to_string();
         match tls::classify(err) {
             tls::Refusal::NotTrusted => Error::NotTrusted { peer },
@@ -131,13 +149,35 @@ impl Error {
                 addr: addr.to_string(),
                 got,
             },
-            tls::Refusal::ProtocolMismatch => Error::VersionMismatch { peer, theirs: None },
+            tls::Refusal::ProtocolMismatch => Error::VersionMismatch {
+                peer,
+                theirs: Theirs::Unknown,
+            },
             tls::Refusal::Other(text) => Error::Unreachable {
                 peer,
                 addr: addr.to_string(),
                 cause: Unreachable::Failed(text),
             },
         }
+    }
+
+    /// The failure an application close stands for, when its code says one
+    /// (`fazt_proto::close`): the other node does not trust this one, or speaks other
+    /// protocols. `None` for the codes whose reason is only text for people.
+    pub fn from_close(peer: &str, closed: &quinn::ApplicationClose) -> Option<Self> {
+        let peer = peer.to_string();
+        let code = closed.error_code.into_inner();
+        if code == u64::from(close::NOT_TRUSTED) {
+            return Some(Error::NotTrusted { peer });
+        }
+        if code == u64::from(close::VERSION_MISMATCH) {
+            let theirs = match alpn::parse_mismatch(&closed.reason) {
+                Some(listed) => Theirs::Protocols(listed),
+                None => Theirs::Unknown,
+            };
+            return Some(Error::VersionMismatch { peer, theirs });
+        }
+        None
     }
 }
 
@@ -172,15 +212,24 @@ impl fmt::Display for Error {
             ),
             Error::VersionMismatch {
                 peer,
-                theirs: None,
+                theirs: Theirs::Unknown,
             } => write!(
                 f,
                 "{peer} speaks another fazt protocol version than this node ({}): upgrade the older of the two",
-                String::from_utf8_lossy(tls::ALPN)
+                alpn::list(alpn::SPOKEN)
             ),
             Error::VersionMismatch {
                 peer,
-                theirs: Some(theirs),
+                theirs: Theirs::Protocols(listed),
+            } => write!(
+                f,
+                "{peer} speaks another fazt protocol version than this node (it speaks {}; this node {}): upgrade the older of the two",
+                listed.join(", "),
+                alpn::list(alpn::SPOKEN)
+            ),
+            Error::VersionMismatch {
+                peer,
+                theirs: Theirs::Hello(theirs),
             } => write!(
                 f,
                 "{peer} speaks protocol version {theirs}, this node {}: upgrade the older one",
@@ -356,13 +405,18 @@ mod tests {
         assert_eq!(
             Error::VersionMismatch {
                 peer: "zyt".into(),
-                theirs: None
+                theirs: Theirs::Unknown
             }
             .to_string(),
-            format!(
-                "zyt speaks another fazt protocol version than this node ({}): upgrade the older of the two",
-                String::from_utf8_lossy(tls::ALPN)
-            )
+            "zyt speaks another fazt protocol version than this node (fazt/join/1, fazt/sync/1): upgrade the older of the two"
+        );
+        assert_eq!(
+            Error::VersionMismatch {
+                peer: "zyt".into(),
+                theirs: Theirs::Protocols(vec!["fazt/join/2".into(), "fazt/sync/2".into()])
+            }
+            .to_string(),
+            "zyt speaks another fazt protocol version than this node (it speaks fazt/join/2, fazt/sync/2; this node fazt/join/1, fazt/sync/1): upgrade the older of the two"
         );
     }
 

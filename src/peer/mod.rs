@@ -3,6 +3,7 @@
 //! - [`store`]: the node-local tables of peers and invitations.
 //! - [`limits`]: the tunables: batch sizes, memory budgets, windows, timeouts.
 //! - [`tls`]: the QUIC endpoint and mutual ed25519 authentication.
+//! - [`router`]: the protocols a node serves, one handler per ALPN token, and who may use which.
 //! - [`frame`]: reading and writing the frames of a peer stream.
 //! - [`session`]: one replication session over one stream (docs/sync-protocol.md).
 //! - [`service`]: what `fazt server start` runs: the listener, a dialer per peer, live
@@ -14,6 +15,7 @@ pub mod client;
 pub mod error;
 pub mod frame;
 mod limits;
+pub mod router;
 pub mod service;
 pub mod session;
 pub mod store;
@@ -70,16 +72,22 @@ async fn resolve(peer: &str, addr: &str) -> Result<SocketAddr, Error> {
 /// How long a connection attempt may take before the peer counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects to a peer that must present `key`, with errors that say what to do.
+/// Connects to a peer that must present `key`, asking for `protocol` (a token of
+/// `fazt_proto::alpn`), with errors that say what to do.
 pub async fn connect(
     endpoint: &quinn::Endpoint,
     own: &ed25519_dalek::SigningKey,
     name: &str,
     addr: &str,
     key: &NodeId,
+    protocol: &[u8],
 ) -> Result<quinn::Connection, Error> {
     let target = resolve(name, addr).await?;
-    let config = tls::client_config(own, *key.as_bytes(), tls::ALPN)?;
+    let config = tls::client_config(
+        own,
+        *key.as_bytes(),
+        &[protocol, fazt_proto::alpn::NEGOTIATE],
+    )?;
     let unreachable = |cause| Error::Unreachable {
         peer: name.to_string(),
         addr: addr.to_string(),
@@ -105,12 +113,15 @@ pub fn closed_by(conn: &quinn::Connection, name: &str, addr: &str) -> Option<Err
         | quinn::ConnectionError::TransportError(_)) => {
             Some(Error::from_connection(name, addr, &reason))
         }
-        quinn::ConnectionError::ApplicationClosed(close) if !close.reason.is_empty() => {
-            Some(Error::Closed {
-                peer: name.to_string(),
-                when: error::Closed::Because(String::from_utf8_lossy(&close.reason).into_owned()),
-            })
-        }
+        quinn::ConnectionError::ApplicationClosed(close) => Error::from_close(name, &close)
+            .or_else(|| {
+                (!close.reason.is_empty()).then(|| Error::Closed {
+                    peer: name.to_string(),
+                    when: error::Closed::Because(
+                        String::from_utf8_lossy(&close.reason).into_owned(),
+                    ),
+                })
+            }),
         _ => None,
     }
 }

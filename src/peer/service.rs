@@ -1,21 +1,23 @@
-//! Live replication, as `fazt server start` runs it: the QUIC listener, a dialer for every
-//! peer with an address, a session per connection, and the peers table kept current
-//! (connected, last seen, lag) for `fazt peer status`.
+//! Live replication, as `fazt server start` runs it: the QUIC listener with its two protocols
+//! (joining and replication, routed by ALPN), a dialer for every peer with an address, a
+//! session per connection, the in-memory trust the handshake checks, and the peers table kept
+//! current (connected, last seen, lag) for `fazt peer status`.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use ed25519_dalek::SigningKey;
 use fazt_proto::wire::{Hello, Join, Message};
-use fazt_proto::NodeId;
+use fazt_proto::{alpn, close, NodeId};
+use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::frame;
+use super::router::{Accepted, Handler, Router, Trust};
 use super::session::{Mode, Session, Stats};
 use super::store::{self, Peer};
 use super::tls;
@@ -29,52 +31,26 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// How often a session's lag is written to the peers table.
 const STATE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The most an unknown key (admitted only to join) may send as its first message: a Join
-/// holds a 32-byte secret, a name and an address, far below this.
+/// The most a joiner may send as its first message: a Join holds a 32-byte secret, a name
+/// and an address, far below this.
 const JOIN_FRAME: usize = 4 << 10;
-/// How long an unknown key has, once its handshake is done, to open a stream and send Join.
+/// How long a joiner has, once its handshake is done, to open a stream and send Join.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How many connections from unknown keys are served at once; more are closed at once.
+/// How many joins from unknown keys are served at once; more are closed at once.
 const MAX_JOINERS: usize = 8;
-
-/// Who may complete a handshake: pinned keys, and anyone while an invitation is open (such a
-/// connection may only join). Kept in memory: the handshake must not wait on SQLite.
-#[derive(Default)]
-struct Trust {
-    keys: RwLock<HashSet<[u8; 32]>>,
-    /// Unix seconds until which an invitation is open (0: none). Compared with the clock at
-    /// every handshake, so an invitation that expires on an idle node admits nobody after.
-    invite_until: AtomicI64,
-}
-
-impl Trust {
-    fn admits(&self, key: &[u8; 32]) -> bool {
-        self.invite_open() || self.trusts(key)
-    }
-
-    fn invite_open(&self) -> bool {
-        crate::db::now_secs() < self.invite_until.load(Ordering::Relaxed)
-    }
-
-    fn trusts(&self, key: &[u8; 32]) -> bool {
-        self.keys
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(key)
-    }
-}
 
 struct Ctx {
     db: Database,
     key: SigningKey,
     own: NodeId,
-    trust: Trust,
+    /// What the handshake and the router check, refreshed from the peers table on every
+    /// commit ([`trust_loop`]).
+    trust: Arc<Trust>,
     changed: watch::Receiver<u64>,
     /// Connections with a running session, per peer key (either direction).
     active: Mutex<HashMap<[u8; 32], Vec<quinn::Connection>>>,
-    /// Slots for connections from unknown keys (see [`MAX_JOINERS`]).
+    /// Slots for joins from unknown keys (see [`MAX_JOINERS`]).
     joiners: Arc<tokio::sync::Semaphore>,
-    endpoint: quinn::Endpoint,
 }
 
 /// The running peer service.
@@ -101,28 +77,31 @@ impl Service {
 
 /// Starts listening on UDP `port` and replicating with every trusted peer.
 pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> {
-    let trust = Trust::default();
-    let trust = db
-        .write(move |w| {
+    let trust = Arc::new(Trust::default());
+    {
+        let trust = trust.clone();
+        db.write(move |w| {
             store::reset_connections(w.conn())?;
-            refresh_trust(&trust, w.conn())?;
-            Ok(trust)
+            refresh_trust(&trust, w.conn())
         })
         .await?;
+    }
     let changed = db.commits();
 
-    // The admit check needs the trust set before the context exists; share it through an Arc.
-    let ctx_slot: Arc<std::sync::OnceLock<Arc<Ctx>>> = Arc::new(std::sync::OnceLock::new());
-    let slot = ctx_slot.clone();
-    // Unknown keys are rare (a join, or a refused node), so they may pay for a fresh look at
-    // the database: a ticket made a moment ago works at once.
-    let admit: tls::Admit = Arc::new(move |k: &[u8; 32]| {
-        slot.get().is_some_and(|c| {
-            c.trust.admits(k)
-                || (c.with_state(|conn| refresh_trust(&c.trust, conn)).is_ok() && c.trust.admits(k))
-        })
+    let own = NodeId::from_bytes(key.verifying_key().to_bytes());
+    let ctx = Arc::new(Ctx {
+        db,
+        key,
+        own,
+        trust: trust.clone(),
+        changed,
+        active: Mutex::new(HashMap::new()),
+        joiners: Arc::new(tokio::sync::Semaphore::new(MAX_JOINERS)),
     });
-    let server = tls::server_config(&key, admit)?;
+    let router = Router::new(trust)
+        .route(alpn::JOIN, Arc::new(Joining(ctx.clone())))
+        .route(alpn::SYNC, Arc::new(Replicating(ctx.clone())));
+    let server = tls::server_config(&ctx.key, router.admit(), &router.offered())?;
     let endpoint = tls::endpoint(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), Some(server)).map_err(|e| {
         if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)) {
             anyhow!("sync port {port} (UDP) is already in use: stop the other server or choose another with --sync-port")
@@ -130,43 +109,40 @@ pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> 
             e.context(format!("cannot listen for peers on UDP port {port}"))
         }
     })?;
-    let own = NodeId::from_bytes(key.verifying_key().to_bytes());
-    let ctx = Arc::new(Ctx {
-        db,
-        key,
-        own,
-        trust,
-        changed,
-        active: Mutex::new(HashMap::new()),
-        joiners: Arc::new(tokio::sync::Semaphore::new(MAX_JOINERS)),
-        endpoint: endpoint.clone(),
-    });
-    let _ = ctx_slot.set(ctx.clone());
 
-    let accept = tokio::spawn(accept_loop(ctx.clone()));
-    let reconcile = tokio::spawn(reconcile_loop(ctx));
+    let accept = tokio::spawn(accept_loop(router, endpoint.clone()));
+    let trust = tokio::spawn(trust_loop(ctx.clone()));
+    let reconcile = tokio::spawn(reconcile_loop(ctx, endpoint.clone()));
     Ok(Service {
         endpoint,
-        tasks: vec![accept, reconcile],
+        tasks: vec![accept, trust, reconcile],
     })
 }
 
+/// Reads the pinned keys and the open invitation into `trust`.
 fn refresh_trust(trust: &Trust, conn: &rusqlite::Connection) -> Result<()> {
     let keys: HashSet<[u8; 32]> = store::list(conn)?
         .iter()
         .map(|p| *p.node_id.as_bytes())
         .collect();
-    *trust.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
-    trust.invite_until.store(
-        store::invite_open_until(conn)?.unwrap_or(0),
-        Ordering::Relaxed,
-    );
+    trust.set(keys, store::invite_open_until(conn)?.unwrap_or(0));
     Ok(())
 }
 
 impl Ctx {
-    fn with_state<T>(&self, f: impl FnOnce(&rusqlite::Connection) -> Result<T>) -> Result<T> {
-        self.db.write_blocking(|w| f(w.conn()))
+    /// Runs `f` with the writer on the peers table, on a blocking thread.
+    async fn with_state<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Ctx, &rusqlite::Connection) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let ctx = self.clone();
+        self.db.write(move |w| f(&ctx, w.conn())).await
+    }
+
+    /// Reads the pinned keys and the open invitation again, on a blocking thread.
+    async fn refresh_trust(&self) -> Result<()> {
+        let trust = self.trust.clone();
+        self.db.read(move |c| refresh_trust(&trust, c)).await
     }
 
     /// Takes the connections of peers no longer trusted out of the active set.
@@ -192,24 +168,34 @@ impl Ctx {
     }
 }
 
-/// Keeps the trust set and the dialers in line with the peers table, which other processes
-/// (`fazt peer join/add/remove`) change.
-async fn reconcile_loop(ctx: Arc<Ctx>) {
+/// Keeps the trust set in line with the peers table and the invitations, which other
+/// processes change (`fazt peer invite/join/add/remove`): read again after every commit, at
+/// once, so that a ticket made a moment ago admits its joiner (the joiner also retries a
+/// refused handshake for about a second, for the commit it may have beaten).
+async fn trust_loop(ctx: Arc<Ctx>) {
     let mut changed = ctx.changed.clone();
-    let mut dialers: HashMap<String, (Peer, JoinHandle<()>)> = HashMap::new();
-    loop {
-        let peers = ctx.with_state(|conn| {
-            refresh_trust(&ctx.trust, conn)?;
-            store::list(conn)
-        });
+    while changed.changed().await.is_ok() {
+        if let Err(e) = ctx.refresh_trust().await {
+            tracing::warn!(error = %format!("{e:#}"), "reading the peers table");
+            continue;
+        }
         // Trust is checked at every handshake; a peer removed meanwhile also loses the
         // connections it already has.
         for conn in ctx.untrusted_connections() {
             conn.close(
-                quinn::VarInt::from_u32(2),
+                quinn::VarInt::from_u32(close::REMOVED),
                 b"this node no longer trusts yours (it was removed as a peer)",
             );
         }
+    }
+}
+
+/// Keeps the dialers in line with the peers table.
+async fn reconcile_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
+    let mut changed = ctx.changed.clone();
+    let mut dialers: HashMap<String, (Peer, JoinHandle<()>)> = HashMap::new();
+    loop {
+        let peers = ctx.db.read(|c| store::list(c)).await;
         match peers {
             Ok(peers) => {
                 let wanted: HashMap<String, Peer> = peers
@@ -228,7 +214,8 @@ async fn reconcile_loop(ctx: Arc<Ctx>) {
                 });
                 for (name, peer) in wanted {
                     dialers.entry(name).or_insert_with(|| {
-                        let task = tokio::spawn(dial_loop(ctx.clone(), peer.clone()));
+                        let task =
+                            tokio::spawn(dial_loop(ctx.clone(), endpoint.clone(), peer.clone()));
                         (peer, task)
                     });
                 }
@@ -243,7 +230,7 @@ async fn reconcile_loop(ctx: Arc<Ctx>) {
     }
 }
 
-async fn dial_loop(ctx: Arc<Ctx>, peer: Peer) {
+async fn dial_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, peer: Peer) {
     let addr = peer.addr.clone().unwrap_or_default();
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
@@ -256,11 +243,12 @@ async fn dial_loop(ctx: Arc<Ctx>, peer: Peer) {
         let started = Instant::now();
         let result = async {
             let conn = super::connect(
-                &ctx.endpoint,
+                &endpoint,
                 &ctx.key,
                 peer.name.as_str(),
                 &addr,
                 &peer.node_id,
+                alpn::SYNC,
             )
             .await?;
             let (send, recv) = conn
@@ -302,77 +290,111 @@ fn next_backoff(backoff: Duration, lasted: Duration) -> (Duration, Duration) {
     (wait, (wait * 2).min(MAX_BACKOFF))
 }
 
-async fn accept_loop(ctx: Arc<Ctx>) {
-    while let Some(incoming) = ctx.endpoint.accept().await {
-        let ctx = ctx.clone();
+async fn accept_loop(router: Router, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let router = router.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_incoming(ctx, incoming).await {
+            if let Err(e) = router.serve(incoming).await {
                 tracing::info!(error = %format!("{e:#}"), "incoming peer connection ended");
             }
         });
     }
 }
 
-async fn handle_incoming(ctx: Arc<Ctx>, incoming: quinn::Incoming) -> Result<()> {
-    let conn = incoming.await.context("handshake")?;
-    let key = tls::remote_key(&conn).ok_or_else(|| anyhow!("the peer presented no usable key"))?;
-    let (send, recv, first, _slot) = if ctx.trust.trusts(key.as_bytes()) {
-        let (send, mut recv) = conn.accept_bi().await?;
-        let first = frame::read_message(&mut recv).await?;
-        (send, recv, first, None)
+/// The join protocol: a Join with a ticket, answered by Welcome or a refusal. The one protocol
+/// keys this node does not trust may use, so whoever it serves has proved nothing yet: an
+/// unknown key gets one of a few slots, and every joiner a few seconds and a few KiB to send
+/// its Join.
+struct Joining(Arc<Ctx>);
+
+impl Handler for Joining {
+    fn admits_untrusted(&self) -> bool {
+        true
+    }
+
+    fn serve(&self, accepted: Accepted) -> BoxFuture<'static, Result<()>> {
+        Box::pin(serve_join(self.0.clone(), accepted))
+    }
+}
+
+async fn serve_join(ctx: Arc<Ctx>, accepted: Accepted) -> Result<()> {
+    let Accepted {
+        conn,
+        node,
+        trusted,
+    } = accepted;
+    let _slot = if trusted {
+        None
     } else {
-        // Admitted only because an invitation is open: whoever this is has proved nothing
-        // yet, so it gets a slot of a few, a few seconds and a few KiB to send its Join.
         let Ok(slot) = ctx.joiners.clone().try_acquire_owned() else {
             conn.close(
-                quinn::VarInt::from_u32(1),
+                quinn::VarInt::from_u32(close::REFUSED),
                 b"too many nodes are joining at once: try again in a few seconds",
             );
             return Err(anyhow!(
                 "refused an unknown node: {MAX_JOINERS} joins already in progress"
             ));
         };
-        let first = tokio::time::timeout(JOIN_TIMEOUT, async {
-            let (send, mut recv) = conn.accept_bi().await?;
-            let first = frame::read_message_within(&mut recv, JOIN_FRAME).await?;
-            anyhow::Ok((send, recv, first))
-        })
-        .await;
-        match first {
-            Ok(Ok((send, recv, first))) => (send, recv, first, Some(slot)),
-            Ok(Err(e)) => {
-                conn.close(
-                    quinn::VarInt::from_u32(1),
-                    b"expected a Join of at most 4 KiB",
-                );
-                return Err(e.context("an unknown node's first message"));
-            }
-            Err(_) => {
-                conn.close(quinn::VarInt::from_u32(1), b"no Join in time");
-                return Err(anyhow!(
-                    "an unknown node sent no Join within {} seconds",
-                    JOIN_TIMEOUT.as_secs()
-                ));
-            }
-        }
+        Some(slot)
     };
+    let first = tokio::time::timeout(JOIN_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let first = frame::read_message_within(&mut recv, JOIN_FRAME).await?;
+        anyhow::Ok((send, first))
+    })
+    .await;
     match first {
-        Some((Message::Join(join), _)) => handle_join(&ctx, &conn, key, join, send).await,
+        Ok(Ok((send, Some((Message::Join(join), _))))) => {
+            handle_join(&ctx, &conn, node, join, send).await
+        }
+        Ok(Ok((send, _))) => {
+            refuse(&conn, send, "expected Join on the join protocol").await;
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            conn.close(
+                quinn::VarInt::from_u32(close::REFUSED),
+                b"expected a Join of at most 4 KiB",
+            );
+            Err(e.context("a joining node's first message"))
+        }
+        Err(_) => {
+            conn.close(quinn::VarInt::from_u32(close::REFUSED), b"no Join in time");
+            Err(anyhow!(
+                "a joining node sent no Join within {} seconds",
+                JOIN_TIMEOUT.as_secs()
+            ))
+        }
+    }
+}
+
+/// The sync protocol: a replication session with a trusted peer, which opens the stream and
+/// says Hello first.
+struct Replicating(Arc<Ctx>);
+
+impl Handler for Replicating {
+    fn serve(&self, accepted: Accepted) -> BoxFuture<'static, Result<()>> {
+        Box::pin(serve_sync(self.0.clone(), accepted))
+    }
+}
+
+async fn serve_sync(ctx: Arc<Ctx>, accepted: Accepted) -> Result<()> {
+    let Accepted { conn, node, .. } = accepted;
+    let Some(peer) = ctx.db.read(move |c| store::by_key(c, &node)).await? else {
+        // Removed since the trust set was read.
+        conn.close(
+            quinn::VarInt::from_u32(close::NOT_TRUSTED),
+            b"this node does not trust yours: run `fazt peer join` with a new ticket",
+        );
+        return Ok(());
+    };
+    let (send, mut recv) = conn.accept_bi().await?;
+    match frame::read_message(&mut recv).await? {
         Some((Message::Hello(hello), _)) => {
-            let peer = ctx.with_state(|c| store::by_key(c, &key))?;
-            let Some(peer) = peer else {
-                refuse(
-                    &conn,
-                    send,
-                    "this node does not trust yours: run `fazt peer join` with a new ticket",
-                )
-                .await;
-                return Ok(());
-            };
             Ok(run_session(&ctx, &peer, &conn, send, recv, Some(hello)).await?)
         }
         _ => {
-            refuse(&conn, send, "expected Hello or Join").await;
+            refuse(&conn, send, "expected Hello on the sync protocol").await;
             Ok(())
         }
     }
@@ -383,7 +405,7 @@ async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: &
     let _ = frame::write_message(&mut send, &Message::Refuse(reason.to_string())).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(quinn::VarInt::from_u32(1), reason.as_bytes());
+    conn.close(quinn::VarInt::from_u32(close::REFUSED), reason.as_bytes());
 }
 
 async fn handle_join(
@@ -394,24 +416,27 @@ async fn handle_join(
     mut send: quinn::SendStream,
 ) -> Result<()> {
     // A ticket that does not redeem is the joiner's to hear about (InviteError), not a
-    // failure of this node.
-    let outcome = ctx.with_state(|c| {
-        if let Err(e) = store::redeem_invite(c, &join.secret, &joiner)? {
-            return Err(e.into());
-        }
-        let name = store::free_name(c, &join.name, &joiner)?;
-        let addr = (!join.addr.is_empty() && store::check_addr(&join.addr).is_ok())
-            .then_some(join.addr.as_str());
-        if let Some(existing) = store::by_key(c, &joiner)? {
-            // A node joining again keeps its name.
-            store::add(c, &ctx.own, &existing.name, &joiner, addr)?;
-            return Ok(existing.name);
-        }
-        store::add(c, &ctx.own, &name, &joiner, addr)?;
-        Ok(name)
-    });
-    let name = match outcome {
-        Ok(name) => name,
+    // failure of this node. The joiner's key is trusted (in memory too) before Welcome goes
+    // out, so its first dial on the sync protocol gets in.
+    let outcome = ctx
+        .with_state(move |ctx, c| {
+            if let Err(e) = store::redeem_invite(c, &join.secret, &joiner)? {
+                return Err(e.into());
+            }
+            let addr = (!join.addr.is_empty() && store::check_addr(&join.addr).is_ok())
+                .then_some(join.addr.as_str());
+            let name = match store::by_key(c, &joiner)? {
+                // A node joining again keeps its name.
+                Some(existing) => existing.name,
+                None => store::free_name(c, &join.name, &joiner)?,
+            };
+            store::add(c, &ctx.own, &name, &joiner, addr)?;
+            refresh_trust(&ctx.trust, c)?;
+            Ok((name, super::own_name(c)?))
+        })
+        .await;
+    let (name, own_name) = match outcome {
+        Ok(names) => names,
         Err(e) => match e.downcast::<store::InviteError>() {
             Ok(refused) => {
                 refuse(conn, send, &refused.to_string()).await;
@@ -420,8 +445,6 @@ async fn handle_join(
             Err(e) => return Err(e),
         },
     };
-    ctx.with_state(|c| refresh_trust(&ctx.trust, c))?;
-    let own_name = ctx.with_state(super::own_name)?;
     tracing::info!(peer = %name, node = %joiner, "a node joined with a ticket");
     frame::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
     let _ = send.finish();
@@ -445,7 +468,10 @@ async fn run_session(
         .entry(key)
         .or_default()
         .push(conn.clone());
-    let _ = ctx.with_state(|c| store::record_state(c, &peer.node_id, true, None));
+    let node = peer.node_id;
+    let _ = ctx
+        .with_state(move |_, c| store::record_state(c, &node, true, None))
+        .await;
     tracing::info!(peer = %peer.name, "replicating");
     let (progress_tx, mut progress_rx) = watch::channel(Stats::default());
     let reporter = {
@@ -454,7 +480,9 @@ async fn run_session(
         tokio::spawn(async move {
             while progress_rx.changed().await.is_ok() {
                 let lag = progress_rx.borrow_and_update().lag as i64;
-                let _ = ctx.with_state(|c| store::record_state(c, &node, true, Some(lag)));
+                let _ = ctx
+                    .with_state(move |_, c| store::record_state(c, &node, true, Some(lag)))
+                    .await;
                 tokio::time::sleep(STATE_INTERVAL).await;
             }
         })
@@ -482,7 +510,9 @@ async fn run_session(
         }
     }
     if ctx.session_count(&key) == 0 {
-        let _ = ctx.with_state(|c| store::record_state(c, &peer.node_id, false, None));
+        let _ = ctx
+            .with_state(move |_, c| store::record_state(c, &node, false, None))
+            .await;
     }
     result.map(|_| ())
 }

@@ -7,7 +7,10 @@
 //! - The server requires a client key and asks [`Admit`] about it during the handshake: a
 //!   refused node gets a TLS `access_denied` alert, and its application data is never read.
 //! - The client accepts the server only if it presents exactly the key pinned for that peer.
-//! - ALPN carries the protocol version ([`ALPN`]), so a version mismatch fails the handshake.
+//! - ALPN chooses the protocol of the connection (`fazt_proto::alpn`): the server offers every
+//!   token it serves, the client the one it wants plus the negotiation token. A client offering
+//!   none of the server's tokens fails the handshake; what happens on a chosen token is
+//!   `super::router`'s business.
 //!
 //! TLS session resumption is off on both sides: a resumed session skips the key checks, and
 //! [`Admit`] must see every connection (a peer removed a second ago must not get back in on a
@@ -44,9 +47,6 @@ use rustls::{
     PeerMisbehaved, SignatureScheme,
 };
 
-/// ALPN token of the protocol version this build speaks.
-pub const ALPN: &[u8] = fazt_proto::ALPN;
-
 /// The server name to pass to `Endpoint::connect`/`connect_with`.
 ///
 /// It is never checked: the server is authenticated by its pinned key, not by a name. It is a
@@ -57,7 +57,8 @@ pub const SERVER_NAME: &str = "fazt.invalid";
 /// Decides, during the handshake, whether an incoming connection's key may connect.
 ///
 /// Called once per incoming handshake with the client's ed25519 public key, on the endpoint's
-/// driver, so it must answer quickly (look up an in-memory set, not the database).
+/// driver, so it must answer quickly: it looks up an in-memory set, never the database. It does
+/// not know which protocol the client asked for (`super::router` checks that afterwards).
 pub type Admit = Arc<dyn Fn(&[u8; 32]) -> bool + Send + Sync>;
 
 /// Why a connection attempt failed, classified for clear user-facing errors.
@@ -70,7 +71,8 @@ pub enum Refusal {
     /// (if known).
     #[error("the remote node is not the one pinned: it presented {}", presented(.got))]
     WrongKey { got: Option<NodeId> },
-    /// No common ALPN: the remote speaks another protocol version.
+    /// No common ALPN: the remote speaks another protocol version (and this side, or the
+    /// remote, offered no negotiation token).
     #[error("the remote node speaks another fazt protocol version")]
     ProtocolMismatch,
     /// Anything else (timeout, unreachable, reset, ...), with a short description.
@@ -87,13 +89,18 @@ fn presented(got: &Option<NodeId>) -> String {
 
 /// Server side: presents `key` as a raw public key, requires the client to present an ed25519
 /// raw public key, verifies its handshake signature, and refuses the handshake with a TLS
-/// `access_denied` alert when `admit(key)` is false.
+/// `access_denied` alert when `admit(key)` is false. `alpns` are the protocols it serves, in
+/// its order of preference (the negotiation tokens last).
 ///
 /// A refused client learns it was refused one flight after its own handshake completed (TLS
 /// 1.3 client authentication), so on its side the refusal may surface from the first stream
 /// operation rather than from the connect itself; [`classify`] reads it the same either way.
 /// This side never sees application data from a refused client.
-pub fn server_config(key: &SigningKey, admit: Admit) -> anyhow::Result<quinn::ServerConfig> {
+pub fn server_config(
+    key: &SigningKey,
+    admit: Admit,
+    alpns: &[&[u8]],
+) -> anyhow::Result<quinn::ServerConfig> {
     let provider = provider();
     let verifier = AdmittedClients {
         admit,
@@ -105,7 +112,7 @@ pub fn server_config(key: &SigningKey, admit: Admit) -> anyhow::Result<quinn::Se
         .context("configuring TLS 1.3")?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(resolver));
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.send_tls13_tickets = 0;
     let quic = QuicServerConfig::try_from(Arc::new(tls)).context("configuring QUIC TLS")?;
@@ -115,13 +122,14 @@ pub fn server_config(key: &SigningKey, admit: Admit) -> anyhow::Result<quinn::Se
 }
 
 /// Client side: presents `key`, and accepts the server only if it presents exactly `expected`
-/// (the pinned node key). `alpn` is normally [`ALPN`].
+/// (the pinned node key), offering the protocols `alpns`: normally the one it wants and then
+/// `fazt_proto::alpn::NEGOTIATE`.
 ///
 /// Connect with `endpoint.connect_with(config, addr, SERVER_NAME)`.
 pub fn client_config(
     key: &SigningKey,
     expected: [u8; 32],
-    alpn: &[u8],
+    alpns: &[&[u8]],
 ) -> anyhow::Result<quinn::ClientConfig> {
     let provider = provider();
     let verifier = PinnedServer {
@@ -135,7 +143,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(resolver));
-    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
     tls.resumption = rustls::client::Resumption::disabled();
     tls.enable_sni = false;
     let quic = QuicClientConfig::try_from(Arc::new(tls)).context("configuring QUIC TLS")?;
@@ -194,6 +202,14 @@ pub fn remote_key(conn: &quinn::Connection) -> Option<NodeId> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     ed25519_key(certs.first()?).ok().map(NodeId::from_bytes)
+}
+
+/// The protocol (ALPN token) the handshake of `conn` chose.
+pub fn protocol(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// Why a connection attempt failed, for the user.
@@ -498,6 +514,9 @@ mod tests {
     use super::*;
 
     const LOOPBACK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+    /// What a server offers and a client asks for in these tests.
+    const SERVED: &[&[u8]] = &[fazt_proto::alpn::SYNC, fazt_proto::alpn::NEGOTIATE];
+    const ASKED: &[&[u8]] = &[fazt_proto::alpn::SYNC, fazt_proto::alpn::NEGOTIATE];
 
     fn random_key() -> SigningKey {
         let mut secret = [0u8; 32];
@@ -527,10 +546,10 @@ mod tests {
         server: &quinn::Endpoint,
         client_key: &SigningKey,
         pinned: [u8; 32],
-        alpn: &[u8],
+        alpns: &[&[u8]],
     ) -> ConnectionError {
         let client = endpoint(LOOPBACK, None).unwrap();
-        let config = client_config(client_key, pinned, alpn).unwrap();
+        let config = client_config(client_key, pinned, alpns).unwrap();
         let connecting = client
             .connect_with(config, server.local_addr().unwrap(), SERVER_NAME)
             .unwrap();
@@ -563,7 +582,7 @@ mod tests {
     #[tokio::test]
     async fn trusted_client_and_pinned_server_exchange_bytes_and_see_each_others_keys() {
         let (server_key, client_key) = (random_key(), random_key());
-        let config = server_config(&server_key, admit_only(public(&client_key))).unwrap();
+        let config = server_config(&server_key, admit_only(public(&client_key)), SERVED).unwrap();
         let server = endpoint(LOOPBACK, Some(config)).unwrap();
         let server_addr = server.local_addr().unwrap();
 
@@ -580,7 +599,7 @@ mod tests {
 
         within(10, async {
             let client = endpoint(LOOPBACK, None).unwrap();
-            let config = client_config(&client_key, public(&server_key), ALPN).unwrap();
+            let config = client_config(&client_key, public(&server_key), ASKED).unwrap();
             let conn = client
                 .connect_with(config, server_addr, SERVER_NAME)
                 .unwrap()
@@ -607,12 +626,12 @@ mod tests {
     #[tokio::test]
     async fn a_client_the_server_does_not_admit_is_told_it_is_not_trusted() {
         let (server_key, client_key) = (random_key(), random_key());
-        let config = server_config(&server_key, Arc::new(|_| false)).unwrap();
+        let config = server_config(&server_key, Arc::new(|_| false), SERVED).unwrap();
         let server = endpoint(LOOPBACK, Some(config)).unwrap();
 
         let (err, ()) = within(10, async {
             tokio::join!(
-                failed_attempt(&server, &client_key, public(&server_key), ALPN),
+                failed_attempt(&server, &client_key, public(&server_key), ASKED),
                 server_side_refused(&server),
             )
         })
@@ -624,12 +643,12 @@ mod tests {
     async fn a_server_presenting_another_key_than_the_pinned_one_is_refused_with_the_key_it_showed()
     {
         let (server_key, client_key, pinned) = (random_key(), random_key(), random_key());
-        let config = server_config(&server_key, admit_only(public(&client_key))).unwrap();
+        let config = server_config(&server_key, admit_only(public(&client_key)), SERVED).unwrap();
         let server = endpoint(LOOPBACK, Some(config)).unwrap();
 
         let (err, ()) = within(10, async {
             tokio::join!(
-                failed_attempt(&server, &client_key, public(&pinned), ALPN),
+                failed_attempt(&server, &client_key, public(&pinned), ASKED),
                 server_side_refused(&server),
             )
         })
@@ -646,12 +665,13 @@ mod tests {
     #[tokio::test]
     async fn another_protocol_version_is_refused_promptly_as_a_mismatch() {
         let (server_key, client_key) = (random_key(), random_key());
-        let config = server_config(&server_key, admit_only(public(&client_key))).unwrap();
+        let config = server_config(&server_key, admit_only(public(&client_key)), SERVED).unwrap();
         let server = endpoint(LOOPBACK, Some(config)).unwrap();
 
         let (err, ()) = within(5, async {
             tokio::join!(
-                failed_attempt(&server, &client_key, public(&server_key), b"fazt/999"),
+                // No negotiation token: nothing to tell it in words.
+                failed_attempt(&server, &client_key, public(&server_key), &[b"fazt/999"]),
                 server_side_refused(&server),
             )
         })
@@ -662,7 +682,7 @@ mod tests {
     #[tokio::test]
     async fn an_ipv4_client_reaches_a_server_listening_on_the_ipv6_wildcard() {
         let (server_key, client_key) = (random_key(), random_key());
-        let config = server_config(&server_key, admit_only(public(&client_key))).unwrap();
+        let config = server_config(&server_key, admit_only(public(&client_key)), SERVED).unwrap();
         let wildcard = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
         let server = endpoint(wildcard, Some(config)).unwrap();
         let bound = server.local_addr().unwrap();
@@ -679,7 +699,7 @@ mod tests {
         });
         within(10, async {
             let client = endpoint(LOOPBACK, None).unwrap();
-            let config = client_config(&client_key, public(&server_key), ALPN).unwrap();
+            let config = client_config(&client_key, public(&server_key), ASKED).unwrap();
             let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), bound.port());
             let conn = client
                 .connect_with(config, target, SERVER_NAME)

@@ -1,5 +1,6 @@
-//! The sync port before authentication: what an unknown key can make a node hold. Driven with
-//! a small hostile QUIC client (real TLS 1.3 with a raw ed25519 key, as nodes speak it).
+//! The sync port before authentication: what an unknown key can make a node hold, and which
+//! protocol (ALPN) it may use. Driven with a small hostile QUIC client (real TLS 1.3 with a raw
+//! ed25519 key, as nodes speak it).
 
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use fazt_proto::alpn;
 use fazt_proto::bundle::{WireChange, WireValue};
 use fazt_proto::wire::{self, Changes, Heads, Hello, Join, Message, NetChange};
 
@@ -58,15 +60,16 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
-/// A client config presenting a fresh random ed25519 key.
-fn stranger() -> quinn::ClientConfig {
+/// A client config presenting a fresh random ed25519 key and asking for `protocol`.
+fn stranger(protocol: &[u8]) -> quinn::ClientConfig {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).unwrap();
-    presenting(&ed25519_dalek::SigningKey::from_bytes(&secret))
+    presenting(&ed25519_dalek::SigningKey::from_bytes(&secret), protocol)
 }
 
-/// A client config presenting `key`.
-fn presenting(key: &ed25519_dalek::SigningKey) -> quinn::ClientConfig {
+/// A client config presenting `key` and asking for `protocol`, as nodes do: that token, then
+/// the negotiation token.
+fn presenting(key: &ed25519_dalek::SigningKey, protocol: &[u8]) -> quinn::ClientConfig {
     let spki = key.verifying_key().to_public_key_der().unwrap().into_vec();
     let pkcs8 = key.to_pkcs8_der().unwrap();
     let signer =
@@ -83,7 +86,7 @@ fn presenting(key: &ed25519_dalek::SigningKey) -> quinn::ClientConfig {
     .with_client_cert_resolver(Arc::new(
         rustls::client::AlwaysResolvesClientRawPublicKeys::new(Arc::new(certified)),
     ));
-    tls.alpn_protocols = vec![fazt_proto::ALPN.to_vec()];
+    tls.alpn_protocols = vec![protocol.to_vec(), alpn::NEGOTIATE.to_vec()];
     tls.enable_sni = false;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).unwrap();
     quinn::ClientConfig::new(Arc::new(quic))
@@ -106,12 +109,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Connects with a fresh key, opens a stream, sends `bytes` and then nothing more; returns
-/// how the node ended the connection (the reason it gave) and how long it took.
+/// Connects with a fresh key on the join protocol, opens a stream, sends `bytes` and then
+/// nothing more; returns how the node ended the connection (the reason it gave) and how long
+/// it took.
 async fn send_and_stall(addr: SocketAddr, bytes: Vec<u8>) -> (String, Duration) {
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = endpoint
-        .connect_with(stranger(), addr, "fazt.invalid")
+        .connect_with(stranger(alpn::JOIN), addr, "fazt.invalid")
         .unwrap()
         .await
         .expect("handshake");
@@ -144,11 +148,63 @@ fn reason(err: quinn::ConnectionError) -> String {
     }
 }
 
+/// A ticket from `node`, once its server admits strangers with it.
+///
+/// The server reads a new invitation into memory a few milliseconds after `peer invite`
+/// commits it (the handshake never reads the database); a real joiner retries a refused
+/// handshake, these hostile clients first wait until the invitation is there.
 fn ticket(node: &Node, extra: &[&str]) -> String {
     let mut args = vec!["peer", "invite"];
     args.extend_from_slice(extra);
     let out = node.ok(&args);
-    out.lines().last().unwrap_or_default().trim().to_string()
+    let ticket = out.lines().last().unwrap_or_default().trim().to_string();
+    runtime().block_on(invitation_admits(sync_addr(&ticket)));
+    ticket
+}
+
+/// How a stranger asking for `protocol` ends: the close the node gave, or the handshake's
+/// refusal.
+async fn stranger_on(addr: SocketAddr, protocol: &[u8]) -> quinn::ConnectionError {
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(stranger(protocol), addr, "fazt.invalid")
+        .unwrap()
+        .await
+        .expect("the client's side of the handshake");
+    tokio::time::timeout(GUARD, conn.closed())
+        .await
+        .expect("the node never closed the connection")
+}
+
+/// Whether a stranger was let through the handshake and then told it is not trusted (what
+/// any protocol but joining tells a key admitted by an open invitation).
+fn told_not_trusted(err: &quinn::ConnectionError) -> bool {
+    matches!(err, quinn::ConnectionError::ApplicationClosed(close)
+        if close.error_code == quinn::VarInt::from_u32(fazt_proto::close::NOT_TRUSTED))
+}
+
+/// Whether the handshake refused a stranger's key (TLS `access_denied`).
+fn refused_in_handshake(err: &quinn::ConnectionError) -> bool {
+    matches!(err, quinn::ConnectionError::ConnectionClosed(close)
+        if close.error_code == quinn::TransportErrorCode::crypto(49))
+}
+
+/// Waits until the node at `addr` admits strangers through the handshake (an invitation is
+/// open in its memory), probing with the sync protocol, which takes no joining slot.
+async fn invitation_admits(addr: SocketAddr) {
+    let start = Instant::now();
+    loop {
+        let outcome = stranger_on(addr, alpn::SYNC).await;
+        if told_not_trusted(&outcome) {
+            return;
+        }
+        assert!(refused_in_handshake(&outcome), "{outcome}");
+        assert!(
+            start.elapsed() < GUARD,
+            "the invitation never admitted anyone"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn peers(node: &Node) -> serde_json::Value {
@@ -162,6 +218,74 @@ fn vm_rss_kib(server: &Server) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+#[test]
+fn a_stranger_on_the_sync_protocol_is_refused_in_the_handshake_or_closed_before_any_stream() {
+    let zyt = Node::new();
+    let server = zyt.start(&[]);
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.port));
+    let rt = runtime();
+    // No invitation open: the handshake refuses the key.
+    let outcome = rt.block_on(stranger_on(addr, alpn::SYNC));
+    assert!(refused_in_handshake(&outcome), "{outcome}");
+    // With one open the handshake lets it through, but only joining serves it: the sync
+    // protocol closes the connection at once, saying why.
+    let _t = ticket(&zyt, &[]);
+    let outcome = rt.block_on(stranger_on(addr, alpn::SYNC));
+    assert!(told_not_trusted(&outcome), "{outcome}");
+    assert_eq!(
+        reason(outcome),
+        "closed by fazt: this node does not trust yours: run `fazt peer join` with a new ticket"
+    );
+    assert_eq!(peers(&zyt), serde_json::json!([]));
+}
+
+#[test]
+fn a_node_asking_for_a_protocol_version_this_one_does_not_speak_is_told_which_it_speaks() {
+    let zyt = Node::new();
+    let mut server = zyt.start(&[]);
+    let key = random_key();
+    zyt.ok(&["peer", "trust", &id_of(&key), "--name", "newer"]);
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.port));
+    let rt = runtime();
+    let outcome = rt.block_on(async {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let start = Instant::now();
+        loop {
+            let conn = endpoint
+                .connect_with(presenting(&key, b"fazt/sync/99"), addr, "fazt.invalid")
+                .unwrap()
+                .await
+                .expect("the client's side of the handshake");
+            let closed = tokio::time::timeout(GUARD, conn.closed()).await.unwrap();
+            // The server reads a key it was just told to trust within milliseconds.
+            if !refused_in_handshake(&closed) || start.elapsed() > GUARD {
+                return closed;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    match &outcome {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
+            close.error_code,
+            quinn::VarInt::from_u32(fazt_proto::close::VERSION_MISMATCH)
+        ),
+        other => panic!("want the version close, got {other}"),
+    }
+    assert_eq!(
+        reason(outcome),
+        "closed by fazt: version mismatch: this node speaks fazt/join/1, fazt/sync/1"
+    );
+    // The node says the same in its log.
+    let stopped = server.stop_with("-TERM");
+    assert!(
+        stopped
+            .stderr
+            .contains("version mismatch: this node speaks fazt/join/1, fazt/sync/1"),
+        "{}",
+        stopped.stderr
+    );
 }
 
 #[test]
@@ -275,10 +399,12 @@ fn strangers_that_stall_are_dropped_a_few_at_a_time_and_a_real_join_still_works(
     assert_eq!(peers(&zyt).as_array().unwrap().len(), 1);
 }
 
-/// A connection to the node at `addr` presenting `key`, and one stream on it.
+/// A connection to the node at `addr` presenting `key` and asking for `protocol`, and one
+/// stream on it.
 async fn open(
     addr: SocketAddr,
     key: &ed25519_dalek::SigningKey,
+    protocol: &[u8],
 ) -> (
     quinn::Endpoint,
     quinn::Connection,
@@ -287,7 +413,7 @@ async fn open(
 ) {
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = endpoint
-        .connect_with(presenting(key), addr, "fazt.invalid")
+        .connect_with(presenting(key, protocol), addr, "fazt.invalid")
         .unwrap()
         .await
         .expect("handshake");
@@ -318,14 +444,25 @@ async fn read_frame(recv: &mut quinn::RecvStream) -> Option<Message> {
     Some(Message::decode(&payload).unwrap())
 }
 
-/// A stranger (a key zyt does not trust, admitted by an open invitation) sends `msg`:
-/// what zyt answers.
+/// A stranger (a key zyt does not trust, admitted by an open invitation) sends `msg` on the
+/// join protocol: what zyt answers.
 async fn stranger_sends(addr: SocketAddr, msg: Message) -> Option<Message> {
-    let (_endpoint, conn, mut send, mut recv) = open(addr, &random_key()).await;
+    let (_endpoint, conn, mut send, mut recv) = open(addr, &random_key(), alpn::JOIN).await;
     send.write_all(&msg.encode()).await.unwrap();
     let answer = read_frame(&mut recv).await;
     conn.close(quinn::VarInt::from_u32(0), b"done");
     answer
+}
+
+/// A stranger says Hello on the sync protocol: how zyt ended the connection, and whether it
+/// sent anything on the stream first.
+async fn stranger_says_hello(addr: SocketAddr, hello: &Message) -> (String, bool) {
+    let (_endpoint, conn, mut send, mut recv) = open(addr, &random_key(), alpn::SYNC).await;
+    // zyt may have closed the connection already: that is the answer.
+    let _ = send.write_all(&hello.encode()).await;
+    let answered = recv.read_exact(&mut [0u8; 1]).await.is_ok();
+    let closed = tokio::time::timeout(GUARD, conn.closed()).await.unwrap();
+    (reason(closed), answered)
 }
 
 #[test]
@@ -360,6 +497,15 @@ fn a_stranger_admitted_by_an_open_invitation_may_only_join() {
         }],
         complete: Some(Heads(vec![([9; 16], vec![(1, 1)])])),
     });
+    // On the sync protocol the stranger is not served at all: the connection is closed before
+    // any stream is accepted, and the dialer hears that it is not trusted.
+    let (why, answered) = rt.block_on(stranger_says_hello(addr, &hello));
+    assert_eq!(
+        why,
+        "closed by fazt: this node does not trust yours: run `fazt peer join` with a new ticket"
+    );
+    assert!(!answered, "zyt sent nothing to the stranger");
+    // On the join protocol anything but a Join is refused.
     let answers = rt.block_on(async {
         let mut out = Vec::new();
         for msg in [
@@ -382,12 +528,8 @@ fn a_stranger_admitted_by_an_open_invitation_may_only_join() {
             other => panic!("want a Refuse, got {other:?}"),
         })
         .collect();
-    assert!(
-        refusals[0].contains("this node does not trust yours"),
-        "{refusals:?}"
-    );
-    for r in &refusals[1..] {
-        assert_eq!(r, "expected Hello or Join");
+    for r in &refusals {
+        assert_eq!(r, "expected Join on the join protocol");
     }
     // Nothing a stranger sent was kept.
     assert_same_state(&before, &zyt.state());
@@ -410,7 +552,7 @@ fn two_joins_racing_with_one_ticket_get_exactly_one_welcome() {
         // its Join; then both Joins go out at once.
         let mut opened = Vec::new();
         for key in &keys {
-            opened.push(open(addr, key).await);
+            opened.push(open(addr, key, alpn::JOIN).await);
         }
         let joins = opened.iter_mut().enumerate().map(|(i, (_, _, send, _))| {
             let frame = Message::Join(Join {
@@ -508,7 +650,7 @@ fn a_silent_peer_stays_connected_a_dead_one_is_dropped_and_peer_list_shows_lag_a
     let addr = SocketAddr::from(([127, 0, 0, 1], server.port));
     let rt = runtime();
     let (_endpoint, conn, _send, _drain) = rt.block_on(async {
-        let (endpoint, conn, mut send, mut recv) = open(addr, &key).await;
+        let (endpoint, conn, mut send, mut recv) = open(addr, &key, alpn::SYNC).await;
         let hello = Message::Hello(Hello {
             node: fazt_proto::NodeId::from_bytes(key.verifying_key().to_bytes()),
             protocol: fazt_proto::PROTOCOL_VERSION,
@@ -605,7 +747,7 @@ fn speechless_node(
     .with_cert_resolver(Arc::new(
         rustls::server::AlwaysResolvesServerRawPublicKeys::new(Arc::new(certified)),
     ));
-    tls.alpn_protocols = vec![fazt_proto::ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn::SYNC.to_vec()];
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).unwrap();
     let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let _guard = rt.enter();

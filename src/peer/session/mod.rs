@@ -33,7 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::error::{Closed, Stage, Violation};
+use super::error::{Closed, Stage, Theirs, Violation};
 use super::frame::read_message;
 use super::{Error, Limits};
 use apply::Incoming;
@@ -303,7 +303,7 @@ impl Session {
         if hello.protocol != fazt_proto::PROTOCOL_VERSION {
             return Err(Error::VersionMismatch {
                 peer: self.peer_name.clone(),
-                theirs: Some(hello.protocol),
+                theirs: Theirs::Hello(hello.protocol),
             });
         }
         let schema = self.node.schema;

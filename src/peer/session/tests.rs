@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::export::{to_net, Offers};
 use super::*;
-use crate::peer::error::{Closed, Stage, Violation};
+use crate::peer::error::{Closed, Stage, Theirs, Violation};
 use crate::peer::frame::{read_message, write_message};
 
 /// Connections as a node's own would be opened.
@@ -884,7 +884,7 @@ async fn a_hello_in_another_protocol_version_is_a_version_mismatch() {
     assert!(
         matches!(
             err,
-            Error::VersionMismatch { theirs: Some(v), .. } if v == theirs
+            Error::VersionMismatch { theirs: Theirs::Hello(v), .. } if v == theirs
         ),
         "{err:?}"
     );
