@@ -29,6 +29,3 @@ pub use node_id::{NodeId, NodeIdError};
 /// Version of the replication protocol spoken by this build, as `Hello` carries it; the
 /// handshake already agreed on it through [`alpn::SYNC`].
 pub const PROTOCOL_VERSION: u32 = 1;
-
-/// The single ALPN token of builds before [`alpn`] (the same as [`alpn::LEGACY`]).
-pub const ALPN: &[u8] = alpn::LEGACY;
