@@ -299,6 +299,22 @@ mod tests {
         answer
     }
 
+    /// Dials `node` as `key` offering `alpns` and waits for the connection to end: how it
+    /// ended (the handshake's refusal, or the node's close).
+    async fn ended(node: &Node, key: &SigningKey, alpns: &[&[u8]]) -> quinn::ConnectionError {
+        let endpoint = tls::endpoint(LOOPBACK, None).unwrap();
+        let config = tls::client_config(key, public(&node.key), alpns).unwrap();
+        within(async {
+            let conn = endpoint
+                .connect_with(config, node.addr, tls::SERVER_NAME)
+                .unwrap()
+                .await
+                .expect("the client's side of the handshake");
+            conn.closed().await
+        })
+        .await
+    }
+
     /// Fails the test instead of hanging it.
     async fn within<T>(work: impl std::future::Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(10), work)
@@ -309,9 +325,11 @@ mod tests {
     #[tokio::test]
     async fn a_sync_connection_from_an_untrusted_key_is_refused_in_the_handshake() {
         let zyt = node(trusting(&[], false));
-        let err = within(ask(&zyt, &random_key(), alpn::SYNC))
-            .await
-            .unwrap_err();
+        let stranger = random_key();
+        // The TLS alert, not the router's close.
+        let closed = ended(&zyt, &stranger, &[alpn::SYNC, alpn::NEGOTIATE]).await;
+        assert_eq!(tls::classify(&closed), tls::Refusal::NotTrusted, "{closed}");
+        let err = within(ask(&zyt, &stranger, alpn::SYNC)).await.unwrap_err();
         assert!(matches!(err, Error::NotTrusted { .. }), "{err:?}");
         assert_eq!((zyt.join.served(), zyt.sync.served()), (0, 0));
     }
@@ -340,22 +358,7 @@ mod tests {
     #[tokio::test]
     async fn an_untrusted_key_on_sync_is_closed_with_the_not_trusted_code_before_any_stream() {
         let zyt = node(trusting(&[], true));
-        let endpoint = tls::endpoint(LOOPBACK, None).unwrap();
-        let config = tls::client_config(
-            &random_key(),
-            public(&zyt.key),
-            &[alpn::SYNC, alpn::NEGOTIATE],
-        )
-        .unwrap();
-        let conn = within(async {
-            endpoint
-                .connect_with(config, zyt.addr, tls::SERVER_NAME)
-                .unwrap()
-                .await
-                .unwrap()
-        })
-        .await;
-        let closed = within(conn.closed()).await;
+        let closed = ended(&zyt, &random_key(), &[alpn::SYNC, alpn::NEGOTIATE]).await;
         match closed {
             quinn::ConnectionError::ApplicationClosed(close) => {
                 assert_eq!(
@@ -401,18 +404,7 @@ mod tests {
     async fn a_build_from_before_protocol_tokens_hears_the_version_message_as_the_close_reason() {
         let peer = random_key();
         let zyt = node(trusting(&[public(&peer)], false));
-        let endpoint = tls::endpoint(LOOPBACK, None).unwrap();
-        let config = tls::client_config(&peer, public(&zyt.key), &[alpn::LEGACY]).unwrap();
-        let closed = within(async {
-            let conn = endpoint
-                .connect_with(config, zyt.addr, tls::SERVER_NAME)
-                .unwrap()
-                .await
-                .unwrap();
-            conn.closed().await
-        })
-        .await;
-        match closed {
+        match ended(&zyt, &peer, &[alpn::LEGACY]).await {
             quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(
                 String::from_utf8_lossy(&close.reason),
                 "version mismatch: this node speaks fazt/join/1, fazt/sync/1"
