@@ -195,7 +195,7 @@ async fn reconcile_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
     let mut changed = ctx.changed.clone();
     let mut dialers: HashMap<String, (Peer, JoinHandle<()>)> = HashMap::new();
     loop {
-        let peers = ctx.db.read(|c| store::list(c)).await;
+        let peers = ctx.db.read(store::list).await;
         match peers {
             Ok(peers) => {
                 let wanted: HashMap<String, Peer> = peers
