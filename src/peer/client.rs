@@ -44,13 +44,6 @@ pub struct Joined {
     pub addr: String,
 }
 
-/// How often a join is tried when the inviting node's handshake refuses this node's key, and
-/// the wait between tries. The inviting node reads a new invitation into memory within a few
-/// dozen milliseconds of its commit; a join started right after `fazt peer invite` (another
-/// process) may beat that, and then a retry finds it.
-const JOIN_ATTEMPTS: u32 = 4;
-const JOIN_RETRY: Duration = Duration::from_millis(300);
-
 /// Redeems `ticket` at the inviting node; on success both nodes trust each other.
 pub fn join(
     db: &mut crate::db::Db,
@@ -70,12 +63,16 @@ pub fn join(
         .unwrap_or_else(|| "the inviting node".into());
     let welcome = runtime()?.block_on(async {
         let endpoint = client_endpoint()?;
+        // The inviting node reads a new invitation into memory within a few dozen
+        // milliseconds of its commit; a join started right after `fazt peer invite` (another
+        // process) may beat that, and then a retry finds it.
+        let limits = super::Limits::default();
         let mut attempt = 1;
         let welcome = loop {
             match join_once(&endpoint, &key, &label, ticket, me, advertise).await {
-                Err(Error::NoInvitation { .. }) if attempt < JOIN_ATTEMPTS => {
+                Err(Error::NoInvitation { .. }) if attempt < limits.join_attempts => {
                     attempt += 1;
-                    tokio::time::sleep(JOIN_RETRY).await;
+                    tokio::time::sleep(limits.join_retry).await;
                 }
                 outcome => break outcome,
             }
@@ -133,12 +130,15 @@ async fn redeem(
         addr: advertise.to_string(),
     });
     frame::write_message(&mut send, &join).await?;
-    let reply = tokio::time::timeout(super::CONNECT_TIMEOUT, frame::read_message(&mut recv))
-        .await
-        .map_err(|_| Error::Timeout {
-            peer: peer(),
-            wait: Wait::JoinAnswer,
-        })?;
+    let reply = tokio::time::timeout(
+        super::Limits::default().connect_timeout,
+        frame::read_message(&mut recv),
+    )
+    .await
+    .map_err(|_| Error::Timeout {
+        peer: peer(),
+        wait: Wait::JoinAnswer,
+    })?;
     match reply? {
         Some((Message::Welcome { name }, _)) => Ok(name),
         Some((Message::Refuse(reason), _)) => Err(Error::Refused {

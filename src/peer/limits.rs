@@ -1,4 +1,4 @@
-//! The peer layer's tunables, in one place (like [`crate::runtime::Limits`] for app code).
+//! The peer layer's tunables (sessions, the service's dialers and joins, `peer join`), in one place (like [`crate::runtime::Limits`] for app code).
 
 use std::time::Duration;
 
@@ -32,6 +32,29 @@ pub struct Limits {
     /// for them to die before redialing. `FAZT_PEER_IDLE_TIMEOUT_MS` overrides it (tests
     /// shorten it; at least 50 ms).
     pub idle_timeout: Duration,
+
+    /// How long a connection attempt may take before the peer counts as unreachable.
+    pub connect_timeout: Duration,
+    /// First wait before redialing a peer; it doubles up to `redial_max`.
+    pub redial_min: Duration,
+    pub redial_max: Duration,
+    /// A session that lasted this long resets the redial wait to `redial_min`.
+    pub healthy_session: Duration,
+    /// How often a session's lag is written to the peers table.
+    pub state_interval: Duration,
+
+    /// The most a joiner may send as its first message: a Join holds a 32-byte secret, a
+    /// name and an address, far below this.
+    pub join_frame: usize,
+    /// How long a joiner has, once its handshake is done, to open a stream and send Join.
+    pub join_timeout: Duration,
+    /// How many joins from unknown keys are served at once; more are closed at once.
+    pub max_joiners: usize,
+    /// How often `peer join` tries again when the inviting node refused its key in the
+    /// handshake (its trust set may not hold an invitation made a moment ago yet), and how
+    /// long it waits between tries.
+    pub join_attempts: u32,
+    pub join_retry: Duration,
 }
 
 impl Default for Limits {
@@ -46,6 +69,16 @@ impl Default for Limits {
             stage_after: Duration::from_secs(1),
             want_batch: 1_000,
             idle_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            redial_min: Duration::from_millis(250),
+            redial_max: Duration::from_secs(10),
+            healthy_session: Duration::from_secs(10),
+            state_interval: Duration::from_secs(1),
+            join_frame: 4 << 10,
+            join_timeout: Duration::from_secs(5),
+            max_joiners: 8,
+            join_attempts: 4,
+            join_retry: Duration::from_millis(300),
         }
     }
 }

@@ -22,7 +22,6 @@ pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use anyhow::Result;
 use fazt_proto::NodeId;
@@ -69,9 +68,6 @@ async fn resolve(peer: &str, addr: &str) -> Result<SocketAddr, Error> {
         .ok_or_else(|| unreachable(Unreachable::NoAddress))
 }
 
-/// How long a connection attempt may take before the peer counts as unreachable.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Connects to a peer that must present `key`, asking for `protocol` (a token of
 /// `fazt_proto::alpn`), with errors that say what to do.
 pub async fn connect(
@@ -96,9 +92,10 @@ pub async fn connect(
     let connecting = endpoint
         .connect_with(config, target, tls::SERVER_NAME)
         .map_err(|e| unreachable(Unreachable::Connect(e)))?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+    let within = Limits::default().connect_timeout;
+    match tokio::time::timeout(within, connecting).await {
         Err(_) => Err(unreachable(Unreachable::Silent {
-            within: CONNECT_TIMEOUT,
+            within,
             port: Some(target.port()),
         })),
         Ok(Err(e)) => Err(Error::from_connection(name, addr, &e)),

@@ -23,22 +23,6 @@ use super::store::{self, Peer};
 use super::tls;
 use crate::db::Database;
 
-/// First wait before redialing a peer; doubles up to [`MAX_BACKOFF`].
-const MIN_BACKOFF: Duration = Duration::from_millis(250);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// A session that lasted this long resets the backoff.
-const HEALTHY_SESSION: Duration = Duration::from_secs(10);
-/// How often a session's lag is written to the peers table.
-const STATE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// The most a joiner may send as its first message: a Join holds a 32-byte secret, a name
-/// and an address, far below this.
-const JOIN_FRAME: usize = 4 << 10;
-/// How long a joiner has, once its handshake is done, to open a stream and send Join.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How many joins from unknown keys are served at once; more are closed at once.
-const MAX_JOINERS: usize = 8;
-
 struct Ctx {
     db: Database,
     key: SigningKey,
@@ -47,9 +31,10 @@ struct Ctx {
     /// commit ([`trust_loop`]).
     trust: Arc<Trust>,
     changed: watch::Receiver<u64>,
+    limits: super::Limits,
     /// Connections with a running session, per peer key (either direction).
     active: Mutex<HashMap<[u8; 32], Vec<quinn::Connection>>>,
-    /// Slots for joins from unknown keys (see [`MAX_JOINERS`]).
+    /// Slots for joins from unknown keys (see [`super::Limits::max_joiners`]).
     joiners: Arc<tokio::sync::Semaphore>,
 }
 
@@ -87,6 +72,7 @@ pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> 
         .await?;
     }
     let changed = db.commits();
+    let limits = super::Limits::from_env();
 
     let own = NodeId::from_bytes(key.verifying_key().to_bytes());
     let ctx = Arc::new(Ctx {
@@ -96,7 +82,8 @@ pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> 
         trust: trust.clone(),
         changed,
         active: Mutex::new(HashMap::new()),
-        joiners: Arc::new(tokio::sync::Semaphore::new(MAX_JOINERS)),
+        joiners: Arc::new(tokio::sync::Semaphore::new(limits.max_joiners)),
+        limits,
     });
     let router = Router::new(trust)
         .route(alpn::JOIN, Arc::new(Joining(ctx.clone())))
@@ -232,7 +219,8 @@ async fn reconcile_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
 
 async fn dial_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, peer: Peer) {
     let addr = peer.addr.clone().unwrap_or_default();
-    let mut backoff = MIN_BACKOFF;
+    let limits = &ctx.limits;
+    let mut backoff = limits.redial_min;
     let mut failing = false;
     loop {
         if ctx.session_count(peer.node_id.as_bytes()) > 0 {
@@ -271,7 +259,7 @@ async fn dial_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, peer: Peer) {
             }
             Err(e) => tracing::debug!(peer = %peer.name, error = %format!("{e:#}"), "retry failed"),
         }
-        let (wait, next) = next_backoff(backoff, started.elapsed());
+        let (wait, next) = next_backoff(limits, backoff, started.elapsed());
         tokio::time::sleep(wait).await;
         backoff = next;
     }
@@ -279,15 +267,19 @@ async fn dial_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, peer: Peer) {
 
 /// How long to wait before redialing after a connection that lasted `lasted`, having last
 /// waited `backoff`; and the wait after that, should this attempt fail too. A session that
-/// lasted [`HEALTHY_SESSION`] starts again from [`MIN_BACKOFF`]; otherwise the wait doubles
-/// up to [`MAX_BACKOFF`].
-fn next_backoff(backoff: Duration, lasted: Duration) -> (Duration, Duration) {
-    let wait = if lasted > HEALTHY_SESSION {
-        MIN_BACKOFF
+/// lasted [`super::Limits::healthy_session`] starts again from `redial_min`; otherwise the
+/// wait doubles up to `redial_max`.
+fn next_backoff(
+    limits: &super::Limits,
+    backoff: Duration,
+    lasted: Duration,
+) -> (Duration, Duration) {
+    let wait = if lasted > limits.healthy_session {
+        limits.redial_min
     } else {
         backoff
     };
-    (wait, (wait * 2).min(MAX_BACKOFF))
+    (wait, (wait * 2).min(limits.redial_max))
 }
 
 async fn accept_loop(router: Router, endpoint: quinn::Endpoint) {
@@ -332,14 +324,15 @@ async fn serve_join(ctx: Arc<Ctx>, accepted: Accepted) -> Result<()> {
                 b"too many nodes are joining at once: try again in a few seconds",
             );
             return Err(anyhow!(
-                "refused an unknown node: {MAX_JOINERS} joins already in progress"
+                "refused an unknown node: {} joins already in progress",
+                ctx.limits.max_joiners
             ));
         };
         Some(slot)
     };
-    let first = tokio::time::timeout(JOIN_TIMEOUT, async {
+    let first = tokio::time::timeout(ctx.limits.join_timeout, async {
         let (send, mut recv) = conn.accept_bi().await?;
-        let first = frame::read_message_within(&mut recv, JOIN_FRAME).await?;
+        let first = frame::read_message_within(&mut recv, ctx.limits.join_frame).await?;
         anyhow::Ok((send, first))
     })
     .await;
@@ -362,7 +355,7 @@ async fn serve_join(ctx: Arc<Ctx>, accepted: Accepted) -> Result<()> {
             conn.close(quinn::VarInt::from_u32(close::REFUSED), b"no Join in time");
             Err(anyhow!(
                 "a joining node sent no Join within {} seconds",
-                JOIN_TIMEOUT.as_secs()
+                ctx.limits.join_timeout.as_secs()
             ))
         }
     }
@@ -477,13 +470,14 @@ async fn run_session(
     let reporter = {
         let ctx = ctx.clone();
         let node = peer.node_id;
+        let interval = ctx.limits.state_interval;
         tokio::spawn(async move {
             while progress_rx.changed().await.is_ok() {
                 let lag = progress_rx.borrow_and_update().lag as i64;
                 let _ = ctx
                     .with_state(move |_, c| store::record_state(c, &node, true, Some(lag)))
                     .await;
-                tokio::time::sleep(STATE_INTERVAL).await;
+                tokio::time::sleep(interval).await;
             }
         })
     };
@@ -494,7 +488,7 @@ async fn run_session(
         peer_name: peer.name.to_string(),
         mode: Mode::Live,
         node: super::session_node(),
-        limits: super::Limits::from_env(),
+        limits: ctx.limits.clone(),
         changed: ctx.changed.clone(),
         progress: Some(progress_tx),
     };
@@ -524,10 +518,11 @@ mod tests {
     #[test]
     fn redials_back_off_from_250_ms_doubling_to_10_s_and_a_long_session_resets_them() {
         let quick = Duration::from_millis(20);
-        let mut backoff = MIN_BACKOFF;
+        let limits = super::super::Limits::default();
+        let mut backoff = limits.redial_min;
         let mut waits = Vec::new();
         for _ in 0..9 {
-            let (wait, next) = next_backoff(backoff, quick);
+            let (wait, next) = next_backoff(&limits, backoff, quick);
             waits.push(wait.as_millis());
             backoff = next;
         }
@@ -536,9 +531,10 @@ mod tests {
             [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000, 10_000]
         );
         // A session that lasted more than 10 s: the next redial is quick again.
-        let (wait, next) = next_backoff(MAX_BACKOFF, Duration::from_secs(11));
-        assert_eq!((wait, next), (MIN_BACKOFF, MIN_BACKOFF * 2));
+        let max = limits.redial_max;
+        let (wait, next) = next_backoff(&limits, max, Duration::from_secs(11));
+        assert_eq!((wait, next), (limits.redial_min, limits.redial_min * 2));
         // One that lasted exactly 10 s is not healthy yet.
-        assert_eq!(next_backoff(MAX_BACKOFF, HEALTHY_SESSION).0, MAX_BACKOFF);
+        assert_eq!(next_backoff(&limits, max, limits.healthy_session).0, max);
     }
 }

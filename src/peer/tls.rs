@@ -24,7 +24,6 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
 use ed25519_dalek::pkcs8::spki::DecodePublicKey as _;
@@ -534,7 +533,7 @@ mod tests {
 
     /// Fails the test instead of hanging it.
     async fn within<T>(secs: u64, work: impl Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(secs), work)
+        tokio::time::timeout(std::time::Duration::from_secs(secs), work)
             .await
             .expect("finished in time")
     }
