@@ -33,10 +33,7 @@ pub(super) async fn apply_loop(
     mut groups: mpsc::UnboundedReceiver<Incoming>,
     tick: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
-    // Copying a large transfer from the WAL into the database file is left to the node's
-    // other connections (SQLite checkpoints on their next commit), not done on the path
-    // between receiving a group and acknowledging it.
-    db.conn().pragma_update(None, "wal_autocheckpoint", 0)?;
+    // `db` has automatic checkpoints off (see `Session::run`).
     let db: ApplyDb = Arc::new(Mutex::new(db));
     while let Some(first) = groups.recv().await {
         let mut wanted = Wanted::default();

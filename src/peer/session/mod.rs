@@ -194,13 +194,21 @@ impl Session {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let connect = self.connect.clone();
-        let (exporter_db, applier_db, content_db) =
+        // SQLite runs on blocking threads only, from opening on.
+        let (exporter_db, applier_db, content_db, mine) =
             tokio::task::spawn_blocking(move || -> Result<_> {
-                Ok((connect()?, connect()?, connect()?))
+                let applier = connect()?;
+                // Copying a large transfer from the WAL into the database file is left to the
+                // node's other connections (SQLite checkpoints on their next commit), not done
+                // on the path between receiving a group and acknowledging it.
+                applier
+                    .conn()
+                    .pragma_update(None, "wal_autocheckpoint", 0)?;
+                let mine = applier.coverage()?;
+                Ok((connect()?, applier, connect()?, mine))
             })
             .await
             .map_err(anyhow::Error::from)??;
-        let mine = applier_db.coverage()?;
         let shared: SharedRef = Arc::new(Mutex::new(Shared {
             mine: mine.clone(),
             ..Shared::default()
