@@ -19,3 +19,9 @@ pub const NOT_TRUSTED: u32 = 3;
 /// The connection chose no protocol both speak (see [`crate::alpn`]); the reason is
 /// [`crate::alpn::mismatch_reason`]. Never changes, like [`crate::alpn::NEGOTIATE`].
 pub const VERSION_MISMATCH: u32 = 4;
+
+/// A second connection between the same two nodes, closed by the node that dialed it because
+/// a replication session between them is already live (or started at the same moment and
+/// wins: when both dial, the connection dialed by the smaller key is kept). Expected: neither
+/// side reports it as a failure, and the dialer waits while the kept session lives.
+pub const DUPLICATE: u32 = 5;

@@ -236,6 +236,8 @@ struct PeerView {
     address: Option<String>,
     added_at: i64,
     connected: bool,
+    /// Live sessions with the peer: 1 once the dialers settle.
+    sessions: u32,
     last_seen: Option<i64>,
     lag: Option<i64>,
 }
@@ -254,6 +256,7 @@ fn list(db: &Path, json: bool, status: bool) -> Result<()> {
             added_at: p.added_at,
             // The flag is only as fresh as the server that wrote it.
             connected: p.connected && server.is_some(),
+            sessions: if server.is_some() { p.sessions } else { 0 },
             last_seen: p.last_seen,
             lag: p.lag,
         })
@@ -286,6 +289,7 @@ fn list(db: &Path, json: bool, status: bool) -> Result<()> {
                 } else {
                     "no".into()
                 },
+                v.sessions.to_string(),
                 v.last_seen
                     .map(output::time)
                     .unwrap_or_else(|| "never".into()),
@@ -301,6 +305,7 @@ fn list(db: &Path, json: bool, status: bool) -> Result<()> {
             "ADDRESS",
             "NODE ID",
             "CONNECTED",
+            "SESSIONS",
             "LAST SEEN",
             "LAG",
         ],

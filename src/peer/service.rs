@@ -32,8 +32,11 @@ struct Ctx {
     trust: Arc<Trust>,
     changed: watch::Receiver<u64>,
     limits: super::Limits,
-    /// Connections with a running session, per peer key (either direction).
-    active: Mutex<HashMap<[u8; 32], Vec<quinn::Connection>>>,
+    /// The live sessions per peer, and what the dialers need to know of how the last ended.
+    links: Mutex<Links>,
+    /// Ticks whenever a session is added to [`Ctx::links`] (a dialed session that must yield
+    /// waits for it).
+    linked: watch::Sender<u64>,
     /// Slots for joins from unknown keys (see [`super::Limits::max_joiners`]).
     joiners: Arc<tokio::sync::Semaphore>,
 }
@@ -81,7 +84,8 @@ pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> 
         own,
         trust: trust.clone(),
         changed,
-        active: Mutex::new(HashMap::new()),
+        links: Mutex::new(Links::default()),
+        linked: watch::Sender::new(0),
         joiners: Arc::new(tokio::sync::Semaphore::new(limits.max_joiners)),
         limits,
     });
@@ -132,26 +136,208 @@ impl Ctx {
         self.db.read(move |c| refresh_trust(&trust, c)).await
     }
 
-    /// Takes the connections of peers no longer trusted out of the active set.
+    fn links(&self) -> std::sync::MutexGuard<'_, Links> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The connections of peers no longer trusted.
     fn untrusted_connections(&self) -> Vec<quinn::Connection> {
-        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-        let gone: Vec<[u8; 32]> = active
-            .keys()
-            .filter(|key| !self.trust.trusts(key))
-            .copied()
-            .collect();
-        gone.iter()
-            .filter_map(|key| active.remove(key))
-            .flatten()
+        self.links()
+            .live
+            .iter()
+            .filter(|(key, _)| !self.trust.trusts(key))
+            .flat_map(|(_, links)| links.iter().map(|l| l.conn.clone()))
             .collect()
     }
 
+    /// The live sessions with the peer `key` (both directions).
     fn session_count(&self, key: &[u8; 32]) -> usize {
-        self.active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.links().live.get(key).map_or(0, Vec::len)
+    }
+
+    /// Whether a session the peer `key` dialed is live.
+    fn dialed_by_peer(&self, key: &[u8; 32]) -> bool {
+        self.links()
+            .live
             .get(key)
-            .map_or(0, Vec::len)
+            .is_some_and(|links| links.iter().any(|l| !l.dialed))
+    }
+
+    /// Registers `conn` as a session with the peer `key`, unless this node dialed it and must
+    /// yield it to a session the peer dialed ([`must_yield`]): then `None`, and the caller
+    /// closes it with [`close::DUPLICATE`] before sending anything.
+    fn claim(
+        self: &Arc<Self>,
+        key: [u8; 32],
+        conn: &quinn::Connection,
+        dialed: bool,
+    ) -> Option<Claim> {
+        {
+            let mut links = self.links();
+            let peer_dialed = links
+                .live
+                .get(&key)
+                .is_some_and(|live| live.iter().any(|l| !l.dialed));
+            if dialed && peer_dialed && must_yield(&self.own, &key) {
+                return None;
+            }
+            links.live.entry(key).or_default().push(Link {
+                conn: conn.clone(),
+                dialed,
+            });
+            links.gone.remove(&key);
+        }
+        self.linked.send_modify(|n| *n = n.wrapping_add(1));
+        Some(Claim {
+            ctx: self.clone(),
+            key,
+            id: conn.stable_id(),
+            peer_gone: false,
+        })
+    }
+
+    /// Returns once a session the peer `key` dialed is live.
+    async fn peer_dials(&self, key: &[u8; 32]) {
+        let mut linked = self.linked.subscribe();
+        loop {
+            if self.dialed_by_peer(key) {
+                return;
+            }
+            if linked.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Whether failing to reach the peer `key` is expected: its last session ended because it
+    /// shut down cleanly or removed this node.
+    fn gone(&self, key: &[u8; 32]) -> bool {
+        self.links().gone.contains(key)
+    }
+
+    /// Whether the peer `key` joined here with a ticket less than [`JOIN_GRACE`] ago.
+    fn just_joined(&self, key: &[u8; 32]) -> bool {
+        self.links()
+            .joined
+            .get(key)
+            .is_some_and(|at| at.elapsed() < JOIN_GRACE)
+    }
+}
+
+/// The live replication sessions, per peer key, and what is known of the peers' absences.
+#[derive(Default)]
+struct Links {
+    /// Connections with a running session, per peer key (either direction). One per peer once
+    /// the dialers settle; briefly two when both dial at once, or while a connection the peer
+    /// lost is not yet declared dead.
+    live: HashMap<[u8; 32], Vec<Link>>,
+    /// Peers whose last session ended because they shut down cleanly (close code
+    /// [`close::DONE`]) or removed this node ([`close::REMOVED`]): said at info when it
+    /// happened, so that failing to reach them is no news until a session is live again.
+    gone: HashSet<[u8; 32]>,
+    /// When each peer joined here with a ticket (see [`JOIN_GRACE`]).
+    joined: HashMap<[u8; 32], Instant>,
+}
+
+struct Link {
+    conn: quinn::Connection,
+    /// This node dialed it.
+    dialed: bool,
+}
+
+/// A session's place in [`Ctx::links`], given up when dropped (a dialer aborted mid-session
+/// too), with the peers table told the new count.
+struct Claim {
+    ctx: Arc<Ctx>,
+    key: [u8; 32],
+    id: usize,
+    /// The peer closed the connection because it is going away ([`PeerClosed::gone`]): once
+    /// no other session with it is live, failing to reach it is expected.
+    peer_gone: bool,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        {
+            let mut links = self.ctx.links();
+            if let Some(live) = links.live.get_mut(&self.key) {
+                live.retain(|l| l.conn.stable_id() != self.id);
+                if live.is_empty() {
+                    links.live.remove(&self.key);
+                    if self.peer_gone {
+                        links.gone.insert(self.key);
+                    }
+                }
+            }
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let ctx = self.ctx.clone();
+            let node = NodeId::from_bytes(self.key);
+            runtime.spawn(async move { ctx.record_sessions(node, None).await });
+        }
+    }
+}
+
+impl Ctx {
+    /// Writes the number of live sessions with `node` (read when the write runs, so the last
+    /// write has the last count) and, when given, its lag.
+    async fn record_sessions(self: &Arc<Self>, node: NodeId, lag: Option<i64>) {
+        let _ = self
+            .with_state(move |ctx, c| {
+                store::record_state(c, &node, ctx.session_count(node.as_bytes()), lag)
+            })
+            .await;
+    }
+}
+
+/// When both nodes dial each other at once, the connection dialed by the smaller key is kept:
+/// the node with the larger key yields the connection it dialed to one the peer dialed.
+/// (Only that node ever yields, so the two never both give up.)
+fn must_yield(own: &NodeId, peer: &[u8; 32]) -> bool {
+    own.as_bytes() > peer
+}
+
+/// How long after a node joined here a dial to it that it refuses as "not trusted" is
+/// expected: the joiner stores this node's key only once it has the Welcome, and its server
+/// reads it a moment later.
+const JOIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Why the other node closed a session's connection, when that is no failure: said at info,
+/// not as a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerClosed {
+    /// It shut down cleanly ([`close::DONE`]).
+    ShutDown,
+    /// It removed this node ([`close::REMOVED`]).
+    Removed,
+    /// It kept another session with this node ([`close::DUPLICATE`]).
+    Duplicate,
+}
+
+impl PeerClosed {
+    fn of(conn: &quinn::Connection) -> Option<PeerClosed> {
+        let Some(quinn::ConnectionError::ApplicationClosed(closed)) = conn.close_reason() else {
+            return None;
+        };
+        match u32::try_from(closed.error_code.into_inner()) {
+            Ok(close::DONE) => Some(PeerClosed::ShutDown),
+            Ok(close::REMOVED) => Some(PeerClosed::Removed),
+            Ok(close::DUPLICATE) => Some(PeerClosed::Duplicate),
+            _ => None,
+        }
+    }
+
+    /// The peer is gone for now, and that is no news when a redial fails.
+    fn gone(self) -> bool {
+        self != PeerClosed::Duplicate
+    }
+
+    fn words(self) -> &'static str {
+        match self {
+            PeerClosed::ShutDown => "peer shut down",
+            PeerClosed::Removed => "peer removed this node",
+            PeerClosed::Duplicate => "peer kept another session with this node",
+        }
     }
 }
 
@@ -217,51 +403,107 @@ async fn reconcile_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
     }
 }
 
+/// The duplicate close's reason.
+const DUPLICATE_REASON: &[u8] = b"a session between these nodes is already live";
+
+/// How a dialed connection ended, when it did not fail.
+enum Dialed {
+    /// A session the peer dialed is live: this connection yielded to it.
+    Yielded,
+    /// The session ran and ended; the peer's reason, when it closed the connection on purpose.
+    Ended(Option<PeerClosed>),
+}
+
 async fn dial_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, peer: Peer) {
     let addr = peer.addr.clone().unwrap_or_default();
+    let key = *peer.node_id.as_bytes();
     let limits = &ctx.limits;
     let mut backoff = limits.redial_min;
+    // A failure was said (or an absence explained) and no session has been live since: the
+    // warning comes once per outage, not at every retry.
     let mut failing = false;
     loop {
-        if ctx.session_count(peer.node_id.as_bytes()) > 0 {
-            // The peer dialed us; that session serves both directions.
+        if ctx.session_count(&key) > 0 {
+            // The peer dialed us (or this node's own connection yielded to its): that session
+            // serves both directions. Whatever ends it is news again.
+            failing = false;
+            backoff = limits.redial_min;
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
         let started = Instant::now();
-        let result = async {
-            let conn = super::connect(
-                &endpoint,
-                &ctx.key,
-                peer.name.as_str(),
-                &addr,
-                &peer.node_id,
-                alpn::SYNC,
-            )
-            .await?;
-            let (send, recv) = conn
-                .open_bi()
-                .await
-                .map_err(|e| super::Error::from_connection(peer.name.as_str(), &addr, &e))?;
-            let outcome = run_session(&ctx, &peer, &conn, send, recv, None).await;
-            outcome.map_err(|e| super::refine(&conn, peer.name.as_str(), &addr, e))
-        }
-        .await;
+        let result = dial(&ctx, &endpoint, &peer, &addr).await;
+        let mut quick = false;
         match result {
-            Ok(()) => {
+            Ok(Dialed::Yielded) => {
+                tracing::info!(peer = %peer.name, "a session the peer dialed is live; this node's connection yielded to it");
+                quick = true;
+            }
+            Ok(Dialed::Ended(None)) => {
                 tracing::info!(peer = %peer.name, "session ended");
                 failing = false;
             }
-            // Said once when a peer becomes unreachable, not at every retry.
-            Err(e) if !failing => {
+            Ok(Dialed::Ended(Some(why))) => {
+                tracing::info!(peer = %peer.name, "session ended: {}", why.words());
+                failing = why.gone();
+                quick = !failing;
+            }
+            // The node that joined here a moment ago has not stored this node's key yet.
+            Err(e @ super::Error::NotTrusted { .. }) if ctx.just_joined(&key) => {
+                tracing::debug!(peer = %peer.name, error = %format!("{e:#}"), "the node that just joined does not trust this one yet; retrying");
+                quick = true;
+            }
+            // Said once when a peer becomes unreachable, not at every retry; nothing to say
+            // when it shut down cleanly or removed this node (said at info then).
+            Err(e) if !failing && !ctx.gone(&key) => {
                 tracing::warn!(peer = %peer.name, error = %format!("{e:#}"), "replication with peer failed; retrying with backoff");
                 failing = true;
             }
-            Err(e) => tracing::debug!(peer = %peer.name, error = %format!("{e:#}"), "retry failed"),
+            Err(e) => {
+                tracing::debug!(peer = %peer.name, error = %format!("{e:#}"), "retry failed");
+                failing = true;
+            }
+        }
+        if quick {
+            // Nothing failed: no backoff. A live session keeps the loop waiting above.
+            backoff = limits.redial_min;
+            tokio::time::sleep(limits.redial_min).await;
+            continue;
         }
         let (wait, next) = next_backoff(limits, backoff, started.elapsed());
         tokio::time::sleep(wait).await;
         backoff = next;
+    }
+}
+
+/// Dials `peer` and runs a session over the connection, unless a session the peer dialed is
+/// live: then this connection yields before sending anything.
+async fn dial(
+    ctx: &Arc<Ctx>,
+    endpoint: &quinn::Endpoint,
+    peer: &Peer,
+    addr: &str,
+) -> Result<Dialed, super::Error> {
+    let name = peer.name.as_str();
+    let conn = super::connect(endpoint, &ctx.key, name, addr, &peer.node_id, alpn::SYNC).await?;
+    let Some(claim) = ctx.claim(*peer.node_id.as_bytes(), &conn, true) else {
+        conn.close(quinn::VarInt::from_u32(close::DUPLICATE), DUPLICATE_REASON);
+        return Ok(Dialed::Yielded);
+    };
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| super::Error::from_connection(name, addr, &e))?;
+    let outcome = run_session(ctx, claim, peer, &conn, send, recv, None).await;
+    match outcome {
+        Ok(Ran::Yielded) => Ok(Dialed::Yielded),
+        Ok(Ran::Ended) => Ok(Dialed::Ended(PeerClosed::of(&conn))),
+        Err(e) => match (PeerClosed::of(&conn), conn.close_reason()) {
+            (Some(why), _) => Ok(Dialed::Ended(Some(why))),
+            // This node closed it (the peer was removed here, or the node is stopping).
+            (None, Some(quinn::ConnectionError::LocallyClosed)) => Ok(Dialed::Ended(None)),
+            _ => Err(super::refine(&conn, name, addr, e)),
+        },
     }
 }
 
@@ -381,10 +623,13 @@ async fn serve_sync(ctx: Arc<Ctx>, accepted: Accepted) -> Result<()> {
         );
         return Ok(());
     };
+    // A session the peer dialed is never yielded here: the peer's dialer yields when it must.
+    let claim = ctx.claim(*node.as_bytes(), &conn, false);
     let (send, mut recv) = conn.accept_bi().await?;
-    match frame::read_message(&mut recv).await? {
-        Some((Message::Hello(hello), _)) => {
-            Ok(run_session(&ctx, &peer, &conn, send, recv, Some(hello)).await?)
+    match (claim, frame::read_message(&mut recv).await?) {
+        (Some(claim), Some((Message::Hello(hello), _))) => {
+            run_session(&ctx, claim, &peer, &conn, send, recv, Some(hello)).await?;
+            Ok(())
         }
         _ => {
             refuse(&conn, send, "expected Hello on the sync protocol").await;
@@ -439,44 +684,50 @@ async fn handle_join(
         },
     };
     tracing::info!(peer = %name, node = %joiner, "a node joined with a ticket");
+    ctx.links()
+        .joined
+        .insert(*joiner.as_bytes(), Instant::now());
     frame::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     Ok(())
 }
 
-/// Runs a live session, keeping the peers table and the active-session count current.
+/// How a session ended well.
+enum Ran {
+    /// The peer hung up.
+    Ended,
+    /// A session the peer dialed became live, and this one (dialed by this node) yielded to
+    /// it ([`must_yield`]).
+    Yielded,
+}
+
+/// Runs a live session on the connection `claim` registered, keeping the peers table current.
+/// A session this node dialed to a peer with a smaller key yields as soon as one the peer
+/// dialed is live: its connection is closed with [`close::DUPLICATE`], and what it had not
+/// had acknowledged the kept session exports again (it starts from the peer's Hello).
 async fn run_session(
     ctx: &Arc<Ctx>,
+    mut claim: Claim,
     peer: &Peer,
     conn: &quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     first: Option<Hello>,
-) -> Result<(), super::Error> {
-    let key = *peer.node_id.as_bytes();
-    ctx.active
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(key)
-        .or_default()
-        .push(conn.clone());
+) -> Result<Ran, super::Error> {
+    let key = claim.key;
+    let dialed = first.is_none();
     let node = peer.node_id;
-    let _ = ctx
-        .with_state(move |_, c| store::record_state(c, &node, true, None))
-        .await;
+    ctx.record_sessions(node, None).await;
     tracing::info!(peer = %peer.name, "replicating");
     let (progress_tx, mut progress_rx) = watch::channel(Stats::default());
     let reporter = {
         let ctx = ctx.clone();
-        let node = peer.node_id;
         let interval = ctx.limits.state_interval;
         tokio::spawn(async move {
             while progress_rx.changed().await.is_ok() {
                 let lag = progress_rx.borrow_and_update().lag as i64;
-                let _ = ctx
-                    .with_state(move |_, c| store::record_state(c, &node, true, Some(lag)))
-                    .await;
+                ctx.record_sessions(node, Some(lag)).await;
                 tokio::time::sleep(interval).await;
             }
         })
@@ -492,23 +743,27 @@ async fn run_session(
         changed: ctx.changed.clone(),
         progress: Some(progress_tx),
     };
-    let result = session.run(recv, send, first).await;
-    reporter.abort();
-    {
-        let mut active = ctx.active.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(conns) = active.get_mut(&key) {
-            conns.retain(|c| c.stable_id() != conn.stable_id());
-            if conns.is_empty() {
-                active.remove(&key);
-            }
+    let run = session.run(recv, send, first);
+    tokio::pin!(run);
+    let yields = async {
+        if dialed && must_yield(&ctx.own, &key) {
+            ctx.peer_dials(&key).await;
+        } else {
+            std::future::pending::<()>().await;
         }
-    }
-    if ctx.session_count(&key) == 0 {
-        let _ = ctx
-            .with_state(move |_, c| store::record_state(c, &node, false, None))
-            .await;
-    }
-    result.map(|_| ())
+    };
+    let result = tokio::select! {
+        result = &mut run => result.map(|_| Ran::Ended),
+        () = yields => {
+            conn.close(quinn::VarInt::from_u32(close::DUPLICATE), DUPLICATE_REASON);
+            let _ = run.await;
+            Ok(Ran::Yielded)
+        }
+    };
+    reporter.abort();
+    claim.peer_gone = PeerClosed::of(conn).is_some_and(PeerClosed::gone);
+    drop(claim);
+    result
 }
 
 #[cfg(test)]

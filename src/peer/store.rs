@@ -59,20 +59,24 @@ pub struct Peer {
     pub node_id: NodeId,
     pub addr: Option<String>,
     pub added_at: i64,
+    /// The running server has a live session with the peer.
     pub connected: bool,
+    /// How many (one, once the dialers settle; see docs/sync-protocol.md).
+    pub sessions: u32,
     pub last_seen: Option<i64>,
     pub lag: Option<i64>,
 }
 
 const COLUMNS: &str = "name, node_id, addr, added_at, connected, last_seen, lag";
 
-/// A peers row as stored: name, node id, address, added, connected, last seen, lag.
+/// A peers row as stored: name, node id, address, added, live sessions (the column
+/// `connected`), last seen, lag.
 type PeerRow = (
     String,
     String,
     Option<String>,
     i64,
-    bool,
+    i64,
     Option<i64>,
     Option<i64>,
 );
@@ -90,7 +94,7 @@ fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PeerRow> {
 }
 
 fn to_peer(row: PeerRow) -> Result<Peer> {
-    let (name, node_id, addr, added_at, connected, last_seen, lag) = row;
+    let (name, node_id, addr, added_at, sessions, last_seen, lag) = row;
     Ok(Peer {
         name: PeerName(name),
         node_id: node_id
@@ -98,7 +102,8 @@ fn to_peer(row: PeerRow) -> Result<Peer> {
             .map_err(|e| anyhow::anyhow!("the stored key of peer {node_id:?} is damaged: {e}"))?,
         addr,
         added_at,
-        connected,
+        connected: sessions > 0,
+        sessions: u32::try_from(sessions).unwrap_or(0),
         last_seen,
         lag,
     })
@@ -216,16 +221,22 @@ pub fn remove(conn: &Connection, name: &str) -> Result<bool> {
     Ok(conn.execute("DELETE FROM peers WHERE name = ?1", [name])? > 0)
 }
 
-/// What the running server last saw of a peer.
+/// What the running server last saw of a peer: how many sessions with it are live (kept in
+/// the column `connected`, which reads as "connected" when not zero), and its lag.
 pub fn record_state(
     conn: &Connection,
     key: &NodeId,
-    connected: bool,
+    sessions: usize,
     lag: Option<i64>,
 ) -> Result<()> {
     conn.execute(
         "UPDATE peers SET connected = ?2, last_seen = ?3, lag = coalesce(?4, lag) WHERE node_id = ?1",
-        params![key.to_string(), connected, crate::clock::now_secs(), lag],
+        params![
+            key.to_string(),
+            i64::try_from(sessions).unwrap_or(i64::MAX),
+            crate::clock::now_secs(),
+            lag
+        ],
     )?;
     Ok(())
 }
