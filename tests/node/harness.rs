@@ -219,9 +219,24 @@ pub struct Server {
 
 impl Server {
     pub fn spawn(cmd: &mut Command) -> Server {
+        Server::spawn_with_stderr(cmd, Stdio::piped())
+    }
+
+    /// [`Server::spawn`] with the server's log (its stderr) appended to the file `log`, which a
+    /// test can read while the server runs.
+    pub fn spawn_logging(cmd: &mut Command, log: &Path) -> Server {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the server's log");
+        Server::spawn_with_stderr(cmd, Stdio::from(file))
+    }
+
+    fn spawn_with_stderr(cmd: &mut Command, stderr: Stdio) -> Server {
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("spawn server");
         let mut reader = BufReader::new(child.stdout.take().unwrap());

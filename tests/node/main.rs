@@ -12,6 +12,7 @@ mod gc;
 mod hostile_bundles;
 mod http_edge;
 mod peer_claims;
+mod peer_links;
 mod peers;
 mod secrets;
 mod serverless;

@@ -28,7 +28,7 @@ pub(crate) fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) ->
 }
 
 /// What `server` answers to `GET http://APP.localhost/`, if it answers 200.
-fn page(server: &Server, app: &str) -> Option<String> {
+pub(crate) fn page(server: &Server, app: &str) -> Option<String> {
     let r = server
         .request(reqwest::Method::GET, &format!("{app}.localhost"), "/")
         .send()
@@ -40,7 +40,7 @@ fn page(server: &Server, app: &str) -> Option<String> {
 }
 
 /// Waits until `server` serves `body` for `app`.
-fn wait_for_page(server: &Server, app: &str, body: &str) {
+pub(crate) fn wait_for_page(server: &Server, app: &str, body: &str) {
     eventually(&format!("{app}.localhost serves {body:?}"), || {
         (page(server, app).as_deref() == Some(body)).then_some(())
     });
