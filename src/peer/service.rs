@@ -1,7 +1,10 @@
 //! Live replication, as `fazt server start` runs it: the QUIC listener with its two protocols
 //! (joining and replication, routed by ALPN), a dialer for every peer with an address, a
-//! session per connection, the in-memory trust the handshake checks, and the peers table kept
-//! current (connected, last seen, lag) for `fazt peer status`.
+//! session per connection and one live session per peer once the dialers settle (when both
+//! dial, the node with the larger key yields: [`must_yield`]), the in-memory trust the
+//! handshake checks, and the peers table kept current (live sessions, last seen, lag) for
+//! `fazt peer status`. Expected ends (a peer's clean shutdown, its removal of this node, a
+//! yield) are logged at info; a real failure is a warning, once per outage.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv6Addr, SocketAddr};
