@@ -774,6 +774,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn of_two_nodes_dialing_each_other_exactly_one_yields_the_larger_key() {
+        let small = NodeId::from_bytes([1; 32]);
+        let mut larger = [1; 32];
+        larger[31] = 2;
+        let large = NodeId::from_bytes(larger);
+        assert!(must_yield(&large, small.as_bytes()));
+        assert!(!must_yield(&small, large.as_bytes()));
+        // Bytes compare in order: the first that differs decides.
+        let mut first = [0; 32];
+        first[0] = 2;
+        assert!(must_yield(&NodeId::from_bytes(first), &larger));
+    }
+
+    #[test]
     fn redials_back_off_from_250_ms_doubling_to_10_s_and_a_long_session_resets_them() {
         let quick = Duration::from_millis(20);
         let limits = super::super::Limits::default();
