@@ -188,13 +188,12 @@ impl Ctx {
                 conn: conn.clone(),
                 dialed,
             });
-            links.gone.remove(&key);
         }
         self.linked.send_modify(|n| *n = n.wrapping_add(1));
         Some(Claim {
             ctx: self.clone(),
             key,
-            id: conn.stable_id(),
+            conn: conn.clone(),
             peer_gone: false,
         })
     }
@@ -212,10 +211,9 @@ impl Ctx {
         }
     }
 
-    /// Whether failing to reach the peer `key` is expected: its last session ended because it
-    /// shut down cleanly or removed this node.
-    fn gone(&self, key: &[u8; 32]) -> bool {
-        self.links().gone.contains(key)
+    /// Whether failing to reach the peer `key` is no news ([`Links::quiet`]).
+    fn quiet(&self, key: &[u8; 32]) -> bool {
+        self.links().quiet.contains(key)
     }
 
     /// Whether the peer `key` joined here with a ticket less than [`JOIN_GRACE`] ago.
@@ -234,10 +232,11 @@ struct Links {
     /// the dialers settle; briefly two when both dial at once, or while a connection the peer
     /// lost is not yet declared dead.
     live: HashMap<[u8; 32], Vec<Link>>,
-    /// Peers whose last session ended because they shut down cleanly (close code
-    /// [`close::DONE`]) or removed this node ([`close::REMOVED`]): said at info when it
-    /// happened, so that failing to reach them is no news until a session is live again.
-    gone: HashSet<[u8; 32]>,
+    /// Peers that failing to reach is no news, until a session with them gets going again:
+    /// their last session ended because they shut down cleanly (close code [`close::DONE`])
+    /// or removed this node ([`close::REMOVED`]), said at info then; or a dialer warned that
+    /// they cannot be reached. So a warning comes once per outage, not at every retry.
+    quiet: HashSet<[u8; 32]>,
     /// When each peer joined here with a ticket (see [`JOIN_GRACE`]).
     joined: HashMap<[u8; 32], Instant>,
 }
@@ -253,7 +252,7 @@ struct Link {
 struct Claim {
     ctx: Arc<Ctx>,
     key: [u8; 32],
-    id: usize,
+    conn: quinn::Connection,
     /// The peer closed the connection because it is going away ([`PeerClosed::gone`]): once
     /// no other session with it is live, failing to reach it is expected.
     peer_gone: bool,
@@ -261,14 +260,27 @@ struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        // A session whose task was aborted (its dialer stopped: the peer was removed, or its
+        // address changed) leaves its connection open, and the peer's side of the session
+        // running: close it, as the trust loop would for a removed peer.
+        if self.conn.close_reason().is_none() {
+            if self.ctx.trust.trusts(&self.key) {
+                self.conn
+                    .close(quinn::VarInt::from_u32(close::DONE), b"session ended");
+            } else {
+                self.conn
+                    .close(quinn::VarInt::from_u32(close::REMOVED), REMOVED_REASON);
+            }
+        }
         {
+            let id = self.conn.stable_id();
             let mut links = self.ctx.links();
             if let Some(live) = links.live.get_mut(&self.key) {
-                live.retain(|l| l.conn.stable_id() != self.id);
+                live.retain(|l| l.conn.stable_id() != id);
                 if live.is_empty() {
                     links.live.remove(&self.key);
                     if self.peer_gone {
-                        links.gone.insert(self.key);
+                        links.quiet.insert(self.key);
                     }
                 }
             }
@@ -358,10 +370,7 @@ async fn trust_loop(ctx: Arc<Ctx>) {
         // Trust is checked at every handshake; a peer removed meanwhile also loses the
         // connections it already has.
         for conn in ctx.untrusted_connections() {
-            conn.close(
-                quinn::VarInt::from_u32(close::REMOVED),
-                b"this node no longer trusts yours (it was removed as a peer)",
-            );
+            conn.close(quinn::VarInt::from_u32(close::REMOVED), REMOVED_REASON);
         }
     }
 }
@@ -406,6 +415,9 @@ async fn reconcile_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint) {
     }
 }
 
+/// The reason given with [`close::REMOVED`].
+const REMOVED_REASON: &[u8] = b"this node no longer trusts yours (it was removed as a peer)";
+
 /// The duplicate close's reason.
 const DUPLICATE_REASON: &[u8] = b"a session between these nodes is already live";
 
@@ -422,14 +434,11 @@ async fn dial_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, peer: Peer) {
     let key = *peer.node_id.as_bytes();
     let limits = &ctx.limits;
     let mut backoff = limits.redial_min;
-    // A failure was said (or an absence explained) and no session has been live since: the
-    // warning comes once per outage, not at every retry.
-    let mut failing = false;
     loop {
         if ctx.session_count(&key) > 0 {
             // The peer dialed us (or this node's own connection yielded to its): that session
             // serves both directions. Whatever ends it is news again.
-            failing = false;
+            ctx.links().quiet.remove(&key);
             backoff = limits.redial_min;
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
@@ -444,12 +453,10 @@ async fn dial_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, peer: Peer) {
             }
             Ok(Dialed::Ended(None)) => {
                 tracing::info!(peer = %peer.name, "session ended");
-                failing = false;
             }
             Ok(Dialed::Ended(Some(why))) => {
                 tracing::info!(peer = %peer.name, "session ended: {}", why.words());
-                failing = why.gone();
-                quick = !failing;
+                quick = !why.gone();
             }
             // The node that joined here a moment ago has not stored this node's key yet.
             Err(e @ super::Error::NotTrusted { .. }) if ctx.just_joined(&key) => {
@@ -458,13 +465,12 @@ async fn dial_loop(ctx: Arc<Ctx>, endpoint: quinn::Endpoint, peer: Peer) {
             }
             // Said once when a peer becomes unreachable, not at every retry; nothing to say
             // when it shut down cleanly or removed this node (said at info then).
-            Err(e) if !failing && !ctx.gone(&key) => {
+            Err(e) if !ctx.quiet(&key) => {
                 tracing::warn!(peer = %peer.name, error = %format!("{e:#}"), "replication with peer failed; retrying with backoff");
-                failing = true;
+                ctx.links().quiet.insert(key);
             }
             Err(e) => {
                 tracing::debug!(peer = %peer.name, error = %format!("{e:#}"), "retry failed");
-                failing = true;
             }
         }
         if quick {
@@ -687,9 +693,11 @@ async fn handle_join(
         },
     };
     tracing::info!(peer = %name, node = %joiner, "a node joined with a ticket");
-    ctx.links()
-        .joined
-        .insert(*joiner.as_bytes(), Instant::now());
+    {
+        let mut links = ctx.links();
+        links.joined.retain(|_, at| at.elapsed() < JOIN_GRACE);
+        links.joined.insert(*joiner.as_bytes(), Instant::now());
+    }
     frame::write_message(&mut send, &Message::Welcome { name: own_name }).await?;
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
@@ -729,6 +737,8 @@ async fn run_session(
         let interval = ctx.limits.state_interval;
         tokio::spawn(async move {
             while progress_rx.changed().await.is_ok() {
+                // The session got going: whatever ends it is news again.
+                ctx.links().quiet.remove(&key);
                 let lag = progress_rx.borrow_and_update().lag as i64;
                 ctx.record_sessions(node, Some(lag)).await;
                 tokio::time::sleep(interval).await;
