@@ -68,7 +68,6 @@ fn sessions(node: &Node) -> Vec<(String, u64)> {
         .unwrap()
         .iter()
         .map(|p| {
-            assert!(p["address"].is_string(), "{p}: every node dials here");
             (
                 p["name"].as_str().unwrap().to_string(),
                 p["sessions"].as_u64().unwrap(),
@@ -259,6 +258,54 @@ fn a_neighbour_stopped_cleanly_is_no_warning_and_one_killed_is_one() {
         "{}",
         warned[0]
     );
+    drop(zyt_server);
+}
+
+#[test]
+fn a_neighbour_only_this_node_dials_is_one_warning_per_outage() {
+    let (zyt, local) = (Node::new(), Node::new());
+    let zyt_env: &[(&str, &str)] = &[
+        ("FAZT_PEER_IDLE_TIMEOUT_MS", "1000"),
+        ("FAZT_LOG", "warn,fazt::peer::service=debug"),
+    ];
+    let zyt_server = start(&zyt, 0, zyt_env);
+    let local_server = start(&local, 0, &[]);
+    let port = local_server.port;
+    // zyt joins without an address: only zyt dials, so every session is its own dialer's.
+    let t = ticket(&local, &["--addr", &format!("127.0.0.1:{port}")]);
+    zyt.ok(&["peer", "join", &t, "--name", "local", "--as", "zyt"]);
+    settled(&[&zyt, &local], 1);
+    let failed = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("retry failed") || l.contains("replication with peer failed"))
+            .count()
+    };
+
+    // A clean shutdown, and redials in vain: no warning.
+    let mut local_server = local_server;
+    local_server.stop_with("-TERM");
+    eventually("zyt redialed local after its clean shutdown", || {
+        (failed(&log(&zyt)) >= 1).then_some(())
+    });
+    // Back, and killed twice: each outage after a session that got going is one warning.
+    for outage in 1..=2 {
+        let local_server = start(&local, port, &[]);
+        settled(&[&zyt, &local], 1);
+        drop(local_server);
+        let seen = eventually("zyt warns that local is unreachable", || {
+            let text = log(&zyt);
+            (warnings(&text).len() == outage).then_some(failed(&text))
+        });
+        eventually("zyt redialed local twice more", || {
+            (failed(&log(&zyt)) >= seen + 2).then_some(())
+        });
+        let text = log(&zyt);
+        assert_eq!(
+            warnings(&text).len(),
+            outage,
+            "one warning per outage:\n{text}"
+        );
+    }
     drop(zyt_server);
 }
 
