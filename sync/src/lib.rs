@@ -9,6 +9,7 @@
 //!   with per-origin [`Coverage`] saying what a replica holds; a change's numbers are typed
 //!   ([`DbVersion`], [`Seq`], [`ColVersion`], [`CausalLength`]).
 //! - [`Replica::export_bundle`] / [`Replica::import_bundle_file`]: changes as files.
+//! - [`Replica::fingerprint`]: what moves when there may be more to export.
 //! - [`Replica::status`]: what a replica reports about itself; [`Status::coverage`] reads
 //!   another node's report back for `fazt sync export --since`.
 
@@ -34,7 +35,7 @@ pub use fazt_proto::wire::MAX_VERSION;
 pub use merge::{
     ApplyReport, Merge, MergeHook, MAX_PENDING_BYTES, MAX_PENDING_CHANGES, PENDING_ROW_OVERHEAD,
 };
-pub use replica::Replica;
+pub use replica::{Fingerprint, Replica};
 pub use schema::{check_replicable, CrrRuleViolation};
 pub use status::{BundleLimits, OriginStatus, Status, StatusFileError};
 pub use value::Value;

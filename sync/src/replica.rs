@@ -104,6 +104,55 @@ CREATE TABLE IF NOT EXISTS fazt_sync_pending (
 );
 ";
 
+/// A fingerprint of what a replica can export: it moves whenever what
+/// [`Replica::export_groups`] hands out to any holder may have grown, and stays put across
+/// commits to tables that do not replicate. Cheap to read (a few indexed statements and a
+/// scan of the small coverage table), so a node can read it after every commit and wake its
+/// exporters only when it moved.
+///
+/// Exportable changes are the clock rows of the versions a replica covers, and grow only
+/// in three ways, each of which moves one part:
+/// - a local write that captured something allocates a version above everything made or
+///   merged before: the clock (the highest db_version made or merged, which never goes
+///   back) rises;
+/// - a merge completes versions of other origins (also ones it only relays, or held as
+///   pending and applied once their table exists): the coverage table gains them, and since
+///   it never loses any, the number of versions it covers rises;
+/// - registering a table (which backfills its rows as a local write) or rebuilding triggers
+///   changes the schema: `PRAGMA schema_version` moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    schema: i64,
+    clock: DbVersion,
+    covered: i128,
+}
+
+impl Fingerprint {
+    /// Reads the fingerprint through any connection to a replica's file (no engine needed:
+    /// a read-only one will do).
+    pub fn read(conn: &Connection) -> Result<Fingerprint, Error> {
+        Fingerprint::read_with(conn, derive_db_version(conn)?)
+    }
+
+    fn read_with(conn: &Connection, clock: DbVersion) -> Result<Fingerprint, Error> {
+        let schema: i64 = conn
+            .prepare_cached("PRAGMA schema_version")?
+            .query_row([], |r| r.get(0))?;
+        let mut covered = 0i128;
+        let mut stmt = conn.prepare_cached("SELECT start, end FROM fazt_sync_coverage")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let (start, end): (i64, i64) = (row.get(0)?, row.get(1)?);
+            covered += i128::from(end) - i128::from(start) + 1;
+        }
+        Ok(Fingerprint {
+            schema,
+            clock,
+            covered,
+        })
+    }
+}
+
 /// A SQLite connection with the replication engine on it: the catalog of replicated tables,
 /// the capture of local writes and the merging of changes from other replicas.
 pub struct Replica {
@@ -260,6 +309,11 @@ impl Replica {
     /// The highest db_version this replica has made or merged.
     pub fn db_version(&self) -> Result<DbVersion, Error> {
         Ok(current_db_version(&self.conn, &self.version_cache)?.1)
+    }
+
+    /// The [`Fingerprint`] of what this replica can export now.
+    pub fn fingerprint(&self) -> Result<Fingerprint, Error> {
+        Fingerprint::read_with(&self.conn, self.db_version()?)
     }
 
     /// Runs `f` in one SQLite transaction whose writes to replicated tables are captured as

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{clocks, data, exec, replica, sync};
-use fazt_sync::{Batch, CausalLength, ColVersion, Coverage, DbVersion, Replica, Seq};
+use fazt_sync::{Batch, CausalLength, ColVersion, Coverage, DbVersion, Fingerprint, Replica, Seq};
 use rusqlite::Connection;
 
 #[test]
@@ -932,4 +932,70 @@ fn triggers_written_by_an_older_engine_are_rebuilt_at_open() {
     sync(&a, &mut b);
     assert_eq!(data(&b), data(&a), "the update was captured and reached b");
     assert_eq!(clocks(&b), clocks(&a));
+}
+
+#[test]
+fn the_fingerprint_moves_with_a_local_write_and_not_with_a_node_local_one() {
+    let mut r = replica();
+    r.conn()
+        .execute_batch("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        .unwrap();
+    let before = r.fingerprint().unwrap();
+    assert_eq!(Fingerprint::read(r.conn()).unwrap(), before);
+    // Commits to a table that does not replicate, and a write that captured nothing.
+    for i in 0..3 {
+        r.conn()
+            .execute("INSERT INTO notes (body) VALUES (?1)", [format!("n{i}")])
+            .unwrap();
+    }
+    exec(&mut r, "UPDATE items SET a = 'x' WHERE id = 42", []);
+    assert_eq!(r.fingerprint().unwrap(), before);
+    exec(&mut r, "INSERT INTO items (id, a) VALUES (1, 'x')", []);
+    let after = r.fingerprint().unwrap();
+    assert_ne!(after, before);
+    assert_eq!(Fingerprint::read(r.conn()).unwrap(), after);
+    // Registering a table backfills its rows: there is more to export.
+    r.conn()
+        .execute_batch("CREATE TABLE later (id INTEGER PRIMARY KEY NOT NULL, v TEXT); INSERT INTO later VALUES (1, 'old')")
+        .unwrap();
+    let unregistered = r.fingerprint().unwrap();
+    r.replicate("later").unwrap();
+    assert_ne!(r.fingerprint().unwrap(), unregistered);
+}
+
+#[test]
+fn a_merge_moves_the_fingerprint_even_when_the_clock_does_not() {
+    let mut a = replica();
+    let mut b = replica();
+    let mut c = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'from a')", []);
+    for i in 10..13 {
+        exec(
+            &mut b,
+            "INSERT INTO items (id, a) VALUES (?1, 'from b')",
+            [i],
+        );
+        exec(
+            &mut c,
+            "INSERT INTO items (id, a) VALUES (?1, 'from c')",
+            [i],
+        );
+    }
+    // `a`'s version 1 is below `b`'s clock: merging it moves only what `b` covers.
+    let before = b.fingerprint().unwrap();
+    let clock = b.db_version().unwrap();
+    sync(&a, &mut b);
+    assert_eq!(b.db_version().unwrap(), clock);
+    let merged = b.fingerprint().unwrap();
+    assert_ne!(merged, before, "a merge of another origin's version");
+    // Nothing new: the fingerprint stays.
+    sync(&a, &mut b);
+    assert_eq!(b.fingerprint().unwrap(), merged);
+    // Relayed: `c` learns `a`'s write from `b`, and `b`'s own writes, none of them above
+    // `c`'s clock.
+    let before = c.fingerprint().unwrap();
+    let clock = c.db_version().unwrap();
+    sync(&b, &mut c);
+    assert_eq!(c.db_version().unwrap(), clock);
+    assert_ne!(c.fingerprint().unwrap(), before, "a relayed merge");
 }
