@@ -139,6 +139,8 @@ pub(super) async fn export_loop(
         let have = {
             let mut s = lock(&shared);
             s.exporting = true;
+            s.stats.export_passes += 1;
+            tracing::debug!(pass = s.stats.export_passes, "export pass");
             s.peer_known.clone()
         };
         let (piece_tx, mut piece_rx) = mpsc::channel::<Outgoing>(4);

@@ -58,6 +58,9 @@ pub struct Stats {
     pub received_content: u64,
     /// Origin versions this node holds that the peer does not (as last reported).
     pub lag: u64,
+    /// Export passes run: reads of what the peer lacks (a debug figure; publishing it alone
+    /// is not worth a report).
+    pub export_passes: u64,
 }
 
 /// What a session needs from the node it runs in, passed in so that the session knows none
@@ -332,8 +335,13 @@ impl Session {
         if let Some(progress) = &self.progress {
             let stats = lock(shared).stats.clone();
             progress.send_if_modified(|old| {
-                let changed = *old != stats;
-                *old = stats;
+                let changed = Stats {
+                    export_passes: old.export_passes,
+                    ..stats.clone()
+                } != *old;
+                if changed {
+                    *old = stats;
+                }
                 changed
             });
         }
