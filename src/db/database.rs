@@ -6,7 +6,10 @@
 //! engine connection of their own (a peer session's exporter, an app's worker thread) get one
 //! from [`Database::engine`], opened with the same checks and no migration (the server
 //! migrated once, at start). One [`Database::commits`] watcher tells every subscriber when
-//! anyone (this process or another, such as a CLI deploy) committed.
+//! anyone (this process or another, such as a CLI deploy) committed; [`Database::replicated`],
+//! fed by the same watcher, only when the replicated state moved (the engine's
+//! [`fazt_sync::Fingerprint`], read after each commit), so node-local bookkeeping wakes no
+//! exporter.
 //!
 //! The async methods run SQLite on tokio's blocking threads; the `_blocking` ones are for code
 //! already on such a thread (or on a thread of its own). No SQLite call runs on a tokio worker
@@ -21,6 +24,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rusqlite::Connection;
 use tokio::sync::watch;
+
+use fazt_sync::Fingerprint;
 
 use super::{Db, ReadPool};
 
@@ -45,10 +50,12 @@ struct Inner {
 }
 
 /// The commit watcher: one connection asking SQLite whether anyone committed, and a counter
-/// that moves by one each time the answer is yes.
+/// that moves by one each time the answer is yes; a second counter moves when, after such a
+/// commit, the replicated state's fingerprint differs from the one last read.
 struct Commits {
     seen: Mutex<Watched>,
     tick: watch::Sender<u64>,
+    replicated: watch::Sender<u64>,
     /// The polling thread, started by the first [`Database::commits`].
     started: std::sync::OnceLock<()>,
 }
@@ -56,6 +63,7 @@ struct Commits {
 struct Watched {
     conn: Connection,
     data_version: Option<i64>,
+    fingerprint: Option<Fingerprint>,
 }
 
 impl Database {
@@ -77,8 +85,10 @@ impl Database {
                 seen: Mutex::new(Watched {
                     conn,
                     data_version: None,
+                    fingerprint: None,
                 }),
                 tick: watch::Sender::new(0),
+                replicated: watch::Sender::new(0),
                 started: std::sync::OnceLock::new(),
             },
         })))
@@ -144,6 +154,20 @@ impl Database {
     /// looks may count once). The first call starts the watcher thread, which ends with the
     /// last handle.
     pub fn commits(&self) -> watch::Receiver<u64> {
+        self.start_watching();
+        self.0.commits.tick.subscribe()
+    }
+
+    /// Ticks when a commit (by anyone) may have given the node more to export: a local write
+    /// to a replicated table, a merge of changes from any origin, a table registered. Commits
+    /// to node-local tables alone do not tick it. Several such commits between two looks may
+    /// count once. Starts the watcher like [`Database::commits`].
+    pub fn replicated(&self) -> watch::Receiver<u64> {
+        self.start_watching();
+        self.0.commits.replicated.subscribe()
+    }
+
+    fn start_watching(&self) {
         self.0.commits.started.get_or_init(|| {
             let inner = Arc::downgrade(&self.0);
             if let Err(e) = std::thread::Builder::new()
@@ -153,7 +177,6 @@ impl Database {
                 tracing::error!(error = %e, "cannot start the database watcher");
             }
         });
-        self.0.commits.tick.subscribe()
     }
 
     /// Looks for a commit now (one read of SQLite's shared memory), ticking the watcher if
@@ -175,6 +198,17 @@ impl Commits {
             // knew may be stale.
             seen.data_version = Some(version);
             self.tick.send_modify(|n| *n += 1);
+            // Read after the commit was seen: a subscriber woken below finds the state it
+            // was woken for (or newer). One that cannot be read wakes them all the same.
+            let now = Fingerprint::read(&seen.conn);
+            if let Err(e) = &now {
+                tracing::debug!(error = %e, "reading the replicated state's fingerprint");
+            }
+            let now = now.ok();
+            if now.is_none() || seen.fingerprint != now {
+                seen.fingerprint = now;
+                self.replicated.send_modify(|n| *n += 1);
+            }
         }
         Ok(*self.tick.borrow())
     }
@@ -201,6 +235,8 @@ mod tests {
 
     /// Set for the child process of [`every_subscriber_wakes_once_per_commit_from_another_process`].
     const COMMIT_INTO: &str = "FAZT_TEST_COMMIT_INTO";
+    /// Set too when the child's commit is to a replicated table.
+    const REPLICATED: &str = "FAZT_TEST_COMMIT_REPLICATED";
 
     /// Not a test on its own: the other process of the test below, which commits once.
     #[test]
@@ -209,7 +245,11 @@ mod tests {
         let Some(path) = std::env::var_os(COMMIT_INTO) else {
             return;
         };
-        let db = crate::db::open_existing(Path::new(&path)).unwrap();
+        let mut db = crate::db::open_existing(Path::new(&path)).unwrap();
+        if std::env::var_os(REPLICATED).is_some() {
+            put_setting(&mut db);
+            return;
+        }
         let n: i64 = db
             .conn()
             .query_row("SELECT count(*) FROM node_config", [], |r| r.get(0))
@@ -217,8 +257,28 @@ mod tests {
         crate::config::set_local(db.conn(), &format!("test-{n}"), "x").unwrap();
     }
 
+    /// A write to a replicated table (a cluster-wide setting).
+    fn put_setting(db: &mut Db) {
+        db.write(|tx| {
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES ('test', 1)
+                 ON CONFLICT (key) DO UPDATE SET value = value + 1",
+                [],
+            )
+        })
+        .unwrap();
+    }
+
     fn commit_from_another_process(path: &Path) {
-        let status = std::process::Command::new(std::env::current_exe().unwrap())
+        commit_as_another_process(path, false)
+    }
+
+    fn commit_as_another_process(path: &Path, replicated: bool) {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        if replicated {
+            child.env(REPLICATED, "1");
+        }
+        let status = child
             .args([
                 "--exact",
                 "db::database::tests::commit_once_as_another_process",
@@ -256,5 +316,50 @@ mod tests {
                 assert!(!s.has_changed().unwrap(), "woken twice for one commit");
             }
         }
+    }
+
+    async fn woken(rx: &mut watch::Receiver<u64>, what: &str) {
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .unwrap_or_else(|_| panic!("not woken by {what}"))
+            .unwrap();
+        rx.borrow_and_update();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_commits_that_move_replicated_state_wake_its_subscribers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.db");
+        crate::db::create(&path).unwrap();
+        let db = Database::open(&path).unwrap();
+        db.check_commits().unwrap();
+        let mut commits = db.commits();
+        let mut replicated = db.replicated();
+        commits.borrow_and_update();
+        replicated.borrow_and_update();
+        // Node-local bookkeeping, from this process and another.
+        for i in 0..3 {
+            db.write(move |w| crate::config::set_local(w.conn(), &format!("local-{i}"), "x"))
+                .await
+                .unwrap();
+            woken(&mut commits, "a node-local commit").await;
+        }
+        commit_from_another_process(&path);
+        woken(&mut commits, "a node-local commit from another process").await;
+        tokio::time::sleep(WATCH_IDLE * 4).await;
+        assert!(
+            !replicated.has_changed().unwrap(),
+            "node-local commits woke the subscribers of replicated state"
+        );
+        // A replicated write through this handle, and one from another process (a deploy).
+        db.write(|w| {
+            put_setting(w);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        woken(&mut replicated, "a replicated write").await;
+        commit_as_another_process(&path, true);
+        woken(&mut replicated, "a replicated write from another process").await;
     }
 }

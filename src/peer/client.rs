@@ -186,7 +186,7 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
     let own = crate::identity::node_id(&key);
     let started = Instant::now();
     let stats = runtime()?.block_on(async {
-        let changed = db.commits();
+        let changed = db.replicated();
         let endpoint = client_endpoint()?;
         let connected = std::sync::atomic::AtomicBool::new(false);
         let work = async {

@@ -753,7 +753,7 @@ async fn run_session(
         mode: Mode::Live,
         node: super::session_node(),
         limits: ctx.limits.clone(),
-        changed: ctx.changed.clone(),
+        changed: ctx.db.replicated(),
         progress: Some(progress_tx),
     };
     let run = session.run(recv, send, first);

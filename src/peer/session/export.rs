@@ -121,7 +121,9 @@ pub(super) struct Outgoing {
     end: Option<Coverage>,
 }
 
-/// Exports what the peer lacks, then again after every commit to the database.
+/// Exports what the peer lacks, then again whenever the replicated state moved (`changed`
+/// ticks only then: node-local commits wake no exporter). A wake-up that finds the peer
+/// lacking nothing reads no changes.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn export_loop(
     db: Replica,
@@ -140,7 +142,6 @@ pub(super) async fn export_loop(
             let mut s = lock(&shared);
             s.exporting = true;
             s.stats.export_passes += 1;
-            tracing::debug!(pass = s.stats.export_passes, "export pass");
             s.peer_known.clone()
         };
         let (piece_tx, mut piece_rx) = mpsc::channel::<Outgoing>(4);
@@ -151,6 +152,14 @@ pub(super) async fn export_loop(
             let mut db = export_db.lock().unwrap_or_else(|e| e.into_inner());
             // Tables registered and origins learned by other connections since the last pass.
             db.refresh()?;
+            let mine = db.coverage()?;
+            // What woke this exporter may be what the peer itself sent (applied here): then
+            // there are no changes to read.
+            let lacking = versions_lacking(&mine, &have);
+            tracing::debug!(lacking, "export pass");
+            if lacking == 0 {
+                return Ok(mine);
+            }
             export_pass(&db, &have, &piece_tx, &export_offers, &export_limits)?;
             Ok(db.coverage()?)
         });

@@ -9,8 +9,10 @@
 //!    (`Want`/`Content`) only the content it does not hold, keeps it in `peer_content` as it
 //!    arrives once the transfer has lasted a while ([`content`]), and applies each group in
 //!    one transaction once its content is complete ([`apply`]);
-//! 3. live: every local commit (the `changed` watch) starts another export, until the peer
-//!    hangs up; a one-off session instead ends once both sides hold the same versions.
+//! 3. live: every commit that moved the replicated state (the `changed` watch: local writes
+//!    to replicated tables, merges by any connection) starts another export if the peer lacks
+//!    something, until the peer hangs up; a one-off session instead ends once both sides hold
+//!    the same versions.
 //!
 //! The conductor here reads the peer's messages and moves between the phases; SQLite work
 //! runs on blocking threads, each task with its own connection, so a slow export never holds
@@ -58,8 +60,8 @@ pub struct Stats {
     pub received_content: u64,
     /// Origin versions this node holds that the peer does not (as last reported).
     pub lag: u64,
-    /// Export passes run: reads of what the peer lacks (a debug figure; publishing it alone
-    /// is not worth a report).
+    /// Export passes started: times the exporter woke and looked for what the peer lacks (a
+    /// debug figure; publishing it alone is not worth a report).
     pub export_passes: u64,
 }
 
@@ -93,7 +95,8 @@ pub struct Session {
     pub mode: Mode,
     pub node: Node,
     pub limits: Limits,
-    /// Ticks on every commit to the database by anyone.
+    /// Ticks when the replicated state may have moved: a node's
+    /// [`crate::db::Database::replicated`], not every commit.
     pub changed: watch::Receiver<u64>,
     /// Receives the session's figures as they change.
     pub progress: Option<watch::Sender<Stats>>,
@@ -330,7 +333,7 @@ impl Session {
     }
 
     /// Publishes the figures when they changed. Only then: the server writes them to the
-    /// peers table, and that commit wakes the exporters, which report again.
+    /// peers table (a node-local commit, which wakes no exporter, but is a write).
     fn report(&self, shared: &SharedRef) {
         if let Some(progress) = &self.progress {
             let stats = lock(shared).stats.clone();

@@ -22,10 +22,10 @@ pub(super) fn connect(path: &std::path::Path) -> Connect {
     std::sync::Arc::new(move || crate::db::open_existing(&path))
 }
 
-/// Ticks whenever anyone commits to the database at `path`.
+/// Ticks whenever anyone moves the replicated state of the database at `path`.
 fn watch_db(path: &std::path::Path) -> anyhow::Result<watch::Receiver<u64>> {
     let db = crate::db::Database::open(path)?;
-    let changed = db.commits();
+    let changed = db.replicated();
     // The watcher lives as long as a handle does: keep one for the test's lifetime.
     std::mem::forget(db);
     Ok(changed)
@@ -895,4 +895,103 @@ async fn a_hello_in_another_protocol_version_is_a_version_mismatch() {
             fazt_proto::PROTOCOL_VERSION
         )
     );
+}
+
+/// Copies what `from` sends to `to` until `stop` changes, then ends `to` (the session behind
+/// it sees the peer hang up) and drains `from`, so that its session's writes still land.
+async fn relay(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            n = from.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => if to.write_all(&buf[..n]).await.is_err() { break },
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    let _ = to.shutdown().await;
+    while matches!(from.read(&mut buf).await, Ok(n) if n > 0) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_local_commits_start_no_export_pass_and_a_replicated_write_still_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path(), "a.db");
+    let b = node(dir.path(), "b.db");
+    for (me, other) in [(&a, &b), (&b, &a)] {
+        let db = crate::db::open_existing(&me.0).unwrap();
+        let name = crate::peer::store::PeerName::parse("peer").unwrap();
+        crate::peer::store::add(db.conn(), &me.1, &name, &other.1, None).unwrap();
+    }
+    // Two live sessions, joined through pipes the test can end.
+    let (a_io, a_far) = tokio::io::duplex(64 * 1024);
+    let (b_io, b_far) = tokio::io::duplex(64 * 1024);
+    let (stop_tx, stop) = watch::channel(false);
+    let (a_far_read, a_far_write) = tokio::io::split(a_far);
+    let (b_far_read, b_far_write) = tokio::io::split(b_far);
+    let relays = [
+        tokio::spawn(relay(a_far_read, b_far_write, stop.clone())),
+        tokio::spawn(relay(b_far_read, a_far_write, stop)),
+    ];
+    let live = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), io| {
+        let (read, write) = tokio::io::split(io);
+        let session = Session {
+            connect: connect(&me.0),
+            own: me.1,
+            peer: other.1,
+            peer_name: "peer".into(),
+            mode: Mode::Live,
+            node: crate::peer::session_node(),
+            limits: Limits::default(),
+            changed: watch_db(&me.0).unwrap(),
+            progress: None,
+        };
+        tokio::spawn(session.run(read, write, None))
+    };
+    let a_session = live(&a, &b, a_io);
+    let b_session = live(&b, &a, b_io);
+
+    // A burst of node-local bookkeeping on both nodes (what the peer service and the app
+    // logs write all the time), each commit seen by the watchers on its own.
+    for i in 0..30 {
+        for node in [&a, &b] {
+            let db = crate::db::open_existing(&node.0).unwrap();
+            crate::config::set_local(db.conn(), &format!("bookkeeping-{i}"), "x").unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    // A replicated write still arrives.
+    put_blob(&a.0, b"a replicated write");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while rows(&b.0) != rows(&a.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replicated write did not arrive"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    stop_tx.send_replace(true);
+    let a_stats = a_session.await.unwrap().unwrap();
+    let b_stats = b_session.await.unwrap().unwrap();
+    for r in relays {
+        r.await.unwrap();
+    }
+    assert!(a_stats.sent_changes > 0);
+    assert_eq!(b_stats.received_changes, a_stats.sent_changes);
+    // Each side looks once at the start; then `a` for its write and `b` for applying it
+    // (and each perhaps once more, for its watcher's first look). None for bookkeeping.
+    for (side, stats) in [("a", &a_stats), ("b", &b_stats)] {
+        assert!(
+            stats.export_passes <= 3,
+            "{side} started {} export passes",
+            stats.export_passes
+        );
+    }
 }
