@@ -63,6 +63,8 @@ struct Commits {
 struct Watched {
     conn: Connection,
     data_version: Option<i64>,
+    /// A commit was seen since the fingerprint was last read.
+    stale: bool,
     fingerprint: Option<Fingerprint>,
 }
 
@@ -77,6 +79,8 @@ impl Database {
     /// A handle whose writer is `db`, a connection already opened (and migrated) on `path`.
     pub fn with_writer(path: &Path, db: Db) -> Result<Database> {
         let conn = super::open_reader(path)?;
+        // What later commits are compared with.
+        let fingerprint = Fingerprint::read(&conn).ok();
         Ok(Database(Arc::new(Inner {
             path: path.to_path_buf(),
             reads: ReadPool::new(path.to_path_buf(), READERS),
@@ -85,7 +89,8 @@ impl Database {
                 seen: Mutex::new(Watched {
                     conn,
                     data_version: None,
-                    fingerprint: None,
+                    stale: fingerprint.is_none(),
+                    fingerprint,
                 }),
                 tick: watch::Sender::new(0),
                 replicated: watch::Sender::new(0),
@@ -161,7 +166,8 @@ impl Database {
     /// Ticks when a commit (by anyone) may have given the node more to export: a local write
     /// to a replicated table, a merge of changes from any origin, a table registered. Commits
     /// to node-local tables alone do not tick it. Several such commits between two looks may
-    /// count once. Starts the watcher like [`Database::commits`].
+    /// count once. Starts the watcher like [`Database::commits`]; only its thread reads the
+    /// fingerprint, so this ticks within its polling interval of the commit.
     pub fn replicated(&self) -> watch::Receiver<u64> {
         self.start_watching();
         self.0.commits.replicated.subscribe()
@@ -182,12 +188,15 @@ impl Database {
     /// Looks for a commit now (one read of SQLite's shared memory), ticking the watcher if
     /// there was one; returns the watcher's count.
     pub fn check_commits(&self) -> Result<u64> {
-        self.0.commits.check()
+        self.0.commits.check(false)
     }
 }
 
 impl Commits {
-    fn check(&self) -> Result<u64> {
+    /// Looks for a commit; with `fingerprint`, also reads the replicated state's fingerprint
+    /// if a commit was seen since it was last read (only the watcher thread does: the
+    /// request path reads no pages).
+    fn check(&self, fingerprint: bool) -> Result<u64> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let version: i64 = seen
             .conn
@@ -197,7 +206,11 @@ impl Commits {
             // The first look counts too: whoever subscribed before it learns the state it
             // knew may be stale.
             seen.data_version = Some(version);
+            seen.stale = true;
             self.tick.send_modify(|n| *n += 1);
+        }
+        if fingerprint && seen.stale {
+            seen.stale = false;
             // Read after the commit was seen: a subscriber woken below finds the state it
             // was woken for (or newer). One that cannot be read wakes them all the same.
             let now = Fingerprint::read(&seen.conn);
@@ -219,7 +232,7 @@ fn watch_commits(inner: Weak<Inner>) {
     loop {
         let Some(db) = inner.upgrade() else { return };
         let before = *db.commits.tick.borrow();
-        match db.commits.check() {
+        match db.commits.check(true) {
             Ok(now) if now != before => interval = WATCH_BUSY,
             Ok(_) => interval = (interval + Duration::from_millis(1)).min(WATCH_IDLE),
             Err(e) => tracing::debug!(error = %format!("{e:#}"), "looking for commits"),
@@ -351,13 +364,15 @@ mod tests {
             !replicated.has_changed().unwrap(),
             "node-local commits woke the subscribers of replicated state"
         );
-        // A replicated write through this handle, and one from another process (a deploy).
+        // A replicated write through this handle, and one from another process (a deploy),
+        // the first seen by the request path's look before the watcher thread's.
         db.write(|w| {
             put_setting(w);
             Ok(())
         })
         .await
         .unwrap();
+        db.check_commits().unwrap();
         woken(&mut replicated, "a replicated write").await;
         commit_as_another_process(&path, true);
         woken(&mut replicated, "a replicated write from another process").await;
