@@ -95,8 +95,8 @@ pub struct Session {
     pub mode: Mode,
     pub node: Node,
     pub limits: Limits,
-    /// Ticks when the replicated state may have moved: a node's
-    /// [`crate::db::Database::replicated`], not every commit.
+    /// Ticks when the replicated state may have moved (a local write to a replicated table, a
+    /// merge by any connection), not on every commit: the node's replicated-state watch.
     pub changed: watch::Receiver<u64>,
     /// Receives the session's figures as they change.
     pub progress: Option<watch::Sender<Stats>>,
