@@ -31,6 +31,28 @@ fn watch_db(path: &std::path::Path) -> anyhow::Result<watch::Receiver<u64>> {
     Ok(changed)
 }
 
+/// A session on `me`'s database with `other`, as a node runs one (its own connections, the
+/// node's hooks, default limits).
+fn session_with(
+    me: &(PathBuf, NodeId),
+    other: &(PathBuf, NodeId),
+    peer_name: &str,
+    mode: Mode,
+    changed: watch::Receiver<u64>,
+) -> Session {
+    Session {
+        connect: connect(&me.0),
+        own: me.1,
+        peer: other.1,
+        peer_name: peer_name.into(),
+        mode,
+        node: crate::peer::session_node(),
+        limits: Limits::default(),
+        changed,
+        progress: None,
+    }
+}
+
 pub(super) fn node(dir: &std::path::Path, name: &str) -> (PathBuf, NodeId) {
     let path = dir.join(name);
     let db = crate::db::create(&path).unwrap();
@@ -74,16 +96,8 @@ async fn sync(a: &(PathBuf, NodeId), b: &(PathBuf, NodeId)) -> (Stats, Stats) {
     let (b_read, b_write) = tokio::io::split(b_io);
     let changed_a = watch_db(&a.0).unwrap();
     let changed_b = watch_db(&b.0).unwrap();
-    let session = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), mode, changed| Session {
-        connect: connect(&me.0),
-        own: me.1,
-        peer: other.1,
-        peer_name: "peer".into(),
-        mode,
-        node: crate::peer::session_node(),
-        limits: Limits::default(),
-        changed,
-        progress: None,
+    let session = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), mode, changed| {
+        session_with(me, other, "peer", mode, changed)
     };
     let live = tokio::spawn(session(b, a, Mode::Live, changed_b).run(b_read, b_write, None));
     let once = session(a, b, Mode::Once, changed_a).run(a_read, a_write, None);
@@ -262,17 +276,7 @@ async fn scripted(
     let (b_read, b_write) = tokio::io::split(theirs);
     let (mut read, mut write) = tokio::io::split(mine);
     let (_keep, changed) = watch::channel(0u64);
-    let session = Session {
-        connect: connect(&b.0),
-        own: b.1,
-        peer: a.1,
-        peer_name: "a".into(),
-        mode: Mode::Live,
-        node: crate::peer::session_node(),
-        limits: Limits::default(),
-        changed,
-        progress: None,
-    };
+    let session = session_with(&b, &a, "a", Mode::Live, changed);
     let run = tokio::spawn(session.run(b_read, b_write, None));
     let script = async {
         let mut seen = Vec::new();
@@ -696,28 +700,8 @@ async fn a_session_refuses_a_peer_that_is_not_the_one_expected() {
     let (b_read, b_write) = tokio::io::split(b_io);
     let (_k1, w1) = watch::channel(0u64);
     let (_k2, w2) = watch::channel(0u64);
-    let sa = Session {
-        connect: connect(&a.0),
-        own: a.1,
-        peer: c.1,
-        peer_name: "c".into(),
-        mode: Mode::Once,
-        node: crate::peer::session_node(),
-        limits: Limits::default(),
-        changed: w1,
-        progress: None,
-    };
-    let sb = Session {
-        connect: connect(&b.0),
-        own: b.1,
-        peer: a.1,
-        peer_name: "a".into(),
-        mode: Mode::Live,
-        node: crate::peer::session_node(),
-        limits: Limits::default(),
-        changed: w2,
-        progress: None,
-    };
+    let sa = session_with(&a, &c, "c", Mode::Once, w1);
+    let sb = session_with(&b, &a, "a", Mode::Live, w2);
     let other = tokio::spawn(sb.run(b_read, b_write, None));
     let err = sa.run(a_read, a_write, None).await.unwrap_err();
     assert!(err.to_string().contains("another node"), "{err}");
@@ -734,17 +718,7 @@ async fn answered_with(first: impl FnOnce(NodeId) -> Message) -> Error {
     let (b_read, b_write) = tokio::io::split(theirs);
     let (mut read, mut write) = tokio::io::split(mine);
     let (_keep, changed) = watch::channel(0u64);
-    let session = Session {
-        connect: connect(&b.0),
-        own: b.1,
-        peer: a.1,
-        peer_name: "a".into(),
-        mode: Mode::Once,
-        node: crate::peer::session_node(),
-        limits: Limits::default(),
-        changed,
-        progress: None,
-    };
+    let session = session_with(&b, &a, "a", Mode::Once, changed);
     let run = tokio::spawn(session.run(b_read, b_write, None));
     let _hello = read_message(&mut read).await.unwrap();
     write_message(&mut write, &first(a.1)).await.unwrap();
@@ -766,17 +740,7 @@ async fn hung_up_after(script: impl FnOnce(NodeId) -> Vec<Message>) -> Error {
     let (b_read, b_write) = tokio::io::split(theirs);
     let (mut read, mut write) = tokio::io::split(mine);
     let (_keep, changed) = watch::channel(0u64);
-    let session = Session {
-        connect: connect(&b.0),
-        own: b.1,
-        peer: a.1,
-        peer_name: "a".into(),
-        mode: Mode::Once,
-        node: crate::peer::session_node(),
-        limits: Limits::default(),
-        changed,
-        progress: None,
-    };
+    let session = session_with(&b, &a, "a", Mode::Once, changed);
     let run = tokio::spawn(session.run(b_read, b_write, None));
     for msg in script(a.1) {
         write_message(&mut write, &msg).await.unwrap();
@@ -941,17 +905,7 @@ async fn node_local_commits_start_no_export_pass_and_a_replicated_write_still_ar
     ];
     let live = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), io| {
         let (read, write) = tokio::io::split(io);
-        let session = Session {
-            connect: connect(&me.0),
-            own: me.1,
-            peer: other.1,
-            peer_name: "peer".into(),
-            mode: Mode::Live,
-            node: crate::peer::session_node(),
-            limits: Limits::default(),
-            changed: watch_db(&me.0).unwrap(),
-            progress: None,
-        };
+        let session = session_with(me, other, "peer", Mode::Live, watch_db(&me.0).unwrap());
         tokio::spawn(session.run(read, write, None))
     };
     let a_session = live(&a, &b, a_io);
