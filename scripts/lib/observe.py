@@ -1,7 +1,7 @@
 """The observer of scripts/bench-peers and scripts/bench-mesh: watches fazt nodes from outside
 (their database files read-only, their HTTP ports, /proc), so the observing side pays no
 process start. Each command prints shell assignments the script evaluates."""
-import json, math, os, random, re, sqlite3, subprocess, sys, time
+import hashlib, http.client, json, math, os, random, re, signal, sqlite3, statistics, subprocess, sys, threading, time
 
 now = time.perf_counter
 
@@ -184,6 +184,333 @@ def udp(prefix, trace_prefix):
                     received_n += len(lens)
     print(f"{prefix}_udp_sent={sent} {prefix}_udp_received={received} {prefix}_udp_sent_n={sent_n} {prefix}_udp_received_n={received_n}")
 
+# --- scripts/bench-mesh -------------------------------------------------------------------
+HZ = os.sysconf("SC_CLK_TCK")
+FSYNC = re.compile(r"^\d+\s+(fsync|fdatasync)\(")
+
+class Node:
+    """One running server, from a line of the node file: name, database, HTTP port, pid of
+    the fazt process, its strace log of fsyncs (or -), number of peers."""
+
+    def __init__(self, line):
+        self.name, self.db, port, pid, trace, degree = line.split()
+        self.port, self.pid, self.degree = int(port), int(pid), int(degree)
+        self.trace = None if trace == "-" else trace
+        self.conn = None
+        self.http = None
+
+    def ticks(self):
+        """User plus system CPU of the server, all its threads, dead ones included."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    def rss_kb(self):
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def fsyncs(self):
+        """fsync and fdatasync calls the server made so far (strace's log, one line a call)."""
+        if self.trace is None:
+            return 0
+        with open(self.trace, errors="replace") as f:
+            return sum(1 for line in f if FSYNC.match(line))
+
+    def current(self, apps):
+        """The hash of t.txt in the current version of each of these apps, as this node's
+        database holds them."""
+        if self.conn is None:
+            self.conn = ro(self.db)
+        marks = ",".join("?" * len(apps))
+        try:
+            return dict(self.conn.execute(
+                "SELECT a.name, f.hash FROM apps a JOIN version_files f"
+                f" ON f.version_id = a.current_version AND f.path = 't.txt' WHERE a.name IN ({marks})",
+                list(apps)).fetchall())
+        except sqlite3.OperationalError:
+            return {}
+
+    def get(self, host, path):
+        """One GET over a kept-alive connection: (status, body), or (None, b"") when it fails."""
+        for _ in range(2):
+            try:
+                if self.http is None:
+                    self.http = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                self.http.request("GET", path, headers={"Host": host})
+                r = self.http.getresponse()
+                return r.status, r.read()
+            except (OSError, http.client.HTTPException):
+                self.http.close()
+                self.http = None
+        return None, b""
+
+def load_nodes(path):
+    with open(path) as f:
+        return [Node(line) for line in f if line.strip()]
+
+class Snapshot:
+    """CPU ticks and fsyncs of every server at one moment."""
+
+    def __init__(self, nodes):
+        self.t = now()
+        self.ticks = [n.ticks() for n in nodes]
+        self.fsyncs = [n.fsyncs() for n in nodes]
+
+    def cost(self, later, writes, idle):
+        """Per node per write, over the interval to `later`, less what the nodes use when
+        idle: (mean CPU ms, busiest node's CPU ms, mean fsyncs, most fsyncs of a node)."""
+        span = later.t - self.t
+        cpu = [(b - a) * 1000 / HZ - idle["cpu_ms"] * span for a, b in zip(self.ticks, later.ticks)]
+        fs = [(b - a) - idle["fsyncs"] * span for a, b in zip(self.fsyncs, later.fsyncs)]
+        return (statistics.mean(cpu) / writes, max(cpu) / writes,
+                statistics.mean(fs) / writes, max(fs) / writes)
+
+def settle(nodes, idle, limit=15.0, step=0.5):
+    """Waits until the servers together use about as much CPU as when idle (replication may
+    go on after every node serves a change: coverage, relays, bookkeeping)."""
+    end = now() + limit
+    prev, t0 = sum(n.ticks() for n in nodes), now()
+    while now() < end:
+        time.sleep(step)
+        cur, t1 = sum(n.ticks() for n in nodes), now()
+        if (cur - prev) * 1000 / HZ <= 1.5 * idle["cpu_ms"] * len(nodes) * (t1 - t0) + 2000 / HZ:
+            return
+        prev, t0 = cur, t1
+
+def deploy(fazt, node, app, content, work, extra=None):
+    """Starts `fazt app deploy` of one file, t.txt, as a new version of an app on a node
+    (with `extra`, a second file: {name: bytes})."""
+    d = os.path.join(work, f"{app}-{hashlib.sha256(content).hexdigest()[:12]}")
+    os.makedirs(d, exist_ok=True)
+    for name, data in [("t.txt", content), *(extra or {}).items()]:
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(data)
+    return Deploy([fazt, "--db", node.db, "app", "deploy", d, "--name", app])
+
+class Deploy:
+    """A running `fazt app deploy`; a thread notes when it returns, so a slow HTTP answer in
+    the polling loop does not delay the note."""
+
+    def __init__(self, argv):
+        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.returned = None
+        self.thread = threading.Thread(target=self._wait, daemon=True)
+        self.thread.start()
+
+    def _wait(self):
+        self.p.wait()
+        self.returned = now()
+
+    def done(self):
+        """The time it returned, or None while it runs; exits when it failed."""
+        if self.returned is not None and self.p.returncode != 0:
+            sys.exit(f"fazt app deploy failed: {self.p.stderr.read().decode().strip()}")
+        return self.returned
+
+def serve_all(nodes, expect, deploys, limit):
+    """Polls until every node serves every app's expected t.txt over HTTP. A node's database
+    says first when the version is there (cheap, from outside); then its HTTP port is asked
+    until it serves the bytes. Polling HTTP alone would cost the servers more CPU than the
+    change itself. Returns {(node index, app): time served} and each deploy's return time."""
+    hashes = {app: hashlib.sha256(c).hexdigest() for app, c in expect.items()}
+    pending = [set(expect) for _ in nodes]
+    confirm = [set() for _ in nodes]
+    served = {}
+    end = now() + limit
+    while now() < end:
+        round_start = now()
+        for d in deploys:
+            d.done()
+        busy = False
+        for j, node in enumerate(nodes):
+            if not pending[j]:
+                continue
+            busy = True
+            unseen = pending[j] - confirm[j]
+            for app, h in (node.current(unseen) if unseen else {}).items():
+                if h == hashes[app]:
+                    confirm[j].add(app)
+            for app in list(confirm[j]):
+                status, body = node.get(f"{app}.localhost", "/t.txt")
+                if status == 200 and body == expect[app]:
+                    served[(j, app)] = now()
+                    pending[j].discard(app)
+                    confirm[j].discard(app)
+        if not busy and all(d.done() is not None for d in deploys):
+            break
+        # The observer shares the cores with the servers: it polls at most a third of the time.
+        time.sleep(max(0.002, 2 * (now() - round_start)))
+    for d in deploys:
+        d.thread.join()
+    return served, [d.done() for d in deploys]
+
+def down(fazt, nodes_file):
+    """Peer links not (yet) connected, summed over nodes, as each running server reports them."""
+    missing = 0
+    for node in load_nodes(nodes_file):
+        out = subprocess.run([fazt, "--db", node.db, "peer", "status", "--json"],
+                             capture_output=True, check=True).stdout
+        peers = json.loads(out)
+        missing += sum(not p["connected"] for p in peers) + max(0, node.degree - len(peers))
+    print(missing)
+
+def rss(nodes_file, out):
+    with open(out, "w") as f:
+        json.dump([n.rss_kb() for n in load_nodes(nodes_file)], f)
+
+def probe(port, host, path, seconds, out):
+    """Static requests one after another, 5 ms apart, on one kept-alive connection, each timed,
+    until `seconds` have passed or SIGTERM; writes the latencies (ms) and failures to `out`."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    parent = os.getppid()
+    node = Node(f"probe - {port} 0 - 0")
+    times, failed = [], 0
+    end = now() + seconds if seconds > 0 else float("inf")
+    while not stop and now() < end and os.getppid() == parent:
+        t = now()
+        status, _ = node.get(host, path)
+        if status == 200:
+            times.append((now() - t) * 1000)
+        else:
+            failed += 1
+        time.sleep(0.005)
+    with open(out, "w") as f:
+        json.dump({"ms": times, "failed": failed}, f)
+
+def probe_figures(out, prefix):
+    with open(out) as f:
+        r = json.load(f)
+    ms = r["ms"] or [float("nan")]
+    return (f"{prefix}_n={len(r['ms'])} {prefix}_failed={r['failed']} {prefix}_p50={pct(ms, 50):.1f} "
+            f"{prefix}_p99={pct(ms, 99):.1f} {prefix}_max={max(ms):.1f}")
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
+    """Everything after the nodes are connected: warm-up deploys, idle cost, single tiny
+    deploys, and a burst of concurrent ones with HTTP timed on one node meanwhile."""
+    nodes = load_nodes(nodes_file)
+    n = len(nodes)
+    rng = random.Random(seed)
+    out = []
+    me = os.path.abspath(__file__)
+    # The burst's writers: one deploy per node, on distinct nodes other than the probed n0
+    # when there are enough, else on every node (fewer deploys: two at once on one node
+    # would measure how they wait for each other).
+    burst_writes = min(burst_writes, n)
+    writers = rng.sample(range(1, n), burst_writes) if n > burst_writes else list(range(n))
+    burst_apps = [f"burst{i}" for i in range(burst_writes)]
+
+    # Warm-up: every app the benchmark uses exists everywhere before anything is measured.
+    # The probed app also holds p.txt, the 1 KiB file requested while the burst replicates.
+    expect = {"tiny": b"w0000\n", "probe": b"p0000\n"}
+    ps = [deploy(fazt, nodes[0], "tiny", expect["tiny"], work),
+          deploy(fazt, nodes[0], "probe", expect["probe"], work,
+                 {"p.txt": bytes(random.Random(seed).choices(b"abcdefghijklmnopqrstuvwxyz", k=1024))})]
+    for i, (w, app) in enumerate(zip(writers, burst_apps)):
+        expect[app] = f"w{i + 1:04d}\n".encode()
+        ps.append(deploy(fazt, nodes[w], app, expect[app], work))
+    start = now()
+    served, _ = serve_all(nodes, expect, ps, 120)
+    missing = n * len(expect) - len(served)
+    out.append(f"warm_s={now() - start:.2f} warm_missing={missing}")
+    if missing:
+        sys.exit(f"warm-up: {missing} app versions not served within 120 s")
+    for node in nodes:
+        if node.get("probe.localhost", "/p.txt")[0] != 200:
+            sys.exit(f"{node.name} does not serve probe.localhost/p.txt")
+
+    # Idle: 5 s with nothing happening, once the warm-up's work has settled.
+    settle(nodes, {"cpu_ms": 10.0, "fsyncs": 0})
+    time.sleep(1)
+    a = Snapshot(nodes)
+    time.sleep(5)
+    b = Snapshot(nodes)
+    span = b.t - a.t
+    per_node = [(y - x) * 1000 / HZ / span for x, y in zip(a.ticks, b.ticks)]
+    idle = {"cpu_ms": statistics.mean(per_node),
+            "fsyncs": statistics.mean(y - x for x, y in zip(a.fsyncs, b.fsyncs)) / span}
+    out.append(f"idle_cpu_ms={idle['cpu_ms']:.1f} idle_cpu_max_ms={max(per_node):.1f} idle_fsyncs={idle['fsyncs']:.2f}")
+
+    # Single tiny deploys (one 6-byte file), each from a random node, one at a time.
+    every, nodes_s, starts, costs, windows, lost = [], [], [], [], [], 0
+    for r in range(reps):
+        origin = rng.randrange(n)
+        content = f"s{r:04d}\n".encode()
+        a = Snapshot(nodes)
+        t0 = now()
+        p = deploy(fazt, nodes[origin], "tiny", content, work)
+        served, (returned,) = serve_all(nodes, {"tiny": content}, [p], 60)
+        if len(served) < n:
+            lost += 1
+        else:
+            times = [max(0.0, t - returned) for t in served.values()]
+            every.append(max(times))
+            starts.append(max(served.values()) - t0)
+            nodes_s.extend(times)
+        settle(nodes, idle)
+        b = Snapshot(nodes)
+        costs.append(a.cost(b, 1, idle))
+        windows.append(b.t - a.t)
+    nan = float("nan")
+    out.append(f"single_n={reps} single_lost={lost} single_all_med={median(every):.2f} "
+               f"single_all_max={max(every, default=nan):.2f} single_node_med={median(nodes_s):.2f} "
+               f"single_start_med={median(starts):.2f} single_window_s={statistics.mean(windows):.1f}")
+    cpu, cpu_max, fs, fs_max = (statistics.mean(c[i] for c in costs) for i in range(4))
+    out.append(f"single_cpu_ms={cpu:.1f} single_cpu_max_ms={cpu_max:.1f} single_fsyncs={fs:.1f} single_fsyncs_max={fs_max:.1f}")
+
+    # A burst: burst_writes deploys at once, while n0 serves a static file to a client that
+    # times each request. First the same client on the idle node, for comparison.
+    probe_cmd = [sys.executable, me, "probe", str(nodes[0].port), "probe.localhost", "/p.txt"]
+    idle_out, busy_out = os.path.join(work, "probe-idle.json"), os.path.join(work, "probe-burst.json")
+    subprocess.run(probe_cmd + ["2", idle_out], check=True)
+    out.append(probe_figures(idle_out, "probe_idle"))
+    probe_p = subprocess.Popen(probe_cmd + ["0", busy_out])
+    try:
+        time.sleep(0.2)
+        expect = {app: f"b{i:03d}x\n".encode() for i, app in enumerate(burst_apps)}
+        a = Snapshot(nodes)
+        t0 = now()
+        ps = [deploy(fazt, nodes[w], app, expect[app], work) for w, app in zip(writers, burst_apps)]
+        served, returned = serve_all(nodes, expect, ps, 120)
+    finally:
+        probe_p.send_signal(signal.SIGTERM)
+        probe_p.wait()
+    out.append(probe_figures(busy_out, "probe_burst"))
+    missing = n * len(expect) - len(served)
+    per_change = [max(0.0, max(served[(j, app)] for j in range(n)) - returned[i])
+                  for i, app in enumerate(burst_apps) if all((j, app) in served for j in range(n))]
+    last_return = max(returned)
+    out.append(f"burst_writes={burst_writes} burst_missing={missing} "
+               f"burst_deploy_s={last_return - t0:.2f} burst_deploy_med={median([r - t0 for r in returned]):.2f} "
+               f"burst_all_s={(max(served.values()) - t0) if not missing else nan:.2f} "
+               f"burst_change_med={median(per_change):.2f} burst_change_max={max(per_change, default=nan):.2f}")
+    settle(nodes, idle)
+    cpu, cpu_max, fs, fs_max = a.cost(Snapshot(nodes), burst_writes, idle)
+    out.append(f"burst_cpu_ms={cpu:.1f} burst_cpu_max_ms={cpu_max:.1f} burst_fsyncs={fs:.1f} burst_fsyncs_max={fs_max:.1f}")
+    print("\n".join(out))
+
+def rss_figures(nodes_file, alone_file, connected_file):
+    """RSS per node (MB, 10^6 bytes) alone, with its sessions, and now; and per peer session
+    (median over nodes of the growth divided by the node's number of peers)."""
+    nodes = load_nodes(nodes_file)
+    with open(alone_file) as f:
+        alone = json.load(f)
+    with open(connected_file) as f:
+        connected = json.load(f)
+    end = [node.rss_kb() for node in nodes]
+    mb = lambda kb: kb * 1024 / 1e6
+    per_session = [mb(c - a) / node.degree for node, a, c in zip(nodes, alone, connected)]
+    per_session_end = [mb(e - a) / node.degree for node, a, e in zip(nodes, alone, end)]
+    print(f"rss_alone={mb(median(alone)):.1f} rss_connected={mb(median(connected)):.1f} "
+          f"rss_end={mb(median(end)):.1f} rss_end_max={mb(max(end)):.1f} "
+          f"session_mb={median(per_session):.2f} session_end_mb={median(per_session_end):.2f}")
+
 cmd = sys.argv[1]
 if cmd == "latency":
     latency(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
@@ -197,5 +524,15 @@ elif cmd == "synced":
     synced(sys.stdin.read(), sys.argv[2])
 elif cmd == "udp":
     udp(sys.argv[2], sys.argv[3])
+elif cmd == "down":
+    down(sys.argv[2], sys.argv[3])
+elif cmd == "rss":
+    rss(sys.argv[2], sys.argv[3])
+elif cmd == "rss-figures":
+    rss_figures(sys.argv[2], sys.argv[3], sys.argv[4])
+elif cmd == "probe":
+    probe(int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5]), sys.argv[6])
+elif cmd == "mesh-run":
+    mesh_run(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]))
 else:
     sys.exit(f"observe.py: unknown command {cmd}")
