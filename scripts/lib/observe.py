@@ -187,13 +187,14 @@ def udp(prefix, trace_prefix):
 # --- scripts/bench-mesh -------------------------------------------------------------------
 HZ = os.sysconf("SC_CLK_TCK")
 FSYNC = re.compile(r"^\d+\s+(fsync|fdatasync)\(")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 class Node:
     """One running server, from a line of the node file: name, database, HTTP port, pid of
-    the fazt process, its strace log of fsyncs (or -), number of peers."""
+    the fazt process, its strace log of fsyncs (or -), its stderr, number of peers."""
 
     def __init__(self, line):
-        self.name, self.db, port, pid, trace, degree = line.split()
+        self.name, self.db, port, pid, trace, self.log, degree = line.split()
         self.port, self.pid, self.degree = int(port), int(pid), int(degree)
         self.trace = None if trace == "-" else trace
         self.conn = None
@@ -218,6 +219,25 @@ class Node:
             return 0
         with open(self.trace, errors="replace") as f:
             return sum(1 for line in f if FSYNC.match(line))
+
+    def groups(self):
+        """Groups of changes this server applied, those of them that merged no origin
+        transaction (everything in them was held already), and groups it sent: from the
+        debug lines of fazt::peer::session in its stderr."""
+        received = empty = sent = 0
+        if self.log == "-":
+            return (0, 0, 0)
+        with open(self.log, errors="replace") as f:
+            for line in f:
+                if "a group" not in line:
+                    continue
+                line = ANSI.sub("", line)
+                if "applied a group" in line:
+                    received += 1
+                    empty += " transactions=0" in line
+                elif "sent a group" in line:
+                    sent += 1
+        return (received, empty, sent)
 
     def current(self, apps):
         """The hash of t.txt in the current version of each of these apps, as this node's
@@ -258,15 +278,19 @@ class Snapshot:
         self.t = now()
         self.ticks = [n.ticks() for n in nodes]
         self.fsyncs = [n.fsyncs() for n in nodes]
+        self.groups = [n.groups() for n in nodes]
 
     def cost(self, later, writes, idle):
         """Per node per write, over the interval to `later`, less what the nodes use when
-        idle: (mean CPU ms, busiest node's CPU ms, mean fsyncs, most fsyncs of a node)."""
+        idle: (mean CPU ms, busiest node's CPU ms, mean fsyncs, most fsyncs of a node); then
+        the mean groups received, received with nothing new, and sent."""
         span = later.t - self.t
         cpu = [(b - a) * 1000 / HZ - idle["cpu_ms"] * span for a, b in zip(self.ticks, later.ticks)]
         fs = [(b - a) - idle["fsyncs"] * span for a, b in zip(self.fsyncs, later.fsyncs)]
+        groups = [statistics.mean(b[i] - a[i] for a, b in zip(self.groups, later.groups)) / writes
+                  for i in range(3)]
         return (statistics.mean(cpu) / writes, max(cpu) / writes,
-                statistics.mean(fs) / writes, max(fs) / writes)
+                statistics.mean(fs) / writes, max(fs) / writes, *groups)
 
 def settle(nodes, idle, limit=15.0, step=0.5):
     """Waits until the servers together use about as much CPU as when idle (replication may
@@ -367,7 +391,7 @@ def probe(port, host, path, seconds, out):
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     parent = os.getppid()
-    node = Node(f"probe - {port} 0 - 0")
+    node = Node(f"probe - {port} 0 - - 0")
     times, failed = [], 0
     end = now() + seconds if seconds > 0 else float("inf")
     while not stop and now() < end and os.getppid() == parent:
@@ -461,8 +485,9 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
     out.append(f"single_n={reps} single_lost={lost} single_all_med={median(every):.2f} "
                f"single_all_max={max(every, default=nan):.2f} single_node_med={median(nodes_s):.2f} "
                f"single_start_med={median(starts):.2f} single_window_s={statistics.mean(windows):.1f}")
-    cpu, cpu_max, fs, fs_max = (statistics.mean(c[i] for c in costs) for i in range(4))
+    cpu, cpu_max, fs, fs_max, got, empty, sent = (statistics.mean(c[i] for c in costs) for i in range(7))
     out.append(f"single_cpu_ms={cpu:.1f} single_cpu_max_ms={cpu_max:.1f} single_fsyncs={fs:.1f} single_fsyncs_max={fs_max:.1f}")
+    out.append(f"single_groups={got:.1f} single_groups_empty={empty:.1f} single_groups_sent={sent:.1f}")
 
     # A burst: burst_writes deploys at once, while n0 serves a static file to a client that
     # times each request. First the same client on the idle node, for comparison.
@@ -491,8 +516,9 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
                f"burst_all_s={(max(served.values()) - t0) if not missing else nan:.2f} "
                f"burst_change_med={median(per_change):.2f} burst_change_max={max(per_change, default=nan):.2f}")
     settle(nodes, idle)
-    cpu, cpu_max, fs, fs_max = a.cost(Snapshot(nodes), burst_writes, idle)
+    cpu, cpu_max, fs, fs_max, got, empty, sent = a.cost(Snapshot(nodes), burst_writes, idle)
     out.append(f"burst_cpu_ms={cpu:.1f} burst_cpu_max_ms={cpu_max:.1f} burst_fsyncs={fs:.1f} burst_fsyncs_max={fs_max:.1f}")
+    out.append(f"burst_groups={got:.1f} burst_groups_empty={empty:.1f} burst_groups_sent={sent:.1f}")
     print("\n".join(out))
 
 def rss_figures(nodes_file, alone_file, connected_file):
