@@ -1,7 +1,7 @@
 """The observer of scripts/bench-peers and scripts/bench-mesh: watches fazt nodes from outside
 (their database files read-only, their HTTP ports, /proc), so the observing side pays no
 process start. Each command prints shell assignments the script evaluates."""
-import hashlib, http.client, json, math, os, random, re, signal, sqlite3, statistics, subprocess, sys, threading, time
+import hashlib, http.client, json, math, os, random, re, signal, sqlite3, statistics, subprocess, sys, tempfile, threading, time
 
 now = time.perf_counter
 
@@ -186,6 +186,7 @@ def udp(prefix, trace_prefix):
 
 # --- scripts/bench-mesh -------------------------------------------------------------------
 HZ = os.sysconf("SC_CLK_TCK")
+FSYNC_MODE = os.environ.get("BENCH_FSYNC_MODE", "none")
 FSYNC = re.compile(r"^\d+\s+(fsync|fdatasync)\(")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -271,26 +272,57 @@ def load_nodes(path):
     with open(path) as f:
         return [Node(line) for line in f if line.strip()]
 
-class Snapshot:
-    """CPU ticks and fsyncs of every server at one moment."""
+class Window:
+    """What every server used between its opening and close(): CPU, fsyncs (by the means
+    BENCH_FSYNC_MODE names: perf, strace or none) and groups of changes."""
 
-    def __init__(self, nodes):
+    def __init__(self, nodes, work):
+        self.nodes = nodes
+        self.perf = None
+        if FSYNC_MODE == "perf":
+            # Kernel counters of the two system calls in every thread of every server, its
+            # future threads included; nothing stops the servers.
+            fd, self.perf_out = tempfile.mkstemp(suffix=".perf", dir=work)
+            os.close(fd)
+            self.perf = subprocess.Popen(
+                ["perf", "stat", "-x,", "-e", "syscalls:sys_enter_fsync,syscalls:sys_enter_fdatasync",
+                 "-p", ",".join(str(n.pid) for n in nodes), "-o", self.perf_out],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.3)
         self.t = now()
         self.ticks = [n.ticks() for n in nodes]
-        self.fsyncs = [n.fsyncs() for n in nodes]
-        self.groups = [n.groups() for n in nodes]
+        self.traced = [n.fsyncs() for n in nodes]
+        self.received = [n.groups() for n in nodes]
 
-    def cost(self, later, writes, idle):
-        """Per node per write, over the interval to `later`, less what the nodes use when
-        idle: (mean CPU ms, busiest node's CPU ms, mean fsyncs, most fsyncs of a node); then
-        the mean groups received, received with nothing new, and sent."""
-        span = later.t - self.t
-        cpu = [(b - a) * 1000 / HZ - idle["cpu_ms"] * span for a, b in zip(self.ticks, later.ticks)]
-        fs = [(b - a) - idle["fsyncs"] * span for a, b in zip(self.fsyncs, later.fsyncs)]
-        groups = [statistics.mean(b[i] - a[i] for a, b in zip(self.groups, later.groups)) / writes
-                  for i in range(3)]
-        return (statistics.mean(cpu) / writes, max(cpu) / writes,
-                statistics.mean(fs) / writes, max(fs) / writes, *groups)
+    def close(self):
+        """Sets span (s), cpu_ms (per node), fsyncs (all nodes), fsyncs_each (per node, or
+        None when only the total is known) and groups (received, of them nothing new, sent:
+        means over nodes)."""
+        self.span = now() - self.t
+        self.cpu_ms = [(n.ticks() - a) * 1000 / HZ for n, a in zip(self.nodes, self.ticks)]
+        self.fsyncs_each = None
+        if self.perf is not None:
+            self.perf.send_signal(signal.SIGINT)
+            self.perf.wait()
+            with open(self.perf_out) as f:
+                self.fsyncs = sum(int(line.split(",")[0]) for line in f if line[:1].isdigit())
+        else:
+            self.fsyncs_each = [n.fsyncs() - a for n, a in zip(self.nodes, self.traced)]
+            self.fsyncs = sum(self.fsyncs_each)
+        later = [n.groups() for n in self.nodes]
+        self.groups = [statistics.mean(b[i] - a[i] for a, b in zip(self.received, later)) for i in range(3)]
+        return self
+
+    def cost(self, writes, idle):
+        """Per node per write, less what the nodes use when idle over the same span: mean and
+        busiest node's CPU ms, mean and most fsyncs of a node (nan when unknown); then the
+        groups received, received with nothing new, and sent."""
+        span, n = self.span, len(self.nodes)
+        cpu = [c - idle["cpu_ms"] * span for c in self.cpu_ms]
+        fs = (self.fsyncs - idle["fsyncs"] * span * n) / n
+        fs_max = max(self.fsyncs_each) - idle["fsyncs"] * span if self.fsyncs_each else float("nan")
+        return (statistics.mean(cpu) / writes, max(cpu) / writes, fs / writes, fs_max / writes,
+                *(g / writes for g in self.groups))
 
 def settle(nodes, idle, limit=15.0, step=0.5):
     """Waits until the servers together use about as much CPU as when idle (replication may
@@ -452,13 +484,11 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
     # Idle: 5 s with nothing happening, once the warm-up's work has settled.
     settle(nodes, {"cpu_ms": 10.0, "fsyncs": 0})
     time.sleep(1)
-    a = Snapshot(nodes)
+    w = Window(nodes, work)
     time.sleep(5)
-    b = Snapshot(nodes)
-    span = b.t - a.t
-    per_node = [(y - x) * 1000 / HZ / span for x, y in zip(a.ticks, b.ticks)]
-    idle = {"cpu_ms": statistics.mean(per_node),
-            "fsyncs": statistics.mean(y - x for x, y in zip(a.fsyncs, b.fsyncs)) / span}
+    w.close()
+    per_node = [c / w.span for c in w.cpu_ms]
+    idle = {"cpu_ms": statistics.mean(per_node), "fsyncs": w.fsyncs / n / w.span}
     out.append(f"idle_cpu_ms={idle['cpu_ms']:.1f} idle_cpu_max_ms={max(per_node):.1f} idle_fsyncs={idle['fsyncs']:.2f}")
 
     # Single tiny deploys (one 6-byte file), each from a random node, one at a time.
@@ -466,7 +496,7 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
     for r in range(reps):
         origin = rng.randrange(n)
         content = f"s{r:04d}\n".encode()
-        a = Snapshot(nodes)
+        w = Window(nodes, work)
         t0 = now()
         p = deploy(fazt, nodes[origin], "tiny", content, work)
         served, (returned,) = serve_all(nodes, {"tiny": content}, [p], 60)
@@ -478,9 +508,8 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
             starts.append(max(served.values()) - t0)
             nodes_s.extend(times)
         settle(nodes, idle)
-        b = Snapshot(nodes)
-        costs.append(a.cost(b, 1, idle))
-        windows.append(b.t - a.t)
+        costs.append(w.close().cost(1, idle))
+        windows.append(w.span)
     nan = float("nan")
     out.append(f"single_n={reps} single_lost={lost} single_all_med={median(every):.2f} "
                f"single_all_max={max(every, default=nan):.2f} single_node_med={median(nodes_s):.2f} "
@@ -499,7 +528,7 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
     try:
         time.sleep(0.2)
         expect = {app: f"b{i:03d}x\n".encode() for i, app in enumerate(burst_apps)}
-        a = Snapshot(nodes)
+        w = Window(nodes, work)
         t0 = now()
         ps = [deploy(fazt, nodes[w], app, expect[app], work) for w, app in zip(writers, burst_apps)]
         served, returned = serve_all(nodes, expect, ps, 120)
@@ -516,7 +545,7 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
                f"burst_all_s={(max(served.values()) - t0) if not missing else nan:.2f} "
                f"burst_change_med={median(per_change):.2f} burst_change_max={max(per_change, default=nan):.2f}")
     settle(nodes, idle)
-    cpu, cpu_max, fs, fs_max, got, empty, sent = a.cost(Snapshot(nodes), burst_writes, idle)
+    cpu, cpu_max, fs, fs_max, got, empty, sent = w.close().cost(burst_writes, idle)
     out.append(f"burst_cpu_ms={cpu:.1f} burst_cpu_max_ms={cpu_max:.1f} burst_fsyncs={fs:.1f} burst_fsyncs_max={fs_max:.1f}")
     out.append(f"burst_groups={got:.1f} burst_groups_empty={empty:.1f} burst_groups_sent={sent:.1f}")
     print("\n".join(out))
