@@ -413,6 +413,23 @@ def down(fazt, nodes_file):
         missing += sum(not p["connected"] for p in peers) + max(0, node.degree - len(peers))
     print(missing)
 
+def sessions(nodes_file, links_file, prefix):
+    """Sessions started per link so far: each end logs "replicating peer=<name>" (INFO of
+    fazt::peer::service) when a session with that peer starts, whoever dialled. One session
+    per pair of peers shows as 1 at both ends."""
+    started = {}
+    for node in load_nodes(nodes_file):
+        with open(node.log, errors="replace") as f:
+            for line in f:
+                m = re.search(r"replicating peer=(\S+)", ANSI.sub("", line))
+                if m:
+                    started[(node.name, m.group(1))] = started.get((node.name, m.group(1)), 0) + 1
+    with open(links_file) as f:
+        links = [line.split() for line in f if line.strip()]
+    per_link = [(started.get((a, b), 0) + started.get((b, a), 0)) / 2 for a, b in links]
+    print(f"{prefix}_per_link={statistics.mean(per_link):.2f} "
+          f"{prefix}_multi={100 * sum(s > 1 for s in per_link) / len(per_link):.0f}")
+
 def rss(nodes_file, out):
     with open(out, "w") as f:
         json.dump([n.rss_kb() for n in load_nodes(nodes_file)], f)
@@ -581,6 +598,8 @@ elif cmd == "udp":
     udp(sys.argv[2], sys.argv[3])
 elif cmd == "down":
     down(sys.argv[2], sys.argv[3])
+elif cmd == "sessions":
+    sessions(sys.argv[2], sys.argv[3], sys.argv[4])
 elif cmd == "rss":
     rss(sys.argv[2], sys.argv[3])
 elif cmd == "rss-figures":
