@@ -28,7 +28,12 @@ pub fn run(db: Database, config: NodeConfig) -> Result<()> {
         .thread_name("fazt-worker")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async move {
+    // The commit watcher's thread starts with the first subscription; started here, it runs
+    // at the process's priority, not at that of the replication thread that would start it.
+    drop(db.commits());
+    let replication = replication_runtime()?;
+    let on_replication = replication.handle().clone();
+    let served = runtime.block_on(async move {
         let listener = bind(config.port.value).await?;
         let port = listener.local_addr()?.port();
         // By default peers connect to the same port number as HTTP, over UDP.
@@ -36,7 +41,9 @@ pub fn run(db: Database, config: NodeConfig) -> Result<()> {
             crate::config::Source::Default => port,
             _ => config.sync_port.value,
         };
-        let peers = crate::peer::service::start(db.clone(), key, sync_port).await?;
+        let peers = on_replication
+            .spawn(crate::peer::service::start(db.clone(), key, sync_port))
+            .await??;
         let sync_port = peers.local_port();
         let domain = config.domain.value.as_str().to_string();
         db.write(move |w| {
@@ -73,7 +80,68 @@ pub fn run(db: Database, config: NodeConfig) -> Result<()> {
         .await?;
         eprintln!("fazt stopped");
         Ok(())
-    })
+    });
+    // Sessions' blocking work still running (an export pass) is not waited for: the
+    // database is consistent after every transaction.
+    replication.shutdown_timeout(std::time::Duration::from_secs(1));
+    served
+}
+
+/// How much lower than the HTTP workers the replication threads are scheduled: a nice value
+/// this much higher (capped at 19). The kernel then gives a runnable HTTP worker about nine
+/// times the CPU share of a runnable replication thread.
+pub const REPLICATION_NICE: i32 = 10;
+
+/// The runtime of the peer service: sessions read, export and apply on its threads (its
+/// workers and its blocking pool), which run at a lower scheduling priority than the HTTP
+/// workers ([`REPLICATION_NICE`]), so that while a burst of changes replicates, requests are
+/// still served first. Replication itself loses nothing by it: it gets all the CPU that
+/// requests leave.
+fn replication_runtime() -> Result<tokio::runtime::Runtime> {
+    // Threads inherit the nice value of the thread that starts them, and the runtime starts
+    // blocking threads from its own: each one is set from the process's priority, not raised
+    // again from its parent's.
+    let lower = nice_of_this_thread().map(|n| (n + REPLICATION_NICE).min(19));
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fazt-peer")
+        .on_thread_start(move || {
+            if let Some(nice) = lower {
+                set_nice_of_this_thread(nice);
+            }
+        })
+        .build()
+        .context("starting the replication runtime")
+}
+
+/// The calling thread's nice value (Linux only: elsewhere a nice value is the whole
+/// process's, and replication is not lowered).
+fn nice_of_this_thread() -> Option<i32> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid and getpriority only read the calling thread's id and priority.
+        // -1 is also a valid nice value, so errno tells an error apart.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let nice = libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t);
+            (*libc::__errno_location() == 0).then_some(nice)
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+fn set_nice_of_this_thread(nice: i32) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority with the calling thread's id only sets that thread's priority.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) } != 0
+        {
+            tracing::debug!(nice, "could not lower a replication thread's priority");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
 }
 
 /// How often the server runs the blob collector (the first run soon after start).

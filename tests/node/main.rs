@@ -14,6 +14,7 @@ mod http_edge;
 mod peer_claims;
 mod peer_links;
 mod peers;
+mod priorities;
 mod secrets;
 mod serverless;
 mod serving;
