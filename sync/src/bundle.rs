@@ -299,10 +299,5 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
 }
 
 fn add(total: &mut ApplyReport, r: ApplyReport) {
-    total.transactions += r.transactions;
-    total.applied += r.applied;
-    total.unchanged += r.unchanged;
-    total.already_seen += r.already_seen;
-    total.pending += r.pending;
-    total.pending_full += r.pending_full;
+    crate::merge::add_report(total, &r);
 }

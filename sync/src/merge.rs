@@ -39,6 +39,11 @@ pub struct ApplyReport {
     /// ([`MAX_PENDING_CHANGES`], [`MAX_PENDING_BYTES`]): their versions stay uncovered, so
     /// peers send them again later.
     pub pending_full: usize,
+    /// Whether the merge wrote anything. A merge that brings nothing new (only changes this
+    /// replica holds, covers it has, a clock it is past) writes nothing: it ends in a
+    /// rollback, so it commits nothing, syncs nothing and other connections see no change
+    /// (`PRAGMA data_version` stays).
+    pub written: bool,
 }
 
 /// The most changes the pending area keeps (changes for tables or columns this replica does
@@ -130,7 +135,10 @@ type Origin = (Option<SiteId>, DbVersion, Seq);
 /// can merge one of any size holding only a part in memory at a time.
 pub struct Merge<'r> {
     replica: &'r mut Replica,
-    own_version: DbVersion,
+    /// The clock before the merge.
+    clock_before: DbVersion,
+    /// The connection's `total_changes()` when the merge began: rows written since count.
+    changes_before: u64,
     /// What this replica held before the merge.
     held: Coverage,
     report: ApplyReport,
@@ -201,9 +209,11 @@ impl Replica {
     pub fn begin_merge(&mut self) -> Result<Merge<'_>, Error> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         let capture_off = self.capture.merging();
+        let changes_before = self.conn.total_changes();
         let mut merge = Merge {
             replica: self,
-            own_version: DbVersion(0),
+            clock_before: DbVersion(0),
+            changes_before,
             held: Coverage::default(),
             report: ApplyReport::default(),
             not_held: HashMap::new(),
@@ -215,7 +225,7 @@ impl Replica {
         };
         let r = &mut *merge.replica;
         r.refresh()?;
-        merge.own_version = r.db_version()?;
+        merge.clock_before = r.db_version()?;
         merge.held = r.coverage()?;
         r.has_pending = r
             .conn
@@ -244,7 +254,9 @@ impl Merge<'_> {
         self.commit_then(covers, sender_clock, |_| Ok(()))
     }
 
-    /// [`Merge::commit`], running `then` (capture off) just before the commit.
+    /// [`Merge::commit`], running `then` (capture off) just before the commit. A merge in
+    /// which nothing wrote a row (neither the merge nor `then`) rolls back instead: it
+    /// leaves the file as it was ([`ApplyReport::written`] is false).
     pub fn commit_then(
         mut self,
         covers: &Coverage,
@@ -259,7 +271,14 @@ impl Merge<'_> {
             self.finish_group()?;
             self.record_covers(covers, sender_clock)?;
             then(&self.replica.conn)?;
-            self.replica.conn.execute_batch("COMMIT")?;
+            if self.wrote() {
+                self.replica.conn.execute_batch("COMMIT")?;
+                self.report.written = true;
+            } else {
+                // Nothing to keep: no commit, no log frame, no fsync, and other connections'
+                // `data_version` stays, so nothing wakes for it.
+                self.replica.conn.execute_batch("ROLLBACK")?;
+            }
             Ok(())
         })();
         match result {
@@ -284,11 +303,29 @@ impl Merge<'_> {
         result
     }
 
+    /// Whether any row was written since the merge began (by the merge, its hook or the
+    /// caller's `then`).
+    fn wrote(&self) -> bool {
+        self.replica.conn.total_changes() != self.changes_before
+    }
+
     fn merge_changes_inner(&mut self, changes: &[Change], may_continue: bool) -> Result<(), Error> {
         check_changes(changes)?;
         let hook = self.replica.merge_hook.clone();
         if let Some(hook) = &hook {
-            hook.before(&self.replica.conn, changes)?;
+            // The hook sees what may be merged: transactions already held are skipped, and
+            // what it would keep for them is not needed (nor written, so a merge of held
+            // changes writes nothing).
+            if changes.iter().any(|c| self.held.contains(&c.site_id, c.db_version)) {
+                let fresh: Vec<Change> = changes
+                    .iter()
+                    .filter(|c| !self.held.contains(&c.site_id, c.db_version))
+                    .cloned()
+                    .collect();
+                hook.before(&self.replica.conn, &fresh)?;
+            } else {
+                hook.before(&self.replica.conn, changes)?;
+            }
         }
         let mut start = 0;
         while start < changes.len() {
@@ -478,8 +515,8 @@ impl Merge<'_> {
         let r = &mut *self.replica;
         // Lamport: the next local write is numbered after everything merged. What this
         // replica made itself is stored too: a merged change may just have replaced the
-        // clock row that held its newest version.
-        let clock = self.max_version.max(self.own_version);
+        // clock row that held its newest version (a database without `own_version`).
+        let clock = self.max_version.max(self.clock_before);
         // Covers are believed up to this bound (see below), and the clock follows what
         // was believed, so that this replica never covers a version beyond its own clock.
         let bound = clock.max(sender_clock);
@@ -518,7 +555,11 @@ impl Merge<'_> {
                 Replica::save_coverage(&r.conn, ord, &merged)?;
             }
         }
-        set_db_version(&r.conn, clock)?;
+        // A merge that wrote nothing and leaves the clock where it was stores nothing: the
+        // clock derived from the file is still `clock_before`.
+        if clock > self.clock_before || r.conn.total_changes() != self.changes_before {
+            set_db_version(&r.conn, clock)?;
+        }
         r.version_cache.set(None);
         Ok(())
     }
@@ -539,7 +580,9 @@ impl Drop for Merge<'_> {
     }
 }
 
-fn add_report(total: &mut ApplyReport, r: &ApplyReport) {
+/// Adds `r`'s counts to `total` (written if either wrote).
+pub(crate) fn add_report(total: &mut ApplyReport, r: &ApplyReport) {
+    total.written |= r.written;
     total.transactions += r.transactions;
     total.applied += r.applied;
     total.unchanged += r.unchanged;

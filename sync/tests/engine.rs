@@ -999,3 +999,105 @@ fn a_merge_moves_the_fingerprint_even_when_the_clock_does_not() {
     assert_eq!(c.db_version().unwrap(), clock);
     assert_ne!(c.fingerprint().unwrap(), before, "a relayed merge");
 }
+
+/// A file with the engine's tables and a second connection to it, as a node has.
+fn file_replica(dir: &tempfile::TempDir) -> (Replica, Connection) {
+    let path = dir.path().join("node.db");
+    let conn = Connection::open(&path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.execute_batch(common::SCHEMA).unwrap();
+    let mut r = Replica::open(conn).unwrap();
+    r.replicate("items").unwrap();
+    r.replicate("pairs").unwrap();
+    (r, Connection::open(&path).unwrap())
+}
+
+fn data_version(conn: &Connection) -> i64 {
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0)).unwrap()
+}
+
+#[test]
+fn applying_a_batch_again_writes_nothing() {
+    let mut a = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'one')", []);
+    exec(&mut a, "UPDATE items SET b = 2 WHERE id = 1", []);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, other) = file_replica(&dir);
+    exec(&mut b, "INSERT INTO items (id, a) VALUES (2, 'b')", []);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+
+    let seen = data_version(&other);
+    let first = b.apply(&batch).unwrap();
+    assert!(first.written && first.transactions == 2, "{first:?}");
+    let seen_after_first = data_version(&other);
+    assert_ne!(seen_after_first, seen, "the first merge committed");
+    let fingerprint = b.fingerprint().unwrap();
+
+    let again = b.apply(&batch).unwrap();
+    assert_eq!(
+        data_version(&other),
+        seen_after_first,
+        "nothing was committed: other connections see no change"
+    );
+    assert!(!again.written, "{again:?}");
+    assert_eq!(again.transactions, 0);
+    assert_eq!(again.already_seen, batch.changes.len());
+    assert_eq!(b.fingerprint().unwrap(), fingerprint);
+    assert_eq!(Fingerprint::read(&other).unwrap(), fingerprint);
+    // The replica goes on as before.
+    exec(&mut b, "INSERT INTO items (id, a) VALUES (3, 'b')", []);
+    assert_eq!(b.db_version().unwrap(), DbVersion(3));
+}
+
+/// A batch whose changes are all held but which covers versions the receiver lacks (whose
+/// changes were superseded) records the covers.
+#[test]
+fn held_changes_with_new_covers_record_the_covers() {
+    let mut a = replica();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'x')", []); // v1
+    exec(&mut a, "UPDATE items SET a = 'y' WHERE id = 1", []); // v2: superseded by v3
+    exec(&mut a, "UPDATE items SET a = 'z' WHERE id = 1", []); // v3
+    let full = a.batch_since(&Coverage::default()).unwrap();
+    let site = a.site_id();
+    let mut partial = full.clone();
+    partial.covers = Coverage::default();
+    partial.covers.insert(site, DbVersion(1), DbVersion(1));
+    partial.covers.insert(site, DbVersion(3), DbVersion(3));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, other) = file_replica(&dir);
+    b.apply(&partial).unwrap();
+    assert!(!b.coverage().unwrap().contains(&site, DbVersion(2)));
+    let (seen, fingerprint) = (data_version(&other), b.fingerprint().unwrap());
+
+    let report = b.apply(&full).unwrap();
+    assert!(report.written && report.transactions == 0, "{report:?}");
+    assert_eq!(b.coverage().unwrap().get(&site), a.coverage().unwrap().get(&site));
+    assert_ne!(data_version(&other), seen);
+    assert_ne!(b.fingerprint().unwrap(), fingerprint, "more to export");
+}
+
+/// Transactions already held are skipped: the merge hook is not shown them, so it keeps
+/// nothing for them (and a merge of held changes writes nothing on its account).
+#[test]
+fn a_merge_hook_is_not_shown_changes_already_held() {
+    let mut a = replica();
+    let mut b = replica();
+    b.conn()
+        .execute_batch("CREATE TABLE seen (phase TEXT, items INTEGER, changes INTEGER)")
+        .unwrap();
+    b.set_merge_hook(std::sync::Arc::new(CountingHook { fail: false }));
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (1, 'one')", []);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+    b.apply(&batch).unwrap();
+    exec(&mut a, "INSERT INTO items (id, a) VALUES (2, 'two')", []);
+    let both = a.batch_since(&Coverage::default()).unwrap();
+    b.apply(&both).unwrap();
+    let new = (both.changes.len() - batch.changes.len()) as i64;
+    assert_eq!(
+        seen(&b)[2..],
+        [
+            ("before".to_string(), 1, new),
+            ("after".to_string(), 2, 0)
+        ]
+    );
+}

@@ -144,6 +144,11 @@ fn apply_group(
             sender_clock,
         },
         |tx| {
+            // Only content the group used can be staged; a group without any (e.g. one this
+            // node held already, whose merge then writes nothing) touches nothing here.
+            if used.is_empty() {
+                return Ok(());
+            }
             let mut delete = tx.prepare_cached("DELETE FROM peer_content WHERE digest = ?1")?;
             for digest in &used {
                 delete.execute([&digest.as_bytes()[..]])?;
