@@ -5,16 +5,22 @@
 //! highest version this replica has made or merged) and numbers each captured change with
 //! `seq`.
 //!
-//! The db_version is not stored by local writes: the highest version this replica made is
-//! the highest `db_version` among its own clock rows (site ordinal 0, found through each
-//! clock's origin index), and a local change's clock row only ever gives way to a newer
-//! version of the same cell, or to a merged change. Merges store the Lamport clock
-//! (`fazt_sync_state`) as the maximum of everything merged and everything made, so a merged
-//! change that replaces this replica's newest clock row cannot make a version number come
-//! round again. A one-row write then commits one page fewer. The value is cached per
-//! connection and derived again whenever another connection has committed
-//! (`PRAGMA data_version`) or this one merged. The triggers on replicated tables ask the connection for those numbers; outside a
-//! `write` they refuse, so no write can slip past the engine. Merges run with capture off.
+//! Two numbers are kept in `fazt_sync_state`:
+//! - `own_version`, the version of this replica's newest local write, stored by that write
+//!   (in its transaction). It ends this replica's own coverage: it holds `1..=own_version`
+//!   of its own origin, the versions it numbered, and never the versions its clock skipped
+//!   when a merge moved it (see [`Replica::coverage`]).
+//! - `db_version`, the Lamport clock as merges moved it: the maximum of everything merged,
+//!   covered and made, so a merged change that replaces this replica's newest clock row
+//!   cannot make a version number come round again.
+//!
+//! The clock is the larger of those two and of the newest version among this replica's own
+//! clock rows (site ordinal 0, found through each clock's origin index), which counts local
+//! writes made by an engine that did not store `own_version` yet. The values are cached per
+//! connection and derived again whenever another connection has committed (`PRAGMA
+//! data_version`) or this one merged. The triggers on replicated tables ask the connection
+//! for those numbers; outside a `write` they refuse, so no write can slip past the engine.
+//! Merges run with capture off.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -131,7 +137,7 @@ impl Fingerprint {
     /// Reads the fingerprint through any connection to a replica's file (no engine needed:
     /// a read-only one will do).
     pub fn read(conn: &Connection) -> Result<Fingerprint, Error> {
-        Fingerprint::read_with(conn, derive_db_version(conn)?)
+        Fingerprint::read_with(conn, derive_versions(conn)?.clock)
     }
 
     fn read_with(conn: &Connection, clock: DbVersion) -> Result<Fingerprint, Error> {
@@ -174,8 +180,9 @@ pub struct Replica {
     pub(crate) pending_caps: (i64, i64),
     /// The merge path's statements per table, for `catalog_version`.
     pub(crate) merge_sql: (u64, HashMap<String, Arc<crate::merge::MergeSql>>),
-    /// (`PRAGMA data_version`, db_version) as last derived or allocated on this connection.
-    pub(crate) version_cache: Cell<Option<(i64, DbVersion)>>,
+    /// (`PRAGMA data_version`, the clock and own version) as last derived or allocated on
+    /// this connection.
+    pub(crate) version_cache: Cell<Option<(i64, Versions)>>,
     /// Code of the application's that sees every merge from inside its transaction.
     pub(crate) merge_hook: Option<Arc<dyn crate::merge::MergeHook>>,
 }
@@ -254,6 +261,7 @@ impl Replica {
         };
         replica.refresh()?;
         replica.upgrade_triggers()?;
+        replica.keep_own_version()?;
         Ok(replica)
     }
 
@@ -283,6 +291,29 @@ impl Replica {
         Ok(())
     }
 
+    /// Stores `own_version` on a database that lacks it: 0 on a new one; on one an older
+    /// engine wrote, its clock, which ended that engine's own coverage. Its peers may hold
+    /// all of that, so it stays covered; from then on, only local writes move it.
+    fn keep_own_version(&mut self) -> Result<(), Error> {
+        let own: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT value FROM fazt_sync_state WHERE key = 'own_version'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if own.is_none() {
+            let clock = self.db_version()?;
+            self.conn.execute(
+                "INSERT OR IGNORE INTO fazt_sync_state (key, value) VALUES ('own_version', ?1)",
+                [clock],
+            )?;
+            self.version_cache.set(None);
+        }
+        Ok(())
+    }
+
     /// The underlying connection, for reads. Writes to replicated tables through it fail;
     /// use [`Replica::write`].
     pub fn conn(&self) -> &Connection {
@@ -306,9 +337,15 @@ impl Replica {
         names
     }
 
-    /// The highest db_version this replica has made or merged.
+    /// The highest db_version this replica has made or merged (its Lamport clock).
     pub fn db_version(&self) -> Result<DbVersion, Error> {
-        Ok(current_db_version(&self.conn, &self.version_cache)?.1)
+        Ok(current_versions(&self.conn, &self.version_cache)?.1.clock)
+    }
+
+    /// The end of this replica's own coverage: the version of its newest local write (or,
+    /// on a database no local write of this engine touched yet, its clock).
+    pub(crate) fn own_version(&self) -> Result<DbVersion, Error> {
+        Ok(current_versions(&self.conn, &self.version_cache)?.1.own)
     }
 
     /// The [`Fingerprint`] of what this replica can export now.
@@ -329,8 +366,8 @@ impl Replica {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (data_version, current) = current_db_version(&tx, cache)?;
-        let version = next_version(current.0, 1)
+        let (data_version, current) = current_versions(&tx, cache)?;
+        let version = next_version(current.clock.0, 1)
             .map(DbVersion)
             .map_err(rusqlite::Error::UserFunctionError)?;
         let guard = self.capture.enter(LOCAL, version);
@@ -338,15 +375,44 @@ impl Replica {
         let captured = self.capture.captured();
         drop(guard);
         let value = result?;
+        if captured > 0 {
+            // The version is now this replica's own: its coverage grows to it (and over any
+            // versions the clock skipped since the previous local write; the group that
+            // exports this write covers those too).
+            tx.prepare_cached(
+                "INSERT INTO fazt_sync_state (key, value) VALUES ('own_version', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+            )?
+            .execute([version])?;
+        }
         tx.commit()?;
         // This connection's own commits leave its data_version as it was.
         if captured > 0 {
-            cache.set(Some((data_version, version)));
+            cache.set(Some((
+                data_version,
+                Versions {
+                    clock: version,
+                    own: version,
+                },
+            )));
         }
         Ok(value)
     }
 
     /// What this replica holds, per origin (itself included).
+    ///
+    /// Of its own origin it holds `1..=own_version`: the versions up to its newest local
+    /// write, not up to its clock. A merge moves the clock past versions this replica never
+    /// wrote; those hold nothing anywhere (only this replica writes its origin), so no peer
+    /// needs them, and covering them would only send every peer an empty group to cover
+    /// them in turn. The next local write is still numbered after the clock, and its group
+    /// covers the skipped versions together with it (exports cover everything between two
+    /// groups' changes). Own coverage never shrinks (`own_version` only rises; a database
+    /// without it covers up to its clock until its next local write, numbered above that),
+    /// so no other node ever holds a version of this origin that this replica lacks. An
+    /// engine that did not store `own_version` writing to the file in between (a downgrade)
+    /// would leave its writes uncovered here until the next local write of this one covers
+    /// them; their numbers are never reused (the clock counts its clock rows).
     pub fn coverage(&self) -> Result<Coverage, Error> {
         let mut cov = Coverage::default();
         // Joined in SQL rather than through the cached site list, which may lag behind
@@ -369,7 +435,7 @@ impl Replica {
             );
             cov.insert(site, start, end);
         }
-        let own = self.db_version()?;
+        let own = self.own_version()?;
         if own > DbVersion(0) {
             cov.insert(self.site_id, DbVersion(1), own);
         }
@@ -489,35 +555,47 @@ impl Replica {
     }
 }
 
-/// (`PRAGMA data_version`, the highest db_version made or merged), from `cache` while no
-/// other connection has committed since it was filled.
-fn current_db_version(
+/// A replica's clock and the end of its own coverage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Versions {
+    /// The highest db_version made or merged (the Lamport clock).
+    pub(crate) clock: DbVersion,
+    /// The newest local write's version; the clock on a database without `own_version`.
+    pub(crate) own: DbVersion,
+}
+
+/// (`PRAGMA data_version`, the clock and own version), from `cache` while no other
+/// connection has committed since it was filled.
+fn current_versions(
     conn: &Connection,
-    cache: &Cell<Option<(i64, DbVersion)>>,
-) -> rusqlite::Result<(i64, DbVersion)> {
+    cache: &Cell<Option<(i64, Versions)>>,
+) -> rusqlite::Result<(i64, Versions)> {
     let data_version: i64 = conn
         .prepare_cached("PRAGMA data_version")?
         .query_row([], |r| r.get(0))?;
-    if let Some((seen, version)) = cache.get() {
+    if let Some((seen, versions)) = cache.get() {
         if seen == data_version {
-            return Ok((seen, version));
+            return Ok((seen, versions));
         }
     }
-    let version = derive_db_version(conn)?;
-    cache.set(Some((data_version, version)));
-    Ok((data_version, version))
+    let versions = derive_versions(conn)?;
+    cache.set(Some((data_version, versions)));
+    Ok((data_version, versions))
 }
 
-/// The stored Lamport clock (what merges saw), or the newest version among this replica's
-/// own clock rows if that is higher. Every registered table's clock counts, also one that
-/// another connection registered since this one loaded its catalog (the catalog is read
-/// from the file, not from memory).
-fn derive_db_version(conn: &Connection) -> rusqlite::Result<DbVersion> {
-    let mut version: DbVersion = conn
-        .prepare_cached("SELECT value FROM fazt_sync_state WHERE key = 'db_version'")?
-        .query_row([], |r| r.get(0))
-        .optional()?
-        .unwrap_or_default();
+/// The clock: the stored Lamport clock (what merges saw), the stored own version, or the
+/// newest version among this replica's own clock rows, whichever is highest. Every
+/// registered table's clock counts, also one that another connection registered since this
+/// one loaded its catalog (the catalog is read from the file, not from memory). The own
+/// version: the stored one, or the clock if none is stored.
+fn derive_versions(conn: &Connection) -> rusqlite::Result<Versions> {
+    let (stored_clock, stored_own): (Option<DbVersion>, Option<DbVersion>) = conn
+        .prepare_cached(
+            "SELECT (SELECT value FROM fazt_sync_state WHERE key = 'db_version'),
+                    (SELECT value FROM fazt_sync_state WHERE key = 'own_version')",
+        )?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let mut clock = stored_clock.unwrap_or_default().max(stored_own.unwrap_or_default());
     let clocks: Vec<String> = conn
         .prepare_cached(
             "SELECT name FROM sqlite_schema WHERE type = 'table'
@@ -525,16 +603,19 @@ fn derive_db_version(conn: &Connection) -> rusqlite::Result<DbVersion> {
         )?
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    for clock in clocks {
+    for table in clocks {
         let own: Option<DbVersion> = conn
             .prepare_cached(&format!(
                 "SELECT max(db_version) FROM {} WHERE site_ord = 0",
-                crate::crr::quote(&clock)
+                crate::crr::quote(&table)
             ))?
             .query_row([], |r| r.get(0))?;
-        version = version.max(own.unwrap_or_default());
+        clock = clock.max(own.unwrap_or_default());
     }
-    Ok(version)
+    Ok(Versions {
+        clock,
+        own: stored_own.unwrap_or(clock),
+    })
 }
 
 pub(crate) fn set_db_version(conn: &Connection, version: DbVersion) -> rusqlite::Result<()> {

@@ -1000,6 +1000,68 @@ fn a_merge_moves_the_fingerprint_even_when_the_clock_does_not() {
     assert_ne!(c.fingerprint().unwrap(), before, "a relayed merge");
 }
 
+/// Every group `from` would export to a holder of `have`, as batches.
+fn groups_for(from: &Replica, have: &Coverage) -> Vec<Batch> {
+    let mut groups = vec![Batch::default()];
+    from.export_groups(have, 1, |e| {
+        match e {
+            fazt_sync::Exported::Change(c) => groups.last_mut().unwrap().changes.push(c),
+            fazt_sync::Exported::Group(covers) => {
+                groups.last_mut().unwrap().covers = covers;
+                groups.push(Batch::default());
+            }
+        }
+        Ok::<(), fazt_sync::Error>(())
+    })
+    .unwrap();
+    assert!(groups.pop().unwrap().changes.is_empty());
+    groups
+}
+
+/// A merge moves the clock past versions this replica never wrote: they are not its own
+/// coverage (no peer needs them), and the next local write's group covers them.
+#[test]
+fn merging_an_origin_far_ahead_leaves_own_coverage_to_own_writes() {
+    let mut far = replica();
+    for i in 0..50 {
+        exec(&mut far, "INSERT INTO items (id, a) VALUES (?1, 'far')", [i]);
+    }
+    let mut b = replica();
+    exec(&mut b, "INSERT INTO items (id, a) VALUES (100, 'b')", []); // b: v1
+    let mut peer = replica();
+    sync(&b, &mut peer);
+    sync(&far, &mut peer);
+    let own_before = b.coverage().unwrap().get(&b.site_id()).cloned();
+
+    sync(&far, &mut b);
+    assert_eq!(b.db_version().unwrap(), DbVersion(50), "the clock follows the merge");
+    assert_eq!(
+        b.coverage().unwrap().get(&b.site_id()).cloned(),
+        own_before,
+        "own coverage stays at the own write"
+    );
+    assert_eq!(b.coverage().unwrap(), peer.coverage().unwrap());
+    assert!(
+        groups_for(&b, &peer.coverage().unwrap()).is_empty(),
+        "nothing to send to a peer that holds what b holds"
+    );
+
+    // The next local write is numbered after the clock; its group covers the skipped
+    // versions with it, and the peer then holds all of it.
+    exec(&mut b, "INSERT INTO items (id, a) VALUES (101, 'b')", []);
+    assert_eq!(b.db_version().unwrap(), DbVersion(51));
+    let groups = groups_for(&b, &peer.coverage().unwrap());
+    assert_eq!(groups.len(), 1);
+    let mut gap = Coverage::default();
+    gap.insert(b.site_id(), DbVersion(2), DbVersion(51));
+    assert_eq!(groups[0].covers, gap);
+    assert!(groups[0].changes.iter().all(|c| c.db_version == DbVersion(51)));
+    let report = peer.apply(&groups[0]).unwrap();
+    assert_eq!(report.transactions, 1);
+    assert_eq!(peer.coverage().unwrap(), b.coverage().unwrap());
+    assert_eq!(data(&peer), data(&b));
+}
+
 /// A file with the engine's tables and a second connection to it, as a node has.
 fn file_replica(dir: &tempfile::TempDir) -> (Replica, Connection) {
     let path = dir.path().join("node.db");
@@ -1100,4 +1162,44 @@ fn a_merge_hook_is_not_shown_changes_already_held() {
             ("after".to_string(), 2, 0)
         ]
     );
+}
+
+/// A database written by an engine that did not store its own version covers its own
+/// origin up to its clock (as that engine did); opened again, that is where its own coverage
+/// stays until its next local write.
+#[test]
+fn a_database_without_own_version_keeps_covering_up_to_its_clock() {
+    let mut far = replica();
+    for i in 0..5 {
+        exec(&mut far, "INSERT INTO items (id, a) VALUES (?1, 'far')", [i]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, other) = file_replica(&dir);
+    exec(&mut b, "INSERT INTO items (id, a) VALUES (100, 'b')", []);
+    sync(&far, &mut b);
+    other
+        .execute("DELETE FROM fazt_sync_state WHERE key = 'own_version'", [])
+        .unwrap();
+    let own_of = |r: &Replica| r.coverage().unwrap().get(&r.site_id()).cloned().unwrap();
+    let upto = |n| fazt_sync::RangeSet::from_ranges([(DbVersion(1), DbVersion(n))]);
+    assert_eq!(own_of(&b), upto(5));
+    let fingerprint = b.fingerprint().unwrap();
+    assert_eq!(Fingerprint::read(&other).unwrap(), fingerprint);
+
+    // Opened again (as after an upgrade): the clock is kept as its own version, and a merge
+    // that moves the clock further does not move it.
+    drop(b);
+    let mut b = Replica::open(Connection::open(dir.path().join("node.db")).unwrap()).unwrap();
+    assert_eq!(own_of(&b), upto(5));
+    for i in 5..10 {
+        exec(&mut far, "INSERT INTO items (id, a) VALUES (?1, 'far')", [i]);
+    }
+    sync(&far, &mut b);
+    assert_eq!(b.db_version().unwrap(), DbVersion(10));
+    assert_eq!(own_of(&b), upto(5));
+
+    exec(&mut b, "INSERT INTO items (id, a) VALUES (101, 'b')", []);
+    assert_eq!(own_of(&b), upto(11), "the write covers the versions its clock skipped");
+    assert_ne!(b.fingerprint().unwrap(), fingerprint);
+    assert_eq!(Fingerprint::read(&other).unwrap(), b.fingerprint().unwrap());
 }
