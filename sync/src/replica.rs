@@ -112,51 +112,65 @@ CREATE TABLE IF NOT EXISTS fazt_sync_pending (
 
 /// A fingerprint of what a replica can export: it moves whenever what
 /// [`Replica::export_groups`] hands out to any holder may have grown, and stays put across
-/// commits to tables that do not replicate. Cheap to read (a few indexed statements and a
-/// scan of the small coverage table), so a node can read it after every commit and wake its
-/// exporters only when it moved.
+/// commits to tables that do not replicate, and across merges that bring nothing new. Cheap
+/// to read whatever the coverage holds (`PRAGMA schema_version` and one look at two rows of
+/// `fazt_sync_state`), so a node can read it after every commit and wake its exporters only
+/// when it moved.
 ///
-/// Exportable changes are the clock rows of the versions a replica covers, and grow only
-/// in three ways, each of which moves one part:
-/// - a local write that captured something allocates a version above everything made or
-///   merged before: the clock (the highest db_version made or merged, which never goes
-///   back) rises;
-/// - a merge completes versions of other origins (also ones it only relays, or held as
-///   pending and applied once their table exists): the coverage table gains them, and since
-///   it never loses any, the number of versions it covers rises;
+/// Exportable changes are the clock rows of the versions a replica covers (its coverage),
+/// and grow only in three ways, each of which moves one part:
+/// - a local write that captured something stores its version as `own_version`, which ends
+///   this replica's own coverage and only ever rises;
+/// - a merge that completes versions of other origins (also ones it only relays, or held as
+///   pending and applied once their table exists: that is a merge too) saves their
+///   coverage, and every save bumps the counter `coverage_saves` in the same transaction.
+///   Nothing else writes `fazt_sync_coverage`. A merge that moves only the Lamport clock
+///   exports nothing new and leaves the fingerprint as it was;
 /// - registering a table (which backfills its rows as a local write) or rebuilding triggers
-///   changes the schema: `PRAGMA schema_version` moves.
+///   (`db replicate`, a schema upgrade) changes the schema: `PRAGMA schema_version` moves.
+///
+/// A database that no local write of this engine has touched yet has no `own_version`: its
+/// own coverage ends at the clock, as it did before the engine stored it, so the clock
+/// stands in for it (found as [`Replica::db_version`] finds it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fingerprint {
     schema: i64,
-    clock: DbVersion,
-    covered: i128,
+    own: DbVersion,
+    coverage_saves: i64,
 }
 
 impl Fingerprint {
     /// Reads the fingerprint through any connection to a replica's file (no engine needed:
     /// a read-only one will do).
     pub fn read(conn: &Connection) -> Result<Fingerprint, Error> {
-        Fingerprint::read_with(conn, derive_versions(conn)?.clock)
+        let (own, saves) = read_own_and_saves(conn)?;
+        let own = match own {
+            Some(own) => own,
+            None => derive_versions(conn)?.own,
+        };
+        Fingerprint::with(conn, own, saves)
     }
 
-    fn read_with(conn: &Connection, clock: DbVersion) -> Result<Fingerprint, Error> {
+    fn with(conn: &Connection, own: DbVersion, coverage_saves: i64) -> Result<Fingerprint, Error> {
         let schema: i64 = conn
             .prepare_cached("PRAGMA schema_version")?
             .query_row([], |r| r.get(0))?;
-        let mut covered = 0i128;
-        let mut stmt = conn.prepare_cached("SELECT start, end FROM fazt_sync_coverage")?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let (start, end): (i64, i64) = (row.get(0)?, row.get(1)?);
-            covered += i128::from(end) - i128::from(start) + 1;
-        }
         Ok(Fingerprint {
             schema,
-            clock,
-            covered,
+            own,
+            coverage_saves,
         })
     }
+}
+
+/// `own_version` (None on a database no local write of this engine touched) and
+/// `coverage_saves` (0 before the first save).
+fn read_own_and_saves(conn: &Connection) -> rusqlite::Result<(Option<DbVersion>, i64)> {
+    conn.prepare_cached(
+        "SELECT (SELECT value FROM fazt_sync_state WHERE key = 'own_version'),
+                coalesce((SELECT value FROM fazt_sync_state WHERE key = 'coverage_saves'), 0)",
+    )?
+    .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
 }
 
 /// A SQLite connection with the replication engine on it: the catalog of replicated tables,
@@ -295,14 +309,7 @@ impl Replica {
     /// engine wrote, its clock, which ended that engine's own coverage. Its peers may hold
     /// all of that, so it stays covered; from then on, only local writes move it.
     fn keep_own_version(&mut self) -> Result<(), Error> {
-        let own: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT value FROM fazt_sync_state WHERE key = 'own_version'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let (own, _) = read_own_and_saves(&self.conn)?;
         if own.is_none() {
             let clock = self.db_version()?;
             self.conn.execute(
@@ -350,7 +357,8 @@ impl Replica {
 
     /// The [`Fingerprint`] of what this replica can export now.
     pub fn fingerprint(&self) -> Result<Fingerprint, Error> {
-        Fingerprint::read_with(&self.conn, self.db_version()?)
+        let (_, saves) = read_own_and_saves(&self.conn)?;
+        Fingerprint::with(&self.conn, self.own_version()?, saves)
     }
 
     /// Runs `f` in one SQLite transaction whose writes to replicated tables are captured as
@@ -454,7 +462,14 @@ impl Replica {
             .optional()?)
     }
 
+    /// Replaces what this replica holds of the origin with ordinal `ord`, and bumps
+    /// `coverage_saves` (part of the [`Fingerprint`]) in the same transaction.
     pub(crate) fn save_coverage(tx: &Connection, ord: i64, set: &RangeSet) -> Result<(), Error> {
+        tx.prepare_cached(
+            "INSERT INTO fazt_sync_state (key, value) VALUES ('coverage_saves', 1)
+             ON CONFLICT (key) DO UPDATE SET value = value + 1",
+        )?
+        .execute([])?;
         tx.execute("DELETE FROM fazt_sync_coverage WHERE site_ord = ?1", [ord])?;
         let mut insert = tx.prepare_cached(
             "INSERT INTO fazt_sync_coverage (site_ord, start, end) VALUES (?1, ?2, ?3)",

@@ -1203,3 +1203,29 @@ fn a_database_without_own_version_keeps_covering_up_to_its_clock() {
     assert_ne!(b.fingerprint().unwrap(), fingerprint);
     assert_eq!(Fingerprint::read(&other).unwrap(), b.fingerprint().unwrap());
 }
+
+/// The fingerprint follows what can be exported, not the clock: a merge that moves the
+/// clock moves it through the coverage it saves; a batch that brings nothing does not.
+#[test]
+fn the_fingerprint_moves_with_new_covers_and_not_with_held_changes() {
+    let mut a = replica();
+    for i in 0..5 {
+        exec(&mut a, "INSERT INTO items (id, a) VALUES (?1, 'a')", [i]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, other) = file_replica(&dir);
+    let batch = a.batch_since(&Coverage::default()).unwrap();
+    let before = b.fingerprint().unwrap();
+    b.apply(&batch).unwrap();
+    let merged = b.fingerprint().unwrap();
+    assert_ne!(merged, before);
+    assert_eq!(Fingerprint::read(&other).unwrap(), merged);
+    b.apply(&batch).unwrap();
+    assert_eq!(b.fingerprint().unwrap(), merged);
+    // Only a part of it, sent again with a clock far ahead: nothing new either.
+    let mut again = common::partial(&batch, 0b10);
+    again.sender_clock = DbVersion(1000);
+    b.apply(&again).unwrap();
+    assert_eq!(b.fingerprint().unwrap(), merged);
+    assert_eq!(Fingerprint::read(&other).unwrap(), merged);
+}
