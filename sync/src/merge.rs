@@ -316,7 +316,10 @@ impl Merge<'_> {
             // The hook sees what may be merged: transactions already held are skipped, and
             // what it would keep for them is not needed (nor written, so a merge of held
             // changes writes nothing).
-            if changes.iter().any(|c| self.held.contains(&c.site_id, c.db_version)) {
+            if changes
+                .iter()
+                .any(|c| self.held.contains(&c.site_id, c.db_version))
+            {
                 let fresh: Vec<Change> = changes
                     .iter()
                     .filter(|c| !self.held.contains(&c.site_id, c.db_version))

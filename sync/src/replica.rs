@@ -610,7 +610,9 @@ fn derive_versions(conn: &Connection) -> rusqlite::Result<Versions> {
                     (SELECT value FROM fazt_sync_state WHERE key = 'own_version')",
         )?
         .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    let mut clock = stored_clock.unwrap_or_default().max(stored_own.unwrap_or_default());
+    let mut clock = stored_clock
+        .unwrap_or_default()
+        .max(stored_own.unwrap_or_default());
     let clocks: Vec<String> = conn
         .prepare_cached(
             "SELECT name FROM sqlite_schema WHERE type = 'table'

@@ -1024,7 +1024,11 @@ fn groups_for(from: &Replica, have: &Coverage) -> Vec<Batch> {
 fn merging_an_origin_far_ahead_leaves_own_coverage_to_own_writes() {
     let mut far = replica();
     for i in 0..50 {
-        exec(&mut far, "INSERT INTO items (id, a) VALUES (?1, 'far')", [i]);
+        exec(
+            &mut far,
+            "INSERT INTO items (id, a) VALUES (?1, 'far')",
+            [i],
+        );
     }
     let mut b = replica();
     exec(&mut b, "INSERT INTO items (id, a) VALUES (100, 'b')", []); // b: v1
@@ -1034,7 +1038,11 @@ fn merging_an_origin_far_ahead_leaves_own_coverage_to_own_writes() {
     let own_before = b.coverage().unwrap().get(&b.site_id()).cloned();
 
     sync(&far, &mut b);
-    assert_eq!(b.db_version().unwrap(), DbVersion(50), "the clock follows the merge");
+    assert_eq!(
+        b.db_version().unwrap(),
+        DbVersion(50),
+        "the clock follows the merge"
+    );
     assert_eq!(
         b.coverage().unwrap().get(&b.site_id()).cloned(),
         own_before,
@@ -1055,7 +1063,10 @@ fn merging_an_origin_far_ahead_leaves_own_coverage_to_own_writes() {
     let mut gap = Coverage::default();
     gap.insert(b.site_id(), DbVersion(2), DbVersion(51));
     assert_eq!(groups[0].covers, gap);
-    assert!(groups[0].changes.iter().all(|c| c.db_version == DbVersion(51)));
+    assert!(groups[0]
+        .changes
+        .iter()
+        .all(|c| c.db_version == DbVersion(51)));
     let report = peer.apply(&groups[0]).unwrap();
     assert_eq!(report.transactions, 1);
     assert_eq!(peer.coverage().unwrap(), b.coverage().unwrap());
@@ -1075,7 +1086,8 @@ fn file_replica(dir: &tempfile::TempDir) -> (Replica, Connection) {
 }
 
 fn data_version(conn: &Connection) -> i64 {
-    conn.query_row("PRAGMA data_version", [], |r| r.get(0)).unwrap()
+    conn.query_row("PRAGMA data_version", [], |r| r.get(0))
+        .unwrap()
 }
 
 #[test]
@@ -1133,7 +1145,10 @@ fn held_changes_with_new_covers_record_the_covers() {
 
     let report = b.apply(&full).unwrap();
     assert!(report.written && report.transactions == 0, "{report:?}");
-    assert_eq!(b.coverage().unwrap().get(&site), a.coverage().unwrap().get(&site));
+    assert_eq!(
+        b.coverage().unwrap().get(&site),
+        a.coverage().unwrap().get(&site)
+    );
     assert_ne!(data_version(&other), seen);
     assert_ne!(b.fingerprint().unwrap(), fingerprint, "more to export");
 }
@@ -1157,10 +1172,7 @@ fn a_merge_hook_is_not_shown_changes_already_held() {
     let new = (both.changes.len() - batch.changes.len()) as i64;
     assert_eq!(
         seen(&b)[2..],
-        [
-            ("before".to_string(), 1, new),
-            ("after".to_string(), 2, 0)
-        ]
+        [("before".to_string(), 1, new), ("after".to_string(), 2, 0)]
     );
 }
 
@@ -1171,7 +1183,11 @@ fn a_merge_hook_is_not_shown_changes_already_held() {
 fn a_database_without_own_version_keeps_covering_up_to_its_clock() {
     let mut far = replica();
     for i in 0..5 {
-        exec(&mut far, "INSERT INTO items (id, a) VALUES (?1, 'far')", [i]);
+        exec(
+            &mut far,
+            "INSERT INTO items (id, a) VALUES (?1, 'far')",
+            [i],
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let (mut b, other) = file_replica(&dir);
@@ -1192,14 +1208,22 @@ fn a_database_without_own_version_keeps_covering_up_to_its_clock() {
     let mut b = Replica::open(Connection::open(dir.path().join("node.db")).unwrap()).unwrap();
     assert_eq!(own_of(&b), upto(5));
     for i in 5..10 {
-        exec(&mut far, "INSERT INTO items (id, a) VALUES (?1, 'far')", [i]);
+        exec(
+            &mut far,
+            "INSERT INTO items (id, a) VALUES (?1, 'far')",
+            [i],
+        );
     }
     sync(&far, &mut b);
     assert_eq!(b.db_version().unwrap(), DbVersion(10));
     assert_eq!(own_of(&b), upto(5));
 
     exec(&mut b, "INSERT INTO items (id, a) VALUES (101, 'b')", []);
-    assert_eq!(own_of(&b), upto(11), "the write covers the versions its clock skipped");
+    assert_eq!(
+        own_of(&b),
+        upto(11),
+        "the write covers the versions its clock skipped"
+    );
     assert_ne!(b.fingerprint().unwrap(), fingerprint);
     assert_eq!(Fingerprint::read(&other).unwrap(), b.fingerprint().unwrap());
 }
