@@ -129,9 +129,10 @@ CREATE TABLE IF NOT EXISTS fazt_sync_pending (
 /// - registering a table (which backfills its rows as a local write) or rebuilding triggers
 ///   (`db replicate`, a schema upgrade) changes the schema: `PRAGMA schema_version` moves.
 ///
-/// A database that no local write of this engine has touched yet has no `own_version`: its
-/// own coverage ends at the clock, as it did before the engine stored it, so the clock
-/// stands in for it (found as [`Replica::db_version`] finds it).
+/// A database an older engine wrote has no `own_version` until this engine first opens it
+/// with [`Replica::open`] (which stores the clock there): until then its own coverage ends
+/// at the clock, as it did before, and the clock stands in for it (found as
+/// [`Replica::db_version`] finds it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fingerprint {
     schema: i64,
@@ -350,7 +351,7 @@ impl Replica {
     }
 
     /// The end of this replica's own coverage: the version of its newest local write (or,
-    /// on a database no local write of this engine touched yet, its clock).
+    /// on a database an older engine wrote and this one has not opened yet, its clock).
     pub(crate) fn own_version(&self) -> Result<DbVersion, Error> {
         Ok(current_versions(&self.conn, &self.version_cache)?.1.own)
     }
@@ -415,9 +416,10 @@ impl Replica {
     /// needs them, and covering them would only send every peer an empty group to cover
     /// them in turn. The next local write is still numbered after the clock, and its group
     /// covers the skipped versions together with it (exports cover everything between two
-    /// groups' changes). Own coverage never shrinks (`own_version` only rises; a database
-    /// without it covers up to its clock until its next local write, numbered above that),
-    /// so no other node ever holds a version of this origin that this replica lacks. An
+    /// groups' changes). Own coverage never shrinks (`own_version` only rises; a database an
+    /// older engine wrote covers up to its clock, which [`Replica::open`] then stores as its
+    /// own version), so no other node ever holds a version of this origin that this replica
+    /// lacks. An
     /// engine that did not store `own_version` writing to the file in between (a downgrade)
     /// would leave its writes uncovered here until the next local write of this one covers
     /// them; their numbers are never reused (the clock counts its clock rows).
@@ -575,7 +577,7 @@ impl Replica {
 pub(crate) struct Versions {
     /// The highest db_version made or merged (the Lamport clock).
     pub(crate) clock: DbVersion,
-    /// The newest local write's version; the clock on a database without `own_version`.
+    /// The newest local write's version (`own_version`); the clock on a database without it.
     pub(crate) own: DbVersion,
 }
 
