@@ -53,7 +53,10 @@ fn replication_threads_run_below_the_http_workers() {
         };
         let (peer, http) = (of("fazt-peer"), of("fazt-worker"));
         assert!(!peer.is_empty() && !http.is_empty(), "{all:?}");
-        assert!(peer.iter().all(|&n| n == lowered), "replication threads: {all:?}");
+        assert!(
+            peer.iter().all(|&n| n == lowered),
+            "replication threads: {all:?}"
+        );
         assert!(http.iter().all(|&n| n == main), "HTTP workers: {all:?}");
         // The commit watcher wakes the route cache as well as the sessions: not lowered.
         assert!(of("fazt-db-watch").iter().all(|&n| n == main), "{all:?}");
