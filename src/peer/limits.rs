@@ -26,6 +26,9 @@ pub struct Limits {
     pub stage_after: Duration,
     /// Digests per Want message.
     pub want_batch: usize,
+    /// A session reads content it no longer keeps in memory on a connection of its own,
+    /// opened on the first Want that needs one and closed after this long without a Want.
+    pub content_idle: Duration,
     /// How long a connection (or a handshake) may go without hearing from the peer before it
     /// is declared dead: five missed keep-alives (see [`Limits::keep_alive`]). Short, because
     /// a peer restarted after kill -9 cannot close its old connections, and the dialer waits
@@ -68,6 +71,7 @@ impl Default for Limits {
             stage_bytes: 16 << 20,
             stage_after: Duration::from_secs(1),
             want_batch: 1_000,
+            content_idle: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             redial_min: Duration::from_millis(250),

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::export::{Offer, Offers};
-use super::{lock, Error, Limits, SharedRef};
+use super::{lock, Connect, Error, Limits, SharedRef};
 
 /// The bytes of a blob or text value.
 pub(super) fn value_bytes(v: Value) -> Option<Vec<u8>> {
@@ -26,33 +26,58 @@ pub(super) fn value_bytes(v: Value) -> Option<Vec<u8>> {
     }
 }
 
-/// Answers Want messages with the content this side offered.
+/// Answers Want messages with the content this side offered. Content no longer kept in
+/// memory is read on a connection of its own, opened on the first Want that needs it and
+/// closed once no Want came for `idle`: most sessions serve no content, or only now and then,
+/// and an idle connection holds its page cache and schema for nothing.
 pub(super) async fn serve_content(
-    db: Replica,
+    connect: Connect,
+    idle: Duration,
     shared: SharedRef,
     offers: Arc<Offers>,
     out: mpsc::Sender<Message>,
     mut wants: mpsc::UnboundedReceiver<Vec<Digest>>,
 ) -> Result<()> {
-    let db = Arc::new(Mutex::new(db));
-    while let Some(digests) = wants.recv().await {
+    let mut db: Option<Replica> = None;
+    loop {
+        let digests = match db {
+            None => wants.recv().await,
+            Some(_) => match tokio::time::timeout(idle, wants.recv()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    // Dropped on a blocking thread: closing a connection is SQLite work.
+                    let idle_db = db.take();
+                    tokio::task::spawn_blocking(move || drop(idle_db)).await?;
+                    continue;
+                }
+            },
+        };
+        let Some(digests) = digests else { break };
         for digest in digests {
             let bytes = match offers.get(&digest) {
                 Some(Offer {
                     bytes: Some(bytes), ..
                 }) => Some(bytes),
                 Some(Offer { table, pk, cid, .. }) => {
-                    let db = db.clone();
-                    tokio::task::spawn_blocking(move || -> Result<Option<Arc<Vec<u8>>>> {
-                        let db = db.lock().unwrap_or_else(|e| e.into_inner());
-                        // Read again; the value may have changed since it was offered.
-                        Ok(db
-                            .cell(&table, &pk, &cid)?
-                            .and_then(value_bytes)
-                            .filter(|b| digest.matches(b))
-                            .map(Arc::new))
-                    })
-                    .await??
+                    let (opened, connect) = (db.take(), connect.clone());
+                    let (conn, bytes) = tokio::task::spawn_blocking(
+                        move || -> Result<(Replica, Option<Arc<Vec<u8>>>)> {
+                            let conn = match opened {
+                                Some(conn) => conn,
+                                None => connect()?,
+                            };
+                            // Read again; the value may have changed since it was offered.
+                            let bytes = conn
+                                .cell(&table, &pk, &cid)?
+                                .and_then(value_bytes)
+                                .filter(|b| digest.matches(b))
+                                .map(Arc::new);
+                            Ok((conn, bytes))
+                        },
+                    )
+                    .await??;
+                    db = Some(conn);
+                    bytes
                 }
                 None => None,
             };
@@ -90,6 +115,9 @@ pub(super) async fn serve_content(
             lock(&shared).stats.sent_content += total;
             offers.served(&digest);
         }
+    }
+    if let Some(db) = db {
+        tokio::task::spawn_blocking(move || drop(db)).await?;
     }
     Ok(())
 }

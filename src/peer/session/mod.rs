@@ -81,9 +81,10 @@ pub struct Node {
 }
 
 /// Opens a connection to this node's database with the replication engine on it. A session
-/// opens three (export, apply, serving content), each used by one task at a time: the
-/// applier tunes its own (no automatic checkpoint while a transfer runs, staging without
-/// fsync), which a shared connection could not.
+/// opens two at start (export, apply) and a third to serve content only while a peer asks
+/// for content no longer in memory; each is used by one task at a time: the applier tunes
+/// its own (no automatic checkpoint while a transfer runs, staging without fsync), which a
+/// shared connection could not.
 pub type Connect = Arc<dyn Fn() -> Result<Replica> + Send + Sync>;
 
 /// A session's settings.
@@ -201,20 +202,19 @@ impl Session {
     {
         let connect = self.connect.clone();
         // SQLite runs on blocking threads only, from opening on.
-        let (exporter_db, applier_db, content_db, mine) =
-            tokio::task::spawn_blocking(move || -> Result<_> {
-                let applier = connect()?;
-                // Copying a large transfer from the WAL into the database file is left to the
-                // node's other connections (SQLite checkpoints on their next commit), not done
-                // on the path between receiving a group and acknowledging it.
-                applier
-                    .conn()
-                    .pragma_update(None, "wal_autocheckpoint", 0)?;
-                let mine = applier.coverage()?;
-                Ok((connect()?, applier, connect()?, mine))
-            })
-            .await
-            .map_err(anyhow::Error::from)??;
+        let (exporter_db, applier_db, mine) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let applier = connect()?;
+            // Copying a large transfer from the WAL into the database file is left to the
+            // node's other connections (SQLite checkpoints on their next commit), not done
+            // on the path between receiving a group and acknowledging it.
+            applier
+                .conn()
+                .pragma_update(None, "wal_autocheckpoint", 0)?;
+            let mine = applier.coverage()?;
+            Ok((connect()?, applier, mine))
+        })
+        .await
+        .map_err(anyhow::Error::from)??;
         let shared: SharedRef = Arc::new(Mutex::new(Shared {
             mine: mine.clone(),
             ..Shared::default()
@@ -248,7 +248,6 @@ impl Session {
             start: Some(Start {
                 exporter_db,
                 applier_db,
-                content_db,
                 out: out_tx,
                 fail: fail_tx,
                 tick: tick_tx,
@@ -356,7 +355,6 @@ impl Session {
 struct Start {
     exporter_db: Replica,
     applier_db: Replica,
-    content_db: Replica,
     out: mpsc::Sender<Message>,
     fail: mpsc::UnboundedSender<anyhow::Error>,
     tick: mpsc::UnboundedSender<()>,
@@ -522,7 +520,8 @@ impl Conductor<'_> {
             ),
             spawn_task(
                 content::serve_content(
-                    start.content_db,
+                    session.connect.clone(),
+                    session.limits.content_idle,
                     self.shared.clone(),
                     self.offers.clone(),
                     start.out.clone(),

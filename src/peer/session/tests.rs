@@ -949,3 +949,117 @@ async fn node_local_commits_start_no_export_pass_and_a_replicated_write_still_ar
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idle() {
+    let (_dir, a, b, blob) = with_content();
+    // Each connection the session opens holds a clone of `alive` until SQLite closes it (in
+    // a function registered on it, which the connection drops when it closes).
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let alive = Arc::new(());
+    let opens = || opened.load(std::sync::atomic::Ordering::SeqCst);
+    let open_now = || Arc::strong_count(&alive) - 1;
+    let counting: Connect = {
+        let (inner, opened, alive) = (connect(&a.0), opened.clone(), Arc::downgrade(&alive));
+        Arc::new(move || {
+            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let db = inner()?;
+            let held = alive.upgrade().expect("the test holds it");
+            db.conn().create_scalar_function(
+                "test_alive",
+                0,
+                rusqlite::functions::FunctionFlags::SQLITE_UTF8,
+                move |_| Ok(Arc::strong_count(&held) as i64),
+            )?;
+            Ok(db)
+        })
+    };
+    let (_keep, changed) = watch::channel(0u64);
+    let session = Session {
+        connect: counting,
+        limits: Limits {
+            content_idle: std::time::Duration::from_millis(100),
+            ..Limits::default()
+        },
+        ..session_with(&a, &b, "b", Mode::Live, changed)
+    };
+    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    let (a_read, a_write) = tokio::io::split(theirs);
+    let (mut read, mut write) = tokio::io::split(mine);
+    let run = tokio::spawn(session.run(a_read, a_write, None));
+
+    // `b`, played by hand, holds nothing and asks for nothing until `a`'s group is complete.
+    let script = async {
+        write_message(
+            &mut write,
+            &Message::Hello(Hello {
+                node: b.1,
+                protocol: fazt_proto::PROTOCOL_VERSION,
+                schema: crate::db::migrations::latest_version(),
+                heads: Heads::from(&Coverage::default()),
+            }),
+        )
+        .await?;
+        let mut digest = None;
+        while let Some((msg, _)) = read_message(&mut read).await? {
+            if let Message::Changes(c) = msg {
+                digest = digest.or(c
+                    .changes
+                    .iter()
+                    .find_map(|n| n.content.as_ref().map(|r| r.digest)));
+                if c.complete.is_some() {
+                    break;
+                }
+            }
+        }
+        let digest = digest.expect("the blob travels as a content reference");
+        assert_eq!(
+            opens(),
+            2,
+            "exporting and applying, nothing to serve content"
+        );
+        assert_eq!(open_now(), 2);
+
+        // Asked for three times: first from memory, then read from the database (served
+        // content is not kept), again once the serving connection was closed for idling.
+        let mut want = async |opened_after: usize| -> anyhow::Result<()> {
+            write_message(&mut write, &Message::Want(vec![digest])).await?;
+            let mut got = Vec::new();
+            while let Some((msg, _)) = read_message(&mut read).await? {
+                if let Message::Content(c) = msg {
+                    assert!(!c.gone, "content served");
+                    got.extend(c.data);
+                    if got.len() as u64 == c.total {
+                        break;
+                    }
+                }
+            }
+            assert_eq!(got, blob);
+            assert_eq!(opens(), opened_after);
+            Ok(())
+        };
+        want(2).await?;
+        want(3).await?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while open_now() > 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the idle content connection stayed open"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        want(4).await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), script)
+        .await
+        .expect("the scripted peer finished")
+        .unwrap();
+    drop(write);
+    drop(read);
+    tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the session ended")
+        .unwrap()
+        .unwrap();
+}
