@@ -189,6 +189,8 @@ HZ = os.sysconf("SC_CLK_TCK")
 FSYNC_MODE = os.environ.get("BENCH_FSYNC_MODE", "none")
 FSYNC = re.compile(r"^\d+\s+(fsync|fdatasync)\(")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+APPLIED = re.compile(r"\bapplied=(\d+)")
+SEEN = re.compile(r"\balready_seen=(\d+)")
 
 class Node:
     """One running server, from a line of the node file: name, database, HTTP port, pid of
@@ -223,11 +225,13 @@ class Node:
 
     def groups(self):
         """Groups of changes this server applied, those of them that merged no origin
-        transaction (everything in them was held already), and groups it sent: from the
-        debug lines of fazt::peer::session in its stderr."""
-        received = empty = sent = 0
+        transaction (everything in them was held already), groups it sent, changes it
+        received that it held already (duplicates), and changes it applied: from the debug
+        lines of fazt::peer::session in its stderr ("applied a group" carries applied= and
+        already_seen=)."""
+        received = empty = sent = seen = applied = 0
         if self.log == "-":
-            return (0, 0, 0)
+            return (0, 0, 0, 0, 0)
         with open(self.log, errors="replace") as f:
             for line in f:
                 if "a group" not in line:
@@ -236,9 +240,13 @@ class Node:
                 if "applied a group" in line:
                     received += 1
                     empty += " transactions=0" in line
+                    m = APPLIED.search(line)
+                    applied += int(m.group(1)) if m else 0
+                    m = SEEN.search(line)
+                    seen += int(m.group(1)) if m else 0
                 elif "sent a group" in line:
                     sent += 1
-        return (received, empty, sent)
+        return (received, empty, sent, seen, applied)
 
     def current(self, apps):
         """The hash of t.txt in the current version of each of these apps, as this node's
@@ -296,8 +304,9 @@ class Window:
 
     def close(self):
         """Sets span (s), cpu_ms (per node), fsyncs (all nodes), fsyncs_each (per node, or
-        None when only the total is known) and groups (received, of them nothing new, sent:
-        means over nodes)."""
+        None when only the total is known), groups (received, of them nothing new, sent:
+        means over nodes) and duplicates (per node: changes received that it held already,
+        divided by the changes the window's writes made)."""
         self.span = now() - self.t
         self.cpu_ms = [(n.ticks() - a) * 1000 / HZ for n, a in zip(self.nodes, self.ticks)]
         self.fsyncs_each = None
@@ -311,18 +320,24 @@ class Window:
             self.fsyncs = sum(self.fsyncs_each)
         later = [n.groups() for n in self.nodes]
         self.groups = [statistics.mean(b[i] - a[i] for a, b in zip(self.received, later)) for i in range(3)]
+        # Every change a write made is applied once by each node but its origin: the changes
+        # made are what all nodes applied divided by N - 1 (writes that conflict with nothing,
+        # as the benchmark's deploys, apply every change they carry).
+        made = sum(b[4] - a[4] for a, b in zip(self.received, later)) / max(1, len(self.nodes) - 1)
+        self.duplicates = [(b[3] - a[3]) / made if made else float("nan") for a, b in zip(self.received, later)]
         return self
 
     def cost(self, writes, idle):
         """Per node per write, less what the nodes use when idle over the same span: mean and
         busiest node's CPU ms, mean and most fsyncs of a node (nan when unknown); then the
-        groups received, received with nothing new, and sent."""
+        groups received, received with nothing new, and sent; then duplicates received per
+        change, mean over nodes and most on one node (per change, not per write)."""
         span, n = self.span, len(self.nodes)
         cpu = [c - idle["cpu_ms"] * span for c in self.cpu_ms]
         fs = (self.fsyncs - idle["fsyncs"] * span * n) / n
         fs_max = max(self.fsyncs_each) - idle["fsyncs"] * span if self.fsyncs_each else float("nan")
         return (statistics.mean(cpu) / writes, max(cpu) / writes, fs / writes, fs_max / writes,
-                *(g / writes for g in self.groups))
+                *(g / writes for g in self.groups), statistics.mean(self.duplicates), max(self.duplicates))
 
 def settle(nodes, idle, limit=15.0, step=0.5):
     """Waits until the servers together use about as much CPU as when idle (replication may
@@ -531,9 +546,10 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
     out.append(f"single_n={reps} single_lost={lost} single_all_med={median(every):.2f} "
                f"single_all_max={max(every, default=nan):.2f} single_node_med={median(nodes_s):.2f} "
                f"single_start_med={median(starts):.2f} single_window_s={statistics.mean(windows):.1f}")
-    cpu, cpu_max, fs, fs_max, got, empty, sent = (statistics.mean(c[i] for c in costs) for i in range(7))
+    cpu, cpu_max, fs, fs_max, got, empty, sent, dup, dup_max = (statistics.mean(c[i] for c in costs) for i in range(9))
     out.append(f"single_cpu_ms={cpu:.1f} single_cpu_max_ms={cpu_max:.1f} single_fsyncs={fs:.1f} single_fsyncs_max={fs_max:.1f}")
     out.append(f"single_groups={got:.1f} single_groups_empty={empty:.1f} single_groups_sent={sent:.1f}")
+    out.append(f"single_dups={dup:.2f} single_dups_max={dup_max:.2f}")
 
     # A burst: burst_writes deploys at once, while n0 serves a static file to a client that
     # times each request. First the same client on the idle node, for comparison.
@@ -562,9 +578,10 @@ def mesh_run(fazt, nodes_file, work, reps, burst_writes, seed):
                f"burst_all_s={(max(served.values()) - t0) if not missing else nan:.2f} "
                f"burst_change_med={median(per_change):.2f} burst_change_max={max(per_change, default=nan):.2f}")
     settle(nodes, idle)
-    cpu, cpu_max, fs, fs_max, got, empty, sent = w.close().cost(burst_writes, idle)
+    cpu, cpu_max, fs, fs_max, got, empty, sent, dup, dup_max = w.close().cost(burst_writes, idle)
     out.append(f"burst_cpu_ms={cpu:.1f} burst_cpu_max_ms={cpu_max:.1f} burst_fsyncs={fs:.1f} burst_fsyncs_max={fs_max:.1f}")
     out.append(f"burst_groups={got:.1f} burst_groups_empty={empty:.1f} burst_groups_sent={sent:.1f}")
+    out.append(f"burst_dups={dup:.2f} burst_dups_max={dup_max:.2f}")
     print("\n".join(out))
 
 def rss_figures(nodes_file, alone_file, connected_file):

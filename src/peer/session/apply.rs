@@ -71,6 +71,7 @@ pub(super) async fn apply_loop(
         tracing::debug!(
             applied = applied.applied,
             transactions = applied.transactions,
+            already_seen = applied.already_seen,
             "applied a group"
         );
         out.send(Message::Applied {
