@@ -30,11 +30,12 @@ pub use error::Error;
 use error::Unreachable;
 pub use limits::Limits;
 
-/// How a session on this node opens its connections: engine connections from the handle,
-/// with the node's checks and without re-running migrations.
+/// How sessions on this node open their connections: engine connections from the handle,
+/// with the node's checks and without re-running migrations. One per node: its sessions
+/// share the applying connection through it.
 pub fn session_connect(db: &crate::db::Database) -> session::Connect {
     let db = db.clone();
-    std::sync::Arc::new(move || db.engine())
+    session::Connect::new(move || db.engine())
 }
 
 /// This node as a replication session sees it: its schema, its clock, its peers table (a

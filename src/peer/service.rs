@@ -35,6 +35,8 @@ struct Ctx {
     trust: Arc<Trust>,
     changed: watch::Receiver<u64>,
     limits: super::Limits,
+    /// How sessions open their connections (one for all: they share the applying one).
+    connect: super::session::Connect,
     /// The live sessions per peer, and what the dialers need to know of how the last ended.
     links: Mutex<Links>,
     /// Ticks whenever a session is added to [`Ctx::links`] (a dialed session that must yield
@@ -81,12 +83,14 @@ pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> 
     let limits = super::Limits::from_env();
 
     let own = NodeId::from_bytes(key.verifying_key().to_bytes());
+    let connect = super::session_connect(&db);
     let ctx = Arc::new(Ctx {
         db,
         key,
         own,
         trust: trust.clone(),
         changed,
+        connect,
         links: Mutex::new(Links::default()),
         linked: watch::Sender::new(0),
         joiners: Arc::new(tokio::sync::Semaphore::new(limits.max_joiners)),
@@ -746,7 +750,7 @@ async fn run_session(
         })
     };
     let session = Session {
-        connect: super::session_connect(&ctx.db),
+        connect: ctx.connect.clone(),
         own: ctx.own,
         peer: peer.node_id,
         peer_name: peer.name.to_string(),

@@ -2,7 +2,7 @@
 //! ([`super::content`]), each group applied in one transaction and acknowledged.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 use fazt_proto::wire::{Heads, Message, NetChange};
@@ -24,7 +24,7 @@ pub(super) struct Incoming {
 /// and acknowledges each with this node's new heads.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn apply_loop(
-    db: Replica,
+    db: ApplyDb,
     peer: NodeId,
     node: Node,
     shared: SharedRef,
@@ -33,8 +33,7 @@ pub(super) async fn apply_loop(
     mut groups: mpsc::UnboundedReceiver<Incoming>,
     tick: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
-    // `db` has automatic checkpoints off (see `Session::run`).
-    let db: ApplyDb = Arc::new(Mutex::new(db));
+    // `db` has automatic checkpoints off (see `Connect::applier`).
     while let Some(first) = groups.recv().await {
         let mut wanted = Wanted::default();
         let mut changes: Vec<NetChange> = Vec::new();

@@ -64,7 +64,7 @@ pub(super) async fn serve_content(
                         move || -> Result<(Replica, Option<Arc<Vec<u8>>>)> {
                             let conn = match opened {
                                 Some(conn) => conn,
-                                None => connect()?,
+                                None => connect.open()?,
                             };
                             // Read again; the value may have changed since it was offered.
                             let bytes = conn

@@ -25,7 +25,7 @@ mod export;
 #[cfg(test)]
 mod tests;
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::{anyhow, Context, Result};
 use fazt_proto::wire::{Changes, Content, Heads, Hello, Message};
@@ -39,6 +39,7 @@ use super::error::{Closed, Stage, Theirs, Violation};
 use super::frame::read_message;
 use super::{Error, Limits};
 use apply::Incoming;
+use content::ApplyDb;
 use export::Offers;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,12 +81,51 @@ pub struct Node {
     pub after_apply: fn(&mut Replica) -> Result<()>,
 }
 
-/// Opens a connection to this node's database with the replication engine on it. A session
-/// opens two at start (export, apply) and a third to serve content only while a peer asks
-/// for content no longer in memory; each is used by one task at a time: the applier tunes
-/// its own (no automatic checkpoint while a transfer runs, staging without fsync), which a
-/// shared connection could not.
-pub type Connect = Arc<dyn Fn() -> Result<Replica> + Send + Sync>;
+/// How sessions open connections to this node's database with the replication engine on it.
+/// An engine connection holds about 1 MB (mostly its parsed schema and triggers), so a
+/// session holds few: one to export, used by its exporter alone (a pass may wait for the
+/// peer's acknowledgements as long as the peer takes); one to serve content, only while the
+/// peer asks for content no longer in memory; and the node's applying connection, shared by
+/// every session of the node ([`Connect::applier`]). One clone of a `Connect` per node.
+#[derive(Clone)]
+pub struct Connect {
+    open: Arc<dyn Fn() -> Result<Replica> + Send + Sync>,
+    /// The applying connection while any session holds it.
+    applier: Arc<Mutex<Weak<Mutex<Replica>>>>,
+}
+
+impl Connect {
+    pub fn new(open: impl Fn() -> Result<Replica> + Send + Sync + 'static) -> Connect {
+        Connect {
+            open: Arc::new(open),
+            applier: Arc::default(),
+        }
+    }
+
+    /// A connection of the caller's own (blocking).
+    fn open(&self) -> Result<Replica> {
+        (self.open)()
+    }
+
+    /// The node's applying connection (blocking): opened by the first session that needs
+    /// it, shared by the sessions that run meanwhile, closed with the last. Applying groups
+    /// writes, and SQLite lets one connection write at a time anyway; the sessions take turns
+    /// on its lock instead of on SQLite's. It tunes itself for that: no automatic checkpoint
+    /// (copying a large transfer from the WAL into the database file is left to the node's
+    /// other connections, which SQLite checkpoints on their next commit, not done on the path
+    /// between receiving a group and acknowledging it).
+    fn applier(&self) -> Result<ApplyDb> {
+        let mut slot = self.applier.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = slot.upgrade() {
+            return Ok(db);
+        }
+        let db = self.open()?;
+        db.conn().pragma_update(None, "wal_autocheckpoint", 0)?;
+        let db = Arc::new(Mutex::new(db));
+        *slot = Arc::downgrade(&db);
+        Ok(db)
+    }
+}
 
 /// A session's settings.
 pub struct Session {
@@ -203,15 +243,12 @@ impl Session {
         let connect = self.connect.clone();
         // SQLite runs on blocking threads only, from opening on.
         let (exporter_db, applier_db, mine) = tokio::task::spawn_blocking(move || -> Result<_> {
-            let applier = connect()?;
-            // Copying a large transfer from the WAL into the database file is left to the
-            // node's other connections (SQLite checkpoints on their next commit), not done
-            // on the path between receiving a group and acknowledging it.
-            applier
-                .conn()
-                .pragma_update(None, "wal_autocheckpoint", 0)?;
-            let mine = applier.coverage()?;
-            Ok((connect()?, applier, mine))
+            let applier = connect.applier()?;
+            let mine = applier
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .coverage()?;
+            Ok((connect.open()?, applier, mine))
         })
         .await
         .map_err(anyhow::Error::from)??;
@@ -354,7 +391,7 @@ impl Session {
 /// ends of the channels.
 struct Start {
     exporter_db: Replica,
-    applier_db: Replica,
+    applier_db: ApplyDb,
     out: mpsc::Sender<Message>,
     fail: mpsc::UnboundedSender<anyhow::Error>,
     tick: mpsc::UnboundedSender<()>,

@@ -19,7 +19,7 @@ use crate::peer::frame::{read_message, write_message};
 /// Connections as a node's own would be opened.
 pub(super) fn connect(path: &std::path::Path) -> Connect {
     let path = path.to_path_buf();
-    std::sync::Arc::new(move || crate::db::open_existing(&path))
+    Connect::new(move || crate::db::open_existing(&path))
 }
 
 /// Ticks whenever anyone moves the replicated state of the database at `path`.
@@ -950,21 +950,25 @@ async fn node_local_commits_start_no_export_pass_and_a_replicated_write_still_ar
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idle() {
-    let (_dir, a, b, blob) = with_content();
-    // Each connection the session opens holds a clone of `alive` until SQLite closes it (in
-    // a function registered on it, which the connection drops when it closes).
-    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let alive = Arc::new(());
-    let opens = || opened.load(std::sync::atomic::Ordering::SeqCst);
-    let open_now = || Arc::strong_count(&alive) - 1;
-    let counting: Connect = {
-        let (inner, opened, alive) = (connect(&a.0), opened.clone(), Arc::downgrade(&alive));
-        Arc::new(move || {
-            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let db = inner()?;
-            let held = alive.upgrade().expect("the test holds it");
+/// Connections to a node's database that count themselves: how many were opened, and how
+/// many are open now.
+struct Counted {
+    connect: Connect,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+    /// Each open connection holds a clone until SQLite closes it (in a function registered
+    /// on it, which the connection drops when it closes).
+    alive: Arc<()>,
+}
+
+impl Counted {
+    fn new(path: &std::path::Path) -> Counted {
+        let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let alive = Arc::new(());
+        let (inner, count, held) = (connect(path), opened.clone(), Arc::downgrade(&alive));
+        let connect = Connect::new(move || {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let db = inner.open()?;
+            let held = held.upgrade().expect("the test holds it");
             db.conn().create_scalar_function(
                 "test_alive",
                 0,
@@ -972,11 +976,76 @@ async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idl
                 move |_| Ok(Arc::strong_count(&held) as i64),
             )?;
             Ok(db)
-        })
-    };
+        });
+        Counted {
+            connect,
+            opened,
+            alive,
+        }
+    }
+
+    fn opened(&self) -> usize {
+        self.opened.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn open_now(&self) -> usize {
+        Arc::strong_count(&self.alive) - 1
+    }
+
+    /// Waits (at most 20 s) until `n` connections are open.
+    async fn until_open(&self, n: usize, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.open_now() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {} open",
+                self.open_now()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Plays a peer that holds nothing, by hand: sends Hello and reads what the session sends
+/// until its first group is complete. Returns the first content reference in it.
+async fn greet_and_take_a_group(
+    me: NodeId,
+    read: &mut (impl tokio::io::AsyncRead + Unpin),
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+) -> anyhow::Result<Option<Digest>> {
+    write_message(
+        write,
+        &Message::Hello(Hello {
+            node: me,
+            protocol: fazt_proto::PROTOCOL_VERSION,
+            schema: crate::db::migrations::latest_version(),
+            heads: Heads::from(&Coverage::default()),
+        }),
+    )
+    .await?;
+    let mut digest = None;
+    while let Some((msg, _)) = read_message(read).await? {
+        if let Message::Changes(c) = msg {
+            digest = digest.or(c
+                .changes
+                .iter()
+                .find_map(|n| n.content.as_ref().map(|r| r.digest)));
+            if c.complete.is_some() {
+                break;
+            }
+        }
+    }
+    Ok(digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idle() {
+    let (_dir, a, b, blob) = with_content();
+    let counted = Counted::new(&a.0);
+    let opens = || counted.opened();
     let (_keep, changed) = watch::channel(0u64);
     let session = Session {
-        connect: counting,
+        connect: counted.connect.clone(),
         limits: Limits {
             content_idle: std::time::Duration::from_millis(100),
             ..Limits::default()
@@ -990,35 +1059,14 @@ async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idl
 
     // `b`, played by hand, holds nothing and asks for nothing until `a`'s group is complete.
     let script = async {
-        write_message(
-            &mut write,
-            &Message::Hello(Hello {
-                node: b.1,
-                protocol: fazt_proto::PROTOCOL_VERSION,
-                schema: crate::db::migrations::latest_version(),
-                heads: Heads::from(&Coverage::default()),
-            }),
-        )
-        .await?;
-        let mut digest = None;
-        while let Some((msg, _)) = read_message(&mut read).await? {
-            if let Message::Changes(c) = msg {
-                digest = digest.or(c
-                    .changes
-                    .iter()
-                    .find_map(|n| n.content.as_ref().map(|r| r.digest)));
-                if c.complete.is_some() {
-                    break;
-                }
-            }
-        }
+        let digest = greet_and_take_a_group(b.1, &mut read, &mut write).await?;
         let digest = digest.expect("the blob travels as a content reference");
         assert_eq!(
             opens(),
             2,
             "exporting and applying, nothing to serve content"
         );
-        assert_eq!(open_now(), 2);
+        assert_eq!(counted.open_now(), 2);
 
         // Asked for three times: first from memory, then read from the database (served
         // content is not kept), again once the serving connection was closed for idling.
@@ -1040,14 +1088,9 @@ async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idl
         };
         want(2).await?;
         want(3).await?;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while open_now() > 2 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the idle content connection stayed open"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        counted
+            .until_open(2, "the idle content connection stayed open")
+            .await;
         want(4).await?;
         anyhow::Ok(())
     };
@@ -1062,4 +1105,56 @@ async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idl
         .expect("the session ended")
         .unwrap()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_of_a_node_share_one_applying_connection_while_any_runs() {
+    let (dir, a, b, _) = with_content();
+    let c = node(dir.path(), "c.db");
+    let counted = Counted::new(&a.0);
+    let mut runs = Vec::new();
+    let mut peers = Vec::new();
+    let mut ticks = Vec::new();
+    for peer in [&b, &c] {
+        let (tick, changed) = watch::channel(0u64);
+        ticks.push(tick);
+        let session = Session {
+            connect: counted.connect.clone(),
+            ..session_with(&a, peer, "peer", Mode::Live, changed)
+        };
+        let (mine, theirs) = tokio::io::duplex(64 * 1024);
+        let (a_read, a_write) = tokio::io::split(theirs);
+        let (mut read, mut write) = tokio::io::split(mine);
+        runs.push(tokio::spawn(session.run(a_read, a_write, None)));
+        tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            greet_and_take_a_group(peer.1, &mut read, &mut write),
+        )
+        .await
+        .expect("the session exported")
+        .unwrap();
+        peers.push((read, write));
+    }
+    // An exporting connection each, and one applying connection for both.
+    assert_eq!(counted.opened(), 3);
+    assert_eq!(counted.open_now(), 3);
+
+    // The peers hang up: the sessions end and close every connection, the shared one with
+    // the last.
+    drop(peers.pop());
+    tokio::time::timeout(std::time::Duration::from_secs(20), runs.pop().unwrap())
+        .await
+        .expect("the session ended")
+        .unwrap()
+        .unwrap();
+    counted.until_open(2, "the first session's exporter").await;
+    drop(peers);
+    tokio::time::timeout(std::time::Duration::from_secs(20), runs.pop().unwrap())
+        .await
+        .expect("the session ended")
+        .unwrap()
+        .unwrap();
+    counted
+        .until_open(0, "the last session's connections")
+        .await;
 }
