@@ -86,7 +86,8 @@ pub struct Node {
 /// session holds few: one to export, used by its exporter alone (a pass may wait for the
 /// peer's acknowledgements as long as the peer takes); one to serve content, only while the
 /// peer asks for content no longer in memory; and the node's applying connection, shared by
-/// every session of the node ([`Connect::applier`]). One clone of a `Connect` per node.
+/// every session of the node ([`Connect::applier`]): a node makes one `Connect` and gives
+/// each session a clone.
 #[derive(Clone)]
 pub struct Connect {
     open: Arc<dyn Fn() -> Result<Replica> + Send + Sync>,
