@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use super::error::{Closed, Stage, Unreachable, Violation, Wait};
 use super::frame;
-use super::session::{Mode, Session, Stats};
+use super::session::{Holdings, Mode, Session, Stats};
 use super::store::{self, PeerName};
 use super::{tls, Error};
 
@@ -186,7 +186,7 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
     let own = crate::identity::node_id(&key);
     let started = Instant::now();
     let stats = runtime()?.block_on(async {
-        let changed = db.replicated();
+        let holdings = Holdings::follow(super::session_connect(&db), db.replicated()).await?;
         let endpoint = client_endpoint()?;
         let connected = std::sync::atomic::AtomicBool::new(false);
         let work = async {
@@ -208,7 +208,7 @@ pub fn sync_once(db_path: &Path, name: &str, timeout: Duration, progress: bool) 
                 mode: Mode::Once,
                 node: super::session_node(),
                 limits: super::Limits::from_env(),
-                changed,
+                holdings,
                 progress: Some(progress_tx),
             };
             let result = session

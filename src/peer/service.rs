@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::frame;
 use super::router::{Accepted, Handler, Router, Trust};
-use super::session::{Mode, Session, Stats};
+use super::session::{Holdings, Mode, Session, Stats};
 use super::store::{self, Peer};
 use super::tls;
 use crate::db::Database;
@@ -34,6 +34,9 @@ struct Ctx {
     /// commit ([`trust_loop`]).
     trust: Arc<Trust>,
     changed: watch::Receiver<u64>,
+    /// What this node holds, kept for all its sessions: read once per tick of the
+    /// replicated-state watch, grown by every session's applier.
+    holdings: Holdings,
     limits: super::Limits,
     /// How sessions open their connections (one for all: they share the applying one).
     connect: super::session::Connect,
@@ -81,6 +84,7 @@ pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> 
     }
     let changed = db.commits();
     let limits = super::Limits::from_env();
+    let holdings = Holdings::follow(super::session_connect(&db), db.replicated()).await?;
 
     let own = NodeId::from_bytes(key.verifying_key().to_bytes());
     let connect = super::session_connect(&db);
@@ -91,6 +95,7 @@ pub async fn start(db: Database, key: SigningKey, port: u16) -> Result<Service> 
         trust: trust.clone(),
         changed,
         connect,
+        holdings,
         links: Mutex::new(Links::default()),
         linked: watch::Sender::new(0),
         joiners: Arc::new(tokio::sync::Semaphore::new(limits.max_joiners)),
@@ -757,7 +762,7 @@ async fn run_session(
         mode: Mode::Live,
         node: super::session_node(),
         limits: ctx.limits.clone(),
-        changed: ctx.db.replicated(),
+        holdings: ctx.holdings.clone(),
         progress: Some(progress_tx),
     };
     let run = session.run(recv, send, first);

@@ -5,13 +5,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use fazt_proto::wire::{Heads, Message, NetChange};
+use fazt_proto::wire::NetChange;
 use fazt_proto::{Digest, NodeId};
 use fazt_sync::{ApplyReport, Batch, Change, Coverage, DbVersion, Replica, Value};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::content::{local_content, ApplyDb, Fetched, Fetcher, Wanted};
-use super::{lock, versions_lacking, Error, Node, SharedRef};
+use super::{lock, Error, Holdings, Node, SharedRef};
 
 /// One Changes message, handed to the applier as it arrives; `covers` is set on a group's
 /// last one.
@@ -20,8 +20,9 @@ pub(super) struct Incoming {
     pub(super) covers: Option<Coverage>,
 }
 
-/// Applies the peer's groups in the order they arrive, each once its content is complete,
-/// and acknowledges each with this node's new heads.
+/// Applies the peer's groups in the order they arrive, each once its content is complete;
+/// right after each commits, grows this node's [`Holdings`] with what it now holds (every
+/// session then tells its peer) and counts it in `applied` (the announcer acknowledges it).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn apply_loop(
     db: ApplyDb,
@@ -29,7 +30,8 @@ pub(super) async fn apply_loop(
     node: Node,
     shared: SharedRef,
     mut fetcher: Fetcher,
-    out: mpsc::Sender<Message>,
+    holdings: Holdings,
+    applied_groups: watch::Sender<u64>,
     mut groups: mpsc::UnboundedReceiver<Incoming>,
     tick: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
@@ -60,11 +62,12 @@ pub(super) async fn apply_loop(
             apply_group(&mut db, peer, node, changes, received, covers, sender_clock)
         })
         .await??;
+        // Only now, committed, is it true that this node holds it.
+        holdings.grow(&mine);
         let groups_applied = {
             let mut s = lock(&shared);
             s.groups_applied += 1;
-            s.mine = mine.clone();
-            s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
+            s.stats.duplicates += applied.already_seen as u64;
             s.groups_applied
         };
         tracing::debug!(
@@ -73,12 +76,7 @@ pub(super) async fn apply_loop(
             already_seen = applied.already_seen,
             "applied a group"
         );
-        out.send(Message::Applied {
-            groups: groups_applied,
-            heads: Heads::from(&mine),
-        })
-        .await
-        .map_err(|_| Error::Cancelled)?;
+        applied_groups.send_replace(groups_applied);
         let _ = tick.send(());
     }
     Ok(())

@@ -121,9 +121,11 @@ pub(super) struct Outgoing {
     end: Option<Coverage>,
 }
 
-/// Exports what the peer lacks, then again whenever the replicated state moved (`changed`
-/// ticks only then: node-local commits wake no exporter). A wake-up that finds the peer
-/// lacking nothing reads no changes.
+/// Exports what the peer lacks, then again whenever this node's holdings grew (`holdings`
+/// moves only then: node-local commits wake no exporter). What the peer lacks is worked out
+/// in memory, from the holdings and `peer_known`: a wake-up that finds the peer lacking
+/// nothing (what woke it was what the peer sent, or what it told this side it holds
+/// already) touches no database.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn export_loop(
     db: Replica,
@@ -132,36 +134,41 @@ pub(super) async fn export_loop(
     limits: Limits,
     out: mpsc::Sender<Message>,
     mut acked: watch::Receiver<u64>,
-    mut changed: watch::Receiver<u64>,
+    mut holdings: watch::Receiver<Arc<Coverage>>,
     tick: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
     let db = Arc::new(Mutex::new(db));
     loop {
-        changed.borrow_and_update();
+        let held = holdings.borrow_and_update().clone();
         let have = {
             let mut s = lock(&shared);
-            s.exporting = true;
             s.stats.export_passes += 1;
-            s.peer_known.clone()
+            let lacking = versions_lacking(&held, &s.peer_known);
+            tracing::debug!(lacking, "export pass");
+            if lacking == 0 {
+                None
+            } else {
+                s.exporting = true;
+                Some(s.peer_known.clone())
+            }
+        };
+        let Some(have) = have else {
+            holdings
+                .changed()
+                .await
+                .map_err(|_| anyhow!("this node's holdings stopped"))?;
+            continue;
         };
         let (piece_tx, mut piece_rx) = mpsc::channel::<Outgoing>(4);
         let export_db = db.clone();
         let export_offers = offers.clone();
         let export_limits = limits.clone();
-        let export = tokio::task::spawn_blocking(move || -> Result<Coverage> {
+        let export = tokio::task::spawn_blocking(move || -> Result<()> {
             let mut db = export_db.lock().unwrap_or_else(|e| e.into_inner());
             // Tables registered and origins learned by other connections since the last pass.
             db.refresh()?;
-            let mine = db.coverage()?;
-            // What woke this exporter may be what the peer itself sent (applied here): then
-            // there are no changes to read.
-            let lacking = versions_lacking(&mine, &have);
-            tracing::debug!(lacking, "export pass");
-            if lacking == 0 {
-                return Ok(mine);
-            }
             export_pass(&db, &have, &piece_tx, &export_offers, &export_limits)?;
-            Ok(db.coverage()?)
+            Ok(())
         });
         let mut in_group = false;
         while let Some(piece) = piece_rx.recv().await {
@@ -187,22 +194,19 @@ pub(super) async fn export_loop(
                 let mut s = lock(&shared);
                 s.groups_sent += 1;
                 s.peer_known.union(&covers);
+                // The peer takes what it receives as held by this side.
+                s.told.union(&covers);
                 tracing::debug!(group = s.groups_sent, "sent a group");
                 in_group = false;
             }
         }
-        let mine = export.await??;
-        {
-            let mut s = lock(&shared);
-            s.mine = mine;
-            s.exporting = false;
-            s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
-        }
+        export.await??;
+        lock(&shared).exporting = false;
         let _ = tick.send(());
-        changed
+        holdings
             .changed()
             .await
-            .map_err(|_| anyhow!("the database watcher stopped"))?;
+            .map_err(|_| anyhow!("this node's holdings stopped"))?;
     }
 }
 

@@ -9,10 +9,10 @@
 //!    (`Want`/`Content`) only the content it does not hold, keeps it in `peer_content` as it
 //!    arrives once the transfer has lasted a while ([`content`]), and applies each group in
 //!    one transaction once its content is complete ([`apply`]);
-//! 3. live: every commit that moved the replicated state (the `changed` watch: local writes
-//!    to replicated tables, merges by any connection) starts another export if the peer lacks
-//!    something, until the peer hangs up; a one-off session instead ends once both sides hold
-//!    the same versions.
+//! 3. live: whenever this node comes to hold more ([`Holdings`]: local writes to replicated
+//!    tables, merges by any connection or session) the session tells the peer what is new
+//!    (an `Applied` carrying only that), and exports it if the peer lacks it, until the peer
+//!    hangs up; a one-off session instead ends once both sides hold the same versions.
 //!
 //! The conductor here reads the peer's messages and moves between the phases; SQLite work
 //! runs on blocking threads, each task with its own connection, so a slow export never holds
@@ -53,6 +53,9 @@ pub enum Mode {
 /// What moved during a session.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Stats {
+    /// Changes received that this node already held when it applied them (their origin
+    /// transaction had arrived another way): a debug figure for duplicate delivery.
+    pub duplicates: u64,
     pub sent_changes: u64,
     pub received_changes: u64,
     pub sent_bytes: u64,
@@ -137,9 +140,9 @@ pub struct Session {
     pub mode: Mode,
     pub node: Node,
     pub limits: Limits,
-    /// Ticks when the replicated state may have moved (a local write to a replicated table, a
-    /// merge by any connection), not on every commit: the node's replicated-state watch.
-    pub changed: watch::Receiver<u64>,
+    /// What this node holds, shared by all its sessions: the session tells its peer whenever
+    /// it grows, exports from it, and grows it with what it applies.
+    pub holdings: Holdings,
     /// Receives the session's figures as they change.
     pub progress: Option<watch::Sender<Stats>>,
 }
@@ -168,6 +171,82 @@ enum Event {
     HungUp,
     /// A task exported or applied something: the figures changed, the sides may be converged.
     Progressed,
+}
+
+/// What this node holds, per origin, kept in memory for all of its sessions at once: grown
+/// by each session's applier right after its apply commits (so that every session can tell
+/// its peer at once), and read again from SQLite once per tick of the node's
+/// replicated-state watch (local writes, other processes' merges), one read for the node,
+/// not one per session. It only grows, and claims only what is committed: it may lag SQLite
+/// by a tick of that watch, never lead it.
+#[derive(Clone)]
+pub struct Holdings(Arc<watch::Sender<Arc<Coverage>>>);
+
+impl Holdings {
+    /// Holdings that start at `held` and grow only through [`Holdings::grow`].
+    pub fn new(held: Coverage) -> Holdings {
+        Holdings(Arc::new(watch::Sender::new(Arc::new(held))))
+    }
+
+    /// What the database `connect` opens holds, read again at every tick of `changed` (the
+    /// node's replicated-state watch) until `changed` ends or the holdings are dropped.
+    pub async fn follow(connect: Connect, mut changed: watch::Receiver<u64>) -> Result<Holdings> {
+        changed.borrow_and_update();
+        let (mut db, held) = tokio::task::spawn_blocking(move || -> Result<_> {
+            let db = connect.open()?;
+            let held = db.coverage()?;
+            Ok((db, held))
+        })
+        .await??;
+        let holdings = Holdings::new(held);
+        let hub = Arc::downgrade(&holdings.0);
+        tokio::spawn(async move {
+            while changed.changed().await.is_ok() {
+                if hub.strong_count() == 0 {
+                    return;
+                }
+                let Ok((back, held)) = tokio::task::spawn_blocking(move || {
+                    let held = db.coverage();
+                    (db, held)
+                })
+                .await
+                else {
+                    return;
+                };
+                db = back;
+                match (held, hub.upgrade()) {
+                    (Ok(held), Some(hub)) => {
+                        Holdings(hub).grow(&held);
+                    }
+                    (Err(e), Some(_)) => {
+                        tracing::debug!(error = %e, "reading what this node holds");
+                    }
+                    (_, None) => return,
+                }
+            }
+        });
+        Ok(holdings)
+    }
+
+    /// This node now holds `held` too (committed). Returns whether that is news.
+    pub fn grow(&self, held: &Coverage) -> bool {
+        self.0.send_if_modified(|now| {
+            if held.minus(now).0.is_empty() {
+                return false;
+            }
+            Arc::make_mut(now).union(held);
+            true
+        })
+    }
+
+    /// What this node holds now.
+    pub fn now(&self) -> Arc<Coverage> {
+        self.0.borrow().clone()
+    }
+
+    fn watch(&self) -> watch::Receiver<Arc<Coverage>> {
+        self.0.subscribe()
+    }
 }
 
 /// The highest version in `heads`: for an honest node's own heads, its Lamport clock (its
@@ -200,8 +279,12 @@ struct Shared {
     peer_known: Coverage,
     /// What the peer said it holds (Hello and Applied), plus what it sent.
     their_heads: Coverage,
-    /// What this side holds, as of its last export or apply.
-    mine: Coverage,
+    /// What this side holds, as the session last looked at [`Holdings`].
+    mine: Arc<Coverage>,
+    /// What the peer was told this side holds: the Hello's heads, the Applied heads, and the
+    /// groups sent to it (the peer's `their_heads` of this side). An Applied carries what this
+    /// side holds beyond it.
+    told: Coverage,
     /// The peer's Lamport clock as it declares it: the highest version in its Hello and
     /// Applied heads (its own coverage ends there). Covers it sends are believed up to it.
     peer_clock: DbVersion,
@@ -229,7 +312,7 @@ fn converged(shared: &SharedRef) -> bool {
         && !s.mid_group
         && s.groups_received == s.groups_applied
         && s.groups_acked >= s.groups_sent
-        && s.mine == s.their_heads
+        && *s.mine == s.their_heads
 }
 
 impl Session {
@@ -243,18 +326,16 @@ impl Session {
     {
         let connect = self.connect.clone();
         // SQLite runs on blocking threads only, from opening on.
-        let (exporter_db, applier_db, mine) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mine = self.holdings.now();
+        let (exporter_db, applier_db) = tokio::task::spawn_blocking(move || -> Result<_> {
             let applier = connect.applier()?;
-            let mine = applier
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .coverage()?;
-            Ok((connect.open()?, applier, mine))
+            Ok((connect.open()?, applier))
         })
         .await
         .map_err(anyhow::Error::from)??;
         let shared: SharedRef = Arc::new(Mutex::new(Shared {
             mine: mine.clone(),
+            told: (*mine).clone(),
             ..Shared::default()
         }));
 
@@ -269,7 +350,7 @@ impl Session {
                 node: self.own,
                 protocol: fazt_proto::PROTOCOL_VERSION,
                 schema: self.node.schema,
-                heads: Heads::from(&mine),
+                heads: Heads::from(&*mine),
             }))
             .await
             .map_err(|_| self.error_closed(Closed::BeforeSending))?;
@@ -542,7 +623,18 @@ impl Conductor<'_> {
             return Ok(());
         };
         let session = self.session;
+        let (applied_tx, applied_rx) = watch::channel(0u64);
         self.tasks.extend([
+            spawn_task(
+                announce_loop(
+                    self.shared.clone(),
+                    session.holdings.watch(),
+                    applied_rx,
+                    start.out.clone(),
+                    start.tick.clone(),
+                ),
+                start.fail.clone(),
+            ),
             spawn_task(
                 export::export_loop(
                     start.exporter_db,
@@ -551,7 +643,7 @@ impl Conductor<'_> {
                     session.limits.clone(),
                     start.out.clone(),
                     start.acked,
-                    session.changed.clone(),
+                    session.holdings.watch(),
                     start.tick.clone(),
                 ),
                 start.fail.clone(),
@@ -579,7 +671,8 @@ impl Conductor<'_> {
                         &session.limits,
                         session.node.now,
                     ),
-                    start.out,
+                    session.holdings.clone(),
+                    applied_tx,
                     start.groups,
                     start.tick,
                 ),
@@ -620,7 +713,55 @@ impl Conductor<'_> {
             s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
         }
         self.offers.acknowledged(groups);
-        self.acked.send_replace(groups);
+        self.acked.send_if_modified(|acked| {
+            let more = groups > *acked;
+            *acked = (*acked).max(groups);
+            more
+        });
+    }
+}
+
+/// Tells the peer what this side came to hold and what it applied, as `Applied` messages
+/// (the only task that sends them, so their group counts never go back): whenever this
+/// node's [`Holdings`] grow (an apply by any session, a local write, another process's
+/// merge), the heads this side holds beyond what the peer was told, so that the peer's
+/// exporter skips what this node got another way; and whenever the applier applied another
+/// of the peer's groups, the count, with whatever is new (possibly nothing).
+async fn announce_loop(
+    shared: SharedRef,
+    mut holdings: watch::Receiver<Arc<Coverage>>,
+    mut applied: watch::Receiver<u64>,
+    out: mpsc::Sender<Message>,
+    tick: mpsc::UnboundedSender<()>,
+) -> Result<()> {
+    let mut acknowledged = 0u64;
+    loop {
+        let held = holdings.borrow_and_update().clone();
+        let groups = *applied.borrow_and_update();
+        let new = {
+            let mut s = lock(&shared);
+            let new = held.minus(&s.told);
+            s.told.union(&new);
+            s.mine = held;
+            s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
+            new
+        };
+        if groups != acknowledged || !new.0.is_empty() {
+            tracing::debug!(groups, origins = new.0.len(), "telling the peer what this node holds");
+            out.send(Message::Applied {
+                groups,
+                heads: Heads::from(&new),
+            })
+            .await
+            .map_err(|_| Error::Cancelled)?;
+            acknowledged = groups;
+        }
+        // What this side holds moved: the sides may be converged.
+        let _ = tick.send(());
+        tokio::select! {
+            changed = holdings.changed() => changed.map_err(|_| anyhow!("this node's holdings stopped"))?,
+            changed = applied.changed() => changed.map_err(|_| Error::Cancelled)?,
+        }
     }
 }
 

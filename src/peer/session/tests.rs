@@ -31,6 +31,22 @@ fn watch_db(path: &std::path::Path) -> anyhow::Result<watch::Receiver<u64>> {
     Ok(changed)
 }
 
+/// What the database at `path` holds, followed as a node follows its own (read again at each
+/// move of its replicated state).
+async fn holdings_of(path: &std::path::Path) -> Holdings {
+    Holdings::follow(connect(path), watch_db(path).unwrap())
+        .await
+        .unwrap()
+}
+
+/// What the database at `path` holds now, never read again (for sessions that write
+/// nothing on their own side, or a peer played by hand).
+async fn holdings_now(path: &std::path::Path) -> Holdings {
+    Holdings::follow(connect(path), watch::channel(0u64).1)
+        .await
+        .unwrap()
+}
+
 /// A session on `me`'s database with `other`, as a node runs one (its own connections, the
 /// node's hooks, default limits).
 fn session_with(
@@ -38,7 +54,7 @@ fn session_with(
     other: &(PathBuf, NodeId),
     peer_name: &str,
     mode: Mode,
-    changed: watch::Receiver<u64>,
+    holdings: Holdings,
 ) -> Session {
     Session {
         connect: connect(&me.0),
@@ -48,7 +64,7 @@ fn session_with(
         mode,
         node: crate::peer::session_node(),
         limits: Limits::default(),
-        changed,
+        holdings,
         progress: None,
     }
 }
@@ -94,10 +110,10 @@ async fn sync(a: &(PathBuf, NodeId), b: &(PathBuf, NodeId)) -> (Stats, Stats) {
     let (a_io, b_io) = tokio::io::duplex(64 * 1024);
     let (a_read, a_write) = tokio::io::split(a_io);
     let (b_read, b_write) = tokio::io::split(b_io);
-    let changed_a = watch_db(&a.0).unwrap();
-    let changed_b = watch_db(&b.0).unwrap();
-    let session = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), mode, changed| {
-        session_with(me, other, "peer", mode, changed)
+    let changed_a = holdings_of(&a.0).await;
+    let changed_b = holdings_of(&b.0).await;
+    let session = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), mode, holdings| {
+        session_with(me, other, "peer", mode, holdings)
     };
     let live = tokio::spawn(session(b, a, Mode::Live, changed_b).run(b_read, b_write, None));
     let once = session(a, b, Mode::Once, changed_a).run(a_read, a_write, None);
@@ -275,8 +291,7 @@ async fn scripted(
     let (mine, theirs) = tokio::io::duplex(64 * 1024);
     let (b_read, b_write) = tokio::io::split(theirs);
     let (mut read, mut write) = tokio::io::split(mine);
-    let (_keep, changed) = watch::channel(0u64);
-    let session = session_with(&b, &a, "a", Mode::Live, changed);
+    let session = session_with(&b, &a, "a", Mode::Live, holdings_now(&b.0).await);
     let run = tokio::spawn(session.run(b_read, b_write, None));
     let script = async {
         let mut seen = Vec::new();
@@ -349,9 +364,9 @@ fn chunks(digest: Digest, bytes: &[u8], size: usize) -> Vec<Content> {
 
 /// Everything `b` holds that a group from a peer could change.
 /// Blob rows, coverage, and staged content rows.
-type Holdings = (Vec<(String, i64, Vec<u8>)>, Coverage, i64);
+type Contents = (Vec<(String, i64, Vec<u8>)>, Coverage, i64);
 
-fn holdings(path: &std::path::Path) -> Holdings {
+fn holdings(path: &std::path::Path) -> Contents {
     let db = crate::db::open_existing(path).unwrap();
     let staged: i64 = db
         .conn()
@@ -698,10 +713,8 @@ async fn a_session_refuses_a_peer_that_is_not_the_one_expected() {
     let (a_io, b_io) = tokio::io::duplex(64 * 1024);
     let (a_read, a_write) = tokio::io::split(a_io);
     let (b_read, b_write) = tokio::io::split(b_io);
-    let (_k1, w1) = watch::channel(0u64);
-    let (_k2, w2) = watch::channel(0u64);
-    let sa = session_with(&a, &c, "c", Mode::Once, w1);
-    let sb = session_with(&b, &a, "a", Mode::Live, w2);
+    let sa = session_with(&a, &c, "c", Mode::Once, holdings_now(&a.0).await);
+    let sb = session_with(&b, &a, "a", Mode::Live, holdings_now(&b.0).await);
     let other = tokio::spawn(sb.run(b_read, b_write, None));
     let err = sa.run(a_read, a_write, None).await.unwrap_err();
     assert!(err.to_string().contains("another node"), "{err}");
@@ -717,8 +730,7 @@ async fn answered_with(first: impl FnOnce(NodeId) -> Message) -> Error {
     let (mine, theirs) = tokio::io::duplex(64 * 1024);
     let (b_read, b_write) = tokio::io::split(theirs);
     let (mut read, mut write) = tokio::io::split(mine);
-    let (_keep, changed) = watch::channel(0u64);
-    let session = session_with(&b, &a, "a", Mode::Once, changed);
+    let session = session_with(&b, &a, "a", Mode::Once, holdings_now(&b.0).await);
     let run = tokio::spawn(session.run(b_read, b_write, None));
     let _hello = read_message(&mut read).await.unwrap();
     write_message(&mut write, &first(a.1)).await.unwrap();
@@ -739,8 +751,7 @@ async fn hung_up_after(script: impl FnOnce(NodeId) -> Vec<Message>) -> Error {
     let (mine, theirs) = tokio::io::duplex(64 * 1024);
     let (b_read, b_write) = tokio::io::split(theirs);
     let (mut read, mut write) = tokio::io::split(mine);
-    let (_keep, changed) = watch::channel(0u64);
-    let session = session_with(&b, &a, "a", Mode::Once, changed);
+    let session = session_with(&b, &a, "a", Mode::Once, holdings_now(&b.0).await);
     let run = tokio::spawn(session.run(b_read, b_write, None));
     for msg in script(a.1) {
         write_message(&mut write, &msg).await.unwrap();
@@ -903,13 +914,13 @@ async fn node_local_commits_start_no_export_pass_and_a_replicated_write_still_ar
         tokio::spawn(relay(a_far_read, b_far_write, stop.clone())),
         tokio::spawn(relay(b_far_read, a_far_write, stop)),
     ];
-    let live = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), io| {
+    let live = |me: &(PathBuf, NodeId), other: &(PathBuf, NodeId), io, holdings| {
         let (read, write) = tokio::io::split(io);
-        let session = session_with(me, other, "peer", Mode::Live, watch_db(&me.0).unwrap());
+        let session = session_with(me, other, "peer", Mode::Live, holdings);
         tokio::spawn(session.run(read, write, None))
     };
-    let a_session = live(&a, &b, a_io);
-    let b_session = live(&b, &a, b_io);
+    let a_session = live(&a, &b, a_io, holdings_of(&a.0).await);
+    let b_session = live(&b, &a, b_io, holdings_of(&b.0).await);
 
     // A burst of node-local bookkeeping on both nodes (what the peer service and the app
     // logs write all the time), each commit seen by the watchers on its own.
@@ -1043,14 +1054,13 @@ async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idl
     let (_dir, a, b, blob) = with_content();
     let counted = Counted::new(&a.0);
     let opens = || counted.opened();
-    let (_keep, changed) = watch::channel(0u64);
     let session = Session {
         connect: counted.connect.clone(),
         limits: Limits {
             content_idle: std::time::Duration::from_millis(100),
             ..Limits::default()
         },
-        ..session_with(&a, &b, "b", Mode::Live, changed)
+        ..session_with(&a, &b, "b", Mode::Live, holdings_now(&a.0).await)
     };
     let (mine, theirs) = tokio::io::duplex(64 * 1024);
     let (a_read, a_write) = tokio::io::split(theirs);
@@ -1114,13 +1124,10 @@ async fn the_sessions_of_a_node_share_one_applying_connection_while_any_runs() {
     let counted = Counted::new(&a.0);
     let mut runs = Vec::new();
     let mut peers = Vec::new();
-    let mut ticks = Vec::new();
     for peer in [&b, &c] {
-        let (tick, changed) = watch::channel(0u64);
-        ticks.push(tick);
         let session = Session {
             connect: counted.connect.clone(),
-            ..session_with(&a, peer, "peer", Mode::Live, changed)
+            ..session_with(&a, peer, "peer", Mode::Live, holdings_now(&a.0).await)
         };
         let (mine, theirs) = tokio::io::duplex(64 * 1024);
         let (a_read, a_write) = tokio::io::split(theirs);
