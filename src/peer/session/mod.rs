@@ -298,6 +298,17 @@ struct Shared {
     groups_applied: u64,
 }
 
+impl Shared {
+    /// The peer said it holds `heads` (its Hello, or an Applied: at least these, in addition
+    /// to what it said before, so they are added, never taken as all it holds).
+    fn heard(&mut self, heads: &Coverage) {
+        self.peer_clock = self.peer_clock.max(clock_of(heads));
+        self.peer_known.union(heads);
+        self.their_heads.union(heads);
+        self.stats.lag = versions_lacking(&self.mine, &self.their_heads);
+    }
+}
+
 type SharedRef = Arc<Mutex<Shared>>;
 
 fn lock(shared: &SharedRef) -> std::sync::MutexGuard<'_, Shared> {
@@ -612,13 +623,7 @@ impl Conductor<'_> {
     /// The peer's Hello: checked, its heads taken as what it holds, and the tasks started.
     fn greeted(&mut self, hello: &Hello) -> Result<(), Error> {
         self.session.check_hello(hello)?;
-        {
-            let mut s = lock(&self.shared);
-            let theirs = Coverage::from(&hello.heads);
-            s.peer_clock = s.peer_clock.max(clock_of(&theirs));
-            s.peer_known = theirs.clone();
-            s.their_heads = theirs;
-        }
+        lock(&self.shared).heard(&Coverage::from(&hello.heads));
         let Some(start) = self.start.take() else {
             return Ok(());
         };
@@ -702,15 +707,13 @@ impl Conductor<'_> {
             .map_err(|_| anyhow!("applying stopped"))
     }
 
-    /// The peer applied `groups` of this side's groups and now holds `heads`.
+    /// The peer applied `groups` of this side's groups, and holds `heads` too (besides what
+    /// it said before).
     fn applied(&mut self, groups: u64, heads: &Coverage) {
         {
             let mut s = lock(&self.shared);
-            s.peer_clock = s.peer_clock.max(clock_of(heads));
-            s.peer_known.union(heads);
-            s.their_heads.union(heads);
+            s.heard(heads);
             s.groups_acked = s.groups_acked.max(groups);
-            s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
         }
         self.offers.acknowledged(groups);
         self.acked.send_if_modified(|acked| {
