@@ -9,7 +9,8 @@
 //!   3 Welcome  name string
 //!   4 Changes  strings (count + strings), sites (count + [16] each), changes (count + change),
 //!              complete flag byte (1 = heads follow: the versions this group completes)
-//!   5 Applied  groups varint (applied so far in this session), heads (all the sender holds)
+//!   5 Applied  groups varint (applied so far in this session), heads (at least these are
+//!              held by the sender, in addition to what it said before: possibly none)
 //!   6 Want     count + content digests [32]
 //!   7 Content  digest [32], flags byte (1 = gone), total varint, offset varint, data bytes
 //!   8 Refuse   reason string
@@ -157,11 +158,15 @@ pub enum Message {
     },
     /// Changes the receiver lacks.
     Changes(Changes),
-    /// Groups applied so far in this session, and everything the sender now holds.
+    /// Groups applied so far in this session, and versions the sender now holds.
     Applied {
         /// Groups applied so far in this session.
         groups: u64,
-        /// Everything the sender now holds.
+        /// At least these versions are held by the sender, in addition to what it said before
+        /// (its Hello and earlier Applied) and what either side sent: a receiver adds them to
+        /// what it knows, never takes them as all the sender holds. May be empty. (Earlier
+        /// releases sent everything they held here, and added what they received: either
+        /// side reads the other right.)
         heads: Heads,
     },
     /// Asks for the content with these digests.
