@@ -8,10 +8,10 @@ use anyhow::{anyhow, bail, Result};
 use fazt_proto::wire::NetChange;
 use fazt_proto::{Digest, NodeId};
 use fazt_sync::{ApplyReport, Batch, Change, Coverage, DbVersion, Replica, Value};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use super::content::{local_content, ApplyDb, Fetched, Fetcher, Wanted};
-use super::{lock, Error, Holdings, Node, SharedRef};
+use super::{lock, Announcer, Error, Holdings, Node, SharedRef};
 
 /// One Changes message, handed to the applier as it arrives; `covers` is set on a group's
 /// last one.
@@ -22,7 +22,7 @@ pub(super) struct Incoming {
 
 /// Applies the peer's groups in the order they arrive, each once its content is complete;
 /// right after each commits, grows this node's [`Holdings`] with what it now holds (every
-/// session then tells its peer) and counts it in `applied` (the announcer acknowledges it).
+/// session then tells its peer) and acknowledges it with what is new ([`Announcer`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn apply_loop(
     db: ApplyDb,
@@ -31,7 +31,7 @@ pub(super) async fn apply_loop(
     shared: SharedRef,
     mut fetcher: Fetcher,
     holdings: Holdings,
-    applied_groups: watch::Sender<u64>,
+    announcer: Announcer,
     mut groups: mpsc::UnboundedReceiver<Incoming>,
     tick: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
@@ -62,21 +62,22 @@ pub(super) async fn apply_loop(
             apply_group(&mut db, peer, node, changes, received, covers, sender_clock)
         })
         .await??;
-        // Only now, committed, is it true that this node holds it.
-        holdings.grow(&mine);
-        let groups_applied = {
-            let mut s = lock(&shared);
-            s.groups_applied += 1;
-            s.stats.duplicates += applied.already_seen as u64;
-            s.groups_applied
-        };
+        // Only now, committed, is it true that this node holds it; the peer hears of it with
+        // the count, once (every other session hears of it from its announcer).
+        announcer
+            .announce(&holdings, || {
+                holdings.grow(&mine);
+                let mut s = lock(&shared);
+                s.groups_applied += 1;
+                s.stats.duplicates += applied.already_seen as u64;
+            })
+            .await?;
         tracing::debug!(
             applied = applied.applied,
             transactions = applied.transactions,
             already_seen = applied.already_seen,
             "applied a group"
         );
-        applied_groups.send_replace(groups_applied);
         let _ = tick.send(());
     }
     Ok(())

@@ -628,14 +628,12 @@ impl Conductor<'_> {
             return Ok(());
         };
         let session = self.session;
-        let (applied_tx, applied_rx) = watch::channel(0u64);
+        let announcer = Announcer::new(self.shared.clone(), start.out.clone());
         self.tasks.extend([
             spawn_task(
                 announce_loop(
-                    self.shared.clone(),
-                    session.holdings.watch(),
-                    applied_rx,
-                    start.out.clone(),
+                    announcer.clone(),
+                    session.holdings.clone(),
                     start.tick.clone(),
                 ),
                 start.fail.clone(),
@@ -677,7 +675,7 @@ impl Conductor<'_> {
                         session.node.now,
                     ),
                     session.holdings.clone(),
-                    applied_tx,
+                    announcer,
                     start.groups,
                     start.tick,
                 ),
@@ -724,47 +722,79 @@ impl Conductor<'_> {
     }
 }
 
-/// Tells the peer what this side came to hold and what it applied, as `Applied` messages
-/// (the only task that sends them, so their group counts never go back): whenever this
-/// node's [`Holdings`] grow (an apply by any session, a local write, another process's
-/// merge), the heads this side holds beyond what the peer was told, so that the peer's
-/// exporter skips what this node got another way; and whenever the applier applied another
-/// of the peer's groups, the count, with whatever is new (possibly nothing).
-async fn announce_loop(
+/// Tells the peer what this side came to hold and what it applied, in `Applied` messages,
+/// sent only from here (by the applier and the announcer, one at a time, so that their
+/// group counts never go back and an apply is announced once).
+#[derive(Clone)]
+pub(super) struct Announcer {
     shared: SharedRef,
-    mut holdings: watch::Receiver<Arc<Coverage>>,
-    mut applied: watch::Receiver<u64>,
     out: mpsc::Sender<Message>,
-    tick: mpsc::UnboundedSender<()>,
-) -> Result<()> {
-    let mut acknowledged = 0u64;
-    loop {
-        let held = holdings.borrow_and_update().clone();
-        let groups = *applied.borrow_and_update();
-        let new = {
-            let mut s = lock(&shared);
+    /// The group count last sent; held while one is being sent.
+    sent: Arc<tokio::sync::Mutex<u64>>,
+}
+
+impl Announcer {
+    fn new(shared: SharedRef, out: mpsc::Sender<Message>) -> Announcer {
+        Announcer {
+            shared,
+            out,
+            sent: Arc::new(tokio::sync::Mutex::new(0)),
+        }
+    }
+
+    /// Runs `then` (which may grow this node's holdings, or count an applied group), then
+    /// sends an `Applied` if the peer has news: the groups applied, if more than last said,
+    /// and whatever `holdings` now holds beyond what the peer was told (possibly nothing).
+    pub(super) async fn announce(
+        &self,
+        holdings: &Holdings,
+        then: impl FnOnce(),
+    ) -> Result<()> {
+        let mut sent = self.sent.lock().await;
+        then();
+        let held = holdings.now();
+        let (groups, new) = {
+            let mut s = lock(&self.shared);
             let new = held.minus(&s.told);
             s.told.union(&new);
             s.mine = held;
             s.stats.lag = versions_lacking(&s.mine, &s.their_heads);
-            new
+            (s.groups_applied, new)
         };
-        if groups != acknowledged || !new.0.is_empty() {
-            tracing::debug!(groups, origins = new.0.len(), "telling the peer what this node holds");
-            out.send(Message::Applied {
+        if groups == *sent && new.0.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(groups, origins = new.0.len(), "telling the peer what this node holds");
+        self.out
+            .send(Message::Applied {
                 groups,
                 heads: Heads::from(&new),
             })
             .await
             .map_err(|_| Error::Cancelled)?;
-            acknowledged = groups;
-        }
+        *sent = groups;
+        Ok(())
+    }
+}
+
+/// Tells the peer whenever this node's [`Holdings`] grow (an apply by any session, a local
+/// write, another process's merge) what this side holds beyond what the peer was told, so
+/// that the peer's exporter skips what this node got another way.
+async fn announce_loop(
+    announcer: Announcer,
+    holdings: Holdings,
+    tick: mpsc::UnboundedSender<()>,
+) -> Result<()> {
+    let mut moved = holdings.watch();
+    loop {
+        moved.borrow_and_update();
+        announcer.announce(&holdings, || {}).await?;
         // What this side holds moved: the sides may be converged.
         let _ = tick.send(());
-        tokio::select! {
-            changed = holdings.changed() => changed.map_err(|_| anyhow!("this node's holdings stopped"))?,
-            changed = applied.changed() => changed.map_err(|_| Error::Cancelled)?,
-        }
+        moved
+            .changed()
+            .await
+            .map_err(|_| anyhow!("this node's holdings stopped"))?;
     }
 }
 
