@@ -338,9 +338,11 @@ async fn scripted(
     let seen = tokio::time::timeout(std::time::Duration::from_secs(20), script)
         .await
         .expect("the scripted peer finished");
-    // The peer hangs up: a live session that ended well returns Ok.
-    drop(write);
-    drop(read);
+    // The peer hangs up: a live session that ended well returns Ok. It still reads what the
+    // session sends meanwhile (a merge may have moved this node's own coverage, which the
+    // session then exports), as a peer that closes its side of the stream does.
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
+    tokio::spawn(async move { while let Ok(Some(_)) = read_message(&mut read).await {} });
     let result = tokio::time::timeout(std::time::Duration::from_secs(20), run)
         .await
         .expect("the session ended")
