@@ -1446,3 +1446,29 @@ async fn duplicates_in_a_triangle_over_20_changes_a_figure_printed_not_asserted(
     println!("triangle, 20 changes written on a: {received} changes received in all, {duplicates} of them held already");
     assert!(received > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_off_session_ends_when_both_hold_the_same_versions_told_only_what_is_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (node(dir.path(), "a.db"), node(dir.path(), "b.db"));
+    trust_all(&[&a, &b]);
+    // Each holds transactions the other lacks, so each side's Applied must carry what it
+    // came to hold for the other to see both sides hold the same.
+    for i in 0..3 {
+        put_blob(&a.0, format!("a's change {i}").as_bytes());
+    }
+    for i in 0..2 {
+        put_blob(&b.0, format!("b's change {i}").as_bytes());
+    }
+    let (a_stats, b_stats) = once(&a, holdings_of(&a.0).await, &b).await;
+    assert!(a_stats.sent_changes > 0 && b_stats.sent_changes > 0);
+    assert_eq!(rows(&a.0), rows(&b.0));
+    assert_eq!(
+        crate::db::open_existing(&a.0).unwrap().coverage().unwrap(),
+        crate::db::open_existing(&b.0).unwrap().coverage().unwrap()
+    );
+    assert_eq!(a_stats.lag, 0);
+    // Again: nothing to send either way, and it still ends.
+    let (again, _) = once(&a, holdings_of(&a.0).await, &b).await;
+    assert_eq!((again.sent_changes, again.received_changes), (0, 0));
+}
