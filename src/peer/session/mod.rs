@@ -745,11 +745,7 @@ impl Announcer {
     /// Runs `then` (which may grow this node's holdings, or count an applied group), then
     /// sends an `Applied` if the peer has news: the groups applied, if more than last said,
     /// and whatever `holdings` now holds beyond what the peer was told (possibly nothing).
-    pub(super) async fn announce(
-        &self,
-        holdings: &Holdings,
-        then: impl FnOnce(),
-    ) -> Result<()> {
+    pub(super) async fn announce(&self, holdings: &Holdings, then: impl FnOnce()) -> Result<()> {
         let mut sent = self.sent.lock().await;
         then();
         let held = holdings.now();
@@ -764,7 +760,11 @@ impl Announcer {
         if groups == *sent && new.0.is_empty() {
             return Ok(());
         }
-        tracing::debug!(groups, origins = new.0.len(), "telling the peer what this node holds");
+        tracing::debug!(
+            groups,
+            origins = new.0.len(),
+            "telling the peer what this node holds"
+        );
         self.out
             .send(Message::Applied {
                 groups,

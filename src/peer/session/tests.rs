@@ -1186,7 +1186,12 @@ fn applied_heads_that_carry_only_what_is_new_add_to_what_the_peer_said_before() 
         }
         let mut s = lock(&shared);
         s.heard(&heads);
-        (s.peer_known.clone(), s.their_heads.clone(), s.peer_clock, s.stats.lag)
+        (
+            s.peer_known.clone(),
+            s.their_heads.clone(),
+            s.peer_clock,
+            s.stats.lag,
+        )
     };
     // Hello: the peer holds 1..=2 of the first origin.
     let (known, theirs, clock, lag) = heard(one, 1, 2);
@@ -1239,7 +1244,11 @@ async fn once(
         .await
         .expect("the one-off session converged")
         .unwrap();
-    let theirs = tokio::time::timeout(within, live).await.unwrap().unwrap().unwrap();
+    let theirs = tokio::time::timeout(within, live)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     (mine, theirs)
 }
 
@@ -1352,14 +1361,20 @@ async fn a_node_tells_its_other_peers_what_it_applied_and_they_do_not_send_it_ag
     })
     .await;
     let told = tapped.borrow().bytes;
-    wait_for(&mut b_seen, "b read what x told it", |s| s.received_bytes >= told).await;
+    wait_for(&mut b_seen, "b read what x told it", |s| {
+        s.received_bytes >= told
+    })
+    .await;
 
     // b gets c from o too; then writes d, which goes to x with whatever b sends.
     once(&b, b_holds, &o).await;
     hold_tx.send_replace(false);
     put_blob(&b.0, b"the change d, written on b");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !rows(&x.0).iter().any(|r| r.2 == b"the change d, written on b") {
+    while !rows(&x.0)
+        .iter()
+        .any(|r| r.2 == b"the change d, written on b")
+    {
         assert!(std::time::Instant::now() < deadline, "d did not arrive");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
@@ -1432,7 +1447,10 @@ async fn duplicates_in_a_triangle_over_20_changes_a_figure_printed_not_asserted(
             .iter()
             .any(|n| !rows(&n.0).iter().any(|r| r.2 == data.as_bytes()))
         {
-            assert!(std::time::Instant::now() < deadline, "{data} did not arrive");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{data} did not arrive"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
