@@ -121,6 +121,11 @@ pub(super) struct Outgoing {
     end: Option<Coverage>,
 }
 
+/// How long an exporter waits before relaying what this node got from its peers (not its
+/// own writes): about the time a peer that got the same changes takes to apply them and say
+/// so, which spares sending them to it again.
+const RELAY_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Exports what the peer lacks, then again whenever this node's holdings grew (`holdings`
 /// moves only then: node-local commits wake no exporter). What the peer lacks is worked out
 /// in memory, from the holdings and `peer_known`: a wake-up that finds the peer lacking
@@ -137,9 +142,23 @@ pub(super) async fn export_loop(
     mut holdings: watch::Receiver<Arc<Coverage>>,
     tick: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
+    let own = db.site_id();
     let db = Arc::new(Mutex::new(db));
+    let mut first = true;
     loop {
-        let held = holdings.borrow_and_update().clone();
+        let mut held = holdings.borrow_and_update().clone();
+        let relaying = {
+            let s = lock(&shared);
+            let lacking = held.minus(&s.peer_known);
+            !first && !lacking.0.is_empty() && lacking.0.keys().all(|site| *site != own)
+        };
+        if relaying {
+            // Only changes this node got from peers: the peer may be getting them from
+            // elsewhere too, and tell this side so within a round trip. Give it that.
+            tokio::time::sleep(RELAY_PAUSE).await;
+            held = holdings.borrow_and_update().clone();
+        }
+        first = false;
         let have = {
             let mut s = lock(&shared);
             s.stats.export_passes += 1;
