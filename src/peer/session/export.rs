@@ -200,9 +200,10 @@ pub(super) async fn export_loop(
                     .map_err(|_| Error::Cancelled)?;
                 // A whole group in one piece that the peer said it holds since it was read
                 // (it got it another way, and told this side) is not sent.
-                let held = piece.end.as_ref().is_some_and(|covers| {
-                    covers.minus(&lock(&shared).peer_known).0.is_empty()
-                });
+                let held = piece
+                    .end
+                    .as_ref()
+                    .is_some_and(|covers| covers.minus(&lock(&shared).peer_known).0.is_empty());
                 if held {
                     tracing::debug!("the peer holds the group already: not sent");
                     for (_, offer) in piece.offered {
