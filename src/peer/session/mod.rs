@@ -249,8 +249,10 @@ impl Holdings {
     }
 }
 
-/// The highest version in `heads`: for an honest node's own heads, its Lamport clock (its
-/// own coverage is 1..=clock, and it holds nothing beyond).
+/// The highest version in `heads`: for an honest node's heads, its Lamport clock. The clock
+/// is the highest version the node wrote, merged or recorded as covered, each of which is in
+/// its coverage of some origin (its own origin's coverage ends at its newest write, which may
+/// be below the clock); so every cover it sends is within it.
 fn clock_of(heads: &Coverage) -> DbVersion {
     heads
         .0
