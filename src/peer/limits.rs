@@ -29,6 +29,10 @@ pub struct Limits {
     /// A session reads content it no longer keeps in memory on a connection of its own,
     /// opened on the first Want that needs one and closed after this long without a Want.
     pub content_idle: Duration,
+    /// A session's exporter keeps its connection between passes for this long without a
+    /// pass, then closes it (about 1 MB of SQLite's parsed schema and caches each) and opens
+    /// one again for the next pass.
+    pub export_idle: Duration,
     /// How long a connection (or a handshake) may go without hearing from the peer before it
     /// is declared dead: five missed keep-alives (see [`Limits::keep_alive`]). Short, because
     /// a peer restarted after kill -9 cannot close its old connections, and the dialer waits
@@ -72,6 +76,7 @@ impl Default for Limits {
             stage_after: Duration::from_secs(1),
             want_batch: 1_000,
             content_idle: Duration::from_secs(5),
+            export_idle: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             redial_min: Duration::from_millis(250),

@@ -14,7 +14,7 @@ use fazt_sync::{Change, Coverage, Exported, Replica, Value};
 use tokio::sync::{mpsc, watch};
 
 use super::content::value_bytes;
-use super::{lock, versions_lacking, Error, Limits, SharedRef};
+use super::{lock, versions_lacking, Connect, Error, Limits, SharedRef};
 
 /// Content offered to the peer: where it lives, and its bytes while the memory budget allows
 /// (so serving it needs no second read and no second hash).
@@ -134,6 +134,7 @@ const RELAY_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn export_loop(
     db: Replica,
+    connect: Connect,
     shared: SharedRef,
     offers: Arc<Offers>,
     limits: Limits,
@@ -143,7 +144,8 @@ pub(super) async fn export_loop(
     tick: mpsc::UnboundedSender<()>,
 ) -> Result<()> {
     let own = db.site_id();
-    let db = Arc::new(Mutex::new(db));
+    // The connection, while it is kept: closed after `export_idle` without a pass.
+    let db = Arc::new(Mutex::new(Some(db)));
     let mut first = true;
     loop {
         let mut held = holdings.borrow_and_update().clone();
@@ -172,18 +174,20 @@ pub(super) async fn export_loop(
             }
         };
         let Some(have) = have else {
-            holdings
-                .changed()
-                .await
-                .map_err(|_| anyhow!("this node's holdings stopped"))?;
+            wait_for_holdings(&mut holdings, &db, limits.export_idle).await?;
             continue;
         };
         let (piece_tx, mut piece_rx) = mpsc::channel::<Outgoing>(4);
         let export_db = db.clone();
+        let export_connect = connect.clone();
         let export_offers = offers.clone();
         let export_limits = limits.clone();
         let export = tokio::task::spawn_blocking(move || -> Result<()> {
-            let mut db = export_db.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slot = export_db.lock().unwrap_or_else(|e| e.into_inner());
+            let db = match slot.take() {
+                Some(db) => slot.insert(db),
+                None => slot.insert(export_connect.open()?),
+            };
             // Tables registered and origins learned by other connections since the last pass.
             db.refresh()?;
             export_pass(&db, &have, &piece_tx, &export_offers, &export_limits)?;
@@ -235,11 +239,25 @@ pub(super) async fn export_loop(
         export.await??;
         lock(&shared).exporting = false;
         let _ = tick.send(());
-        holdings
-            .changed()
-            .await
-            .map_err(|_| anyhow!("this node's holdings stopped"))?;
+        wait_for_holdings(&mut holdings, &db, limits.export_idle).await?;
     }
+}
+
+/// Waits until this node's holdings move; if that takes longer than `idle`, closes the
+/// exporter's connection meanwhile (on a blocking thread), and the next pass opens another.
+async fn wait_for_holdings(
+    holdings: &mut watch::Receiver<Arc<Coverage>>,
+    db: &Arc<Mutex<Option<Replica>>>,
+    idle: std::time::Duration,
+) -> Result<()> {
+    let stopped = |_| anyhow!("this node's holdings stopped");
+    if let Ok(woken) = tokio::time::timeout(idle, holdings.changed()).await {
+        return woken.map_err(stopped);
+    }
+    let db = db.clone();
+    tokio::task::spawn_blocking(move || drop(db.lock().unwrap_or_else(|e| e.into_inner()).take()))
+        .await?;
+    holdings.changed().await.map_err(stopped)
 }
 
 /// Exports everything `have` lacks as groups of pieces (blocking).

@@ -643,6 +643,7 @@ impl Conductor<'_> {
             spawn_task(
                 export::export_loop(
                     start.exporter_db,
+                    session.connect.clone(),
                     self.shared.clone(),
                     self.offers.clone(),
                     session.limits.clone(),

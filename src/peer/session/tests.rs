@@ -1060,6 +1060,8 @@ async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idl
         connect: counted.connect.clone(),
         limits: Limits {
             content_idle: std::time::Duration::from_millis(100),
+            // The exporter's connection stays for the count below.
+            export_idle: std::time::Duration::from_secs(600),
             ..Limits::default()
         },
         ..session_with(&a, &b, "b", Mode::Live, holdings_now(&a.0).await)
@@ -1120,6 +1122,68 @@ async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_exporter_closes_its_connection_and_opens_one_for_the_next_pass() {
+    let (_dir, a, b, _) = with_content();
+    let counted = Counted::new(&a.0);
+    let (tick, ticks) = watch::channel(0u64);
+    let session = Session {
+        connect: counted.connect.clone(),
+        limits: Limits {
+            export_idle: std::time::Duration::from_millis(100),
+            ..Limits::default()
+        },
+        ..session_with(
+            &a,
+            &b,
+            "b",
+            Mode::Live,
+            Holdings::follow(connect(&a.0), ticks).await.unwrap(),
+        )
+    };
+    let (mine, theirs) = tokio::io::duplex(64 * 1024);
+    let (a_read, a_write) = tokio::io::split(theirs);
+    let (mut read, mut write) = tokio::io::split(mine);
+    let run = tokio::spawn(session.run(a_read, a_write, None));
+
+    let script = async {
+        greet_and_take_a_group(b.1, &mut read, &mut write).await?;
+        assert_eq!(counted.opened(), 2, "exporting and applying");
+        counted
+            .until_open(1, "the idle exporter's connection stayed open")
+            .await;
+        // A write after the exporter idled: the next pass opens a connection and sends it.
+        put_blob(&a.0, b"written after the exporter idled");
+        tick.send_replace(1);
+        let mut arrived = false;
+        while let Some((msg, _)) = read_message(&mut read).await? {
+            if let Message::Changes(c) = msg {
+                arrived |= c.changes.iter().any(|n| {
+                    Change::from_wire(n.change.clone()).val
+                        == Value::Blob(b"written after the exporter idled".to_vec())
+                });
+                if c.complete.is_some() && arrived {
+                    break;
+                }
+            }
+        }
+        assert!(arrived);
+        assert_eq!(counted.opened(), 3, "one more connection, for the new pass");
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), script)
+        .await
+        .expect("the scripted peer finished")
+        .unwrap();
+    drop(write);
+    drop(read);
+    tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the session ended")
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sessions_of_a_node_share_one_applying_connection_while_any_runs() {
     let (dir, a, b, _) = with_content();
     let c = node(dir.path(), "c.db");
@@ -1129,6 +1193,11 @@ async fn the_sessions_of_a_node_share_one_applying_connection_while_any_runs() {
     for peer in [&b, &c] {
         let session = Session {
             connect: counted.connect.clone(),
+            // The exporters' connections stay for the counts below.
+            limits: Limits {
+                export_idle: std::time::Duration::from_secs(600),
+                ..Limits::default()
+            },
             ..session_with(&a, peer, "peer", Mode::Live, holdings_now(&a.0).await)
         };
         let (mine, theirs) = tokio::io::duplex(64 * 1024);
