@@ -9,7 +9,12 @@
 //! anyone (this process or another, such as a CLI deploy) committed; [`Database::replicated`],
 //! fed by the same watcher, only when the replicated state moved (the engine's
 //! [`fazt_sync::Fingerprint`], read after each commit), so node-local bookkeeping wakes no
-//! exporter.
+//! exporter. The watcher polls for commits from other processes (a CLI deploy); commits made
+//! through this handle, and any an in-process committer reports with [`Database::poke`]
+//! (a session's applier), make it look at once.
+//!
+//! Node-local bookkeeping (peer figures, app logs) is committed without waiting for the disk
+//! ([`Database::write_local`]): see its docs for what a power cut may lose.
 //!
 //! The async methods run SQLite on tokio's blocking threads; the `_blocking` ones are for code
 //! already on such a thread (or on a thread of its own). No SQLite call runs on a tokio worker
@@ -18,7 +23,7 @@
 //! deploy from the CLI is served by the very next request.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -58,6 +63,35 @@ struct Commits {
     replicated: watch::Sender<u64>,
     /// The polling thread, started by the first [`Database::commits`].
     started: std::sync::OnceLock<()>,
+    /// Shared with the polling thread, which holds no strong handle on the database.
+    poke: Arc<Poke>,
+    /// How long the polling thread waits between looks: while busy, and at most.
+    busy: Duration,
+    idle: Duration,
+}
+
+/// Tells the polling thread to look now rather than at the end of its interval.
+#[derive(Default)]
+struct Poke {
+    poked: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Poke {
+    fn poke(&self) {
+        *self.poked.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.wake.notify_one();
+    }
+
+    /// Waits until poked or `timeout` passed, whichever comes first, and clears the poke.
+    fn wait(&self, timeout: Duration) {
+        let poked = self.poked.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut poked, _) = self
+            .wake
+            .wait_timeout_while(poked, timeout, |poked| !*poked)
+            .unwrap_or_else(|e| e.into_inner());
+        *poked = false;
+    }
 }
 
 struct Watched {
@@ -95,8 +129,22 @@ impl Database {
                 tick: watch::Sender::new(0),
                 replicated: watch::Sender::new(0),
                 started: std::sync::OnceLock::new(),
+                poke: Arc::default(),
+                busy: WATCH_BUSY,
+                idle: WATCH_IDLE,
             },
         })))
+    }
+
+    /// A handle whose watcher polls every `poll` (tests: long enough never to be what wakes
+    /// a subscriber).
+    #[cfg(test)]
+    pub(crate) fn open_polling_every(path: &Path, poll: Duration) -> Result<Database> {
+        let mut db = Database::open(path)?;
+        let inner = Arc::get_mut(&mut db.0).expect("a new handle is the only one");
+        inner.commits.busy = poll;
+        inner.commits.idle = poll;
+        Ok(db)
     }
 
     /// Where the file is (for messages; open connections through the handle).
@@ -137,10 +185,54 @@ impl Database {
     /// Runs `f` with the writer, on this thread (which may block). Must not be called from
     /// inside another `write`'s `f`.
     pub fn write_blocking<T>(&self, f: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
-        // A panic inside `f` rolled its transaction back as it unwound: the connection is
-        // still usable.
-        let mut writer = self.0.writer.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut writer)
+        let done = {
+            // A panic inside `f` rolled its transaction back as it unwound: the connection
+            // is still usable.
+            let mut writer = self.0.writer.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut writer)
+        };
+        self.poke();
+        done
+    }
+
+    /// Like [`Database::write`], for node-local bookkeeping only (the peers table's session
+    /// figures, app logs): its commits do not wait for the disk. They are durable once any
+    /// later commit is (every other commit waits for the disk, and syncing the write-ahead
+    /// log syncs all it holds), so a power cut may lose the bookkeeping of the last moments,
+    /// nothing else; the server rewrites these figures as it runs. Never for data anyone
+    /// may have been told is stored: replicated tables, applied changes, deploys.
+    pub async fn write_local<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut Db) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let db = self.clone();
+        tokio::task::spawn_blocking(move || db.write_local_blocking(f))
+            .await
+            .context("a database write stopped")?
+    }
+
+    /// Like [`Database::write_local`], on this thread (which may block).
+    pub fn write_local_blocking<T>(&self, f: impl FnOnce(&mut Db) -> Result<T>) -> Result<T> {
+        self.write_blocking(|w| {
+            // NORMAL, not OFF: in WAL mode a NORMAL commit does not sync, but a checkpoint
+            // it runs still syncs the database file before the log can be reused, so what
+            // earlier commits made durable stays so.
+            w.conn().pragma_update(None, "synchronous", "NORMAL")?;
+            let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(w)));
+            let restored = w.conn().pragma_update(None, "synchronous", "FULL");
+            let done = done.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            // Cannot fail outside a transaction (and `f`'s has ended); reported if it did.
+            restored.context("restoring synchronous commits")?;
+            done
+        })
+    }
+
+    /// Makes the watcher look for commits now instead of at its next poll: for code that
+    /// commits through a connection of its own (a session's applier, after each group it
+    /// applied). Writes through this handle do it themselves. See also [`poke_watchers`].
+    pub fn poke(&self) {
+        self.0.commits.poke.poke();
     }
 
     /// An engine connection of its own, for work that holds one for long (a session's
@@ -176,9 +268,11 @@ impl Database {
     fn start_watching(&self) {
         self.0.commits.started.get_or_init(|| {
             let inner = Arc::downgrade(&self.0);
+            let poke = self.0.commits.poke.clone();
+            watchers().register(&self.0.path, &poke);
             if let Err(e) = std::thread::Builder::new()
                 .name("fazt-db-watch".into())
-                .spawn(move || watch_commits(inner))
+                .spawn(move || watch_commits(inner, &poke))
             {
                 tracing::error!(error = %e, "cannot start the database watcher");
             }
@@ -188,15 +282,45 @@ impl Database {
     /// Looks for a commit now (one read of SQLite's shared memory), ticking the watcher if
     /// there was one; returns the watcher's count.
     pub fn check_commits(&self) -> Result<u64> {
-        self.0.commits.check(false)
+        Ok(self.0.commits.check(false)?.commits)
+    }
+
+    /// The counts of [`Database::commits`] and [`Database::replicated`] as of the last commit
+    /// either watcher looked for, when the fingerprint has been read since (no I/O); `None`
+    /// when it has not, then [`Database::replicated_now_blocking`] tells.
+    pub fn replicated_known(&self) -> Option<Counts> {
+        let seen = self.0.commits.seen.lock().unwrap_or_else(|e| e.into_inner());
+        (!seen.stale).then(|| self.0.commits.counts())
+    }
+
+    /// Looks for a commit now and, if one was seen since the fingerprint was last read,
+    /// reads it (a few page reads: call on a blocking thread); returns both counts. A
+    /// state read after this returned holds every commit `commits` counts.
+    pub fn replicated_now_blocking(&self) -> Result<Counts> {
+        self.0.commits.check(true)
     }
 }
 
+/// The watcher's counts at one moment: every commit, and moves of the replicated state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub commits: u64,
+    pub replicated: u64,
+}
+
 impl Commits {
+    fn counts(&self) -> Counts {
+        Counts {
+            commits: *self.tick.borrow(),
+            replicated: *self.replicated.borrow(),
+        }
+    }
+
     /// Looks for a commit; with `fingerprint`, also reads the replicated state's fingerprint
     /// if a commit was seen since it was last read (only the watcher thread does: the
-    /// request path reads no pages).
-    fn check(&self, fingerprint: bool) -> Result<u64> {
+    /// request path reads no pages). Returns the counts as of this look: with
+    /// `fingerprint`, each commit `commits` counts is in the replicated count too.
+    fn check(&self, fingerprint: bool) -> Result<Counts> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let version: i64 = seen
             .conn
@@ -223,22 +347,60 @@ impl Commits {
                 self.replicated.send_modify(|n| *n += 1);
             }
         }
-        Ok(*self.tick.borrow())
+        Ok(self.counts())
     }
 }
 
-fn watch_commits(inner: Weak<Inner>) {
-    let mut interval = WATCH_BUSY;
+/// Makes every watcher this process runs on `conn`'s file look for commits now, as
+/// [`Database::poke`] does: for code that committed on a connection it was given without
+/// the handle (the session applier's hook after each group, see `peer::session_node`).
+pub fn poke_watchers(conn: &Connection) {
+    if let Some(path) = conn.path() {
+        watchers().poke(Path::new(path));
+    }
+}
+
+/// The watchers running in this process, by the file they watch.
+#[derive(Default)]
+struct Watchers(Mutex<Vec<(PathBuf, Weak<Poke>)>>);
+
+fn watchers() -> &'static Watchers {
+    static WATCHERS: std::sync::OnceLock<Watchers> = std::sync::OnceLock::new();
+    WATCHERS.get_or_init(Watchers::default)
+}
+
+impl Watchers {
+    fn register(&self, path: &Path, poke: &Arc<Poke>) {
+        let Ok(path) = path.canonicalize() else { return };
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|(_, p)| p.strong_count() > 0);
+        all.push((path, Arc::downgrade(poke)));
+    }
+
+    fn poke(&self, path: &Path) {
+        let Ok(path) = path.canonicalize() else { return };
+        let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for poke in all.iter().filter(|(p, _)| *p == path) {
+            if let Some(poke) = poke.1.upgrade() {
+                poke.poke();
+            }
+        }
+    }
+}
+
+fn watch_commits(inner: Weak<Inner>, poke: &Poke) {
+    let mut interval = Duration::ZERO;
     loop {
         let Some(db) = inner.upgrade() else { return };
         let before = *db.commits.tick.borrow();
+        let (busy, idle) = (db.commits.busy, db.commits.idle);
         match db.commits.check(true) {
-            Ok(now) if now != before => interval = WATCH_BUSY,
-            Ok(_) => interval = (interval + Duration::from_millis(1)).min(WATCH_IDLE),
+            Ok(now) if now.commits != before => interval = busy,
+            Ok(_) => interval = (interval + Duration::from_millis(1)).clamp(busy, idle),
             Err(e) => tracing::debug!(error = %format!("{e:#}"), "looking for commits"),
         }
         drop(db);
-        std::thread::sleep(interval);
+        poke.wait(interval);
     }
 }
 
@@ -376,5 +538,102 @@ mod tests {
         woken(&mut replicated, "a replicated write").await;
         commit_as_another_process(&path, true);
         woken(&mut replicated, "a replicated write from another process").await;
+    }
+
+    fn synchronous(db: &Database) -> i64 {
+        db.write_blocking(|w| {
+            Ok(w.conn()
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))?)
+        })
+        .unwrap()
+    }
+
+    /// SQLite's values of `PRAGMA synchronous`.
+    const NORMAL: i64 = 1;
+    const FULL: i64 = 2;
+
+    // Whether a commit calls fsync cannot be seen from here without a VFS of our own: what is
+    // checked is that the commit runs with synchronous=NORMAL (which in WAL mode does not
+    // sync at commit: SQLite's documented behaviour), that FULL is back for every later
+    // write whatever the bookkeeping did, and that the data is in the file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bookkeeping_commits_skip_the_sync_and_leave_later_writes_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.db");
+        crate::db::create(&path).unwrap();
+        let db = Database::open(&path).unwrap();
+        assert_eq!(synchronous(&db), FULL);
+        let during = db
+            .write_local(|w| {
+                crate::config::set_local(w.conn(), "bookkeeping", "kept")?;
+                Ok(w.conn()
+                    .query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(during, NORMAL);
+        assert_eq!(synchronous(&db), FULL);
+        // A bookkeeping write that fails, and one that panics, leave FULL behind too.
+        let failed = db.write_local_blocking(|_| -> Result<()> { anyhow::bail!("no") });
+        assert!(failed.is_err());
+        assert_eq!(synchronous(&db), FULL);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            db.write_local_blocking(|_| -> Result<()> { panic!("bookkeeping panicked") })
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(synchronous(&db), FULL);
+        drop(db);
+        let reopened = crate::db::open_existing(&path).unwrap();
+        let kept: String = reopened
+            .conn()
+            .query_row(
+                "SELECT value FROM node_config WHERE key = 'bookkeeping'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kept, "kept");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poke_wakes_subscribers_without_waiting_for_the_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.db");
+        crate::db::create(&path).unwrap();
+        // Polling once an hour: only pokes wake anyone within the test.
+        let db = Database::open_polling_every(&path, Duration::from_secs(3600)).unwrap();
+        // The first look, made here rather than raced by the watcher's.
+        db.check_commits().unwrap();
+        let mut commits = db.commits();
+        let mut replicated = db.replicated();
+        commits.borrow_and_update();
+        replicated.borrow_and_update();
+
+        // A write through the handle pokes by itself.
+        db.write(|w| {
+            put_setting(w);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        woken(&mut commits, "a write through the handle").await;
+        woken(&mut replicated, "a replicated write through the handle").await;
+
+        // A commit on a connection of its own (as a session's applier makes) is found when
+        // the committer pokes, through the handle or through the connection.
+        let mut engine = db.engine().unwrap();
+        put_setting(&mut engine);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!commits.has_changed().unwrap(), "woken with no poke");
+        db.poke();
+        woken(&mut commits, "a poke").await;
+        woken(&mut replicated, "a poke after a replicated commit").await;
+        put_setting(&mut engine);
+        super::poke_watchers(engine.conn());
+        woken(&mut commits, "a poke through the committing connection").await;
+        woken(&mut replicated, "a poke through the committing connection").await;
+        // Each commit woke each subscriber once.
+        assert!(!commits.has_changed().unwrap());
+        assert!(!replicated.has_changed().unwrap());
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{Connection, OpenFlags};
 
-pub use database::Database;
+pub use database::{poke_watchers, Counts, Database};
 pub use migrations::{NODE_LOCAL_TABLES, REPLICATED_TABLES};
 use pool::ReadPool;
 
