@@ -306,9 +306,12 @@ impl Ctx {
     /// Writes the number of live sessions with `node` (read when the write runs, so the last
     /// write has the last count) and, when given, its lag.
     async fn record_sessions(self: &Arc<Self>, node: NodeId, lag: Option<i64>) {
+        // Node-local figures, rewritten as the session goes: not worth a sync to disk.
+        let ctx = self.clone();
         let _ = self
-            .with_state(move |ctx, c| {
-                store::record_state(c, &node, ctx.session_count(node.as_bytes()), lag)
+            .db
+            .write_local(move |w| {
+                store::record_state(w.conn(), &node, ctx.session_count(node.as_bytes()), lag)
             })
             .await;
     }

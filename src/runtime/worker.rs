@@ -111,7 +111,7 @@ pub(super) fn write_logs(db: Database, rx: Receiver<LogBatch>) {
         }
         for (app, lines) in by_app {
             let saved =
-                db.write_blocking(|w| w.write(|tx| crate::storage::logs::append(tx, &app, &lines)));
+                db.write_local_blocking(|w| w.write(|tx| crate::storage::logs::append(tx, &app, &lines)));
             if let Err(e) = saved {
                 tracing::warn!(app = %app, error = %format!("{e:#}"), "app log lines were not saved");
             }
