@@ -39,14 +39,21 @@ pub fn session_connect(db: &crate::db::Database) -> session::Connect {
 }
 
 /// This node as a replication session sees it: its schema, its clock, its peers table (a
-/// removed peer is refused at once), and hosting's rescue of blobs a merge deleted that
-/// this node still references (see hosting::gc).
+/// removed peer is refused at once), hosting's rescue of blobs a merge deleted that this
+/// node still references (see hosting::gc), and the commit watcher told of each applied
+/// group.
 pub fn session_node() -> session::Node {
     session::Node {
         schema: crate::db::migrations::latest_version(),
         now: crate::db::now_secs,
         trusts: |db, peer| Ok(store::by_key(db.conn(), peer)?.is_some()),
-        after_apply: |db| crate::hosting::gc::rescue(db).map(|_| ()),
+        after_apply: |db| {
+            let rescued = crate::hosting::gc::rescue(db).map(|_| ());
+            // The group is committed: exporters and the route cache learn it now, not at the
+            // watcher's next poll.
+            crate::db::poke_watchers(db.conn());
+            rescued
+        },
     }
 }
 
