@@ -4,8 +4,13 @@
 //! Versions and content are immutable, so their cached forms never go stale. What changes
 //! is small: which version is current, where aliases point. Before answering a request the
 //! server asks the database's commit watcher whether anyone has committed since it last
-//! looked ([`Database::check_commits`], a read of shared memory) and reloads the routing table
-//! if so, so a deploy or rollback from the CLI is served by the very next request.
+//! looked ([`Database::check_commits`], a read of shared memory); if so, it reloads the
+//! routing table when the replicated state moved since the last load, so a deploy or rollback
+//! from the CLI is served by the very next request. Everything routing reads (apps, aliases,
+//! versions) replicates, so commits of node-local bookkeeping (peer figures, app logs) reload
+//! nothing; nor do merges of changes this node already held. Whether the state moved is the
+//! watcher's answer when it already read the fingerprint after the commit, else read on a
+//! blocking thread.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +22,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::content;
-use crate::db::Database;
+use crate::db::{Counts, Database};
 
 /// Total bytes of file content kept in memory.
 const BLOB_CACHE_BYTES: u64 = 128 << 20;
@@ -88,10 +93,13 @@ pub type Manifest = HashMap<String, Arc<FileEntry>>;
 
 pub struct Site {
     db: Database,
-    /// The watcher's count when `routes` was loaded (0: never).
+    /// The watcher's commit count when `routes` was last known current (0: never).
     loaded: AtomicU64,
-    /// Held while the routes are reloaded, so that concurrent requests load them once.
-    reloading: tokio::sync::Mutex<()>,
+    /// The watcher's replicated count when `routes` was loaded (`None`: never); held while
+    /// the routes are checked and reloaded, so that concurrent requests do it once.
+    reloading: tokio::sync::Mutex<Option<u64>>,
+    /// How many times the routes were loaded (for tests and measurements).
+    reloads: AtomicU64,
     routes: RwLock<Arc<HashMap<String, Route>>>,
     manifests: Mutex<HashMap<Arc<str>, Arc<Manifest>>>,
     blobs: quick_cache::sync::Cache<(Arc<str>, Encoding), Bytes, BlobWeight>,
@@ -111,7 +119,8 @@ impl Site {
         Site {
             db,
             loaded: AtomicU64::new(0),
-            reloading: tokio::sync::Mutex::new(()),
+            reloading: tokio::sync::Mutex::new(None),
+            reloads: AtomicU64::new(0),
             routes: RwLock::new(Arc::new(HashMap::new())),
             manifests: Mutex::new(HashMap::new()),
             blobs: quick_cache::sync::Cache::with_weighter(4096, BLOB_CACHE_BYTES, BlobWeight),
@@ -121,18 +130,27 @@ impl Site {
     /// The alias table as of the latest commit to the database.
     pub async fn routes(&self) -> Result<Arc<HashMap<String, Route>>> {
         let latest = self.db.check_commits()?;
-        if self.loaded.load(Ordering::Acquire) != latest {
-            let _one = self.reloading.lock().await;
-            if self.loaded.load(Ordering::Acquire) != latest {
-                let routes = Arc::new(self.db.read(load_routes).await?);
-                self.manifests
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .retain(|v, _| routes.values().any(|r| &r.version == v));
-                *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
-                // Loaded after the watcher counted `latest`, so it holds that commit (and
-                // maybe later ones, which only cost a reload too many).
-                self.loaded.store(latest, Ordering::Release);
+        if self.loaded.load(Ordering::Acquire) < latest {
+            let mut loaded = self.reloading.lock().await;
+            if self.loaded.load(Ordering::Acquire) < latest {
+                let now = match self.db.replicated_known() {
+                    Some(now) if now.commits >= latest => now,
+                    _ => {
+                        let db = self.db.clone();
+                        tokio::task::spawn_blocking(move || db.replicated_now_blocking())
+                            .await
+                            .context("a database read stopped")??
+                    }
+                };
+                if *loaded != Some(now.replicated) {
+                    self.reload().await?;
+                    *loaded = Some(now.replicated);
+                }
+                // Loaded (or found current) after the watcher counted `now`, so the routes
+                // hold every commit it counts (and maybe later ones, which only cost a
+                // reload too many).
+                let Counts { commits, .. } = now;
+                self.loaded.store(commits, Ordering::Release);
             }
         }
         Ok(self
@@ -140,6 +158,24 @@ impl Site {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone())
+    }
+
+    async fn reload(&self) -> Result<()> {
+        let routes = Arc::new(self.db.read(load_routes).await?);
+        self.manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|v, _| routes.values().any(|r| &r.version == v));
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("routes reloaded");
+        Ok(())
+    }
+
+    /// How many times the routing table was loaded since the server started.
+    #[cfg(test)]
+    fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
     }
 
     /// The files of a version (immutable, so cached until the version stops being served).
@@ -249,4 +285,94 @@ fn load_manifest(conn: &Connection, version: &str) -> Result<Manifest> {
         files.insert(path, Arc::new(entry));
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::db::Db;
+
+    /// Points `sub` at the app `blog` serving `version` (a replicated write, as a deploy or
+    /// `alias link` makes).
+    fn serve(w: &mut Db, sub: &str, version: &str) {
+        w.write(|tx| {
+            tx.execute(
+                "INSERT INTO versions (id, app_id) VALUES (?1, 'app-blog')
+                 ON CONFLICT (id) DO NOTHING",
+                [version],
+            )?;
+            tx.execute(
+                "INSERT INTO apps (id, name, current_version) VALUES ('app-blog', 'blog', ?1)
+                 ON CONFLICT (id) DO UPDATE SET current_version = excluded.current_version",
+                [version],
+            )?;
+            tx.execute(
+                "INSERT INTO aliases (subdomain, app_id) VALUES (?1, 'app-blog')
+                 ON CONFLICT (subdomain) DO NOTHING",
+                [sub],
+            )?;
+            Ok::<_, rusqlite::Error>(())
+        })
+        .unwrap();
+    }
+
+    fn version_of(routes: &HashMap<String, Route>, sub: &str) -> Option<String> {
+        routes.get(sub).map(|r| r.version.to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn routes_reload_when_replicated_state_moves_and_not_for_bookkeeping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data.db");
+        crate::db::create(&path).unwrap();
+        // The watcher never polls within the test: what a request sees, it found itself.
+        let db = Database::open_polling_every(&path, Duration::from_secs(3600)).unwrap();
+        let _watching = db.commits();
+        let site = Site::new(db.clone());
+        assert!(site.routes().await.unwrap().is_empty());
+        assert_eq!(site.reloads(), 1);
+
+        // Node-local commits, synced or not, through the handle and on a connection of its
+        // own (as another process makes): nothing to reload.
+        for i in 0..3 {
+            let key = format!("local-{i}");
+            db.write(move |w| crate::config::set_local(w.conn(), &key, "x"))
+                .await
+                .unwrap();
+            site.routes().await.unwrap();
+            db.write_local(move |w| crate::config::set_local(w.conn(), "figures", "y"))
+                .await
+                .unwrap();
+            site.routes().await.unwrap();
+        }
+        let other = db.engine().unwrap();
+        crate::config::set_local(other.conn(), "other", "z").unwrap();
+        site.routes().await.unwrap();
+        assert_eq!(site.reloads(), 1, "node-local commits reloaded the routes");
+
+        // A replicated write from another connection, unannounced (a CLI deploy): the very
+        // next request routes it.
+        let mut other = other;
+        serve(&mut other, "blog", "v1");
+        let routes = site.routes().await.unwrap();
+        assert_eq!(version_of(&routes, "blog").as_deref(), Some("v1"));
+        assert_eq!(site.reloads(), 2);
+        // And one through the handle (which pokes the watcher: whether it or the request
+        // reads the fingerprint first, the answer is the same).
+        db.write(|w| {
+            serve(w, "www", "v2");
+            Ok(())
+        })
+        .await
+        .unwrap();
+        let routes = site.routes().await.unwrap();
+        assert_eq!(version_of(&routes, "www").as_deref(), Some("v2"));
+        assert_eq!(version_of(&routes, "blog").as_deref(), Some("v2"));
+        assert_eq!(site.reloads(), 3);
+        // Asking again with nothing committed reloads nothing.
+        site.routes().await.unwrap();
+        assert_eq!(site.reloads(), 3);
+    }
 }
