@@ -256,6 +256,29 @@ fn a_first_deploy_to_a_peer_works_while_both_servers_run() {
 }
 
 #[test]
+fn aliases_moved_on_a_peer_are_routed_here() {
+    let Pair {
+        local,
+        local_server: _local_server,
+        zyt: _zyt,
+        zyt_server,
+    } = joined_pair();
+    wait_connected(&local);
+    local.deploy(&local.site("a", &[("index.html", "app a")]), &["--to", "zyt"]);
+    local.deploy(&local.site("b", &[("index.html", "app b")]), &["--to", "zyt"]);
+    // zyt has served (and so loaded its routes) before each alias change arrives.
+    assert_eq!(zyt_server.text("a.localhost", "/"), "app a");
+    local.ok(&["alias", "link", "www", "a"]);
+    wait_for_page(&zyt_server, "www", "app a");
+    local.ok(&["alias", "link", "www", "b"]);
+    wait_for_page(&zyt_server, "www", "app b");
+    local.ok(&["alias", "unlink", "www"]);
+    eventually("zyt stops serving www", || {
+        (zyt_server.get("www.localhost", "/").status() == 404).then_some(())
+    });
+}
+
+#[test]
 fn both_sides_write_while_apart_and_converge_after_restart() {
     let Pair {
         local,
