@@ -285,11 +285,16 @@ impl Database {
         Ok(self.0.commits.check(false)?.commits)
     }
 
-    /// The counts of [`Database::commits`] and [`Database::replicated`] as of the last commit
-    /// either watcher looked for, when the fingerprint has been read since (no I/O); `None`
-    /// when it has not, then [`Database::replicated_now_blocking`] tells.
+    /// The counts of [`Database::commits`] and [`Database::replicated`] as of the last look
+    /// for commits, if the fingerprint was read after the last commit seen (no I/O); `None`
+    /// if not: then [`Database::replicated_now_blocking`] tells.
     pub fn replicated_known(&self) -> Option<Counts> {
-        let seen = self.0.commits.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = self
+            .0
+            .commits
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         (!seen.stale).then(|| self.0.commits.counts())
     }
 
@@ -317,8 +322,9 @@ impl Commits {
     }
 
     /// Looks for a commit; with `fingerprint`, also reads the replicated state's fingerprint
-    /// if a commit was seen since it was last read (only the watcher thread does: the
-    /// request path reads no pages). Returns the counts as of this look: with
+    /// if a commit was seen since it was last read (the watcher thread, or a blocking
+    /// thread through [`Database::replicated_now_blocking`]: the request path reads no
+    /// pages). Returns the counts as of this look: with
     /// `fingerprint`, each commit `commits` counts is in the replicated count too.
     fn check(&self, fingerprint: bool) -> Result<Counts> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -371,14 +377,18 @@ fn watchers() -> &'static Watchers {
 
 impl Watchers {
     fn register(&self, path: &Path, poke: &Arc<Poke>) {
-        let Ok(path) = path.canonicalize() else { return };
+        let Ok(path) = path.canonicalize() else {
+            return;
+        };
         let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
         all.retain(|(_, p)| p.strong_count() > 0);
         all.push((path, Arc::downgrade(poke)));
     }
 
     fn poke(&self, path: &Path) {
-        let Ok(path) = path.canonicalize() else { return };
+        let Ok(path) = path.canonicalize() else {
+            return;
+        };
         let all = self.0.lock().unwrap_or_else(|e| e.into_inner());
         for poke in all.iter().filter(|(p, _)| *p == path) {
             if let Some(poke) = poke.1.upgrade() {
@@ -541,11 +551,8 @@ mod tests {
     }
 
     fn synchronous(db: &Database) -> i64 {
-        db.write_blocking(|w| {
-            Ok(w.conn()
-                .query_row("PRAGMA synchronous", [], |r| r.get(0))?)
-        })
-        .unwrap()
+        db.write_blocking(|w| Ok(w.conn().query_row("PRAGMA synchronous", [], |r| r.get(0))?))
+            .unwrap()
     }
 
     /// SQLite's values of `PRAGMA synchronous`.

@@ -110,8 +110,9 @@ pub(super) fn write_logs(db: Database, rx: Receiver<LogBatch>) {
             by_app.entry(b.app_id).or_default().extend(b.lines);
         }
         for (app, lines) in by_app {
-            let saved =
-                db.write_local_blocking(|w| w.write(|tx| crate::storage::logs::append(tx, &app, &lines)));
+            let saved = db.write_local_blocking(|w| {
+                w.write(|tx| crate::storage::logs::append(tx, &app, &lines))
+            });
             if let Err(e) = saved {
                 tracing::warn!(app = %app, error = %format!("{e:#}"), "app log lines were not saved");
             }

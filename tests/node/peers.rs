@@ -264,8 +264,14 @@ fn aliases_moved_on_a_peer_are_routed_here() {
         zyt_server,
     } = joined_pair();
     wait_connected(&local);
-    local.deploy(&local.site("a", &[("index.html", "app a")]), &["--to", "zyt"]);
-    local.deploy(&local.site("b", &[("index.html", "app b")]), &["--to", "zyt"]);
+    local.deploy(
+        &local.site("a", &[("index.html", "app a")]),
+        &["--to", "zyt"],
+    );
+    local.deploy(
+        &local.site("b", &[("index.html", "app b")]),
+        &["--to", "zyt"],
+    );
     // zyt has served (and so loaded its routes) before each alias change arrives.
     assert_eq!(zyt_server.text("a.localhost", "/"), "app a");
     local.ok(&["alias", "link", "www", "a"]);
