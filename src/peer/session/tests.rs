@@ -1112,13 +1112,7 @@ async fn content_is_served_on_a_connection_opened_when_asked_and_closed_when_idl
         .await
         .expect("the scripted peer finished")
         .unwrap();
-    drop(write);
-    drop(read);
-    tokio::time::timeout(std::time::Duration::from_secs(20), run)
-        .await
-        .expect("the session ended")
-        .unwrap()
-        .unwrap();
+    hang_up(read, write, run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1174,13 +1168,7 @@ async fn an_idle_exporter_closes_its_connection_and_opens_one_for_the_next_pass(
         .await
         .expect("the scripted peer finished")
         .unwrap();
-    drop(write);
-    drop(read);
-    tokio::time::timeout(std::time::Duration::from_secs(20), run)
-        .await
-        .expect("the session ended")
-        .unwrap()
-        .unwrap();
+    hang_up(read, write, run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1558,4 +1546,19 @@ async fn a_one_off_session_ends_when_both_hold_the_same_versions_told_only_what_
     // Again: nothing to send either way, and it still ends.
     let (again, _) = once(&a, holdings_of(&a.0).await, &b).await;
     assert_eq!((again.sent_changes, again.received_changes), (0, 0));
+}
+
+/// The scripted peer hangs up: the session ends well (within a guard against hanging).
+async fn hang_up(
+    read: tokio::io::ReadHalf<tokio::io::DuplexStream>,
+    write: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    run: tokio::task::JoinHandle<Result<Stats, Error>>,
+) {
+    drop(write);
+    drop(read);
+    tokio::time::timeout(std::time::Duration::from_secs(20), run)
+        .await
+        .expect("the session ended")
+        .unwrap()
+        .unwrap();
 }
